@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages moekit builds, tests and benchmarks with; installs only what is
+# missing, so running it again does nothing. Needs root (or sudo).
+set -euo pipefail
+
+packages=(
+  g++ make cmake pkg-config
+  libeigen3-dev              # math
+  libtbb-dev                 # threads
+  libboost-dev               # Hana (compile-time composition)
+  libboost-mpi-dev libopenmpi-dev openmpi-bin   # collectives between ranks
+  libgtest-dev libgmock-dev  # tests
+  libbenchmark-dev           # benchmarks
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install_deps: all ${#packages[@]} packages present"
+  exit 0
+fi
+
+as_root=()
+if [ "$(id -u)" -ne 0 ]; then
+  command -v sudo >/dev/null || { echo "install_deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
+  as_root=(sudo)
+fi
+echo "install_deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${as_root[@]}" apt-get update -q
+"${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,105 @@
+#pragma once
+#include <cmath>
+#include <string_view>
+#include <vector>
+
+#include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/top_k.hpp>
+#include <moekit/core/error.hpp>
+
+namespace moekit {
+
+/// The Switch/GShard load-balancing loss as Megatron-Core computes it. docs/policies/balance.md#auxloss
+///
+///   L = c · E / (K · T²) · Σ_i n_i · Σ_t s̃_ti
+///
+/// s̃ is the softmax over all E logits (for sigmoid routers, σ(l) / Σ_e σ(l_e)); n_i counts the
+/// tokens whose plain top-K of s̃ holds expert i. At uniform routing L = c. The counts carry no
+/// gradient; s̃ does, into every logit of every token.
+struct AuxLoss {
+  using policy_kind = balancer_kind;
+  static constexpr std::string_view name = "AuxLoss";
+
+  struct Options {
+    double coefficient = 1e-2;  // c
+  };
+  Options options{};
+
+  template <Scalar T>
+  struct State {
+    std::vector<Index> counts;  // [E] n_i
+    std::vector<T> column_sum;  // [E] Σ_t s̃_ti
+    std::vector<T> normalized;  // [E] one row of s̃ (sigmoid routers)
+    std::vector<Index> chosen;  // [K]
+  };
+
+  void validate(const LayerShape&) const {
+    detail::require(std::isfinite(options.coefficient) && options.coefficient >= 0,
+                    "moekit::AuxLoss: coefficient = ", options.coefficient,
+                    "; expected a finite number >= 0");
+  }
+
+  template <Scalar T>
+  T forward(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state) const {
+    const Index tokens = scores.rows(), experts = scores.cols();
+    state.counts.assign(static_cast<std::size_t>(experts), 0);
+    state.column_sum.assign(static_cast<std::size_t>(experts), T(0));
+    state.normalized.resize(static_cast<std::size_t>(experts));
+    state.chosen.resize(static_cast<std::size_t>(context.top_k));
+    if (tokens == 0) return T(0);
+    for (Index t = 0; t < tokens; ++t) {
+      const T* row = normalized_row(scores, t, context, state);
+      detail::top_k_indices(row, experts, context.top_k, state.chosen.data());
+      for (Index e : state.chosen) ++state.counts[static_cast<std::size_t>(e)];
+      for (Index e = 0; e < experts; ++e) state.column_sum[static_cast<std::size_t>(e)] += row[e];
+    }
+    T sum = 0;
+    for (Index e = 0; e < experts; ++e)
+      sum += T(state.counts[static_cast<std::size_t>(e)]) * state.column_sum[static_cast<std::size_t>(e)];
+    return scale<T>(tokens, experts, context) * sum;
+  }
+
+  template <Scalar T>
+  void backward(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state,
+                MatrixRef<T> d_logits) const {
+    const Index tokens = scores.rows(), experts = scores.cols();
+    if (tokens == 0) return;
+    const T c = scale<T>(tokens, experts, context);
+    auto g = [&](Index e) { return c * T(state.counts[static_cast<std::size_t>(e)]); };  // dL/ds̃_e
+    for (Index t = 0; t < tokens; ++t) {
+      const T* s = normalized_row(scores, t, context, state);
+      T dot = 0;
+      for (Index e = 0; e < experts; ++e) dot += s[e] * g(e);
+      if (context.score == ScoreFn::softmax) {
+        for (Index e = 0; e < experts; ++e) d_logits(t, e) += s[e] * (g(e) - dot);
+      } else {
+        // s̃ = σ / Z: quotient rule, then σ' = σ(1 − σ).
+        const T z = scores.row(t).sum();
+        for (Index e = 0; e < experts; ++e) {
+          const T sigma = scores(t, e);
+          d_logits(t, e) += (g(e) - dot) / z * sigma * (T(1) - sigma);
+        }
+      }
+    }
+  }
+
+ private:
+  template <Scalar T>
+  T scale(Index tokens, Index experts, const BalanceContext& context) const {
+    return T(options.coefficient) * T(experts) /
+           (T(context.top_k) * T(tokens) * T(tokens));
+  }
+
+  template <Scalar T>
+  static const T* normalized_row(ConstMatrixRef<T> scores, Index t, const BalanceContext& context,
+                                 State<T>& state) {
+    if (context.score == ScoreFn::softmax) return scores.row(t).data();
+    const T z = scores.row(t).sum();
+    for (Index e = 0; e < scores.cols(); ++e) state.normalized[static_cast<std::size_t>(e)] = scores(t, e) / z;
+    return state.normalized.data();
+  }
+};
+
+static_assert(Balancer<AuxLoss>);
+
+}  // namespace moekit

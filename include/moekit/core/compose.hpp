@@ -1,0 +1,132 @@
+#pragma once
+// MoELayer<Ps...>: finds each kind among the arguments in any order, fills in defaults, and
+// stops a bad list with one readable message. Hana does the type-level search; the checks are
+// plain class templates so that the compiler names the offending type in one short error.
+#include <type_traits>
+
+#include <boost/hana/append.hpp>
+#include <boost/hana/filter.hpp>
+#include <boost/hana/front.hpp>
+#include <boost/hana/length.hpp>
+#include <boost/hana/tuple.hpp>
+#include <boost/hana/type.hpp>
+
+#include <moekit/balance/aux_loss.hpp>
+#include <moekit/core/concepts.hpp>
+#include <moekit/dispatch/dropless.hpp>
+#include <moekit/expert/grouped_gemm.hpp>
+#include <moekit/parallel/single_process.hpp>
+#include <moekit/router/top_k.hpp>
+
+namespace moekit {
+
+template <Scalar T, Router R, Balancer B, Dispatcher D, Expert X, Parallel P>
+class BasicMoELayer;
+
+/// What MoELayer<Ps...> names when its arguments are wrong; the static_assert above it says why.
+struct InvalidLayer {
+  template <class... Args>
+  explicit InvalidLayer(Args&&...) {}
+};
+
+namespace detail {
+
+namespace hana = boost::hana;
+
+/// One argument of MoELayer. A failed check here names the type: "In instantiation of
+/// 'struct moekit::detail::require_policy<YourType>'".
+template <class P>
+struct require_policy {
+  static constexpr bool known = Policy<P> || Scalar<P>;
+  static_assert(known,
+                "moekit::MoELayer: this argument is not a moekit policy; expected a type that "
+                "declares a policy_kind (such as TopK<2>, AuxLoss, Dropless, GroupedGemm, "
+                "SingleProcess) or the scalar float or double; see docs/writing_a_policy.md");
+  static_assert(!DeclaresKind<P, router_kind> || Router<P>,
+                "moekit::MoELayer: this type declares router_kind but does not model "
+                "moekit::Router; see docs/policies/router.md for the members it needs");
+  static_assert(!DeclaresKind<P, balancer_kind> || Balancer<P>,
+                "moekit::MoELayer: this type declares balancer_kind but does not model "
+                "moekit::Balancer; see docs/policies/balance.md for the members it needs");
+  static_assert(!DeclaresKind<P, dispatcher_kind> || Dispatcher<P>,
+                "moekit::MoELayer: this type declares dispatcher_kind but does not model "
+                "moekit::Dispatcher; see docs/policies/dispatch.md for the members it needs");
+  static_assert(!DeclaresKind<P, expert_kind> || Expert<P>,
+                "moekit::MoELayer: this type declares expert_kind but does not model "
+                "moekit::Expert; see docs/policies/expert.md for the members it needs");
+  static_assert(!DeclaresKind<P, parallel_kind> || Parallel<P>,
+                "moekit::MoELayer: this type declares parallel_kind but does not model "
+                "moekit::Parallel; see docs/policies/parallel.md for the members it needs");
+  static constexpr bool value = known && (!DeclaresKind<P, router_kind> || Router<P>) &&
+                                (!DeclaresKind<P, balancer_kind> || Balancer<P>) &&
+                                (!DeclaresKind<P, dispatcher_kind> || Dispatcher<P>) &&
+                                (!DeclaresKind<P, expert_kind> || Expert<P>) &&
+                                (!DeclaresKind<P, parallel_kind> || Parallel<P>);
+};
+
+struct scalar_kind {};
+
+template <class P, class Kind>
+constexpr bool is_of_kind = [] {
+  if constexpr (std::is_same_v<Kind, scalar_kind>)
+    return Scalar<P>;
+  else
+    return DeclaresKind<P, Kind>;
+}();
+
+/// The arguments of one kind: how many there are, and the first of them or the default.
+template <class Kind, class Default, class... Ps>
+struct find_kind {
+  static constexpr auto matches = hana::filter(hana::tuple_t<Ps...>, [](auto t) {
+    return hana::bool_c<is_of_kind<typename decltype(t)::type, Kind>>;
+  });
+  static constexpr std::size_t count = decltype(hana::length(matches))::value;
+  using type = typename decltype(+hana::front(hana::append(matches, hana::type_c<Default>)))::type;
+};
+
+template <class... Ps>
+struct compose {
+  using router = find_kind<router_kind, TopK<2>, Ps...>;
+  using balancer = find_kind<balancer_kind, AuxLoss, Ps...>;
+  using dispatcher = find_kind<dispatcher_kind, Dropless, Ps...>;
+  using expert = find_kind<expert_kind, GroupedGemm, Ps...>;
+  using parallel = find_kind<parallel_kind, SingleProcess, Ps...>;
+  using scalar = find_kind<scalar_kind, float, Ps...>;
+
+  static constexpr bool all_known = (require_policy<Ps>::value && ...);
+  static_assert(router::count <= 1,
+                "moekit::MoELayer: two Router policies given; pass at most one (e.g. TopK<2>)");
+  static_assert(balancer::count <= 1,
+                "moekit::MoELayer: two Balancer policies given; pass at most one (e.g. AuxLoss)");
+  static_assert(dispatcher::count <= 1,
+                "moekit::MoELayer: two Dispatcher policies given; pass at most one (e.g. Dropless)");
+  static_assert(expert::count <= 1,
+                "moekit::MoELayer: two Expert policies given; pass at most one (e.g. GroupedGemm)");
+  static_assert(parallel::count <= 1,
+                "moekit::MoELayer: two Parallel policies given; pass at most one (e.g. SingleProcess)");
+  static_assert(scalar::count <= 1,
+                "moekit::MoELayer: two scalar types given; pass at most one of float or double");
+
+  static constexpr bool valid = all_known && router::count <= 1 && balancer::count <= 1 &&
+                                dispatcher::count <= 1 && expert::count <= 1 &&
+                                parallel::count <= 1 && scalar::count <= 1;
+
+  // Lazy, so that a rejected list never names BasicMoELayer with arguments it cannot take.
+  template <class = void>
+  struct layer {
+    using type = BasicMoELayer<typename scalar::type, typename router::type,
+                               typename balancer::type, typename dispatcher::type,
+                               typename expert::type, typename parallel::type>;
+  };
+  using type = typename std::conditional_t<valid, layer<>, std::type_identity<InvalidLayer>>::type;
+};
+
+}  // namespace detail
+
+/// An MoE layer from policies in any order; a kind left out gets its default (TopK<2>,
+/// AuxLoss, Dropless, GroupedGemm, SingleProcess, float). The same policies in another order
+/// name the same type.
+template <class... Policies>
+using MoELayer = typename detail::compose<Policies...>::type;
+
+}  // namespace moekit

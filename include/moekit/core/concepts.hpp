@@ -1,0 +1,105 @@
+#pragma once
+// The five policy kinds. A policy first declares its kind (`using policy_kind = router_kind;`),
+// then models that kind's concept below: the members the layer calls. This file is the minimal
+// complete definition of each kind; docs/policies/<kind>.md explains every member.
+#include <concepts>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include <moekit/core/routing.hpp>
+#include <moekit/core/tensor.hpp>
+
+namespace moekit {
+
+struct router_kind {
+  static constexpr std::string_view name = "Router";
+};
+struct balancer_kind {
+  static constexpr std::string_view name = "Balancer";
+};
+struct dispatcher_kind {
+  static constexpr std::string_view name = "Dispatcher";
+};
+struct expert_kind {
+  static constexpr std::string_view name = "Expert";
+};
+struct parallel_kind {
+  static constexpr std::string_view name = "Parallel";
+};
+
+template <class P, class Kind>
+concept DeclaresKind = requires { typename P::policy_kind; } &&
+                       std::same_as<typename P::policy_kind, Kind>;
+
+/// A type that declares one of the five kinds.
+template <class P>
+concept Policy = DeclaresKind<P, router_kind> || DeclaresKind<P, balancer_kind> ||
+                 DeclaresKind<P, dispatcher_kind> || DeclaresKind<P, expert_kind> ||
+                 DeclaresKind<P, parallel_kind>;
+
+template <class P>
+concept Named = requires {
+  { P::name } -> std::convertible_to<std::string_view>;
+};
+
+/// Scores tokens against experts and picks K of them. docs/policies/router.md
+template <class P>
+concept Router =
+    DeclaresKind<P, router_kind> && Named<P> &&
+    requires(const P& p, const LayerShape& shape, MatrixRef<double> scores,
+             ConstMatrixRef<double> cscores, Routing<double>& routing,
+             const Routing<double>& crouting, std::span<const double> d_weight) {
+      { P::top_k } -> std::convertible_to<int>;
+      p.validate(shape);
+      { p.score_function() } -> std::same_as<ScoreFn>;
+      p.score(scores);                                // logits → scores, in place      [T,E]
+      p.select(cscores, cscores, routing);            // selection scores, scores → routing
+      p.backward(cscores, crouting, d_weight, scores);  // scores, routing, [T,K] → d_logits [T,E]
+    };
+
+/// Keeps expert load even: loss terms with their gradient, and/or a bias on selection.
+/// docs/policies/balance.md
+template <class P>
+concept Balancer =
+    DeclaresKind<P, balancer_kind> && Named<P> &&
+    requires(const P& p, const LayerShape& shape, ConstMatrixRef<double> scores,
+             const BalanceContext& context, typename P::template State<double>& state,
+             MatrixRef<double> d_logits) {
+      p.validate(shape);
+      { p.forward(scores, context, state) } -> std::convertible_to<double>;  // the loss
+      p.backward(scores, context, state, d_logits);  // adds d(loss)/d(logits)
+    };
+
+/// Decides which (token, expert) pairs are kept and where their rows go. docs/policies/dispatch.md
+template <class P>
+concept Dispatcher = DeclaresKind<P, dispatcher_kind> && Named<P> &&
+                     requires(const P& p, const LayerShape& shape,
+                              const Routing<double>& routing, Index experts, Plan& plan) {
+                       p.validate(shape);
+                       p.plan(routing, experts, plan);  // choices → rows
+                     };
+
+/// The expert network, run over contiguous per-expert row blocks. docs/policies/expert.md
+template <class P>
+concept Expert =
+    DeclaresKind<P, expert_kind> && Named<P> &&
+    requires(const P& p, const LayerShape& shape, std::span<const Tensor<double>> weights,
+             std::span<Tensor<double>> grads, ConstMatrixRef<double> rows,
+             std::span<const Index> offsets, MatrixRef<double> out,
+             typename P::template Saved<double>& saved) {
+      { P::parameters(shape, Index{}) } -> std::same_as<std::vector<ParameterSpec>>;
+      p.validate(shape);
+      p.forward(weights, rows, offsets, out, saved);  // rows [S,H] → out [S,H]
+      p.backward(weights, rows, offsets, saved, rows, out, grads);  // d_out → d_rows, adds grads
+    };
+
+/// Where experts live and how rows travel to them. docs/policies/parallel.md
+template <class P>
+concept Parallel = DeclaresKind<P, parallel_kind> && Named<P> &&
+                   requires(const P& p, const LayerShape& shape) {
+                     p.validate(shape);
+                     { p.local_experts(shape) } -> std::same_as<ExpertRange>;
+                   };
+
+}  // namespace moekit

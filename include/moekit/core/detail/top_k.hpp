@@ -1,0 +1,23 @@
+#pragma once
+#include <moekit/core/tensor.hpp>
+
+namespace moekit::detail {
+
+/// The k largest of row[0..n), best first, into out[0..k). Ties go to the lower index, as argmax
+/// and torch.topk on CPU do; a NaN is never preferred to a number.
+template <class T>
+void top_k_indices(const T* row, Index n, int k, Index* out) {
+  int filled = 0;
+  for (Index e = 0; e < n; ++e) {
+    const T v = row[e];
+    if (filled == k && !(v > row[out[k - 1]])) continue;
+    int pos = filled < k ? filled++ : k - 1;
+    while (pos > 0 && v > row[out[pos - 1]]) {
+      out[pos] = out[pos - 1];
+      --pos;
+    }
+    out[pos] = e;
+  }
+}
+
+}  // namespace moekit::detail

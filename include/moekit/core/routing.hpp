@@ -1,0 +1,89 @@
+#pragma once
+// What flows between the policies: the layer's shape, the router's choices (Routing) and the
+// dispatcher's row layout (Plan). Gathering rows by the plan's indices is the whole dispatch:
+// there are no one-hot [T,E,C] tensors anywhere.
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include <moekit/core/tensor.hpp>
+
+namespace moekit {
+
+/// The sizes every policy may check itself against.
+struct LayerShape {
+  Index hidden = 0;   // H: width of a token
+  Index ffn = 0;      // F: hidden width of one expert
+  Index experts = 0;  // E
+  int top_k = 0;      // K: experts per token
+};
+
+/// How a router turns logits into scores.
+enum class ScoreFn { softmax, sigmoid };
+
+inline constexpr std::string_view to_string(ScoreFn f) {
+  return f == ScoreFn::softmax ? "softmax" : "sigmoid";
+}
+
+/// The router's decision for T tokens: K experts each, best first, and their combine weights.
+template <Scalar T>
+struct Routing {
+  Index tokens = 0;
+  int top_k = 0;
+  std::vector<Index> index;  // [T,K] expert of choice (t,k)
+  std::vector<T> weight;     // [T,K] its combine weight
+
+  void resize(Index t, int k) {
+    tokens = t;
+    top_k = k;
+    index.resize(static_cast<std::size_t>(t * k));
+    weight.resize(static_cast<std::size_t>(t * k));
+  }
+  Index choices() const { return tokens * top_k; }
+};
+
+/// Where each kept (token, expert) pair lives in the permuted rows [S,H]: contiguous blocks, one
+/// per expert, in expert order. A choice is numbered t·K + k.
+struct Plan {
+  static constexpr Index no_slot = -1;
+
+  Index tokens = 0;
+  Index experts = 0;
+  int top_k = 0;
+  std::vector<Index> counts;   // [E]   rows in each expert's block
+  std::vector<Index> offsets;  // [E+1] first row of each block; offsets[E] = S
+  std::vector<Index> slot;     // [T·K] row of each choice, or no_slot when it was dropped
+  std::vector<Index> source;   // [S]   choice that fills each row, or no_slot for a padding row
+  Index dropped = 0;           // choices that got no row
+
+  Index rows() const { return offsets.empty() ? 0 : offsets.back(); }
+
+  void reset(Index t, Index e, int k) {
+    tokens = t;
+    experts = e;
+    top_k = k;
+    counts.assign(static_cast<std::size_t>(e), 0);
+    offsets.assign(static_cast<std::size_t>(e + 1), 0);
+    slot.assign(static_cast<std::size_t>(t * k), no_slot);
+    source.clear();
+    dropped = 0;
+  }
+};
+
+}  // namespace moekit
+
+namespace moekit {
+
+/// What a balancer knows of the router it balances.
+struct BalanceContext {
+  ScoreFn score = ScoreFn::softmax;
+  int top_k = 1;
+};
+
+/// The experts a rank computes: [first, first + count).
+struct ExpertRange {
+  Index first = 0;
+  Index count = 0;
+};
+
+}  // namespace moekit

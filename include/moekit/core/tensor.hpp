@@ -1,0 +1,107 @@
+#pragma once
+// Scalars, Eigen aliases and the named tensor that holds parameters, gradients and saved state.
+// Matrices are row-major: a row is a token, as in the [T,H] activations users pass in.
+#include <Eigen/Core>
+#include <concepts>
+#include <cstddef>
+#include <numeric>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <moekit/core/error.hpp>
+
+namespace moekit {
+
+using Index = Eigen::Index;
+
+/// The floating-point types a layer computes in.
+template <class T>
+concept Scalar = std::same_as<T, float> || std::same_as<T, double>;
+
+template <class T>
+using Matrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class T>
+using MatrixMap = Eigen::Map<Matrix<T>>;
+template <class T>
+using ConstMatrixMap = Eigen::Map<const Matrix<T>>;
+template <class T>
+using MatrixRef = Eigen::Ref<Matrix<T>>;
+template <class T>
+using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
+
+template <Scalar T>
+constexpr std::string_view scalar_name = std::same_as<T, float> ? "f32" : "f64";
+
+/// A named, dense, row-major tensor of rank 1 to 3.
+template <Scalar T>
+class Tensor {
+ public:
+  Tensor() = default;
+  Tensor(std::string name, std::vector<Index> shape)
+      : name_(std::move(name)), shape_(std::move(shape)),
+        values_(static_cast<std::size_t>(
+            std::accumulate(shape_.begin(), shape_.end(), Index{1}, std::multiplies<>()))) {}
+
+  const std::string& name() const { return name_; }
+  const std::vector<Index>& shape() const { return shape_; }
+  Index rank() const { return static_cast<Index>(shape_.size()); }
+  Index size() const { return static_cast<Index>(values_.size()); }
+  T* data() { return values_.data(); }
+  const T* data() const { return values_.data(); }
+  std::span<T> values() { return values_; }
+  std::span<const T> values() const { return values_; }
+  void set_zero() { std::fill(values_.begin(), values_.end(), T(0)); }
+
+  /// Rank 2: the tensor itself. Rank 1: a row vector.
+  MatrixMap<T> matrix() { return {data(), rows(), cols()}; }
+  ConstMatrixMap<T> matrix() const { return {data(), rows(), cols()}; }
+
+  /// Rank 3 [d0,d1,d2]: the [d1,d2] matrix at index i of the first dimension (one expert).
+  MatrixMap<T> slice(Index i) { return {data() + i * shape_[1] * shape_[2], shape_[1], shape_[2]}; }
+  ConstMatrixMap<T> slice(Index i) const {
+    return {data() + i * shape_[1] * shape_[2], shape_[1], shape_[2]};
+  }
+
+ private:
+  Index rows() const { return rank() == 1 ? 1 : shape_[0]; }
+  Index cols() const { return rank() == 1 ? shape_[0] : shape_[1]; }
+
+  std::string name_;
+  std::vector<Index> shape_;
+  std::vector<T> values_;
+};
+
+/// "[8,48,32]": how shapes appear in messages and docs.
+inline std::string shape_string(std::span<const Index> shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+/// The name and shape of one parameter, as a policy declares it.
+struct ParameterSpec {
+  std::string name;
+  std::vector<Index> shape;
+};
+
+namespace detail {
+
+/// Storage that grows to the largest size asked of it and is then reused: the workspace rule
+/// (no allocation in the steady state). One buffer backs one tensor at a time.
+template <Scalar T>
+class Buffer {
+ public:
+  MatrixMap<T> matrix(Index rows, Index cols) {
+    const auto needed = static_cast<std::size_t>(rows * cols);
+    if (values_.size() < needed) values_.resize(needed);
+    return {values_.data(), rows, cols};
+  }
+
+ private:
+  std::vector<T> values_;
+};
+
+}  // namespace detail
+}  // namespace moekit

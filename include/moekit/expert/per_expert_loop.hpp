@@ -1,0 +1,118 @@
+#pragma once
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include <moekit/core/concepts.hpp>
+#include <moekit/expert/activation.hpp>
+
+namespace moekit {
+
+/// The reference expert: one token at a time, plain loops, one thread, nothing saved (backward
+/// recomputes). Slow and obviously right; GroupedGemm is tested against it.
+/// docs/policies/expert.md#perexpertloop
+template <Activation Act>
+struct PerExpertLoopType {
+  using policy_kind = expert_kind;
+  using activation = Act;
+  static constexpr std::string_view name = "PerExpertLoop";
+
+  template <Scalar T>
+  struct Saved {
+    std::vector<T> gate, up, hidden;  // [F] one token's values
+  };
+
+  static std::vector<ParameterSpec> parameters(const LayerShape& s, Index local_experts) {
+    return detail::ffn_parameters<Act>(s, local_experts);
+  }
+
+  void validate(const LayerShape&) const {}
+
+  template <Scalar T>
+  void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
+               std::span<const Index> offsets, MatrixRef<T> out, Saved<T>& saved) const {
+    for_each_row(weights, rows, offsets, saved, [&](Index e, Index r) {
+      const auto down = weights[Slot::down].slice(e);
+      for (Index h = 0; h < rows.cols(); ++h) {
+        T sum = 0;
+        for (Index f = 0; f < down.cols(); ++f) sum += down(h, f) * saved.hidden[f];
+        out(r, h) = sum;
+      }
+    });
+  }
+
+  template <Scalar T>
+  void backward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
+                std::span<const Index> offsets, Saved<T>& saved, ConstMatrixRef<T> d_out,
+                MatrixRef<T> d_rows, std::span<Tensor<T>> grads) const {
+    for_each_row(weights, rows, offsets, saved, [&](Index e, Index r) {
+      const auto down = weights[Slot::down].slice(e), up = weights[Slot::up].slice(e);
+      auto d_down = grads[Slot::down].slice(e), d_up = grads[Slot::up].slice(e);
+      const Index width = down.cols();
+      for (Index f = 0; f < width; ++f) {
+        T d_hidden = 0;
+        for (Index h = 0; h < rows.cols(); ++h) {
+          d_hidden += down(h, f) * d_out(r, h);
+          d_down(h, f) += d_out(r, h) * saved.hidden[f];
+        }
+        // d_hidden → d(up·x) and, for gated units, d(gate·x); stored over the forward values.
+        if constexpr (Act::gated) {
+          const T g = saved.gate[f];
+          saved.gate[f] = d_hidden * saved.up[f] * Act::derivative(g);
+          saved.up[f] = d_hidden * Act::apply(g);
+        } else {
+          saved.up[f] = d_hidden * Act::derivative(saved.up[f]);
+        }
+      }
+      for (Index h = 0; h < rows.cols(); ++h) {
+        T sum = 0;
+        for (Index f = 0; f < width; ++f) {
+          sum += saved.up[f] * up(f, h);
+          d_up(f, h) += saved.up[f] * rows(r, h);
+          if constexpr (Act::gated) {
+            sum += saved.gate[f] * weights[Slot::gate].slice(e)(f, h);
+            grads[Slot::gate].slice(e)(f, h) += saved.gate[f] * rows(r, h);
+          }
+        }
+        d_rows(r, h) = sum;
+      }
+    });
+  }
+
+ private:
+  using Slot = detail::FfnSlots<Act>;
+
+  /// Computes one row's gate·x, up·x and hidden into saved, then calls body(expert, row).
+  template <Scalar T, class Body>
+  static void for_each_row(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
+                           std::span<const Index> offsets, Saved<T>& saved, Body body) {
+    const auto width = static_cast<std::size_t>(weights[Slot::up].shape()[1]);
+    saved.gate.resize(width);
+    saved.up.resize(width);
+    saved.hidden.resize(width);
+    for (std::size_t e = 0; e + 1 < offsets.size(); ++e) {
+      const auto up = weights[Slot::up].slice(static_cast<Index>(e));
+      for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
+        for (std::size_t f = 0; f < width; ++f) {
+          T u = 0, g = 0;
+          for (Index h = 0; h < rows.cols(); ++h) {
+            u += up(static_cast<Index>(f), h) * rows(r, h);
+            if constexpr (Act::gated)
+              g += weights[Slot::gate].slice(static_cast<Index>(e))(static_cast<Index>(f), h) * rows(r, h);
+          }
+          saved.up[f] = u;
+          saved.gate[f] = g;
+          saved.hidden[f] = Act::gated ? Act::apply(g) * u : Act::apply(u);
+        }
+        body(static_cast<Index>(e), r);
+      }
+    }
+  }
+};
+
+/// SwiGLU reference experts.
+using PerExpertLoop = PerExpertLoopType<SwiGLU>;
+
+static_assert(Expert<PerExpertLoop>);
+
+}  // namespace moekit

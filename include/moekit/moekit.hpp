@@ -1,0 +1,33 @@
+#pragma once
+// moekit: Mixture-of-Experts layers for CPUs. The one header users include.
+//
+//   using Layer = moekit::MoELayer<moekit::TopK<2>, moekit::AuxLoss, moekit::Dropless,
+//                                  moekit::GroupedGemm>;
+//
+// Policies, one header each:
+//   router/    TopK<K>, Switch (= TopK<1>)               router/top_k.hpp
+//   balance/   AuxLoss                                  balance/aux_loss.hpp
+//              NoBalance                                balance/no_balance.hpp
+//   dispatch/  Dropless                                 dispatch/dropless.hpp
+//   expert/    GroupedGemm, GroupedGemmType<Act>        expert/grouped_gemm.hpp
+//              PerExpertLoop, PerExpertLoopType<Act>    expert/per_expert_loop.hpp
+//              SwiGLU, GeLU, ReLU                       expert/activation.hpp
+//   parallel/  SingleProcess                            parallel/single_process.hpp
+// The layer: MoELayer<Ps...> (core/compose.hpp), BasicMoELayer (layer/moe_layer.hpp).
+// Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
+#include <moekit/balance/aux_loss.hpp>
+#include <moekit/balance/no_balance.hpp>
+#include <moekit/core/compose.hpp>
+#include <moekit/core/concepts.hpp>
+#include <moekit/core/error.hpp>
+#include <moekit/core/routing.hpp>
+#include <moekit/core/tensor.hpp>
+#include <moekit/dispatch/dropless.hpp>
+#include <moekit/expert/activation.hpp>
+#include <moekit/expert/grouped_gemm.hpp>
+#include <moekit/expert/per_expert_loop.hpp>
+#include <moekit/io/safetensors.hpp>
+#include <moekit/layer/moe_layer.hpp>
+#include <moekit/optim/adam.hpp>
+#include <moekit/parallel/single_process.hpp>
+#include <moekit/router/top_k.hpp>
