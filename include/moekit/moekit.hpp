@@ -26,6 +26,7 @@
 #include <moekit/expert/activation.hpp>
 #include <moekit/expert/grouped_gemm.hpp>
 #include <moekit/expert/per_expert_loop.hpp>
+#include <moekit/io/hf_fixture.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/moe_layer.hpp>
 #include <moekit/optim/adam.hpp>

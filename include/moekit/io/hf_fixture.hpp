@@ -1,0 +1,80 @@
+#pragma once
+// Hugging Face MoE blocks saved as safetensors (the layout of shared/fixtures/hf): what their
+// metadata says about routing, whether moekit can build that block yet, and how close two
+// tensors are.
+#include <algorithm>
+#include <cmath>
+#include <ranges>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <moekit/core/routing.hpp>
+#include <moekit/io/safetensors.hpp>
+
+namespace moekit::io {
+
+/// A fixture's block, read from its __metadata__.
+struct HfBlock {
+  std::string family;
+  Index tokens = 0, hidden = 0, ffn = 0, experts = 0;
+  int top_k = 0;
+  ScoreFn score = ScoreFn::softmax;
+  bool normalize = false;
+  double scale = 1.0;
+  std::string shared_expert = "none";
+  int groups = 1;
+  bool selection_bias = false;
+
+  static HfBlock from(const SafeTensors& file) {
+    auto number = [&](const std::string& key) {
+      const std::string v = file.metadata(key, "");
+      moekit::detail::require(!v.empty(), "moekit::HfBlock: the fixture's __metadata__ has no '", key,
+                      "'; expected tokens, hidden, ffn, experts and topk");
+      return std::stoll(v);
+    };
+    HfBlock b;
+    b.family = file.metadata("family", "unknown");
+    b.tokens = number("tokens");
+    b.hidden = number("hidden");
+    b.ffn = number("ffn");
+    b.experts = number("experts");
+    b.top_k = static_cast<int>(number("topk"));
+    const std::string score = file.metadata("score", "softmax");
+    moekit::detail::require(score == "softmax" || score == "sigmoid", "moekit::HfBlock: score = '", score,
+                    "'; expected softmax or sigmoid");
+    b.score = score == "softmax" ? ScoreFn::softmax : ScoreFn::sigmoid;
+    b.normalize = file.metadata("normalize_topk", "false") == "true";
+    b.scale = std::stod(file.metadata("routed_scaling_factor", "1"));
+    b.shared_expert = file.metadata("shared_expert", "none");
+    b.groups = std::stoi(file.metadata("n_group", "1"));
+    b.selection_bias = file.contains("router.bias");
+    return b;
+  }
+
+  /// What this block needs that moekit does not have yet; empty when it can be built.
+  std::vector<std::string> unsupported() const {
+    std::vector<std::string> missing;
+    if (shared_expert != "none") missing.push_back("a shared expert (" + shared_expert + ")");
+    if (groups > 1) missing.push_back("group-limited top-k (" + std::to_string(groups) + " groups)");
+    if (selection_bias) missing.push_back("a selection bias on the scores (router.bias)");
+    return missing;
+  }
+};
+
+/// max |a − b| over max |b|: the error relative to the reference tensor b's largest magnitude.
+template <std::ranges::random_access_range A, std::ranges::random_access_range B>
+double relative_error(const A& a, const B& b) {
+  const auto n = static_cast<std::size_t>(std::ranges::size(a));
+  moekit::detail::require(n == static_cast<std::size_t>(std::ranges::size(b)), "moekit::relative_error: ",
+                  n, " values against ", std::ranges::size(b), "; expected the same number");
+  double diff = 0, scale = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double d = std::abs(static_cast<double>(a[i]) - static_cast<double>(b[i]));
+    diff = std::isnan(d) ? INFINITY : std::max(diff, d);
+    scale = std::max(scale, std::abs(static_cast<double>(b[i])));
+  }
+  return scale > 0 ? diff / scale : diff;
+}
+
+}  // namespace moekit::io

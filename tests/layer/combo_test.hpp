@@ -1,0 +1,196 @@
+#pragma once
+// The tests every layer combination must pass. Each combo_<router>_test.cpp instantiates them
+// for one router, which keeps each translation unit small enough to compile on two cores.
+#include <gtest/gtest.h>
+#include <tbb/global_control.h>
+
+#include <random>
+#include <vector>
+
+#include <moekit/moekit.hpp>
+
+#include "../support/combos.hpp"
+#include "../support/grad_check.hpp"
+#include "../support/reference.hpp"
+#include "../support/tolerance.hpp"
+
+namespace moekit::test {
+
+template <class Layer>
+class LayerCombo : public ::testing::Test {
+ protected:
+  using T = typename Layer::scalar_type;
+  using R = typename Layer::router_type;
+  using X = typename Layer::expert_type;
+  static constexpr int K = Layer::top_k;
+
+  static LayerConfig config() { return {.hidden = 6, .ffn = 5, .experts = K > 2 ? 6 : 4, .seed = 11}; }
+
+  /// The router settings the card names, all valid for this K.
+  static std::vector<typename R::Options> router_variants() {
+    using O = typename R::Options;
+    if constexpr (K == 1)
+      return {O{ScoreFn::softmax, false, 1.0}, O{ScoreFn::sigmoid, false, 1.0},
+              O{ScoreFn::softmax, false, 2.5}};
+    else
+      return {O{ScoreFn::softmax, true, 1.0}, O{ScoreFn::softmax, false, 1.0},
+              O{ScoreFn::sigmoid, true, 2.5}, O{ScoreFn::sigmoid, false, 1.0}};
+  }
+
+  /// A layer with a large balancer coefficient (so its gradient weighs in) and small GEMM tiles
+  /// (so that even small batches are cut into many tiles).
+  template <class L = Layer>
+  static L make(const typename R::Options& router_options, LayerConfig c = config()) {
+    L layer(c, R{router_options});
+    if constexpr (std::same_as<typename L::balancer_type, AuxLoss>) layer.balancer().options.coefficient = 0.5;
+    if constexpr (requires { layer.expert().options.row_tile; }) {
+      layer.expert().options.row_tile = 3;
+      layer.expert().options.column_tile = 2;
+    }
+    return layer;
+  }
+
+  static Matrix<T> random(Index rows, Index cols, unsigned seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<double> draw(0.0, 1.0);
+    Matrix<T> m(rows, cols);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(draw(rng));
+    return m;
+  }
+
+  static double error(ConstMatrixRef<T> a, ConstMatrixRef<T> b) {
+    return io::relative_error(std::span<const T>(a.data(), a.size()), std::span<const T>(b.data(), b.size()));
+  }
+};
+
+TYPED_TEST_SUITE_P(LayerCombo);
+
+TYPED_TEST_P(LayerCombo, ForwardMatchesTheFormulas) {
+  using T = typename TestFixture::T;
+  using A = typename TestFixture::X::activation;
+  const Unit u = A::name == "SwiGLU" ? Unit::swiglu : A::name == "GeLU" ? Unit::gelu : Unit::relu;
+  for (const auto& options : TestFixture::router_variants()) {
+    auto layer = TestFixture::make(options);
+    const auto x = TestFixture::random(9, 6, 3);
+    const Matrix<T> y = layer.forward(x);
+    auto as_double = [&](std::string_view name) {
+      const auto v = layer.parameter(name).values();
+      return std::vector<double>(v.begin(), v.end());
+    };
+    const auto ref = reference_forward(
+        x.template cast<double>(), as_double("router.weight"),
+        A::gated ? as_double("experts.gate") : std::vector<double>{}, as_double("experts.up"),
+        as_double("experts.down"), layer.shape().experts, layer.shape().ffn, TestFixture::K,
+        {options.score, options.normalize, options.scale}, u);
+    EXPECT_LT(TestFixture::error(y, ref.y.template cast<T>()), 10 * tolerance<T>);
+    for (Index t = 0; t < x.rows(); ++t)
+      for (int k = 0; k < TestFixture::K; ++k)
+        EXPECT_EQ(layer.routing().index[static_cast<std::size_t>(t * TestFixture::K + k)], ref.chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
+    const double coefficient = std::same_as<typename TypeParam::balancer_type, AuxLoss> ? 0.5 : 0.0;
+    EXPECT_NEAR(layer.balance_loss(), coefficient * ref.aux_loss, 10 * tolerance<T>);
+  }
+}
+
+TYPED_TEST_P(LayerCombo, GradientsAreRight) {
+  using T = typename TestFixture::T;
+  for (const auto& options : TestFixture::router_variants()) {
+    if constexpr (std::same_as<T, double>) {
+      // Central differences of Σ(y ⊙ dy) + balance_loss, for x and every parameter.
+      auto layer = TestFixture::make(options);
+      const auto x = TestFixture::random(7, 6, 5);
+      const auto dy = TestFixture::random(7, 6, 6);
+      for (const auto& report : check_gradients(layer, x, dy))
+        EXPECT_LT(report.error, 1e-6) << report.name << " with score "
+                                      << to_string(options.score) << ", normalize "
+                                      << options.normalize << ", scale " << options.scale;
+    } else {
+      // float: the same gradients as the double layer (checked above) to float precision.
+      auto layer = TestFixture::make(options);
+      auto exact = TestFixture::template make<rebind<TypeParam, double>>(options);
+      copy_parameters(exact, layer);
+      const auto x = TestFixture::random(7, 6, 5);
+      const auto dy = TestFixture::random(7, 6, 6);
+      layer.forward(x);
+      const Matrix<T> dx = layer.backward(dy);
+      exact.forward(x.template cast<double>());
+      const Matrix<double> dx_exact = exact.backward(dy.template cast<double>());
+      EXPECT_LT(TestFixture::error(dx, dx_exact.cast<T>()), 5 * tolerance<T>);
+      for (std::size_t p = 0; p < layer.gradients().size(); ++p)
+        EXPECT_LT(io::relative_error(layer.gradients()[p].values(), exact.gradients()[p].values()),
+                  5 * tolerance<T>)
+            << layer.gradients()[p].name();
+    }
+  }
+}
+
+TYPED_TEST_P(LayerCombo, OneThreadAndManyGiveTheSameBits) {
+  using T = typename TestFixture::T;
+  const auto options = TestFixture::router_variants().front();
+  const auto x = TestFixture::random(40, 6, 8);
+  const auto dy = TestFixture::random(40, 6, 9);
+  auto run = [&](std::size_t threads) {
+    tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
+    auto layer = TestFixture::make(options);
+    Matrix<T> y = layer.forward(x);
+    Matrix<T> dx = layer.backward(dy);
+    std::vector<T> all(y.data(), y.data() + y.size());
+    all.insert(all.end(), dx.data(), dx.data() + dx.size());
+    for (const auto& g : layer.gradients()) all.insert(all.end(), g.values().begin(), g.values().end());
+    return all;
+  };
+  const auto one = run(1);
+  const auto many = run(8);
+  ASSERT_EQ(one.size(), many.size());
+  EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(T)));
+}
+
+TYPED_TEST_P(LayerCombo, GroupedGemmAndPerExpertLoopAgree) {
+  using T = typename TestFixture::T;
+  using Twin = rebind<TypeParam, T, typename twin_expert<typename TestFixture::X>::type>;
+  for (const auto& options : TestFixture::router_variants()) {
+    auto layer = TestFixture::make(options);
+    auto twin = TestFixture::template make<Twin>(options);
+    copy_parameters(twin, layer);
+    const auto x = TestFixture::random(13, 6, 12);
+    const auto dy = TestFixture::random(13, 6, 13);
+    EXPECT_LT(TestFixture::error(layer.forward(x), twin.forward(x)), tolerance<T>);
+    EXPECT_LT(TestFixture::error(layer.backward(dy), twin.backward(dy)), tolerance<T>);
+    for (std::size_t p = 0; p < layer.gradients().size(); ++p)
+      EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()),
+                tolerance<T>)
+          << layer.gradients()[p].name();
+  }
+}
+
+TYPED_TEST_P(LayerCombo, EmptyBatchGivesEmptyOutputAndNoGradient) {
+  using T = typename TestFixture::T;
+  auto layer = TestFixture::make(TestFixture::router_variants().front());
+  const Matrix<T> x(0, 6), dy(0, 6);
+  EXPECT_EQ(layer.forward(x).rows(), 0);
+  EXPECT_EQ(layer.backward(dy).rows(), 0);
+  EXPECT_EQ(layer.balance_loss(), T(0));
+  for (Index n : layer.tokens_per_expert()) EXPECT_EQ(n, 0);
+  for (const auto& g : layer.gradients())
+    for (T v : g.values()) ASSERT_EQ(v, T(0)) << g.name();
+}
+
+TYPED_TEST_P(LayerCombo, RepeatedStepsGiveTheSameResult) {
+  // Buffers are reused across calls (and across batch sizes); nothing stale may leak through.
+  using T = typename TestFixture::T;
+  auto layer = TestFixture::make(TestFixture::router_variants().front());
+  const auto small = TestFixture::random(5, 6, 20), large = TestFixture::random(30, 6, 21);
+  const Matrix<T> first = layer.forward(small);
+  const Matrix<T> first_dx = layer.backward(small);
+  layer.forward(large);
+  layer.backward(large);
+  layer.zero_grad();
+  EXPECT_EQ(first, layer.forward(small));
+  EXPECT_EQ(first_dx, layer.backward(small));
+}
+
+REGISTER_TYPED_TEST_SUITE_P(LayerCombo, ForwardMatchesTheFormulas, GradientsAreRight,
+                            OneThreadAndManyGiveTheSameBits, GroupedGemmAndPerExpertLoopAgree,
+                            EmptyBatchGivesEmptyOutputAndNoGradient,
+                            RepeatedStepsGiveTheSameResult);
+
+}  // namespace moekit::test

@@ -1,0 +1,6 @@
+// Every balancer × expert × scalar with TopK<2>.
+#include "combo_test.hpp"
+
+namespace moekit::test {
+INSTANTIATE_TYPED_TEST_SUITE_P(TopK2, LayerCombo, Combos<TopK<2>>, ComboName);
+}  // namespace moekit::test

@@ -1,0 +1,74 @@
+#pragma once
+// Central finite differences of the loss L = Σ(y ⊙ dy) + balance_loss against a layer's
+// backward pass, for the input and every parameter (mlpack's Jacobian checks, in double).
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include <moekit/core/tensor.hpp>
+
+namespace moekit::test {
+
+struct GradientReport {
+  std::string name;
+  double error = 0;  // max |analytic − numeric| over max(|numeric|, 1e-3)
+};
+
+template <class Layer>
+double loss(Layer& layer, const Matrix<double>& x, const Matrix<double>& dy) {
+  const Matrix<double> y = layer.forward(x);
+  return (y.array() * dy.array()).sum() + layer.balance_loss();
+}
+
+template <class Values>
+double compare(const std::vector<double>& analytic, const Values& numeric) {
+  double diff = 0, scale = 1e-3;
+  for (std::size_t i = 0; i < analytic.size(); ++i) {
+    diff = std::max(diff, std::abs(analytic[i] - numeric[i]));
+    scale = std::max(scale, std::abs(numeric[i]));
+  }
+  return diff / scale;
+}
+
+/// Checks dx and every parameter's gradient by central differences with step h.
+template <class Layer>
+std::vector<GradientReport> check_gradients(Layer& layer, Matrix<double> x,
+                                            const Matrix<double>& dy, double h = 1e-6) {
+  layer.zero_grad();
+  layer.forward(x);
+  const Matrix<double> dx = layer.backward(dy);
+  std::vector<GradientReport> reports;
+
+  std::vector<double> numeric(static_cast<std::size_t>(x.size()));
+  for (Index i = 0; i < x.size(); ++i) {
+    const double keep = x.data()[i];
+    x.data()[i] = keep + h;
+    const double up = loss(layer, x, dy);
+    x.data()[i] = keep - h;
+    const double down = loss(layer, x, dy);
+    x.data()[i] = keep;
+    numeric[static_cast<std::size_t>(i)] = (up - down) / (2 * h);
+  }
+  reports.push_back({"x", compare(std::vector<double>(dx.data(), dx.data() + dx.size()), numeric)});
+
+  for (std::size_t p = 0; p < layer.parameters().size(); ++p) {
+    auto values = layer.parameters()[p].values();
+    const auto grad = layer.gradients()[p].values();
+    numeric.assign(values.size(), 0.0);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      const double keep = values[i];
+      values[i] = keep + h;
+      const double up = loss(layer, x, dy);
+      values[i] = keep - h;
+      const double down = loss(layer, x, dy);
+      values[i] = keep;
+      numeric[i] = (up - down) / (2 * h);
+    }
+    reports.push_back({layer.parameters()[p].name(),
+                       compare(std::vector<double>(grad.begin(), grad.end()), numeric)});
+  }
+  return reports;
+}
+
+}  // namespace moekit::test

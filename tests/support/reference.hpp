@@ -1,0 +1,106 @@
+#pragma once
+// The layer's forward pass written out from the formulas, token by token, sharing no code with
+// the library: softmax/sigmoid scores, top-k by a stable sort, weights, each expert's FFN, the
+// aux loss. Tests hold the layer to it.
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+#include <moekit/core/routing.hpp>
+#include <moekit/core/tensor.hpp>
+
+namespace moekit::test {
+
+struct RouterSpec {
+  ScoreFn score = ScoreFn::softmax;
+  bool normalize = true;
+  double scale = 1.0;
+};
+
+enum class Unit { swiglu, gelu, relu };
+
+struct ReferenceResult {
+  Matrix<double> y;
+  std::vector<std::vector<Index>> chosen;  // [T][K]
+  double aux_loss = 0;                     // with coefficient 1
+};
+
+inline double unit(Unit u, double g) {
+  switch (u) {
+    case Unit::swiglu: return g / (1 + std::exp(-g));
+    case Unit::gelu: return 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
+    case Unit::relu: return std::max(g, 0.0);
+  }
+  return 0;
+}
+
+/// params: router [E,H]; gate, up [E,F,H] (gate empty for plain units); down [E,H,F].
+inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vector<double>& router,
+                                         const std::vector<double>& gate,
+                                         const std::vector<double>& up,
+                                         const std::vector<double>& down, Index experts, Index ffn,
+                                         int k, RouterSpec spec, Unit u) {
+  const Index tokens = x.rows(), hidden = x.cols();
+  ReferenceResult r;
+  r.y = Matrix<double>::Zero(tokens, hidden);
+  std::vector<double> counts(static_cast<std::size_t>(experts)), column(static_cast<std::size_t>(experts));
+  for (Index t = 0; t < tokens; ++t) {
+    std::vector<double> s(static_cast<std::size_t>(experts));
+    for (Index e = 0; e < experts; ++e) {
+      double logit = 0;
+      for (Index h = 0; h < hidden; ++h) logit += router[static_cast<std::size_t>(e * hidden + h)] * x(t, h);
+      s[static_cast<std::size_t>(e)] = logit;
+    }
+    if (spec.score == ScoreFn::softmax) {
+      const double m = *std::max_element(s.begin(), s.end());
+      double z = 0;
+      for (double& v : s) z += v = std::exp(v - m);
+      for (double& v : s) v /= z;
+    } else {
+      for (double& v : s) v = 1 / (1 + std::exp(-v));
+    }
+    std::vector<Index> order(static_cast<std::size_t>(experts));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) {
+      return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
+    });
+    order.resize(static_cast<std::size_t>(k));
+    r.chosen.push_back(order);
+
+    const double total = std::accumulate(s.begin(), s.end(), 0.0);
+    for (Index e : order) counts[static_cast<std::size_t>(e)] += 1;
+    for (Index e = 0; e < experts; ++e)
+      column[static_cast<std::size_t>(e)] += spec.score == ScoreFn::softmax ? s[static_cast<std::size_t>(e)] : s[static_cast<std::size_t>(e)] / total;
+
+    double chosen_sum = 0;
+    for (Index e : order) chosen_sum += s[static_cast<std::size_t>(e)];
+    for (Index e : order) {
+      double w = s[static_cast<std::size_t>(e)] * spec.scale;
+      if (spec.normalize) w /= chosen_sum;
+      std::vector<double> hid(static_cast<std::size_t>(ffn));
+      for (Index f = 0; f < ffn; ++f) {
+        double g = 0, v = 0;
+        for (Index h = 0; h < hidden; ++h) {
+          const auto at = static_cast<std::size_t>((e * ffn + f) * hidden + h);
+          v += up[at] * x(t, h);
+          if (!gate.empty()) g += gate[at] * x(t, h);
+        }
+        hid[static_cast<std::size_t>(f)] = gate.empty() ? unit(u, v) : unit(u, g) * v;
+      }
+      for (Index h = 0; h < hidden; ++h) {
+        double out = 0;
+        for (Index f = 0; f < ffn; ++f) out += down[static_cast<std::size_t>((e * hidden + h) * ffn + f)] * hid[static_cast<std::size_t>(f)];
+        r.y(t, h) += w * out;
+      }
+    }
+  }
+  if (tokens > 0) {
+    double sum = 0;
+    for (Index e = 0; e < experts; ++e) sum += counts[static_cast<std::size_t>(e)] * column[static_cast<std::size_t>(e)];
+    r.aux_loss = double(experts) / (k * double(tokens) * double(tokens)) * sum;
+  }
+  return r;
+}
+
+}  // namespace moekit::test
