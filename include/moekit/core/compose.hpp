@@ -24,9 +24,10 @@ template <Scalar T, Router R, Balancer B, Dispatcher D, Expert X, Parallel P>
 class BasicMoELayer;
 
 /// What MoELayer<Ps...> names when its arguments are wrong; the static_assert above it says why.
+/// It takes any constructor arguments, so that the static_assert is the only error.
 struct InvalidLayer {
   template <class... Args>
-  explicit InvalidLayer(Args&&...) {}
+  explicit InvalidLayer(const LayerConfig&, Args&&...) {}
 };
 
 namespace detail {

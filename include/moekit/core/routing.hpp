@@ -18,6 +18,15 @@ struct LayerShape {
   int top_k = 0;      // K: experts per token
 };
 
+/// Sizes and run-time settings of a layer; the policies carry their own options.
+struct LayerConfig {
+  Index hidden = 0;          // H
+  Index ffn = 0;             // F
+  Index experts = 0;         // E
+  std::uint64_t seed = 0;    // parameter initialisation
+  bool check_finite = true;  // reject NaN and ±Inf in x and dy, naming the first one found
+};
+
 /// How a router turns logits into scores.
 enum class ScoreFn { softmax, sigmoid };
 

@@ -76,8 +76,12 @@ class Tensor {
 /// "[8,48,32]": how shapes appear in messages and docs.
 inline std::string shape_string(std::span<const Index> shape) {
   std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ',';
+    s += std::to_string(shape[i]);
+  }
+  s += ']';
+  return s;
 }
 
 /// The name and shape of one parameter, as a policy declares it.

@@ -19,15 +19,6 @@
 
 namespace moekit {
 
-/// Sizes and run-time settings of a layer; the policies carry their own options.
-struct LayerConfig {
-  Index hidden = 0;          // H
-  Index ffn = 0;             // F
-  Index experts = 0;         // E
-  std::uint64_t seed = 0;    // parameter initialisation
-  bool check_finite = true;  // reject NaN and ±Inf in x and dy, naming the first one found
-};
-
 namespace detail {
 
 /// "TopK2", "GroupedGemmSwiGLU": a policy's name with its compile-time arguments.

@@ -1,0 +1,85 @@
+// GroupedGemm against the reference loop for each activation, with empty experts, uneven
+// blocks and tiles that do and do not divide the blocks; and the activations' derivatives.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include <moekit/expert/grouped_gemm.hpp>
+#include <moekit/expert/per_expert_loop.hpp>
+#include <moekit/io/hf_fixture.hpp>
+
+namespace moekit::test {
+namespace {
+
+template <class Act>
+void expect_grouped_matches_reference(Index row_tile, Index column_tile) {
+  const LayerShape shape{.hidden = 7, .ffn = 9, .experts = 4, .top_k = 1};
+  const std::vector<Index> offsets{0, 5, 5, 17, 18};  // expert 1 gets no rows
+  std::mt19937 rng(1);
+  std::normal_distribution<double> draw;
+  std::vector<Tensor<double>> weights, grads_a, grads_b;
+  for (const auto& spec : GroupedGemmType<Act>::parameters(shape, shape.experts)) {
+    weights.emplace_back(spec.name, spec.shape);
+    for (double& v : weights.back().values()) v = draw(rng) * 0.5;
+    grads_a.emplace_back(spec.name, spec.shape);
+    grads_b.emplace_back(spec.name, spec.shape);
+  }
+  Matrix<double> rows(18, 7), d_out(18, 7);
+  for (Index i = 0; i < rows.size(); ++i) rows.data()[i] = draw(rng), d_out.data()[i] = draw(rng);
+
+  const GroupedGemmType<Act> grouped{{.row_tile = row_tile, .column_tile = column_tile}};
+  const PerExpertLoopType<Act> loop{};
+  typename GroupedGemmType<Act>::template Saved<double> saved_a;
+  typename PerExpertLoopType<Act>::template Saved<double> saved_b;
+  Matrix<double> out_a(18, 7), out_b(18, 7), dx_a(18, 7), dx_b(18, 7);
+  grouped.template forward<double>(weights, rows, offsets, out_a, saved_a);
+  loop.template forward<double>(weights, rows, offsets, out_b, saved_b);
+  EXPECT_LT((out_a - out_b).cwiseAbs().maxCoeff(), 1e-12);
+  grouped.template backward<double>(weights, rows, offsets, saved_a, d_out, dx_a, grads_a);
+  loop.template backward<double>(weights, rows, offsets, saved_b, d_out, dx_b, grads_b);
+  EXPECT_LT((dx_a - dx_b).cwiseAbs().maxCoeff(), 1e-12);
+  for (std::size_t p = 0; p < grads_a.size(); ++p) {
+    EXPECT_LT(io::relative_error(grads_a[p].values(), grads_b[p].values()), 1e-13) << grads_a[p].name();
+    const auto empty = grads_a[p].slice(1);  // the expert with no rows gets no gradient
+    EXPECT_TRUE(empty.isZero(0)) << grads_a[p].name();
+  }
+}
+
+TEST(GroupedGemm, MatchesTheReferenceLoop) {
+  for (auto [rows, cols] : {std::pair<Index, Index>{64, 128}, {1, 1}, {4, 3}, {5, 9}}) {
+    expect_grouped_matches_reference<SwiGLU>(rows, cols);
+    expect_grouped_matches_reference<GeLU>(rows, cols);
+    expect_grouped_matches_reference<ReLU>(rows, cols);
+  }
+}
+
+TEST(GroupedGemm, DeclaresTheFixtureLayout) {
+  const LayerShape shape{.hidden = 32, .ffn = 48, .experts = 8, .top_k = 2};
+  const auto swiglu = GroupedGemm::parameters(shape, 8);
+  ASSERT_EQ(swiglu.size(), 3u);
+  EXPECT_EQ(swiglu[0].name, "experts.gate");
+  EXPECT_EQ(swiglu[0].shape, (std::vector<Index>{8, 48, 32}));
+  EXPECT_EQ(swiglu[2].name, "experts.down");
+  EXPECT_EQ(swiglu[2].shape, (std::vector<Index>{8, 32, 48}));
+  EXPECT_EQ(GroupedGemmType<GeLU>::parameters(shape, 8).size(), 2u);
+  EXPECT_THROW(GroupedGemm{{.row_tile = 0}}.validate(shape), error);
+}
+
+template <class Act>
+void expect_derivative_matches_differences() {
+  for (double g = -4.0; g <= 4.0; g += 0.37) {
+    const double h = 1e-6;
+    EXPECT_NEAR(Act::derivative(g), (Act::apply(g + h) - Act::apply(g - h)) / (2 * h), 1e-8) << Act::name << " at " << g;
+  }
+}
+
+TEST(Activation, DerivativesMatchFiniteDifferences) {
+  expect_derivative_matches_differences<SwiGLU>();
+  expect_derivative_matches_differences<GeLU>();
+  expect_derivative_matches_differences<ReLU>();
+  EXPECT_NEAR(GeLU::apply(1.0), 0.8413447460685429, 1e-15);  // x·Φ(x)
+  EXPECT_NEAR(SwiGLU::apply(1.0), 0.7310585786300049, 1e-15);  // x·σ(x)
+}
+
+}  // namespace
+}  // namespace moekit::test

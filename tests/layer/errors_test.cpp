@@ -1,0 +1,99 @@
+// Bad input gets a moekit::error that names the value and what was expected.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include <moekit/moekit.hpp>
+
+namespace moekit::test {
+namespace {
+
+using Layer = MoELayer<TopK<2>, double>;
+
+/// Runs f, which must throw moekit::error, and returns its message.
+template <class F>
+std::string message_of(F f) {
+  try {
+    f();
+  } catch (const error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "no moekit::error was thrown";
+  return "";
+}
+
+TEST(Errors, WrongInputWidth) {
+  Layer layer({.hidden = 8, .ffn = 4, .experts = 4});
+  EXPECT_EQ(message_of([&] { layer.forward(Matrix<double>::Zero(3, 7)); }),
+            "moekit::MoELayer::forward: x is [3,7]; expected [3,8] (tokens × hidden)");
+}
+
+TEST(Errors, MoreChoicesThanExperts) {
+  EXPECT_EQ(message_of([] { MoELayer<TopK<4>>({.hidden = 8, .ffn = 4, .experts = 3}); }),
+            "moekit::TopK: K = 4 but the layer has 3 experts; expected K <= experts");
+}
+
+TEST(Errors, ZeroExpertsOrWidths) {
+  EXPECT_EQ(message_of([] { Layer({.hidden = 8, .ffn = 4, .experts = 0}); }),
+            "moekit::MoELayer: experts = 0; expected at least 1");
+  EXPECT_EQ(message_of([] { Layer({.hidden = 0, .ffn = 4, .experts = 2}); }),
+            "moekit::MoELayer: hidden = 0; expected at least 1");
+  EXPECT_EQ(message_of([] { Layer({.hidden = 8, .ffn = -1, .experts = 2}); }),
+            "moekit::MoELayer: ffn = -1; expected at least 1");
+}
+
+TEST(Errors, NonFiniteInputNamesItsPosition) {
+  Layer layer({.hidden = 4, .ffn = 4, .experts = 4});
+  Matrix<double> x = Matrix<double>::Zero(3, 4);
+  x(2, 1) = NAN;
+  EXPECT_EQ(message_of([&] { layer.forward(x); }),
+            "moekit::MoELayer::forward: x[2,1] is nan; expected finite values "
+            "(LayerConfig::check_finite = false skips this check)");
+  x(2, 1) = 0;
+  layer.forward(x);
+  Matrix<double> dy = Matrix<double>::Zero(3, 4);
+  dy(0, 3) = INFINITY;
+  EXPECT_NE(message_of([&] { layer.backward(dy); }).find("dy[0,3] is inf"), std::string::npos);
+
+  Layer unchecked({.hidden = 4, .ffn = 4, .experts = 4, .check_finite = false});
+  x(0, 0) = NAN;
+  EXPECT_NO_THROW(unchecked.forward(x));
+}
+
+TEST(Errors, BackwardNeedsAMatchingForward) {
+  Layer layer({.hidden = 4, .ffn = 4, .experts = 4});
+  EXPECT_EQ(message_of([&] { layer.backward(Matrix<double>::Zero(2, 4)); }),
+            "moekit::MoELayer::backward: no forward to go back through; expected a call of "
+            "forward(x) first");
+  layer.forward(Matrix<double>::Zero(3, 4));
+  EXPECT_EQ(message_of([&] { layer.backward(Matrix<double>::Zero(2, 4)); }),
+            "moekit::MoELayer::backward: dy is [2,4]; expected [3,4] (tokens × hidden)");
+}
+
+TEST(Errors, UnknownParameterNameListsTheKnownOnes) {
+  Layer layer({.hidden = 4, .ffn = 4, .experts = 4});
+  EXPECT_EQ(message_of([&] { layer.parameter("experts.w1"); }),
+            "moekit::MoELayer: no parameter named 'experts.w1'; expected one of router.weight, "
+            "experts.gate, experts.up, experts.down");
+}
+
+TEST(Errors, MismatchedFileLeavesTheLayerAsItWas) {
+  const auto path = std::filesystem::temp_directory_path() / "moekit_errors_small.safetensors";
+  Layer small({.hidden = 4, .ffn = 4, .experts = 4});
+  small.save(path);
+  Layer wide({.hidden = 6, .ffn = 4, .experts = 4});
+  const std::vector<double> before(wide.parameters()[0].values().begin(), wide.parameters()[0].values().end());
+  EXPECT_EQ(message_of([&] { wide.load(path); }),
+            "moekit::MoELayer::load: '" + path.string() +
+                "' tensor 'router.weight' is [4,4]; expected [4,6]");
+  EXPECT_TRUE(std::ranges::equal(before, wide.parameters()[0].values()));
+  MoELayer<TopK<2>, GroupedGemmType<GeLU>, double> plain({.hidden = 4, .ffn = 4, .experts = 4});
+  plain.save(path);
+  EXPECT_EQ(message_of([&] { small.load(path); }),
+            "moekit::MoELayer::load: '" + path.string() +
+                "' has no tensor 'experts.gate'; expected one of shape [4,4,4]");
+  std::filesystem::remove(path);
+}
+
+}  // namespace
+}  // namespace moekit::test
