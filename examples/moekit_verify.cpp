@@ -81,7 +81,10 @@ int main(int argc, char** argv) {
       const auto block = moekit::io::HfBlock::from(file);
       if (const auto missing = block.unsupported(); !missing.empty()) {
         std::string list;
-        for (const auto& m : missing) list += (list.empty() ? "" : "; ") + m;
+        for (const auto& m : missing) {
+          if (!list.empty()) list += "; ";
+          list += m;
+        }
         std::fprintf(stderr, "moekit-verify: '%s' (family %s) needs %s; moekit does not support %s yet\n",
                      path.c_str(), block.family.c_str(), list.c_str(), missing.size() > 1 ? "these" : "this");
         status = std::max(status, 2);

@@ -60,9 +60,12 @@ struct Task {
 };
 
 std::string bar(int done, int total, int width = 24) {
-  const int filled = width * done / total;
-  return "[" + std::string(static_cast<std::size_t>(filled), '#') +
-         std::string(static_cast<std::size_t>(width - filled), '.') + "]";
+  const auto filled = static_cast<std::size_t>(width * done / total);
+  std::string s(static_cast<std::size_t>(width) + 2, '.');
+  s.front() = '[';
+  s.back() = ']';
+  s.replace(1, filled, filled, '#');
+  return s;
 }
 
 }  // namespace

@@ -4,6 +4,8 @@
 
 #include <random>
 
+#include "../support/grad_check.hpp"
+
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
 #include <moekit/router/top_k.hpp>
@@ -54,15 +56,10 @@ void expect_gradient_matches_differences(ScoreFn f, int k) {
   loss(logits);
   Matrix<double> d_logits = Matrix<double>::Zero(9, 5);
   aux.backward<double>(scores_of(logits, f), context, state, d_logits);
-  for (Index i = 0; i < logits.size(); ++i) {
-    const double keep = logits.data()[i], h = 1e-6;
-    logits.data()[i] = keep + h;
-    const double up = loss(logits);
-    logits.data()[i] = keep - h;
-    const double down = loss(logits);
-    logits.data()[i] = keep;
-    EXPECT_NEAR(d_logits.data()[i], (up - down) / (2 * h), 1e-9) << to_string(f) << " logit " << i;
-  }
+  std::span<double> values(logits.data(), static_cast<std::size_t>(logits.size()));
+  const auto numeric = numeric_gradient(values, [&] { return loss(logits); });
+  for (std::size_t i = 0; i < numeric.size(); ++i)
+    EXPECT_NEAR(d_logits.data()[i], numeric[i], 1e-9) << to_string(f) << " logit " << i;
 }
 
 TEST(AuxLoss, GradientMatchesFiniteDifferences) {

@@ -3,6 +3,7 @@
 // backward pass, for the input and every parameter (mlpack's Jacobian checks, in double).
 #include <algorithm>
 #include <cmath>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -14,6 +15,22 @@ struct GradientReport {
   std::string name;
   double error = 0;  // max |analytic − numeric| over max(|numeric|, 1e-3)
 };
+
+/// Central differences of loss() in every entry of `values`, which loss() reads.
+template <class Values, class Loss>
+std::vector<double> numeric_gradient(Values& values, Loss loss, double h = 1e-6) {
+  std::vector<double> numeric(static_cast<std::size_t>(values.size()));
+  for (std::size_t i = 0; i < numeric.size(); ++i) {
+    const double keep = values[i];
+    values[i] = keep + h;
+    const double up = loss();
+    values[i] = keep - h;
+    const double down = loss();
+    values[i] = keep;
+    numeric[i] = (up - down) / (2 * h);
+  }
+  return numeric;
+}
 
 template <class Layer>
 double loss(Layer& layer, const Matrix<double>& x, const Matrix<double>& dy) {
@@ -40,31 +57,14 @@ std::vector<GradientReport> check_gradients(Layer& layer, Matrix<double> x,
   const Matrix<double> dx = layer.backward(dy);
   std::vector<GradientReport> reports;
 
-  std::vector<double> numeric(static_cast<std::size_t>(x.size()));
-  for (Index i = 0; i < x.size(); ++i) {
-    const double keep = x.data()[i];
-    x.data()[i] = keep + h;
-    const double up = loss(layer, x, dy);
-    x.data()[i] = keep - h;
-    const double down = loss(layer, x, dy);
-    x.data()[i] = keep;
-    numeric[static_cast<std::size_t>(i)] = (up - down) / (2 * h);
-  }
+  std::span<double> x_values(x.data(), static_cast<std::size_t>(x.size()));
+  auto numeric = numeric_gradient(x_values, [&] { return loss(layer, x, dy); }, h);
   reports.push_back({"x", compare(std::vector<double>(dx.data(), dx.data() + dx.size()), numeric)});
 
   for (std::size_t p = 0; p < layer.parameters().size(); ++p) {
     auto values = layer.parameters()[p].values();
     const auto grad = layer.gradients()[p].values();
-    numeric.assign(values.size(), 0.0);
-    for (std::size_t i = 0; i < values.size(); ++i) {
-      const double keep = values[i];
-      values[i] = keep + h;
-      const double up = loss(layer, x, dy);
-      values[i] = keep - h;
-      const double down = loss(layer, x, dy);
-      values[i] = keep;
-      numeric[i] = (up - down) / (2 * h);
-    }
+    numeric = numeric_gradient(values, [&] { return loss(layer, x, dy); }, h);
     reports.push_back({layer.parameters()[p].name(),
                        compare(std::vector<double>(grad.begin(), grad.end()), numeric)});
   }

@@ -39,30 +39,32 @@ namespace hana = boost::hana;
 template <class P>
 struct require_policy {
   static constexpr bool known = Policy<P> || Scalar<P>;
+  static constexpr bool router_ok = !DeclaresKind<P, router_kind> || Router<P>;
+  static constexpr bool balancer_ok = !DeclaresKind<P, balancer_kind> || Balancer<P>;
+  static constexpr bool dispatcher_ok = !DeclaresKind<P, dispatcher_kind> || Dispatcher<P>;
+  static constexpr bool expert_ok = !DeclaresKind<P, expert_kind> || Expert<P>;
+  static constexpr bool parallel_ok = !DeclaresKind<P, parallel_kind> || Parallel<P>;
   static_assert(known,
                 "moekit::MoELayer: this argument is not a moekit policy; expected a type that "
                 "declares a policy_kind (such as TopK<2>, AuxLoss, Dropless, GroupedGemm, "
                 "SingleProcess) or the scalar float or double; see docs/writing_a_policy.md");
-  static_assert(!DeclaresKind<P, router_kind> || Router<P>,
+  static_assert(router_ok,
                 "moekit::MoELayer: this type declares router_kind but does not model "
                 "moekit::Router; see docs/policies/router.md for the members it needs");
-  static_assert(!DeclaresKind<P, balancer_kind> || Balancer<P>,
+  static_assert(balancer_ok,
                 "moekit::MoELayer: this type declares balancer_kind but does not model "
                 "moekit::Balancer; see docs/policies/balance.md for the members it needs");
-  static_assert(!DeclaresKind<P, dispatcher_kind> || Dispatcher<P>,
+  static_assert(dispatcher_ok,
                 "moekit::MoELayer: this type declares dispatcher_kind but does not model "
                 "moekit::Dispatcher; see docs/policies/dispatch.md for the members it needs");
-  static_assert(!DeclaresKind<P, expert_kind> || Expert<P>,
+  static_assert(expert_ok,
                 "moekit::MoELayer: this type declares expert_kind but does not model "
                 "moekit::Expert; see docs/policies/expert.md for the members it needs");
-  static_assert(!DeclaresKind<P, parallel_kind> || Parallel<P>,
+  static_assert(parallel_ok,
                 "moekit::MoELayer: this type declares parallel_kind but does not model "
                 "moekit::Parallel; see docs/policies/parallel.md for the members it needs");
-  static constexpr bool value = known && (!DeclaresKind<P, router_kind> || Router<P>) &&
-                                (!DeclaresKind<P, balancer_kind> || Balancer<P>) &&
-                                (!DeclaresKind<P, dispatcher_kind> || Dispatcher<P>) &&
-                                (!DeclaresKind<P, expert_kind> || Expert<P>) &&
-                                (!DeclaresKind<P, parallel_kind> || Parallel<P>);
+  static constexpr bool value =
+      known && router_ok && balancer_ok && dispatcher_ok && expert_ok && parallel_ok;
 };
 
 struct scalar_kind {};

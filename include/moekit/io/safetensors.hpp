@@ -96,10 +96,11 @@ class SafeTensors {
     std::string header = "{";
     if (!metadata_.empty()) {
       header += "\"__metadata__\":{";
-      bool first = true;
       for (const auto& [k, v] : metadata_) {
-        header += (first ? "" : ",") + detail::json_quote(k) + ":" + detail::json_quote(v);
-        first = false;
+        if (header.back() != '{') header += ',';
+        header += detail::json_quote(k);
+        header += ':';
+        header += detail::json_quote(v);
       }
       header += "}";
     }
