@@ -24,12 +24,8 @@ bool verify(const moekit::io::SafeTensors& file, const moekit::io::HfBlock& b, c
   Layer layer({.hidden = b.hidden, .ffn = b.ffn, .experts = b.experts},
               moekit::TopK<K>{{.score = b.score, .normalize = b.normalize, .scale = b.scale}});
   layer.load(path);
-  auto matrix = [&](const char* name) {
-    const auto v = file.values<double>(name);
-    return moekit::Matrix<double>(moekit::ConstMatrixMap<double>(v.data(), b.tokens, b.hidden));
-  };
-  const moekit::Matrix<double> y = layer.forward(matrix("x"));
-  const moekit::Matrix<double> dx = layer.backward(matrix("dy"));
+  const moekit::Matrix<double> y = layer.forward(b.activations<double>(file, "x"));
+  const moekit::Matrix<double> dx = layer.backward(b.activations<double>(file, "dy"));
 
   std::vector<std::pair<std::string, double>> errors;
   auto flat = [](const moekit::Matrix<double>& m) { return std::span<const double>(m.data(), m.size()); };

@@ -22,12 +22,8 @@ void expect_reproduces_mixtral(double limit) {
               TopK<2>{{.score = block.score, .normalize = block.normalize, .scale = block.scale}});
   layer.load(fixtures / "mixtral.safetensors");
 
-  auto matrix = [&](const char* name) {
-    const auto v = file.values<T>(name);
-    return Matrix<T>(ConstMatrixMap<T>(v.data(), block.tokens, block.hidden));
-  };
-  const Matrix<T> y = layer.forward(matrix("x"));
-  const Matrix<T> dx = layer.backward(matrix("dy"));
+  const Matrix<T> y = layer.forward(block.activations<T>(file, "x"));
+  const Matrix<T> dx = layer.backward(block.activations<T>(file, "dy"));
 
   EXPECT_LT(io::relative_error(std::span<const T>(y.data(), y.size()), file.values<double>("y")), limit);
   EXPECT_LT(io::relative_error(std::span<const T>(dx.data(), dx.size()), file.values<double>("dx")), limit);
@@ -49,6 +45,18 @@ TEST(HfFixture, MixtralWithTheReferenceExpertsWithin1e6) {
 
 TEST(HfFixture, MixtralInFloatWithin1e4) {
   expect_reproduces_mixtral<MoELayer<TopK<2>, NoBalance, Dropless, GroupedGemm, float>>(1e-4);
+}
+
+TEST(HfFixture, ActivationsMustMatchTheMetadata) {
+  auto file = io::SafeTensors::read(fixtures / "mixtral.safetensors");
+  auto block = io::HfBlock::from(file);
+  block.hidden = 31;
+  try {
+    block.activations<double>(file, "x");
+    ADD_FAILURE() << "no error";
+  } catch (const error& e) {
+    EXPECT_STREQ(e.what(), "moekit::HfBlock: tensor 'x' is [24,32]; expected [24,31] from the metadata's tokens and hidden");
+  }
 }
 
 TEST(HfFixture, OtherFamiliesNameWhatIsMissing) {

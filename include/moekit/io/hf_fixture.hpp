@@ -52,6 +52,17 @@ struct HfBlock {
     return b;
   }
 
+  /// A [tokens, hidden] tensor of the file (x, y, dx, dy), its shape checked against the metadata.
+  template <Scalar T>
+  Matrix<T> activations(const SafeTensors& file, std::string_view name) const {
+    const auto& info = file.info(name);
+    moekit::detail::require(info.shape == std::vector<Index>{tokens, hidden}, "moekit::HfBlock: tensor '",
+                            name, "' is ", shape_string(info.shape), "; expected [", tokens, ",",
+                            hidden, "] from the metadata's tokens and hidden");
+    const auto values = file.values<T>(name);
+    return ConstMatrixMap<T>(values.data(), tokens, hidden);
+  }
+
   /// What this block needs that moekit does not have yet; empty when it can be built.
   std::vector<std::string> unsupported() const {
     std::vector<std::string> missing;
