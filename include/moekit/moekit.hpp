@@ -9,6 +9,7 @@
 //   balance/   AuxLoss                                  balance/aux_loss.hpp
 //              NoBalance                                balance/no_balance.hpp
 //   dispatch/  Dropless                                 dispatch/dropless.hpp
+//              Capacity, DropPolicy                     dispatch/capacity.hpp
 //   expert/    GroupedGemm, GroupedGemmType<Act>        expert/grouped_gemm.hpp
 //              PerExpertLoop, PerExpertLoopType<Act>    expert/per_expert_loop.hpp
 //              SwiGLU, GeLU, ReLU                       expert/activation.hpp
@@ -22,6 +23,7 @@
 #include <moekit/core/error.hpp>
 #include <moekit/core/routing.hpp>
 #include <moekit/core/tensor.hpp>
+#include <moekit/dispatch/capacity.hpp>
 #include <moekit/dispatch/dropless.hpp>
 #include <moekit/expert/activation.hpp>
 #include <moekit/expert/grouped_gemm.hpp>

@@ -1,0 +1,132 @@
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <string_view>
+
+#include <moekit/core/concepts.hpp>
+#include <moekit/core/error.hpp>
+
+namespace moekit {
+
+/// Which choices an expert over capacity keeps.
+enum class DropPolicy {
+  weight,    // the C highest-weighted (Megatron-Core "probs", DeepSpeed "probs")
+  position,  // the C earliest tokens (Megatron-Core "position")
+};
+
+/// Each expert takes at most C rows; the rest of its choices are dropped: no compute, no
+/// gradient, and a token dropped by all its experts gets zero from them.
+/// docs/policies/dispatch.md#capacity
+///
+///   C = max(ceil(T · K / E · capacity_factor), min_capacity)
+///
+/// capacity_factor = 0 is Tutel's: C = the largest expert count, so nothing is dropped and
+/// every block is padded to it. With pad, every expert gets exactly C rows (C capped at T); the
+/// padding rows are zero and carry weight 0. Surviving weights are not renormalised (Megatron-Core,
+/// Switch). Kept rows stay in token order inside each block.
+struct Capacity {
+  using policy_kind = dispatcher_kind;
+  static constexpr std::string_view name = "Capacity";
+
+  struct Options {
+    double capacity_factor = 1.0;  // 0: the largest expert count (dropless, padded)
+    Index min_capacity = 0;        // DeepSpeed: 4
+    DropPolicy drop = DropPolicy::weight;
+    bool pad = false;              // every expert gets exactly C rows
+  };
+  Options options{};
+
+  void validate(const LayerShape&) const {
+    detail::require(std::isfinite(options.capacity_factor) && options.capacity_factor >= 0,
+                    "moekit::Capacity: capacity_factor = ", options.capacity_factor,
+                    "; expected a finite number >= 0 (0 means the largest expert count)");
+    detail::require(options.min_capacity >= 0, "moekit::Capacity: min_capacity = ",
+                    options.min_capacity, "; expected >= 0");
+  }
+
+  /// C for T tokens, K choices each, over E experts whose largest count is `largest`.
+  Index capacity(Index tokens, int top_k, Index experts, Index largest) const {
+    if (options.capacity_factor == 0) return largest;
+    const double exact = double(tokens) * top_k / double(experts) * options.capacity_factor;
+    Index c = std::max(static_cast<Index>(std::ceil(exact - 1e-9)), options.min_capacity);
+    return options.pad ? std::min(c, tokens) : c;  // an expert never has more than T choices
+  }
+
+  /// Whether every block is padded to C: asked for, or implied by capacity_factor = 0.
+  bool pads() const { return options.pad || options.capacity_factor == 0; }
+
+  template <Scalar T>
+  void plan(const Routing<T>& routing, Index experts, Plan& plan) const {
+    plan.reset(routing.tokens, experts, routing.top_k);
+    for (Index e : routing.index) ++plan.counts[static_cast<std::size_t>(e)];
+    // plan.slot serves first as the dropless order: choices grouped by expert, in token order.
+    std::vector<Index>& order = plan.slot;
+    for (Index e = 0; e < experts; ++e)
+      plan.offsets[static_cast<std::size_t>(e + 1)] =
+          plan.offsets[static_cast<std::size_t>(e)] + plan.counts[static_cast<std::size_t>(e)];
+    for (Index choice = 0; choice < routing.choices(); ++choice) {  // counting sort
+      const auto e = static_cast<std::size_t>(routing.index[static_cast<std::size_t>(choice)]);
+      order[static_cast<std::size_t>(plan.offsets[e]++)] = choice;  // offsets[e] as fill cursor
+    }
+    for (Index e = experts; e > 0; --e)  // shift back: offsets[e] = start of block e
+      plan.offsets[static_cast<std::size_t>(e)] = plan.offsets[static_cast<std::size_t>(e - 1)];
+    plan.offsets[0] = 0;
+    const Index largest = experts ? *std::max_element(plan.counts.begin(), plan.counts.end()) : 0;
+    const Index cap = capacity(routing.tokens, routing.top_k, experts, largest);
+    detail::require(cap >= 1 || routing.tokens == 0, "moekit::Capacity: capacity = ", cap, " for ",
+                    routing.tokens, " tokens; expected at least 1 (raise capacity_factor or min_capacity)");
+
+    // Trim each block to its first `cap` choices after ordering by the drop policy.
+    for (Index e = 0; e < experts; ++e) {
+      const auto block = order.begin() + plan.offsets[static_cast<std::size_t>(e)];
+      const Index count = plan.counts[static_cast<std::size_t>(e)];
+      if (count <= cap) continue;
+      if (options.drop == DropPolicy::weight) {
+        std::nth_element(block, block + (cap - 1), block + count,
+                         [&](Index a, Index b) { return heavier(routing, a, b); });
+        std::sort(block, block + cap);  // the kept, back in token order
+      }
+      plan.dropped += count - cap;
+    }
+
+    // Final layout: blocks of min(count, cap) rows, or exactly cap rows when padding.
+    const bool pad = pads();
+    Index rows = 0;
+    std::vector<Index>& source = plan.source;
+    for (Index e = 0; e < experts; ++e) {
+      const Index kept = std::min(plan.counts[static_cast<std::size_t>(e)], cap);
+      rows += pad ? std::max(kept, cap) : kept;
+    }
+    source.resize(static_cast<std::size_t>(rows));
+    Index row = 0;
+    for (Index e = 0; e < experts; ++e) {
+      const Index first = plan.offsets[static_cast<std::size_t>(e)];
+      const Index kept = std::min(plan.counts[static_cast<std::size_t>(e)], cap);
+      const Index size = pad ? std::max(kept, cap) : kept;
+      for (Index i = 0; i < size; ++i)
+        source[static_cast<std::size_t>(row + i)] =
+            i < kept ? order[static_cast<std::size_t>(first + i)] : Plan::no_slot;
+      plan.counts[static_cast<std::size_t>(e)] = size;
+      row += size;
+    }
+    for (Index e = 0; e < experts; ++e)
+      plan.offsets[static_cast<std::size_t>(e + 1)] =
+          plan.offsets[static_cast<std::size_t>(e)] + plan.counts[static_cast<std::size_t>(e)];
+    std::fill(order.begin(), order.end(), Plan::no_slot);  // now the real slot table
+    for (Index r = 0; r < rows; ++r)
+      if (source[static_cast<std::size_t>(r)] != Plan::no_slot)
+        plan.slot[static_cast<std::size_t>(source[static_cast<std::size_t>(r)])] = r;
+  }
+
+ private:
+  /// Heavier weight first; the earlier choice wins a tie, so plans are deterministic.
+  template <Scalar T>
+  static bool heavier(const Routing<T>& routing, Index a, Index b) {
+    const T wa = routing.weight[static_cast<std::size_t>(a)], wb = routing.weight[static_cast<std::size_t>(b)];
+    return wa > wb || (wa == wb && a < b);
+  }
+};
+
+static_assert(Dispatcher<Capacity>);
+
+}  // namespace moekit

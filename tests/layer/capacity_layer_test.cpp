@@ -1,0 +1,65 @@
+// The layer with capacity limits: dropped pairs get no compute and no gradient, gradients stay
+// right with drops happening, and a capacity that drops nothing equals Dropless.
+#include <gtest/gtest.h>
+
+#include <random>
+
+#include <moekit/moekit.hpp>
+
+#include "../support/grad_check.hpp"
+
+namespace moekit::test {
+namespace {
+
+Matrix<double> random(Index rows, Index cols, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> draw;
+  Matrix<double> m(rows, cols);
+  for (Index i = 0; i < m.size(); ++i) m.data()[i] = draw(rng);
+  return m;
+}
+
+using Layer = MoELayer<TopK<2>, AuxLoss, Capacity, double>;
+constexpr LayerConfig config{.hidden = 6, .ffn = 5, .experts = 4, .seed = 3};
+
+TEST(CapacityLayer, GradientsAreRightWithDropsHappening) {
+  for (auto drop : {DropPolicy::weight, DropPolicy::position})
+    for (bool pad : {false, true}) {
+      Layer layer(config, Capacity{{.capacity_factor = 0.5, .drop = drop, .pad = pad}}, AuxLoss{{.coefficient = 0.5}});
+      const auto x = random(9, 6, 1), dy = random(9, 6, 2);
+      layer.forward(x);
+      ASSERT_GT(layer.plan().dropped, 0);
+      for (const auto& report : check_gradients(layer, x, dy))
+        EXPECT_LT(report.error, 1e-6) << report.name << " pad " << pad;
+    }
+}
+
+TEST(CapacityLayer, ATokenDroppedByAllItsExpertsGetsZero) {
+  // Capacity 1 per expert: 4 experts, 8 tokens with 2 choices each, so most pairs are dropped.
+  Layer layer(config, Capacity{{.capacity_factor = 0.25}});
+  const auto x = random(8, 6, 4);
+  const Matrix<double> y = layer.forward(x);
+  const auto& plan = layer.plan();
+  int fully_dropped = 0;
+  for (Index t = 0; t < 8; ++t)
+    if (plan.slot[static_cast<std::size_t>(2 * t)] == Plan::no_slot && plan.slot[static_cast<std::size_t>(2 * t + 1)] == Plan::no_slot) {
+      ++fully_dropped;
+      EXPECT_TRUE(y.row(t).isZero(0));
+    }
+  EXPECT_GT(fully_dropped, 0);
+}
+
+TEST(CapacityLayer, DroppingNothingEqualsDropless) {
+  using Free = MoELayer<TopK<2>, AuxLoss, Dropless, double>;
+  Layer capped(config, Capacity{{.capacity_factor = 4.0}});
+  Free free(config);
+  const auto x = random(11, 6, 5), dy = random(11, 6, 6);
+  EXPECT_EQ(capped.forward(x), free.forward(x));
+  EXPECT_EQ(capped.backward(dy), free.backward(dy));
+  for (std::size_t p = 0; p < capped.gradients().size(); ++p)
+    EXPECT_TRUE(std::ranges::equal(capped.gradients()[p].values(), free.gradients()[p].values()));
+  EXPECT_EQ(capped.plan().dropped, 0);
+}
+
+}  // namespace
+}  // namespace moekit::test
