@@ -14,7 +14,8 @@
 //              PerExpertLoop, PerExpertLoopType<Act>    expert/per_expert_loop.hpp
 //              SwiGLU, GeLU, ReLU                       expert/activation.hpp
 //   parallel/  SingleProcess                            parallel/single_process.hpp
-// The layer: MoELayer<Ps...> (core/compose.hpp), BasicMoELayer (layer/moe_layer.hpp).
+// The layer: MoELayer<Ps...> (core/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
+// RoutingStats and JsonLinesLogger (layer/routing_stats.hpp).
 // Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
@@ -31,6 +32,7 @@
 #include <moekit/io/hf_fixture.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/moe_layer.hpp>
+#include <moekit/layer/routing_stats.hpp>
 #include <moekit/optim/adam.hpp>
 #include <moekit/parallel/single_process.hpp>
 #include <moekit/router/top_k.hpp>

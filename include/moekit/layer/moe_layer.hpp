@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <random>
 #include <span>
 #include <string>
@@ -16,6 +17,7 @@
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/io/safetensors.hpp>
+#include <moekit/layer/routing_stats.hpp>
 
 namespace moekit {
 
@@ -94,6 +96,10 @@ class BasicMoELayer {
     router_.template select<T>(scores, scores, routing_);
     balance_loss_ = balancer_.template forward<T>(scores, balance_context(), balance_state_);
     dispatcher_.plan(routing_, shape_.experts, plan_);
+    load_.assign(static_cast<std::size_t>(shape_.experts), 0);
+    for (Index choice = 0; choice < routing_.choices(); ++choice)
+      if (plan_.slot[static_cast<std::size_t>(choice)] != Plan::no_slot)
+        ++load_[static_cast<std::size_t>(routing_.index[static_cast<std::size_t>(choice)])];
 
     auto rows = rows_.matrix(plan_.rows(), hidden);
     for_blocks(plan_.rows(), [&](Index r) {
@@ -115,6 +121,7 @@ class BasicMoELayer {
       }
     });
     have_forward_ = true;
+    if (observer_) observer_(stats());
   }
 
   Matrix<T> forward(ConstMatrixRef<T> x) {
@@ -210,7 +217,16 @@ class BasicMoELayer {
 
   const Routing<T>& routing() const { return routing_; }
   const Plan& plan() const { return plan_; }
-  std::span<const Index> tokens_per_expert() const { return plan_.counts; }
+  /// Kept choices per expert in the last forward (padding rows not counted).
+  std::span<const Index> tokens_per_expert() const { return load_; }
+  /// Load statistics of the last forward: per-expert tokens, drops, max/mean, balancer terms.
+  RoutingStats stats() const {
+    RoutingStats s = RoutingStats::from(plan_, load_);
+    s.balance_terms.emplace_back(std::string(B::name), static_cast<double>(balance_loss_));
+    return s;
+  }
+  /// Calls `observer(stats())` after every forward, e.g. a JsonLinesLogger; {} detaches.
+  void observe(std::function<void(const RoutingStats&)> observer) { observer_ = std::move(observer); }
   /// The balancer's loss (coefficient included) for the last forward.
   T balance_loss() const { return balance_loss_; }
 
@@ -347,6 +363,8 @@ class BasicMoELayer {
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H]
   detail::Buffer<T> d_out_, d_rows_, d_logits_;           // [S,H] [S,H] [T,E]
   std::vector<T> d_weight_;                               // [T,K]
+  std::vector<Index> load_;                               // [E] kept choices per expert
+  std::function<void(const RoutingStats&)> observer_;
 };
 
 }  // namespace moekit
