@@ -7,6 +7,7 @@
 // Policies, one header each:
 //   router/    TopK<K>, Switch (= TopK<1>)               router/top_k.hpp
 //   balance/   AuxLoss                                  balance/aux_loss.hpp
+//              AuxFree                                  balance/aux_free.hpp
 //              NoBalance                                balance/no_balance.hpp
 //   dispatch/  Dropless                                 dispatch/dropless.hpp
 //              Capacity, DropPolicy                     dispatch/capacity.hpp
@@ -17,6 +18,7 @@
 // The layer: MoELayer<Ps...> (core/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
 // RoutingStats and JsonLinesLogger (layer/routing_stats.hpp).
 // Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
+#include <moekit/balance/aux_free.hpp>
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
 #include <moekit/core/compose.hpp>

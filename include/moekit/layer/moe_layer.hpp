@@ -93,13 +93,21 @@ class BasicMoELayer {
     auto scores = scores_.matrix(tokens, shape_.experts);
     scores.noalias() = input * router_weight().matrix().transpose();
     router_.template score<T>(scores);
-    router_.template select<T>(scores, scores, routing_);
+    if constexpr (selects_with_bias) {  // the balancer shifts selection, never the weights
+      auto selection = selection_.matrix(tokens, shape_.experts);
+      balancer_.template select<T>(scores, balance_state_, selection);
+      router_.template select<T>(selection, scores, routing_);
+    } else {
+      router_.template select<T>(scores, scores, routing_);
+    }
     balance_loss_ = balancer_.template forward<T>(scores, balance_context(), balance_state_);
     dispatcher_.plan(routing_, shape_.experts, plan_);
     load_.assign(static_cast<std::size_t>(shape_.experts), 0);
     for (Index choice = 0; choice < routing_.choices(); ++choice)
       if (plan_.slot[static_cast<std::size_t>(choice)] != Plan::no_slot)
         ++load_[static_cast<std::size_t>(routing_.index[static_cast<std::size_t>(choice)])];
+    if constexpr (requires { balancer_.template routed<T>(std::span<const Index>(load_), balance_state_); })
+      balancer_.template routed<T>(load_, balance_state_);
 
     auto rows = rows_.matrix(plan_.rows(), hidden);
     for_blocks(plan_.rows(), [&](Index r) {
@@ -225,6 +233,15 @@ class BasicMoELayer {
     s.balance_terms.emplace_back(std::string(B::name), static_cast<double>(balance_loss_));
     return s;
   }
+  /// Marks a step boundary (after the optimizer step): balancers that adapt between steps, such
+  /// as AuxFree's bias, update here. Does nothing for the others.
+  void end_step() {
+    if constexpr (requires { balancer_.template step<T>(balance_state_); }) balancer_.template step<T>(balance_state_);
+  }
+
+  /// The balancer's state (AuxFree: its bias and counts).
+  const typename B::template State<T>& balance_state() const { return balance_state_; }
+
   /// Calls `observer(stats())` after every forward, e.g. a JsonLinesLogger; {} detaches.
   void observe(std::function<void(const RoutingStats&)> observer) { observer_ = std::move(observer); }
   /// The balancer's loss (coefficient included) for the last forward.
@@ -264,6 +281,10 @@ class BasicMoELayer {
                        {"experts", std::to_string(shape_.experts)},
                        {"topk", std::to_string(top_k)}};
     for (const auto& p : parameters_) file.add(p.name(), p.shape(), p.values());
+    if constexpr (has_bias_state) {
+      if (!balance_state_.bias.empty())
+        file.add<double>("router.bias", {shape_.experts}, balance_state_.bias);
+    }
     file.write(path);
   }
 
@@ -283,9 +304,21 @@ class BasicMoELayer {
                       "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(),
                       "' is ", io::to_string(info.dtype), "; expected F32 or F64");
     }
+    if constexpr (has_bias_state) {
+      if (file.contains("router.bias"))
+        detail::require(file.info("router.bias").shape == std::vector<Index>{shape_.experts},
+                        "moekit::MoELayer::load: '", path.string(), "' tensor 'router.bias' is ",
+                        shape_string(file.info("router.bias").shape), "; expected [", shape_.experts, "]");
+    }
     for (auto& p : parameters_) {
       const auto values = file.values<T>(p.name());
       std::copy(values.begin(), values.end(), p.values().begin());
+    }
+    if constexpr (has_bias_state) {
+      if (file.contains("router.bias")) {
+        balance_state_.bias = file.values<double>("router.bias");
+        balance_state_.counts.assign(static_cast<std::size_t>(shape_.experts), 0);
+      }
     }
   }
 
@@ -294,6 +327,12 @@ class BasicMoELayer {
   static constexpr bool is_own_policy = std::is_same_v<Q, R> || std::is_same_v<Q, B> ||
                                         std::is_same_v<Q, D> || std::is_same_v<Q, X> ||
                                         std::is_same_v<Q, P>;
+  static constexpr bool selects_with_bias =
+      requires(const B& b, ConstMatrixRef<T> scores, typename B::template State<T>& state,
+               MatrixRef<T> selection) { b.template select<T>(scores, state, selection); };
+  static constexpr bool has_bias_state =
+      requires(typename B::template State<T>& state) { state.bias; };
+
   void set_policy(const R& r) { router_ = r; }
   void set_policy(const B& b) { balancer_ = b; }
   void set_policy(const D& d) { dispatcher_ = d; }
@@ -361,6 +400,7 @@ class BasicMoELayer {
   typename B::template State<T> balance_state_;
   typename X::template Saved<T> expert_saved_;
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H]
+  detail::Buffer<T> selection_;                           // [T,E] scores + balancer bias
   detail::Buffer<T> d_out_, d_rows_, d_logits_;           // [S,H] [S,H] [T,E]
   std::vector<T> d_weight_;                               // [T,K]
   std::vector<Index> load_;                               // [E] kept choices per expert

@@ -1,0 +1,90 @@
+#pragma once
+#include <cmath>
+#include <span>
+#include <string_view>
+#include <vector>
+
+#include <moekit/core/concepts.hpp>
+#include <moekit/core/error.hpp>
+
+namespace moekit {
+
+/// DeepSeek-V3's auxiliary-loss-free balancing. docs/policies/balance.md#auxfree
+///
+/// A per-expert bias b is added to the scores for **selection only**: the combine weights come
+/// from the unbiased scores, b gets no gradient and no optimizer touches it. The layer counts the
+/// tokens each expert actually received (after any drops); at each step boundary, which the
+/// training loop marks with `layer.end_step()`,
+///
+///   b_i ← b_i + rate · sign(mean load − load_i)     (sign(0) = 0)
+///
+/// and the counts restart. b is the layer's saved state "router.bias" (the fixtures' name).
+struct AuxFree {
+  using policy_kind = balancer_kind;
+  static constexpr std::string_view name = "AuxFree";
+
+  struct Options {
+    double rate = 1e-3;  // u; DeepSeek-V3: 1e-3
+  };
+  Options options{};
+
+  template <Scalar T>
+  struct State {
+    std::vector<double> bias;   // [E] b, kept in double whatever T is
+    std::vector<Index> counts;  // [E] tokens received since the last step
+  };
+
+  void validate(const LayerShape&) const {
+    detail::require(std::isfinite(options.rate) && options.rate >= 0, "moekit::AuxFree: rate = ",
+                    options.rate, "; expected a finite number >= 0");
+  }
+
+  template <Scalar T>
+  T forward(ConstMatrixRef<T>, const BalanceContext&, State<T>&) const {
+    return T(0);  // no loss term
+  }
+  template <Scalar T>
+  void backward(ConstMatrixRef<T>, const BalanceContext&, State<T>&, MatrixRef<T>) const {}
+
+  /// selection = scores + b, row by row.                                                [T,E]
+  template <Scalar T>
+  void select(ConstMatrixRef<T> scores, State<T>& state, MatrixRef<T> selection) const {
+    ensure_size(state, scores.cols());
+    for (Index t = 0; t < scores.rows(); ++t)
+      for (Index e = 0; e < scores.cols(); ++e)
+        selection(t, e) = scores(t, e) + T(state.bias[static_cast<std::size_t>(e)]);
+  }
+
+  /// The tokens each expert received in this forward, after drops.
+  template <Scalar T>
+  void routed(std::span<const Index> load, State<T>& state) const {
+    ensure_size(state, static_cast<Index>(load.size()));
+    for (std::size_t e = 0; e < load.size(); ++e) state.counts[e] += load[e];
+  }
+
+  /// The step boundary: move the bias toward even load, then restart the counts.
+  template <Scalar T>
+  void step(State<T>& state) const {
+    if (state.counts.empty()) return;
+    double mean = 0;
+    for (Index n : state.counts) mean += double(n);
+    mean /= double(state.counts.size());
+    for (std::size_t e = 0; e < state.counts.size(); ++e) {
+      const double gap = mean - double(state.counts[e]);
+      state.bias[e] += options.rate * double((gap > 0) - (gap < 0));
+      state.counts[e] = 0;
+    }
+  }
+
+ private:
+  template <Scalar T>
+  static void ensure_size(State<T>& state, Index experts) {
+    if (static_cast<Index>(state.bias.size()) == experts) return;
+    state.bias.assign(static_cast<std::size_t>(experts), 0.0);
+    state.counts.assign(static_cast<std::size_t>(experts), 0);
+  }
+};
+
+static_assert(Balancer<AuxFree>);
+
+}  // namespace moekit
