@@ -9,6 +9,7 @@
 //   balance/   AuxLoss                                  balance/aux_loss.hpp
 //              AuxFree                                  balance/aux_free.hpp
 //              NoBalance                                balance/no_balance.hpp
+//              Sinkhorn                                 balance/sinkhorn.hpp
 //   dispatch/  Dropless                                 dispatch/dropless.hpp
 //              Capacity, DropPolicy                     dispatch/capacity.hpp
 //   expert/    GroupedGemm, GroupedGemmType<Act>        expert/grouped_gemm.hpp
@@ -21,6 +22,7 @@
 #include <moekit/balance/aux_free.hpp>
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
+#include <moekit/balance/sinkhorn.hpp>
 #include <moekit/core/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>

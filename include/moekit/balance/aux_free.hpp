@@ -46,7 +46,7 @@ struct AuxFree {
   template <Scalar T>
   void backward(ConstMatrixRef<T>, const BalanceContext&, State<T>&, MatrixRef<T>) const {}
 
-  /// selection = scores + b, row by row.                                                [T,E]
+  /// selection = scores + b, row by row (whatever selection held on entry).           [T,E]
   template <Scalar T>
   void select(ConstMatrixRef<T> scores, State<T>& state, MatrixRef<T> selection) const {
     ensure_size(state, scores.cols());

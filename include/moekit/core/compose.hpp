@@ -12,6 +12,7 @@
 #include <boost/hana/type.hpp>
 
 #include <moekit/balance/aux_loss.hpp>
+#include <moekit/core/compatibility.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/dispatch/dropless.hpp>
 #include <moekit/expert/grouped_gemm.hpp>
@@ -110,7 +111,10 @@ struct compose {
   static_assert(scalar::count <= 1,
                 "moekit::MoELayer: two scalar types given; pass at most one of float or double");
 
-  static constexpr bool valid = all_known && router::count <= 1 && balancer::count <= 1 &&
+  static constexpr bool compatible =
+      require_compatible<typename balancer::type, typename dispatcher::type>::value;
+
+  static constexpr bool valid = all_known && compatible && router::count <= 1 && balancer::count <= 1 &&
                                 dispatcher::count <= 1 && expert::count <= 1 &&
                                 parallel::count <= 1 && scalar::count <= 1;
 

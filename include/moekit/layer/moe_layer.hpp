@@ -92,12 +92,14 @@ class BasicMoELayer {
 
     auto scores = scores_.matrix(tokens, shape_.experts);
     scores.noalias() = input * router_weight().matrix().transpose();
-    router_.template score<T>(scores);
-    if constexpr (selects_with_bias) {  // the balancer shifts selection, never the weights
+    if constexpr (balancer_selects) {  // the balancer shapes selection, never the weights
       auto selection = selection_.matrix(tokens, shape_.experts);
+      selection = scores;  // the logits, for balancers that select on them (Sinkhorn)
+      router_.template score<T>(scores);
       balancer_.template select<T>(scores, balance_state_, selection);
       router_.template select<T>(selection, scores, routing_);
     } else {
+      router_.template score<T>(scores);
       router_.template select<T>(scores, scores, routing_);
     }
     balance_loss_ = balancer_.template forward<T>(scores, balance_context(), balance_state_);
@@ -327,7 +329,7 @@ class BasicMoELayer {
   static constexpr bool is_own_policy = std::is_same_v<Q, R> || std::is_same_v<Q, B> ||
                                         std::is_same_v<Q, D> || std::is_same_v<Q, X> ||
                                         std::is_same_v<Q, P>;
-  static constexpr bool selects_with_bias =
+  static constexpr bool balancer_selects =
       requires(const B& b, ConstMatrixRef<T> scores, typename B::template State<T>& state,
                MatrixRef<T> selection) { b.template select<T>(scores, state, selection); };
   static constexpr bool has_bias_state =
@@ -400,7 +402,7 @@ class BasicMoELayer {
   typename B::template State<T> balance_state_;
   typename X::template Saved<T> expert_saved_;
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H]
-  detail::Buffer<T> selection_;                           // [T,E] scores + balancer bias
+  detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
   detail::Buffer<T> d_out_, d_rows_, d_logits_;           // [S,H] [S,H] [T,E]
   std::vector<T> d_weight_;                               // [T,K]
   std::vector<Index> load_;                               // [E] kept choices per expert

@@ -1,0 +1,24 @@
+#pragma once
+// Policy pairs that cannot work together, each with its reason and source. MoELayer checks them
+// after it has found every kind.
+#include <concepts>
+
+#include <moekit/balance/sinkhorn.hpp>
+#include <moekit/dispatch/capacity.hpp>
+
+namespace moekit::detail {
+
+template <class Balancer, class Dispatcher>
+struct require_compatible {
+  // Megatron-Core rejects a capacity factor with Sinkhorn balancing: the plan already balances
+  // the load, and capacity drops by weight would overrule its choices.
+  static constexpr bool sinkhorn_with_capacity =
+      std::same_as<Balancer, Sinkhorn> && std::same_as<Dispatcher, Capacity>;
+  static_assert(!sinkhorn_with_capacity,
+                "moekit::MoELayer: Sinkhorn with Capacity; these do not compose (Megatron-Core "
+                "rejects the pair too: the Sinkhorn plan balances the load and capacity drops "
+                "would overrule it); use Sinkhorn with Dropless");
+  static constexpr bool value = !sinkhorn_with_capacity;
+};
+
+}  // namespace moekit::detail
