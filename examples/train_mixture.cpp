@@ -2,7 +2,7 @@
 // clusters, and its target is computed by that cluster's own hidden SwiGLU network. A router
 // that learns to send each cluster to its own expert makes the task easy; no single expert can.
 //
-//   train_mixture [--steps N] [--seed S]
+//   train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none]
 //
 // Then trains one dense SwiGLU with the same compute per token on the same task, for comparison.
 // Exits non-zero unless the loss falls at least 10×, every cluster puts ≥70% of its routing
@@ -21,8 +21,8 @@
 namespace {
 
 constexpr moekit::Index hidden = 16, ffn = 32, experts = 8, clusters = 8, batch = 256;
-using Layer = moekit::MoELayer<moekit::TopK<2>, moekit::AuxLoss, moekit::Dropless,
-                               moekit::GroupedGemm, float>;
+template <class Balancer>
+using Layer = moekit::MoELayer<moekit::TopK<2>, Balancer, moekit::Dropless, moekit::GroupedGemm, float>;
 // The same compute per token without a mixture: one SwiGLU expert of width K·F.
 using Dense = moekit::MoELayer<moekit::TopK<1>, moekit::NoBalance, float>;
 using Matrix = moekit::Matrix<float>;
@@ -92,10 +92,12 @@ double train(L& layer, Task& task, int steps, bool report) {
     layer.zero_grad();
     layer.backward(dy, dx);
     adam.step(layer.parameters(), layer.gradients());
+    layer.end_step();  // AuxFree moves its bias here
 
     if (report && (step % report_every == 0 || step == 1 || step == steps)) {
-      std::printf("%s step %4d/%d  loss %.5f (÷%6.1f)  aux %.4f  tokens/expert", bar(step, steps).c_str(),
-                  step, steps, recent, first_loss / recent, static_cast<double>(layer.balance_loss()));
+      std::printf("%s step %4d/%d  loss %.5f (÷%6.1f)  max/mean load %.2f  tokens/expert",
+                  bar(step, steps).c_str(), step, steps, recent, first_loss / recent,
+                  layer.stats().max_over_mean);
       for (auto n : layer.tokens_per_expert()) std::printf(" %4ld", static_cast<long>(n));
       std::printf("\n");
       std::fflush(stdout);
@@ -114,19 +116,9 @@ double evaluate(L& layer, Task& task, Matrix& x, Matrix& target, Matrix& y, std:
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  int steps = 600;
-  unsigned seed = 1;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i];
-    if (flag == "--steps") steps = std::max(1, std::atoi(argv[i + 1]));
-    else if (flag == "--seed") seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
-    else {
-      std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S]\n");
-      return 2;
-    }
-  }
-
+template <class Balancer>
+int run(int steps, unsigned seed) {
+  using Layer = ::Layer<Balancer>;
   Task task(seed);
   Layer layer({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed});
   Matrix x(batch, hidden), target(batch, hidden), y(batch, hidden);
@@ -184,4 +176,24 @@ int main(int argc, char** argv) {
     std::printf("train_mixture: FAILED (expected loss down ≥10×, each cluster ≥70%% of its weight on two experts, "
                 "clusters over ≥ half the experts, and a dense network of the same compute ≥2× worse)\n");
   return ok ? 0 : 1;
+}
+
+int main(int argc, char** argv) {
+  int steps = 600;
+  unsigned seed = 1;
+  std::string balancer = "auxloss";
+  for (int i = 1; i < argc; i += 2) {
+    const std::string flag = argv[i];
+    const bool has_value = i + 1 < argc;
+    if (flag == "--steps" && has_value) steps = std::max(1, std::atoi(argv[i + 1]));
+    else if (flag == "--seed" && has_value) seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
+    else if (flag == "--balancer" && has_value) balancer = argv[i + 1];
+    else balancer = "?";
+  }
+  if (balancer == "auxloss") return run<moekit::AuxLoss>(steps, seed);
+  if (balancer == "sinkhorn") return run<moekit::Sinkhorn>(steps, seed);
+  if (balancer == "auxfree") return run<moekit::AuxFree>(steps, seed);
+  if (balancer == "none") return run<moekit::NoBalance>(steps, seed);
+  std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none]\n");
+  return 2;
 }
