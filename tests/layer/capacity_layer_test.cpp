@@ -49,6 +49,31 @@ TEST(CapacityLayer, ATokenDroppedByAllItsExpertsGetsZero) {
   EXPECT_GT(fully_dropped, 0);
 }
 
+TEST(CapacityLayer, RenormalisedWeightsSumToOneAndGradientsStayRight) {
+  for (bool normalize : {false, true}) {
+    Layer layer(config, TopK<2>{{.normalize = normalize}},
+                Capacity{{.capacity_factor = 0.5, .renormalize = true}}, AuxLoss{{.coefficient = 0.5}});
+    const auto x = random(9, 6, 7), dy = random(9, 6, 8);
+    layer.forward(x);
+    ASSERT_GT(layer.plan().dropped, 0);
+    for (Index t = 0; t < 9; ++t) {
+      const auto& w = layer.routing().weight;
+      const auto& slot = layer.plan().slot;
+      const auto c = static_cast<std::size_t>(2 * t);
+      const int kept = (slot[c] != Plan::no_slot) + (slot[c + 1] != Plan::no_slot);
+      EXPECT_NEAR(w[c] + w[c + 1], kept ? 1.0 : 0.0, 1e-15);  // DeepSpeed: kept weights renormalised
+      if (slot[c] == Plan::no_slot) {
+        EXPECT_EQ(w[c], 0.0);
+      }
+    }
+    for (const auto& report : check_gradients(layer, x, dy))
+      EXPECT_LT(report.error, 1e-6) << report.name << " normalize " << normalize;
+  }
+  EXPECT_THROW((MoELayer<TopK<1>, Capacity>({.hidden = 4, .ffn = 4, .experts = 4},
+                                            Capacity{{.renormalize = true}})),
+               error);
+}
+
 TEST(CapacityLayer, DroppingNothingEqualsDropless) {
   using Free = MoELayer<TopK<2>, AuxLoss, Dropless, double>;
   Layer capped(config, Capacity{{.capacity_factor = 4.0}});

@@ -1,6 +1,8 @@
 #pragma once
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <span>
 #include <string_view>
 
 #include <moekit/core/concepts.hpp>
@@ -23,7 +25,7 @@ enum class DropPolicy {
 /// capacity_factor = 0 is Tutel's: C = the largest expert count, so nothing is dropped and
 /// every block is padded to it. With pad, every expert gets exactly C rows (C capped at T); the
 /// padding rows are zero and carry weight 0. Surviving weights are not renormalised (Megatron-Core,
-/// Switch). Kept rows stay in token order inside each block.
+/// Switch) unless renormalize is set (DeepSpeed). Kept rows stay in token order inside each block.
 struct Capacity {
   using policy_kind = dispatcher_kind;
   static constexpr std::string_view name = "Capacity";
@@ -33,15 +35,53 @@ struct Capacity {
     Index min_capacity = 0;        // DeepSpeed: 4
     DropPolicy drop = DropPolicy::weight;
     bool pad = false;              // every expert gets exactly C rows
+    bool renormalize = false;      // DeepSpeed: kept weights of a token rescaled to their old sum
   };
   Options options{};
 
-  void validate(const LayerShape&) const {
+  void validate(const LayerShape& shape) const {
     detail::require(std::isfinite(options.capacity_factor) && options.capacity_factor >= 0,
                     "moekit::Capacity: capacity_factor = ", options.capacity_factor,
                     "; expected a finite number >= 0 (0 means the largest expert count)");
     detail::require(options.min_capacity >= 0, "moekit::Capacity: min_capacity = ",
                     options.min_capacity, "; expected >= 0");
+    detail::require(!(options.renormalize && shape.top_k == 1),
+                    "moekit::Capacity: renormalize = true with K = 1; every kept weight would be 1 "
+                    "and the router would get no gradient; expected K > 1 or renormalize = false");
+  }
+
+  /// With renormalize, after drops: w'_k = m_k·w_k / max(Σ_j m_j·w_j, ε), m = kept, ε = the
+  /// scalar's epsilon (DeepSpeed's top-2 and top-k gating). Without it, weights are unchanged.
+  template <Scalar T>
+  void adjust_weights(const Plan& plan, Routing<T>& routing) const {
+    if (!options.renormalize) return;
+    for_each_token(plan, [&](Index first, int k) {
+      T sum = 0;
+      for (int j = 0; j < k; ++j) sum += kept(plan, first + j) ? routing.weight[at(first + j)] : T(0);
+      const T denominator = std::max(sum, std::numeric_limits<T>::epsilon());
+      for (int j = 0; j < k; ++j)
+        routing.weight[at(first + j)] = kept(plan, first + j) ? routing.weight[at(first + j)] / denominator : T(0);
+    });
+  }
+
+  /// d(loss)/d(w') → d(loss)/d(w), in place, given the weights before adjust_weights.
+  template <Scalar T>
+  void adjust_weights_backward(const Plan& plan, std::span<const T> weight, std::span<T> d_weight) const {
+    if (!options.renormalize) return;
+    for_each_token(plan, [&](Index first, int k) {
+      T sum = 0, dot = 0;
+      for (int j = 0; j < k; ++j)
+        if (kept(plan, first + j)) {
+          sum += weight[at(first + j)];
+          dot += d_weight[at(first + j)] * weight[at(first + j)];
+        }
+      const bool clamped = sum < std::numeric_limits<T>::epsilon();  // then the denominator is constant
+      const T denominator = clamped ? std::numeric_limits<T>::epsilon() : sum;
+      for (int j = 0; j < k; ++j) {
+        T& d = d_weight[at(first + j)];
+        d = !kept(plan, first + j) ? T(0) : clamped ? d / denominator : (d - dot / sum) / sum;
+      }
+    });
   }
 
   /// C for T tokens, K choices each, over E experts whose largest count is `largest`.
@@ -119,6 +159,13 @@ struct Capacity {
   }
 
  private:
+  static std::size_t at(Index choice) { return static_cast<std::size_t>(choice); }
+  static bool kept(const Plan& plan, Index choice) { return plan.slot[at(choice)] != Plan::no_slot; }
+  template <class Body>
+  static void for_each_token(const Plan& plan, Body body) {
+    for (Index t = 0; t < plan.tokens; ++t) body(t * plan.top_k, plan.top_k);
+  }
+
   /// Heavier weight first; the earlier choice wins a tie, so plans are deterministic.
   template <Scalar T>
   static bool heavier(const Routing<T>& routing, Index a, Index b) {

@@ -110,6 +110,10 @@ class BasicMoELayer {
         ++load_[static_cast<std::size_t>(routing_.index[static_cast<std::size_t>(choice)])];
     if constexpr (requires { balancer_.template routed<T>(std::span<const Index>(load_), balance_state_); })
       balancer_.template routed<T>(load_, balance_state_);
+    if constexpr (dispatcher_adjusts_weights) {  // e.g. renormalising after drops
+      raw_weight_.assign(routing_.weight.begin(), routing_.weight.end());
+      dispatcher_.template adjust_weights<T>(plan_, routing_);
+    }
 
     auto rows = rows_.matrix(plan_.rows(), hidden);
     for_blocks(plan_.rows(), [&](Index r) {
@@ -171,6 +175,9 @@ class BasicMoELayer {
       d_weight_[static_cast<std::size_t>(choice)] = token.dot(out.row(r));
       d_out.row(r) = routing_.weight[static_cast<std::size_t>(choice)] * token;
     });
+
+    if constexpr (dispatcher_adjusts_weights)
+      dispatcher_.template adjust_weights_backward<T>(plan_, raw_weight_, d_weight_);
 
     auto d_rows = d_rows_.matrix(count, hidden);
     expert_.template backward<T>(expert_weights(), rows, plan_.offsets, expert_saved_, d_out, d_rows,
@@ -332,6 +339,11 @@ class BasicMoELayer {
   static constexpr bool balancer_selects =
       requires(const B& b, ConstMatrixRef<T> scores, typename B::template State<T>& state,
                MatrixRef<T> selection) { b.template select<T>(scores, state, selection); };
+  static constexpr bool dispatcher_adjusts_weights =
+      requires(const D& d, const Plan& plan, Routing<T>& routing, std::span<const T> w, std::span<T> dw) {
+        d.template adjust_weights<T>(plan, routing);
+        d.template adjust_weights_backward<T>(plan, w, dw);
+      };
   static constexpr bool has_bias_state =
       requires(typename B::template State<T>& state) { state.bias; };
 
@@ -406,6 +418,7 @@ class BasicMoELayer {
   detail::Buffer<T> d_out_, d_rows_, d_logits_;           // [S,H] [S,H] [T,E]
   std::vector<T> d_weight_;                               // [T,K]
   std::vector<Index> load_;                               // [E] kept choices per expert
+  std::vector<T> raw_weight_;                             // [T,K] weights before the dispatcher adjusts them
   std::function<void(const RoutingStats&)> observer_;
 };
 
