@@ -25,6 +25,18 @@ using per_router = decltype(std::tuple_cat(std::declval<per_expert<R, AuxLoss>>(
 
 template <class Tuple>
 struct as_gtest_types;
+
+/// The balancers and dispatchers that shape selection or drop, with the default and the
+/// reference expert: Sinkhorn and AuxFree with Dropless; AuxLoss, NoBalance and AuxFree with
+/// Capacity (Sinkhorn with Capacity does not compile).
+template <class R, class B, class D>
+using per_scalar_d = std::tuple<MoELayer<R, B, D, GroupedGemm, float>, MoELayer<R, B, D, GroupedGemm, double>,
+                                MoELayer<R, B, D, PerExpertLoop, float>, MoELayer<R, B, D, PerExpertLoop, double>>;
+template <class R>
+using per_router_selection = decltype(std::tuple_cat(
+    std::declval<per_scalar_d<R, Sinkhorn, Dropless>>(), std::declval<per_scalar_d<R, AuxFree, Dropless>>(),
+    std::declval<per_scalar_d<R, AuxLoss, Capacity>>(), std::declval<per_scalar_d<R, NoBalance, Capacity>>(),
+    std::declval<per_scalar_d<R, AuxFree, Capacity>>()));
 template <class... Ts>
 struct as_gtest_types<std::tuple<Ts...>> {
   using type = ::testing::Types<Ts...>;
@@ -33,6 +45,10 @@ struct as_gtest_types<std::tuple<Ts...>> {
 /// Every combination of the policies shipped so far with router R, in float and double.
 template <class R>
 using Combos = typename as_gtest_types<per_router<R>>::type;
+
+/// The selection-shaping and dropping policies with router R.
+template <class R>
+using SelectionCombos = typename as_gtest_types<per_router_selection<R>>::type;
 
 struct ComboName {
   template <class Layer>

@@ -35,12 +35,21 @@ inline double unit(Unit u, double g) {
   return 0;
 }
 
+/// Choices made elsewhere (a balancer that shapes selection, a dispatcher that drops): the
+/// experts of each token [T][K], and whether each was kept [T][K].
+struct ForcedChoices {
+  std::vector<std::vector<Index>> chosen;
+  std::vector<std::vector<bool>> kept;
+};
+
 /// params: router [E,H]; gate, up [E,F,H] (gate empty for plain units); down [E,H,F].
+/// Without `forced`, the top-k of the scores is chosen and every choice is kept.
 inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vector<double>& router,
                                          const std::vector<double>& gate,
                                          const std::vector<double>& up,
                                          const std::vector<double>& down, Index experts, Index ffn,
-                                         int k, RouterSpec spec, Unit u) {
+                                         int k, RouterSpec spec, Unit u,
+                                         const ForcedChoices* forced = nullptr) {
   const Index tokens = x.rows(), hidden = x.cols();
   ReferenceResult r;
   r.y = Matrix<double>::Zero(tokens, hidden);
@@ -66,16 +75,19 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
       return s[static_cast<std::size_t>(a)] > s[static_cast<std::size_t>(b)];
     });
     order.resize(static_cast<std::size_t>(k));
-    r.chosen.push_back(order);
+    r.chosen.push_back(order);  // the plain top-k, which the aux loss counts
 
     const double total = std::accumulate(s.begin(), s.end(), 0.0);
     for (Index e : order) counts[static_cast<std::size_t>(e)] += 1;
     for (Index e = 0; e < experts; ++e)
       column[static_cast<std::size_t>(e)] += spec.score == ScoreFn::softmax ? s[static_cast<std::size_t>(e)] : s[static_cast<std::size_t>(e)] / total;
 
+    if (forced) order = forced->chosen[static_cast<std::size_t>(t)];
     double chosen_sum = 0;
     for (Index e : order) chosen_sum += s[static_cast<std::size_t>(e)];
-    for (Index e : order) {
+    for (std::size_t j = 0; j < order.size(); ++j) {
+      const Index e = order[j];
+      if (forced && !forced->kept[static_cast<std::size_t>(t)][j]) continue;  // dropped: nothing
       double w = s[static_cast<std::size_t>(e)] * spec.scale;
       if (spec.normalize) w /= chosen_sum;
       std::vector<double> hid(static_cast<std::size_t>(ffn));
