@@ -18,9 +18,10 @@ namespace {
 
 constexpr double limit = 1e-6;
 
-template <int K>
+/// A selection bias (router.bias) is AuxFree's state, which load() reads; else no balancer.
+template <int K, class Balancer>
 bool verify(const moekit::io::SafeTensors& file, const moekit::io::HfBlock& b, const std::string& path) {
-  using Layer = moekit::MoELayer<moekit::TopK<K>, moekit::NoBalance, moekit::Dropless, moekit::GroupedGemm, double>;
+  using Layer = moekit::MoELayer<moekit::TopK<K>, Balancer, moekit::Dropless, moekit::GroupedGemm, double>;
   Layer layer({.hidden = b.hidden, .ffn = b.ffn, .experts = b.experts},
               moekit::TopK<K>{{.score = b.score, .normalize = b.normalize, .scale = b.scale}});
   layer.load(path);
@@ -57,7 +58,10 @@ template <int... Ks>
 bool verify_any_k(const moekit::io::SafeTensors& file, const moekit::io::HfBlock& b,
                   const std::string& path, std::integer_sequence<int, Ks...>) {
   bool ok = false, found = false;
-  ((b.top_k == Ks + 1 ? (found = true, ok = verify<Ks + 1>(file, b, path)) : false), ...);
+  ((b.top_k == Ks + 1 ? (found = true, ok = b.selection_bias ? verify<Ks + 1, moekit::AuxFree>(file, b, path)
+                                                              : verify<Ks + 1, moekit::NoBalance>(file, b, path))
+                      : false),
+   ...);
   if (!found) moekit::detail::fail("moekit-verify: topk = ", b.top_k, "; expected 1 to ", sizeof...(Ks));
   return ok;
 }

@@ -64,7 +64,8 @@ TEST(HfFixture, OtherFamiliesNameWhatIsMissing) {
   ASSERT_EQ(qwen.unsupported().size(), 1u);
   EXPECT_NE(qwen.unsupported()[0].find("shared expert"), std::string::npos);
   const auto deepseek = io::HfBlock::from(io::SafeTensors::read(fixtures / "deepseek_v3.safetensors"));
-  EXPECT_EQ(deepseek.unsupported().size(), 3u);
+  EXPECT_EQ(deepseek.unsupported().size(), 2u);  // shared expert, group-limited top-k
+  EXPECT_TRUE(deepseek.selection_bias);           // supported: AuxFree's router.bias
   EXPECT_EQ(deepseek.score, ScoreFn::sigmoid);
   EXPECT_DOUBLE_EQ(deepseek.scale, 2.5);
 }

@@ -24,7 +24,7 @@ struct HfBlock {
   double scale = 1.0;
   std::string shared_expert = "none";
   int groups = 1;
-  bool selection_bias = false;
+  bool selection_bias = false;  // router.bias: AuxFree's bias, loaded with the layer
 
   static HfBlock from(const SafeTensors& file) {
     auto number = [&](const std::string& key) {
@@ -68,7 +68,6 @@ struct HfBlock {
     std::vector<std::string> missing;
     if (shared_expert != "none") missing.push_back("a shared expert (" + shared_expert + ")");
     if (groups > 1) missing.push_back("group-limited top-k (" + std::to_string(groups) + " groups)");
-    if (selection_bias) missing.push_back("a selection bias on the scores (router.bias)");
     return missing;
   }
 };
