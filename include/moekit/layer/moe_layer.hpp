@@ -92,14 +92,13 @@ class BasicMoELayer {
 
     auto scores = scores_.matrix(tokens, shape_.experts);
     scores.noalias() = input * router_weight().matrix().transpose();
+    auto selection = selection_.matrix(balancer_selects ? tokens : 0, shape_.experts);
+    if constexpr (balancer_selects) selection = scores;  // the logits, for Sinkhorn
+    router_.template score<T>(scores);
     if constexpr (balancer_selects) {  // the balancer shapes selection, never the weights
-      auto selection = selection_.matrix(tokens, shape_.experts);
-      selection = scores;  // the logits, for balancers that select on them (Sinkhorn)
-      router_.template score<T>(scores);
       balancer_.template select<T>(scores, balance_state_, selection);
       router_.template select<T>(selection, scores, routing_);
     } else {
-      router_.template score<T>(scores);
       router_.template select<T>(scores, scores, routing_);
     }
     balance_loss_ = balancer_.template forward<T>(scores, balance_context(), balance_state_);
@@ -108,8 +107,7 @@ class BasicMoELayer {
     for (Index choice = 0; choice < routing_.choices(); ++choice)
       if (plan_.slot[static_cast<std::size_t>(choice)] != Plan::no_slot)
         ++load_[static_cast<std::size_t>(routing_.index[static_cast<std::size_t>(choice)])];
-    if constexpr (requires { balancer_.template routed<T>(std::span<const Index>(load_), balance_state_); })
-      balancer_.template routed<T>(load_, balance_state_);
+    if constexpr (balancer_counts_load) balancer_.template routed<T>(load_, balance_state_);
     if constexpr (dispatcher_adjusts_weights) {  // e.g. renormalising after drops
       raw_weight_.assign(routing_.weight.begin(), routing_.weight.end());
       dispatcher_.template adjust_weights<T>(plan_, routing_);
@@ -339,6 +337,10 @@ class BasicMoELayer {
   static constexpr bool balancer_selects =
       requires(const B& b, ConstMatrixRef<T> scores, typename B::template State<T>& state,
                MatrixRef<T> selection) { b.template select<T>(scores, state, selection); };
+  static constexpr bool balancer_counts_load =
+      requires(const B& b, std::span<const Index> load, typename B::template State<T>& state) {
+        b.template routed<T>(load, state);
+      };
   static constexpr bool dispatcher_adjusts_weights =
       requires(const D& d, const Plan& plan, Routing<T>& routing, std::span<const T> w, std::span<T> dw) {
         d.template adjust_weights<T>(plan, routing);
