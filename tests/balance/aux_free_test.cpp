@@ -28,7 +28,7 @@ TEST(AuxFree, SignUpdateByHand) {
   AuxFree::State<double> state;
   const std::vector<Index> load{5, 1, 2, 0};  // mean 2
   policy.routed<double>(load, state);
-  policy.step(state);
+  policy.step<double>({}, state);
   EXPECT_EQ(state.bias, (std::vector<double>{-0.1, 0.1, 0.0, 0.1}));
   EXPECT_EQ(state.counts, (std::vector<Index>{0, 0, 0, 0}));
   EXPECT_THROW(AuxFree{{.rate = -1}}.validate({}), error);

@@ -21,7 +21,7 @@ Matrix<double> random(Index rows, Index cols, unsigned seed, double scale = 1.0)
 
 Matrix<double> plan_of(const Matrix<double>& logits, Sinkhorn::State<double>& state, Sinkhorn s = {}) {
   Matrix<double> selection = logits;
-  s.select<double>(logits, state, selection);  // scores are unused while active
+  s.select<double>(logits, {}, state, selection);  // scores are unused while active
   return selection;
 }
 

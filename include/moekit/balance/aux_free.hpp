@@ -31,7 +31,8 @@ struct AuxFree {
   template <Scalar T>
   struct State {
     std::vector<double> bias;   // [E] b, kept in double whatever T is
-    std::vector<Index> counts;  // [E] tokens received since the last step
+    std::vector<Index> counts;  // [E] tokens received since the last step, on this rank
+    std::vector<double> load;   // [E] the counts of the whole batch, at the step
   };
 
   void validate(const LayerShape&) const {
@@ -48,7 +49,8 @@ struct AuxFree {
 
   /// selection = scores + b, row by row (whatever selection held on entry).           [T,E]
   template <Scalar T>
-  void select(ConstMatrixRef<T> scores, State<T>& state, MatrixRef<T> selection) const {
+  void select(ConstMatrixRef<T> scores, const BalanceContext&, State<T>& state,
+              MatrixRef<T> selection) const {
     ensure_size(state, scores.cols());
     for (Index t = 0; t < scores.rows(); ++t)
       for (Index e = 0; e < scores.cols(); ++e)
@@ -62,15 +64,18 @@ struct AuxFree {
     for (std::size_t e = 0; e < load.size(); ++e) state.counts[e] += load[e];
   }
 
-  /// The step boundary: move the bias toward even load, then restart the counts.
+  /// The step boundary: move the bias toward even load, then restart the counts. The load is
+  /// the whole batch's, summed over every rank, so every rank moves its bias the same way.
   template <Scalar T>
-  void step(State<T>& state) const {
+  void step(const BalanceContext& context, State<T>& state) const {
     if (state.counts.empty()) return;
+    state.load.assign(state.counts.begin(), state.counts.end());
+    context.batch->sum(state.load);
     double mean = 0;
-    for (Index n : state.counts) mean += double(n);
-    mean /= double(state.counts.size());
+    for (double n : state.load) mean += n;
+    mean /= double(state.load.size());
     for (std::size_t e = 0; e < state.counts.size(); ++e) {
-      const double gap = mean - double(state.counts[e]);
+      const double gap = mean - state.load[e];
       state.bias[e] += options.rate * double((gap > 0) - (gap < 0));
       state.counts[e] = 0;
     }

@@ -15,7 +15,8 @@ namespace moekit {
 ///
 /// s̃ is the softmax over all E logits (for sigmoid routers, σ(l) / Σ_e σ(l_e)); n_i counts the
 /// tokens whose plain top-K of s̃ holds expert i. At uniform routing L = c. The counts carry no
-/// gradient; s̃ does, into every logit of every token.
+/// gradient; s̃ does, into every logit of every token. Over ranks, n, Σ_t s̃ and T are the whole
+/// batch's (BalanceContext::batch), so L is the loss one process would compute for it.
 struct AuxLoss {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "AuxLoss";
@@ -31,6 +32,8 @@ struct AuxLoss {
     std::vector<T> column_sum;  // [E] Σ_t s̃_ti
     std::vector<T> normalized;  // [E] one row of s̃ (sigmoid routers)
     std::vector<Index> chosen;  // [K]
+    Index batch_tokens = 0;     // T: of the whole batch, over every rank
+    std::vector<double> packed; // [2E+1] what the batch sums
   };
 
   void validate(const LayerShape&) const {
@@ -46,17 +49,19 @@ struct AuxLoss {
     state.column_sum.assign(static_cast<std::size_t>(experts), T(0));
     state.normalized.resize(static_cast<std::size_t>(experts));
     state.chosen.resize(static_cast<std::size_t>(context.top_k));
-    if (tokens == 0) return T(0);
     for (Index t = 0; t < tokens; ++t) {
       const T* row = normalized_row(scores, t, context, state);
       detail::top_k_indices(row, experts, context.top_k, state.chosen.data());
       for (Index e : state.chosen) ++state.counts[static_cast<std::size_t>(e)];
       for (Index e = 0; e < experts; ++e) state.column_sum[static_cast<std::size_t>(e)] += row[e];
     }
+    state.batch_tokens = tokens;
+    if (context.batch->size() > 1) sum_over_batch(*context.batch, state);
+    if (state.batch_tokens == 0) return T(0);
     T sum = 0;
     for (Index e = 0; e < experts; ++e)
       sum += T(state.counts[static_cast<std::size_t>(e)]) * state.column_sum[static_cast<std::size_t>(e)];
-    return scale<T>(tokens, experts, context) * sum;
+    return scale<T>(state.batch_tokens, experts, context) * sum;
   }
 
   template <Scalar T>
@@ -64,7 +69,7 @@ struct AuxLoss {
                 MatrixRef<T> d_logits) const {
     const Index tokens = scores.rows(), experts = scores.cols();
     if (tokens == 0) return;
-    const T c = scale<T>(tokens, experts, context);
+    const T c = scale<T>(state.batch_tokens, experts, context) * T(context.batch->size());
     auto g = [&](Index e) { return c * T(state.counts[static_cast<std::size_t>(e)]); };  // dL/ds̃_e
     for (Index t = 0; t < tokens; ++t) {
       const T* s = normalized_row(scores, t, context, state);
@@ -84,6 +89,24 @@ struct AuxLoss {
   }
 
  private:
+  /// n_i, Σ_t s̃_ti and T of the whole batch, from every rank's share.
+  template <Scalar T>
+  static void sum_over_batch(const BatchGroup& batch, State<T>& state) {
+    const std::size_t experts = state.counts.size();
+    state.packed.resize(2 * experts + 1);
+    for (std::size_t e = 0; e < experts; ++e) {
+      state.packed[e] = double(state.counts[e]);
+      state.packed[experts + e] = double(state.column_sum[e]);
+    }
+    state.packed[2 * experts] = double(state.batch_tokens);
+    batch.sum(state.packed);
+    for (std::size_t e = 0; e < experts; ++e) {
+      state.counts[e] = static_cast<Index>(state.packed[e]);
+      state.column_sum[e] = T(state.packed[experts + e]);
+    }
+    state.batch_tokens = static_cast<Index>(state.packed[2 * experts]);
+  }
+
   template <Scalar T>
   T scale(Index tokens, Index experts, const BalanceContext& context) const {
     return T(options.coefficient) * T(experts) /

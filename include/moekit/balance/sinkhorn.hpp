@@ -32,6 +32,7 @@ struct Sinkhorn {
   template <Scalar T>
   struct State {
     std::vector<T> u, v, v_previous;  // [T], [E], [E]
+    std::vector<double> column;       // [E] Σ_t u_t·C_te, over the whole batch
     int iterations = 0;               // of the last plan
     bool converged = false;
   };
@@ -50,33 +51,43 @@ struct Sinkhorn {
   void backward(ConstMatrixRef<T>, const BalanceContext&, State<T>&, MatrixRef<T>) const {}
 
   /// On entry `selection` holds the logits; on return, the balanced plan (or the scores when
-  /// inactive).                                                                           [T,E]
+  /// inactive). Over ranks, T and the column sums are the whole batch's, and every rank stops
+  /// after the same iteration.                                                            [T,E]
   template <Scalar T>
-  void select(ConstMatrixRef<T> scores, State<T>& state, MatrixRef<T> selection) const {
+  void select(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state,
+              MatrixRef<T> selection) const {
     if (!options.active) {
       selection = scores;
       return;
     }
+    const BatchGroup& batch = *context.batch;
     const Index tokens = selection.rows(), experts = selection.cols();
     for (Index t = 0; t < tokens; ++t)
       selection.row(t).array() = (selection.row(t).array() - selection.row(t).maxCoeff()).exp();
+    double batch_tokens = double(tokens);
+    batch.sum(std::span<double>(&batch_tokens, 1));
     state.u.assign(static_cast<std::size_t>(tokens), T(1));
     state.v.assign(static_cast<std::size_t>(experts), T(1));
+    state.column.resize(static_cast<std::size_t>(experts));
     state.iterations = 0;
-    state.converged = tokens == 0;
-    const T eps = T(1e-8), row_target = T(1) / T(std::max<Index>(tokens, 1)), column_target = T(1) / T(experts);
+    state.converged = batch_tokens == 0;
+    const T eps = T(1e-8), row_target = T(1) / T(std::max(batch_tokens, 1.0)),
+            column_target = T(1) / T(experts);
     while (!state.converged && state.iterations < options.max_iterations) {
       for (Index t = 0; t < tokens; ++t) {
         T sum = 0;
         for (Index e = 0; e < experts; ++e) sum += state.v[static_cast<std::size_t>(e)] * selection(t, e);
         state.u[static_cast<std::size_t>(t)] = row_target / (sum + eps);
       }
-      state.v_previous = state.v;
       for (Index e = 0; e < experts; ++e) {
         T sum = 0;
         for (Index t = 0; t < tokens; ++t) sum += state.u[static_cast<std::size_t>(t)] * selection(t, e);
-        state.v[static_cast<std::size_t>(e)] = column_target / (sum + eps);
+        state.column[static_cast<std::size_t>(e)] = double(sum);
       }
+      if (batch.size() > 1) batch.sum(state.column);
+      state.v_previous = state.v;
+      for (Index e = 0; e < experts; ++e)
+        state.v[static_cast<std::size_t>(e)] = column_target / (T(state.column[static_cast<std::size_t>(e)]) + eps);
       T change = 0;
       for (Index e = 0; e < experts; ++e)
         change += std::abs(state.v[static_cast<std::size_t>(e)] - state.v_previous[static_cast<std::size_t>(e)]);

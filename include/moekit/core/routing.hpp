@@ -6,6 +6,7 @@
 #include <span>
 #include <vector>
 
+#include <moekit/core/group.hpp>
 #include <moekit/core/tensor.hpp>
 
 namespace moekit {
@@ -83,10 +84,14 @@ struct Plan {
 
 namespace moekit {
 
-/// What a balancer knows of the router it balances.
+/// What a balancer knows of the router it balances and of the batch.
 struct BalanceContext {
   ScoreFn score = ScoreFn::softmax;
   int top_k = 1;
+  /// The ranks whose tokens form the batch. Batch-wide numbers are summed over it, and a loss's
+  /// gradient is scaled by its size D: gradients are averaged over those ranks, and the loss,
+  /// one term of the batch, must survive the average whole. docs/distributed.md#gradients
+  const BatchGroup* batch = &single_process_batch();
 };
 
 /// The experts a rank computes: [first, first + count).

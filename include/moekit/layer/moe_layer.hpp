@@ -96,7 +96,7 @@ class BasicMoELayer {
     if constexpr (balancer_selects) selection = scores;  // the logits, for Sinkhorn
     router_.template score<T>(scores);
     if constexpr (balancer_selects) {  // the balancer shapes selection, never the weights
-      balancer_.template select<T>(scores, balance_state_, selection);
+      balancer_.template select<T>(scores, balance_context(), balance_state_, selection);
       router_.template select<T>(selection, scores, routing_);
     } else {
       router_.template select<T>(scores, scores, routing_);
@@ -243,7 +243,8 @@ class BasicMoELayer {
   /// Marks a step boundary (after the optimizer step): balancers that adapt between steps, such
   /// as AuxFree's bias, update here. Does nothing for the others.
   void end_step() {
-    if constexpr (requires { balancer_.template step<T>(balance_state_); }) balancer_.template step<T>(balance_state_);
+    if constexpr (requires { balancer_.template step<T>(balance_context(), balance_state_); })
+      balancer_.template step<T>(balance_context(), balance_state_);
   }
 
   /// The balancer's state (AuxFree: its bias and counts).
@@ -335,8 +336,10 @@ class BasicMoELayer {
                                         std::is_same_v<Q, D> || std::is_same_v<Q, X> ||
                                         std::is_same_v<Q, P>;
   static constexpr bool balancer_selects =
-      requires(const B& b, ConstMatrixRef<T> scores, typename B::template State<T>& state,
-               MatrixRef<T> selection) { b.template select<T>(scores, state, selection); };
+      requires(const B& b, ConstMatrixRef<T> scores, const BalanceContext& context,
+               typename B::template State<T>& state, MatrixRef<T> selection) {
+        b.template select<T>(scores, context, state, selection);
+      };
   static constexpr bool balancer_counts_load =
       requires(const B& b, std::span<const Index> load, typename B::template State<T>& state) {
         b.template routed<T>(load, state);
