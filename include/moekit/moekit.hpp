@@ -26,6 +26,7 @@
 #include <moekit/core/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>
+#include <moekit/core/group.hpp>
 #include <moekit/core/routing.hpp>
 #include <moekit/core/tensor.hpp>
 #include <moekit/dispatch/capacity.hpp>
@@ -38,5 +39,8 @@
 #include <moekit/layer/moe_layer.hpp>
 #include <moekit/layer/routing_stats.hpp>
 #include <moekit/optim/adam.hpp>
+#include <moekit/parallel/expert_parallel.hpp>
+#include <moekit/parallel/grid.hpp>
+#include <moekit/parallel/mpi.hpp>
 #include <moekit/parallel/single_process.hpp>
 #include <moekit/router/top_k.hpp>

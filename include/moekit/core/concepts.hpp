@@ -7,6 +7,7 @@
 #include <string_view>
 #include <vector>
 
+#include <moekit/core/group.hpp>
 #include <moekit/core/routing.hpp>
 #include <moekit/core/tensor.hpp>
 
@@ -95,11 +96,19 @@ concept Expert =
     };
 
 /// Where experts live and how rows travel to them. docs/policies/parallel.md
+/// A policy with `moves_rows = true` also exchanges rows (route, to_experts, to_tokens): see
+/// ExpertParallel.
 template <class P>
 concept Parallel = DeclaresKind<P, parallel_kind> && Named<P> &&
-                   requires(const P& p, const LayerShape& shape) {
-                     p.validate(shape);
-                     { p.local_experts(shape) } -> std::same_as<ExpertRange>;
+                   requires(P& p, const P& cp, const LayerShape& shape,
+                            std::span<Tensor<double>> grads) {
+                     { P::moves_rows } -> std::convertible_to<bool>;
+                     p.validate(shape);  // checks the shape; sets up any groups
+                     { cp.local_experts(shape) } -> std::same_as<ExpertRange>;
+                     { cp.local_ffn(shape) } -> std::same_as<ExpertRange>;  // this rank's F slice
+                     { cp.batch() } -> std::convertible_to<const BatchGroup&>;
+                     cp.all_or_none([] {});  // runs checks; a failure anywhere fails everywhere
+                     cp.reduce_gradients(grads, grads);  // (replicated, expert) after backward
                    };
 
 }  // namespace moekit

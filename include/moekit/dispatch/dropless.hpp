@@ -10,6 +10,7 @@ namespace moekit {
 struct Dropless {
   using policy_kind = dispatcher_kind;
   static constexpr std::string_view name = "Dropless";
+  static constexpr bool decides_each_choice_alone = true;  // over ranks, each plans its own tokens
 
   void validate(const LayerShape&) const {}
 

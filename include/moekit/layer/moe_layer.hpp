@@ -57,21 +57,23 @@ class BasicMoELayer {
                   "moekit::MoELayer: a constructor argument is not one of this layer's policy "
                   "types; pass policies of the types named in MoELayer<...>");
     (set_policy(policies), ...);
-    detail::require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
-                    "; expected at least 1");
-    detail::require(config.hidden >= 1, "moekit::MoELayer: hidden = ", config.hidden,
-                    "; expected at least 1");
-    detail::require(config.ffn >= 1, "moekit::MoELayer: ffn = ", config.ffn,
-                    "; expected at least 1");
     shape_ = {config.hidden, config.ffn, config.experts, top_k};
-    router_.validate(shape_);
-    balancer_.validate(shape_);
-    dispatcher_.validate(shape_);
-    expert_.validate(shape_);
-    parallel_.validate(shape_);
+    parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
+    parallel_.all_or_none([&] {
+      detail::require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
+                      "; expected at least 1");
+      detail::require(config.hidden >= 1, "moekit::MoELayer: hidden = ", config.hidden,
+                      "; expected at least 1");
+      detail::require(config.ffn >= 1, "moekit::MoELayer: ffn = ", config.ffn,
+                      "; expected at least 1");
+      router_.validate(shape_);
+      balancer_.validate(shape_);
+      dispatcher_.validate(shape_);
+      expert_.validate(shape_);
+    });
 
     add_parameter({"router.weight", {shape_.experts, shape_.hidden}});
-    for (auto& spec : X::parameters(shape_, parallel_.local_experts(shape_).count))
+    for (auto& spec : X::parameters(local_shape(), parallel_.local_experts(shape_).count))
       add_parameter(std::move(spec));
     initialize(config.seed);
   }
@@ -80,10 +82,12 @@ class BasicMoELayer {
 
   /// y = Σ_k weight_k · expert_k(x) for each token.                               [T,H] → [T,H]
   void forward(ConstMatrixRef<T> x, MatrixRef<T> y) {
-    check_matrix(x, "forward", "x", x.rows());
-    detail::require(y.rows() == x.rows() && y.cols() == shape_.hidden,
-                    "moekit::MoELayer::forward: y is [", y.rows(), ",", y.cols(),
-                    "]; expected [", x.rows(), ",", shape_.hidden, "] like x");
+    parallel_.all_or_none([&] {
+      check_matrix(x, "forward", "x", x.rows());
+      detail::require(y.rows() == x.rows() && y.cols() == shape_.hidden,
+                      "moekit::MoELayer::forward: y is [", y.rows(), ",", y.cols(),
+                      "]; expected [", x.rows(), ",", shape_.hidden, "] like x");
+    });
     const Index tokens = x.rows(), hidden = shape_.hidden;
     have_forward_ = false;
     tokens_ = tokens;
@@ -102,7 +106,10 @@ class BasicMoELayer {
       router_.template select<T>(scores, scores, routing_);
     }
     balance_loss_ = balancer_.template forward<T>(scores, balance_context(), balance_state_);
-    dispatcher_.plan(routing_, shape_.experts, plan_);
+    if (plans_alone || parallel_.batch().size() == 1)
+      dispatcher_.plan(routing_, shape_.experts, plan_);
+    else
+      plan_over_batch();
     load_.assign(static_cast<std::size_t>(shape_.experts), 0);
     for (Index choice = 0; choice < routing_.choices(); ++choice)
       if (plan_.slot[static_cast<std::size_t>(choice)] != Plan::no_slot)
@@ -122,7 +129,17 @@ class BasicMoELayer {
         rows.row(r) = input.row(choice / top_k);
     });
     auto out = expert_out_.matrix(plan_.rows(), hidden);
-    expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_);
+    if constexpr (P::moves_rows) {  // to the experts' ranks and back
+      parallel_.route(plan_.counts);
+      auto remote = remote_rows_.matrix(parallel_.expert_rows(), hidden);
+      auto remote_out = remote_out_.matrix(parallel_.expert_rows(), hidden);
+      parallel_.template to_experts<T>(rows, remote);
+      expert_.template forward<T>(expert_weights(), remote, parallel_.expert_offsets(), remote_out,
+                                  expert_saved_);
+      parallel_.template to_tokens<T>(remote_out, out);
+    } else {
+      expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_);
+    }
 
     for_blocks(tokens, [&](Index t) {
       y.row(t).setZero();
@@ -146,13 +163,15 @@ class BasicMoELayer {
   /// The balancer's loss counts with weight 1, so the gradients are those of
   /// Σ(y ⊙ dy) + balance_loss().
   void backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) {
-    detail::require(have_forward_,
-                    "moekit::MoELayer::backward: no forward to go back through; expected a call "
-                    "of forward(x) first");
-    check_matrix(dy, "backward", "dy", tokens_);
-    detail::require(dx.rows() == tokens_ && dx.cols() == shape_.hidden,
-                    "moekit::MoELayer::backward: dx is [", dx.rows(), ",", dx.cols(),
-                    "]; expected [", tokens_, ",", shape_.hidden, "] like x");
+    parallel_.all_or_none([&] {
+      detail::require(have_forward_,
+                      "moekit::MoELayer::backward: no forward to go back through; expected a call "
+                      "of forward(x) first");
+      check_matrix(dy, "backward", "dy", tokens_);
+      detail::require(dx.rows() == tokens_ && dx.cols() == shape_.hidden,
+                      "moekit::MoELayer::backward: dx is [", dx.rows(), ",", dx.cols(),
+                      "]; expected [", tokens_, ",", shape_.hidden, "] like x");
+    });
     const Index tokens = tokens_, hidden = shape_.hidden, count = plan_.rows();
     const auto input = input_.matrix(tokens, hidden);
     const auto scores = scores_.matrix(tokens, shape_.experts);
@@ -178,8 +197,19 @@ class BasicMoELayer {
       dispatcher_.template adjust_weights_backward<T>(plan_, raw_weight_, d_weight_);
 
     auto d_rows = d_rows_.matrix(count, hidden);
-    expert_.template backward<T>(expert_weights(), rows, plan_.offsets, expert_saved_, d_out, d_rows,
-                     expert_gradients());
+    if constexpr (P::moves_rows) {
+      const Index received = parallel_.expert_rows();
+      const auto remote = remote_rows_.matrix(received, hidden);
+      auto remote_d_out = remote_out_.matrix(received, hidden);  // the output is no longer needed
+      auto remote_d_rows = remote_d_rows_.matrix(received, hidden);
+      parallel_.template to_experts<T>(d_out, remote_d_out);
+      expert_.template backward<T>(expert_weights(), remote, parallel_.expert_offsets(), expert_saved_,
+                                   remote_d_out, remote_d_rows, expert_gradients());
+      parallel_.template to_tokens<T>(remote_d_rows, d_rows);
+    } else {
+      expert_.template backward<T>(expert_weights(), rows, plan_.offsets, expert_saved_, d_out, d_rows,
+                                   expert_gradients());
+    }
 
     auto d_logits = d_logits_.matrix(tokens, shape_.experts);
     router_.template backward<T>(scores, routing_, d_weight_, d_logits);
@@ -217,15 +247,44 @@ class BasicMoELayer {
     for (auto& g : gradients_) g.set_zero();
   }
 
-  /// Fresh parameters, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim.
+  /// Over ranks, after the last backward of a step and before the optimizer: gradients become
+  /// those of J = (1/D)·Σ_r J_r over the D token shards of the batch group (the router's averaged,
+  /// the experts' summed over their replicas and divided by D). In one process, nothing to do.
+  /// docs/distributed.md#gradients
+  void reduce_gradients() {
+    parallel_.template reduce_gradients<T>(std::span<Tensor<T>>(gradients_).first(1), expert_gradients());
+  }
+
+  /// Fresh parameters, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim. The
+  /// values are drawn for the whole layer and this rank keeps its slice, so a layer split over
+  /// ranks starts where one process would.
   void initialize(std::uint64_t seed) {
     std::mt19937_64 rng(seed);
-    for (auto& p : parameters_) {
-      const double bound = 1.0 / std::sqrt(static_cast<double>(p.shape().back()));
+    const auto whole = whole_shapes();
+    std::vector<T> values;
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(whole[i].back()));
       std::uniform_real_distribution<double> draw(-bound, bound);
-      for (T& v : p.values()) v = static_cast<T>(draw(rng));
+      values.resize(static_cast<std::size_t>(element_count(whole[i])));
+      for (T& v : values) v = static_cast<T>(draw(rng));
+      take_slice(values, whole[i], parameters_[i]);
     }
     zero_grad();
+  }
+
+  /// Sets every parameter from the whole layer's values (as one process holds them; same
+  /// names and order as parameters()): a rank keeps its own slice.
+  void assign_whole(std::span<const Tensor<T>> whole) {
+    const auto shapes = whole_shapes();
+    detail::require(whole.size() == parameters_.size(), "moekit::MoELayer::assign_whole: ", whole.size(),
+                    " tensors; expected ", parameters_.size(), " like parameters()");
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      detail::require(whole[i].name() == parameters_[i].name() && whole[i].shape() == shapes[i],
+                      "moekit::MoELayer::assign_whole: tensor ", i, " is '", whole[i].name(), "' ",
+                      shape_string(whole[i].shape()), "; expected '", parameters_[i].name(), "' ",
+                      shape_string(shapes[i]));
+      take_slice(whole[i].values(), shapes[i], parameters_[i]);
+    }
   }
 
   // ---- what the last forward decided --------------------------------------------------------
@@ -279,7 +338,8 @@ class BasicMoELayer {
 
   // ---- safetensors --------------------------------------------------------------------------
 
-  /// Writes every parameter under its name, in this layer's scalar type.
+  /// Writes every parameter under its name, in this layer's scalar type. Over ranks, each rank
+  /// writes its own slices (to its own path).
   void save(const std::filesystem::path& path) const {
     io::SafeTensors file;
     file.metadata() = {{"format", "moekit"},
@@ -297,17 +357,21 @@ class BasicMoELayer {
   }
 
   /// Reads every parameter by name from a safetensors file (F32 or F64; other tensors in the
-  /// file are ignored). All are checked before any is changed.
+  /// file are ignored). All are checked before any is changed. A tensor of the whole layer's
+  /// shape gives this rank its slice, so a single-process checkpoint loads at any EP degree.
   void load(const std::filesystem::path& path) {
     const auto file = io::SafeTensors::read(path);
-    for (const auto& p : parameters_) {
+    const auto whole = whole_shapes();
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      const auto& p = parameters_[i];
       detail::require(file.contains(p.name()), "moekit::MoELayer::load: '", path.string(),
                       "' has no tensor '", p.name(), "'; expected one of shape ",
                       shape_string(p.shape()));
       const auto& info = file.info(p.name());
-      detail::require(info.shape == p.shape(), "moekit::MoELayer::load: '", path.string(),
-                      "' tensor '", p.name(), "' is ", shape_string(info.shape), "; expected ",
-                      shape_string(p.shape()));
+      detail::require(info.shape == p.shape() || info.shape == whole[i], "moekit::MoELayer::load: '",
+                      path.string(), "' tensor '", p.name(), "' is ", shape_string(info.shape),
+                      "; expected ", shape_string(p.shape()),
+                      whole[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole[i]) + " (the whole layer)");
       detail::require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64,
                       "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(),
                       "' is ", io::to_string(info.dtype), "; expected F32 or F64");
@@ -318,9 +382,13 @@ class BasicMoELayer {
                         "moekit::MoELayer::load: '", path.string(), "' tensor 'router.bias' is ",
                         shape_string(file.info("router.bias").shape), "; expected [", shape_.experts, "]");
     }
-    for (auto& p : parameters_) {
+    for (std::size_t i = 0; i < parameters_.size(); ++i) {
+      auto& p = parameters_[i];
       const auto values = file.values<T>(p.name());
-      std::copy(values.begin(), values.end(), p.values().begin());
+      if (file.info(p.name()).shape == p.shape())
+        std::copy(values.begin(), values.end(), p.values().begin());
+      else
+        take_slice(values, whole[i], p);
     }
     if constexpr (has_bias_state) {
       if (file.contains("router.bias")) {
@@ -349,6 +417,11 @@ class BasicMoELayer {
         d.template adjust_weights<T>(plan, routing);
         d.template adjust_weights_backward<T>(plan, w, dw);
       };
+  /// Dispatchers that decide each choice on its own (Dropless) can plan each rank's tokens alone.
+  static constexpr bool plans_alone = [] {
+    if constexpr (requires { D::decides_each_choice_alone; }) return D::decides_each_choice_alone;
+    else return false;
+  }();
   static constexpr bool has_bias_state =
       requires(typename B::template State<T>& state) { state.bias; };
 
@@ -377,7 +450,83 @@ class BasicMoELayer {
   }
   std::span<Tensor<T>> expert_gradients() { return std::span<Tensor<T>>(gradients_).subspan(1); }
 
-  BalanceContext balance_context() const { return {router_.score_function(), top_k}; }
+  /// The shape the expert policy sizes this rank's parameters by: its slice of F.
+  LayerShape local_shape() const {
+    LayerShape s = shape_;
+    s.ffn = parallel_.local_ffn(shape_).count;
+    return s;
+  }
+  /// Every parameter's shape in the whole layer (one process), in parameters() order.
+  std::vector<std::vector<Index>> whole_shapes() const {
+    std::vector<std::vector<Index>> shapes{{shape_.experts, shape_.hidden}};
+    for (auto& spec : X::parameters(shape_, shape_.experts)) shapes.push_back(spec.shape);
+    return shapes;
+  }
+  static Index element_count(const std::vector<Index>& shape) {
+    Index n = 1;
+    for (Index d : shape) n *= d;
+    return n;
+  }
+  /// This rank's slice of a whole-layer tensor: along the first axis its experts (when the
+  /// shapes differ there), along any other axis that differs its slice of F.
+  void take_slice(std::span<const T> whole, const std::vector<Index>& whole_shape, Tensor<T>& local) const {
+    const auto& shape = local.shape();
+    std::vector<Index> first(shape.size(), 0);
+    for (std::size_t d = 0; d < shape.size(); ++d)
+      if (shape[d] != whole_shape[d])
+        first[d] = d == 0 ? parallel_.local_experts(shape_).first : parallel_.local_ffn(shape_).first;
+    auto values = local.values();
+    std::vector<Index> at(shape.size(), 0);
+    for (std::size_t i = 0; i < values.size(); ++i) {
+      Index flat = 0;
+      for (std::size_t d = 0; d < shape.size(); ++d) flat = flat * whole_shape[d] + first[d] + at[d];
+      values[i] = whole[static_cast<std::size_t>(flat)];
+      for (std::size_t d = shape.size(); d-- > 0;) {  // next index, last axis fastest
+        if (++at[d] < shape[d]) break;
+        at[d] = 0;
+      }
+    }
+  }
+
+  /// Over ranks, for a dispatcher whose decisions depend on the whole batch (a capacity): plans
+  /// the gathered routing of every rank, exactly as one process would, and keeps this rank's
+  /// kept choices, in token order within each expert's block.
+  void plan_over_batch() {
+    const BatchGroup& batch = parallel_.batch();
+    const auto choices = static_cast<std::size_t>(routing_.choices());
+    packed_.resize(2 * choices);
+    for (std::size_t c = 0; c < choices; ++c) {
+      packed_[2 * c] = double(routing_.index[c]);
+      packed_[2 * c + 1] = double(routing_.weight[c]);
+    }
+    batch.gather(packed_, gathered_, gathered_counts_);
+    Index before = 0;
+    for (int r = 0; r < batch.rank(); ++r) before += gathered_counts_[static_cast<std::size_t>(r)] / 2;
+    const auto all = gathered_.size() / 2;
+    batch_routing_.resize(static_cast<Index>(all) / top_k, top_k);
+    for (std::size_t c = 0; c < all; ++c) {
+      batch_routing_.index[c] = static_cast<Index>(gathered_[2 * c]);
+      batch_routing_.weight[c] = static_cast<T>(gathered_[2 * c + 1]);
+    }
+    dispatcher_.plan(batch_routing_, shape_.experts, batch_plan_);
+
+    plan_.reset(routing_.tokens, shape_.experts, top_k);
+    auto kept = [&](std::size_t c) { return batch_plan_.slot[static_cast<std::size_t>(before) + c] != Plan::no_slot; };
+    for (std::size_t c = 0; c < choices; ++c)
+      if (kept(c)) ++plan_.counts[static_cast<std::size_t>(routing_.index[c])];
+      else ++plan_.dropped;
+    for (std::size_t e = 0; e < plan_.counts.size(); ++e) plan_.offsets[e + 1] = plan_.offsets[e] + plan_.counts[e];
+    plan_.source.resize(static_cast<std::size_t>(plan_.rows()));
+    std::vector<Index> next(plan_.offsets.begin(), plan_.offsets.end() - 1);
+    for (std::size_t c = 0; c < choices; ++c) {
+      if (!kept(c)) continue;
+      const Index row = next[static_cast<std::size_t>(routing_.index[c])]++;
+      plan_.slot[c] = row;
+      plan_.source[static_cast<std::size_t>(row)] = static_cast<Index>(c);
+    }
+  }
+
+  BalanceContext balance_context() const { return {router_.score_function(), top_k, &parallel_.batch()}; }
 
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
                     Index rows) const {
@@ -424,6 +573,11 @@ class BasicMoELayer {
   std::vector<T> d_weight_;                               // [T,K]
   std::vector<Index> load_;                               // [E] kept choices per expert
   std::vector<T> raw_weight_;                             // [T,K] weights before the dispatcher adjusts them
+  detail::Buffer<T> remote_rows_, remote_out_, remote_d_rows_;  // [R,H] rows at this rank's experts
+  std::vector<double> packed_, gathered_;                 // the batch's routing, for plan_over_batch
+  std::vector<Index> gathered_counts_;
+  Routing<T> batch_routing_;
+  Plan batch_plan_;
   std::function<void(const RoutingStats&)> observer_;
 };
 
