@@ -1,4 +1,5 @@
 #pragma once
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string_view>
@@ -152,6 +153,7 @@ struct ExpertParallel {
         offsets_[l + 1] += received_[q * local + l];
       }
     for (std::size_t l = 0; l < local; ++l) offsets_[l + 1] += offsets_[l];
+    ++route_count_;
     before_.assign(received_.size(), 0);
     for (std::size_t q = 1; q < ranks; ++q)
       for (std::size_t l = 0; l < local; ++l)
@@ -163,10 +165,20 @@ struct ExpertParallel {
   std::span<const Index> expert_offsets() const { return offsets_; }
 
   /// Rows in expert order (this rank's plan) → the owners' blocks, grouped by local expert.
+  /// Flat: one MPI_Alltoallw whose receive types place each source's rows straight into the
+  /// expert blocks, so no row is copied twice. Hierarchical: source-major, then regrouped.
   template <Scalar T>
   void to_experts(ConstMatrixRef<T> rows, MatrixRef<T> expert_rows) {
-    if (local_count() == 1) {  // source order is expert order
-      (*exchange_)(rows.data(), send_rows_, expert_rows.data(), recv_rows_, rows.cols());
+    if (groups_.expert.size() == 1) {  // every expert is here, in the same order
+      expert_rows = rows;
+      return;
+    }
+    if (!exchange_->hierarchical()) {
+      const BlockTypes& blocks = block_types<T>(rows.cols());
+      mpi::detail::check(MPI_Alltoallw(rows.data(), contiguous_counts_.data(), contiguous_bytes_.data(),
+                                       blocks.rows.data(), expert_rows.data(), ones_.data(), zeros_.data(),
+                                       blocks.placed.data(), groups_.expert),
+                         "MPI_Alltoallw");
       return;
     }
     auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
@@ -178,8 +190,14 @@ struct ExpertParallel {
   /// over expert tensor parallel ranks, the partial sums are added up.
   template <Scalar T>
   void to_tokens(ConstMatrixRef<T> expert_rows, MatrixRef<T> rows) {
-    if (local_count() == 1) {
-      (*exchange_)(expert_rows.data(), recv_rows_, rows.data(), send_rows_, rows.cols());
+    if (groups_.expert.size() == 1) {
+      rows = expert_rows;
+    } else if (!exchange_->hierarchical()) {
+      const BlockTypes& blocks = block_types<T>(rows.cols());
+      mpi::detail::check(MPI_Alltoallw(expert_rows.data(), ones_.data(), zeros_.data(), blocks.placed.data(),
+                                       rows.data(), contiguous_counts_.data(), contiguous_bytes_.data(),
+                                       blocks.rows.data(), groups_.expert),
+                         "MPI_Alltoallw");
     } else {
       auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
       regroup<T>(expert_rows, staging, false);
@@ -233,6 +251,62 @@ struct ExpertParallel {
   }
   std::size_t local_count() const { return static_cast<std::size_t>(experts_ / groups_.expert.size()); }
 
+  /// The datatypes of one route: per peer, `rows` (a row, sent `contiguous_counts_` times) and
+  /// `placed` (where that peer's rows lie among this rank's expert blocks).
+  struct BlockTypes {
+    std::vector<MPI_Datatype> rows, placed;
+    BlockTypes() = default;
+    BlockTypes(const BlockTypes&) = delete;
+    BlockTypes& operator=(const BlockTypes&) = delete;
+    ~BlockTypes() {
+      int finalized = 0;
+      MPI_Finalized(&finalized);
+      if (finalized) return;
+      if (!rows.empty()) MPI_Type_free(&rows.front());  // one row type, shared by every peer
+      for (auto& t : placed) MPI_Type_free(&t);
+    }
+  };
+
+  template <Scalar T>
+  const BlockTypes& block_types(Index width) {
+    const MPI_Datatype scalar = mpi::detail::scalar_type<T>();
+    if (blocks_ && blocks_route_ == route_count_ && blocks_scalar_ == scalar && blocks_width_ == width)
+      return *blocks_;
+    const std::size_t local = local_count(), ranks = static_cast<std::size_t>(groups_.expert.size());
+    const auto row_bytes = static_cast<MPI_Aint>(width) * static_cast<MPI_Aint>(sizeof(T));
+    auto blocks = std::make_shared<BlockTypes>();
+    MPI_Datatype row = MPI_DATATYPE_NULL;
+    mpi::detail::check(MPI_Type_contiguous(mpi::detail::to_int(width, "row width"), scalar, &row), "MPI_Type_contiguous");
+    mpi::detail::check(MPI_Type_commit(&row), "MPI_Type_commit");
+    blocks->rows.assign(ranks, row);
+    std::vector<int> lengths(local);
+    std::vector<MPI_Aint> starts(local);
+    contiguous_counts_.resize(ranks);
+    contiguous_bytes_.resize(ranks);
+    ones_.assign(ranks, 1);
+    zeros_.assign(ranks, 0);
+    Index sent = 0;
+    for (std::size_t q = 0; q < ranks; ++q) {
+      for (std::size_t l = 0; l < local; ++l) {
+        lengths[l] = mpi::detail::to_int(received_[q * local + l], "rows from one rank");
+        starts[l] = static_cast<MPI_Aint>(offsets_[l] + before_[q * local + l]) * row_bytes;
+      }
+      MPI_Datatype placed = MPI_DATATYPE_NULL;
+      mpi::detail::check(MPI_Type_create_hindexed(static_cast<int>(local), lengths.data(), starts.data(), row, &placed),
+                         "MPI_Type_create_hindexed");
+      mpi::detail::check(MPI_Type_commit(&placed), "MPI_Type_commit");
+      blocks->placed.push_back(placed);
+      contiguous_counts_[q] = mpi::detail::to_int(send_rows_[q], "rows for one rank");
+      contiguous_bytes_[q] = mpi::detail::to_int(sent * width * static_cast<Index>(sizeof(T)), "bytes sent in one exchange");
+      sent += send_rows_[q];
+    }
+    blocks_ = std::move(blocks);
+    blocks_route_ = route_count_;
+    blocks_scalar_ = scalar;
+    blocks_width_ = width;
+    return *blocks_;
+  }
+
   /// Untyped scratch rows, aligned for any scalar.
   struct Staging {
     template <Scalar T>
@@ -251,7 +325,13 @@ struct ExpertParallel {
   std::vector<Index> received_;    // [EP·L] rows from rank q for local expert l
   std::vector<Index> before_;      // [EP·L] rows from ranks before q for local expert l
   std::vector<Index> send_rows_, recv_rows_, offsets_;
-  Staging staging_;
+  std::uint64_t route_count_ = 0;  // routes so far: the block types follow the latest
+  std::shared_ptr<const BlockTypes> blocks_;
+  std::uint64_t blocks_route_ = 0;
+  MPI_Datatype blocks_scalar_ = MPI_DATATYPE_NULL;
+  Index blocks_width_ = 0;
+  std::vector<int> contiguous_counts_, contiguous_bytes_, ones_, zeros_;
+  Staging staging_;  // the hierarchical exchange's source-major rows
 };
 
 }  // namespace moekit
