@@ -62,7 +62,7 @@ std::vector<moekit::Index> rows_per_expert(moekit::Index rows, moekit::Index exp
 }  // namespace
 
 int main(int argc, char** argv) {
-  boost::mpi::environment environment(argc, argv);
+  boost::mpi::environment environment(argc, argv, boost::mpi::threading::funneled);
   moekit::Index tokens = 2048, hidden = 1024;
   int repetitions = 20;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -128,20 +128,25 @@ int main(int argc, char** argv) {
                   double(rows * hidden * 4) / 1e6, raw, ours, ours / raw);
   }
 
-  // ---- weak scaling: the layer's forward + backward at a fixed batch per rank ----
+  // ---- the layer's step at a fixed batch per rank (weak scaling), with and without overlap ----
   using Layer = moekit::MoELayer<moekit::TopK<2>, moekit::AuxLoss, moekit::ExpertParallel, float>;
   const moekit::Index ffn = 4 * hidden / 8;  // keeps one step short on small machines
-  Layer layer({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = 1});
   const moekit::Matrix<float> x = moekit::Matrix<float>::Random(tokens, hidden) * 0.1f;
   moekit::Matrix<float> y(tokens, hidden), dx(tokens, hidden);
-  const double step = time_us(std::max(3, repetitions / 4), [&] {
-    layer.forward(x, y);
-    layer.backward(y, dx);
-    layer.reduce_gradients();
-  });
   if (root)
-    std::printf("\nweak scaling: F = %ld, E = 8 a rank; forward + backward + reduce_gradients %.1f ms, %.0f tokens/s "
-                "over all %d ranks\n",
-                static_cast<long>(ffn), step / 1e3, double(tokens) * ranks / (step / 1e6), ranks);
+    std::printf("\nthe layer: F = %ld, E = 8 a rank; forward + backward + reduce_gradients a step\n\n"
+                "| chunks | step | tokens/s over all %d ranks |\n| --- | --- | --- |\n",
+                static_cast<long>(ffn), ranks);
+  for (int chunks : {1, 2, 4}) {
+    if (chunks > 1 && ranks == 1) break;  // nothing travels, nothing to overlap
+    Layer layer({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = 1},
+                moekit::ExpertParallel(moekit::ExpertParallel::groups(world()), {.chunks = chunks}));
+    const double step = time_us(std::max(3, repetitions / 4), [&] {
+      layer.forward(x, y);
+      layer.backward(y, dx);
+      layer.reduce_gradients();
+    });
+    if (root) std::printf("| %d | %.1f ms | %.0f |\n", chunks, step / 1e3, double(tokens) * ranks / (step / 1e6));
+  }
   return 0;
 }

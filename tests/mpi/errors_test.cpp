@@ -73,6 +73,16 @@ TEST(ExpertParallelErrors, HierarchicalNodeSizeMustDivideTheGroup) {
       << message;
 }
 
+TEST(ExpertParallelErrors, ChunksNeedTheFlatExchange) {
+  const auto message = error_of(
+      [&] { Layer layer(config, ExpertParallel(ExpertParallel::Options{.ranks_per_node = 1, .chunks = 2})); });
+  EXPECT_TRUE(everyone_saw(message, "chunks = 2 with ranks_per_node = 1; expected chunks >= 1, and 1 with a "
+                                    "hierarchical exchange"))
+      << message;
+  const auto zero = error_of([&] { Layer layer(config, ExpertParallel(ExpertParallel::Options{.chunks = 0})); });
+  EXPECT_TRUE(everyone_saw(zero, "chunks = 0")) << zero;
+}
+
 // The hierarchical exchange delivers exactly what the flat one does, bit for bit, for uneven
 // counts with zeros; each row says where it came from and where it went.
 TEST(RowExchange, HierarchicalEqualsFlat) {

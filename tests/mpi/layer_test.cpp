@@ -19,7 +19,7 @@ struct Layout {
 };
 
 /// EP over every rank; EP with a hierarchical all-to-all (2 ranks a node); expert tensor
-/// parallel (ETP = 2); expert data parallel (EDP = 2).
+/// parallel (ETP = 2); expert data parallel (EDP = 2); the exchange in chunks, overlapped.
 const std::vector<Layout>& layouts() {
   static const std::vector<Layout> all = [] {
     const int size = world().size();
@@ -29,6 +29,10 @@ const std::vector<Layout>& layouts() {
       l.push_back({"etp2", ExpertParallel::groups(world(), ParallelLayout(size, {.ep = size / 2, .etp = 2}))});
       l.push_back({"edp2", ExpertParallel::groups(world(), ParallelLayout(size, {.ep = size / 2, .etp = 1}))});
     }
+    l.push_back({"ep" + std::to_string(size) + "_3chunks", ExpertParallel::groups(world()), {.chunks = 3}});
+    if (size % 2 == 0)
+      l.push_back({"etp2_2chunks", ExpertParallel::groups(world(), ParallelLayout(size, {.ep = size / 2, .etp = 2})),
+                   {.chunks = 2}});
     if (size >= 4 && size % 2 == 0)
       l.push_back({"ep" + std::to_string(size) + "_hierarchical", ExpertParallel::groups(world()), {.ranks_per_node = 2}});
     return l;

@@ -7,7 +7,7 @@
 #include <mpi.h>
 
 int main(int argc, char** argv) {
-  boost::mpi::environment environment(argc, argv);
+  boost::mpi::environment environment(argc, argv, boost::mpi::threading::funneled);
   ::testing::InitGoogleTest(&argc, argv);
   const boost::mpi::communicator world;
   if (world.rank() != 0) {

@@ -129,16 +129,19 @@ class BasicMoELayer {
         rows.row(r) = input.row(choice / top_k);
     });
     auto out = expert_out_.matrix(plan_.rows(), hidden);
-    if constexpr (P::moves_rows) {  // to the experts' ranks and back
+    if constexpr (P::moves_rows) {  // to the experts' ranks and back, chunk by chunk
       parallel_.route(plan_.counts);
       auto remote = remote_rows_.matrix(parallel_.expert_rows(), hidden);
       auto remote_out = remote_out_.matrix(parallel_.expert_rows(), hidden);
-      parallel_.template to_experts<T>(rows, remote);
-      expert_.template forward<T>(expert_weights(), remote, parallel_.expert_offsets(), remote_out,
-                                  expert_saved_);
-      parallel_.template to_tokens<T>(remote_out, out);
+      expert_saved_.resize(static_cast<std::size_t>(parallel_.chunks()));
+      parallel_.template through_experts<T>(
+          rows, remote, remote_out, out, [&](int chunk, Index first, std::span<const Index> offsets) {
+            expert_.template forward<T>(expert_weights(), remote.middleRows(first, offsets.back()), offsets,
+                                        remote_out.middleRows(first, offsets.back()),
+                                        expert_saved_[static_cast<std::size_t>(chunk)]);
+          });
     } else {
-      expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_);
+      expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_.front());
     }
 
     for_blocks(tokens, [&](Index t) {
@@ -202,12 +205,16 @@ class BasicMoELayer {
       const auto remote = remote_rows_.matrix(received, hidden);
       auto remote_d_out = remote_out_.matrix(received, hidden);  // the output is no longer needed
       auto remote_d_rows = remote_d_rows_.matrix(received, hidden);
-      parallel_.template to_experts<T>(d_out, remote_d_out);
-      expert_.template backward<T>(expert_weights(), remote, parallel_.expert_offsets(), expert_saved_,
-                                   remote_d_out, remote_d_rows, expert_gradients());
-      parallel_.template to_tokens<T>(remote_d_rows, d_rows);
+      parallel_.template through_experts<T>(
+          d_out, remote_d_out, remote_d_rows, d_rows, [&](int chunk, Index first, std::span<const Index> offsets) {
+            const Index n = offsets.back();
+            expert_.template backward<T>(expert_weights(), remote.middleRows(first, n), offsets,
+                                         expert_saved_[static_cast<std::size_t>(chunk)],
+                                         remote_d_out.middleRows(first, n), remote_d_rows.middleRows(first, n),
+                                         expert_gradients());
+          });
     } else {
-      expert_.template backward<T>(expert_weights(), rows, plan_.offsets, expert_saved_, d_out, d_rows,
+      expert_.template backward<T>(expert_weights(), rows, plan_.offsets, expert_saved_.front(), d_out, d_rows,
                                    expert_gradients());
     }
 
@@ -566,7 +573,7 @@ class BasicMoELayer {
   Plan plan_;
   T balance_loss_ = 0;
   typename B::template State<T> balance_state_;
-  typename X::template Saved<T> expert_saved_;
+  std::vector<typename X::template Saved<T>> expert_saved_ = std::vector<typename X::template Saved<T>>(1);  // one per chunk
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H]
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
   detail::Buffer<T> d_out_, d_rows_, d_logits_;           // [S,H] [S,H] [T,E]

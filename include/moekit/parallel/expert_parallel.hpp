@@ -1,11 +1,16 @@
 #pragma once
+#include <atomic>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <span>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <mpi.h>
+#include <tbb/info.h>
+#include <tbb/task_arena.h>
 
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>
@@ -37,6 +42,7 @@ struct ExpertParallel {
 
   struct Options {
     int ranks_per_node = 0;  // > 0: hierarchical all-to-all over nodes of this many EP ranks
+    int chunks = 1;          // > 1: the exchange in chunks, overlapping the experts' compute
   };
 
   /// This rank's groups in a Megatron-Core layout: the expert grid's ep, tp (ETP) and dp (EDP);
@@ -111,6 +117,21 @@ struct ExpertParallel {
                       ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1], " E=", mine[2],
                       " K=", mine[3], "; expected the same layer on every rank");
     }
+    mpi::all_or_none(groups_.layer, [&] {
+      detail::require(options.chunks >= 1 && (options.chunks == 1 || options.ranks_per_node == 0),
+                      "moekit::ExpertParallel: chunks = ", options.chunks, " with ranks_per_node = ",
+                      options.ranks_per_node, "; expected chunks >= 1, and 1 with a hierarchical exchange");
+    });
+    if (options.chunks > 1) {
+      int level = MPI_THREAD_SINGLE;
+      MPI_Query_thread(&level);
+      detail::require(level >= MPI_THREAD_FUNNELED, "moekit::ExpertParallel: chunks = ", options.chunks,
+                      " with MPI initialised at thread level ", level, "; expected MPI_THREAD_FUNNELED or more "
+                      "(boost::mpi::environment(argc, argv, boost::mpi::threading::funneled)): the experts "
+                      "compute on TBB threads while this thread drives MPI");
+    }
+    if (options.chunks > 1 && !arena_)  // every core but this thread's, which drives MPI
+      arena_ = std::make_shared<tbb::task_arena>(std::max(1, tbb::info::default_concurrency() - 1), 0);
     batch_ = std::make_shared<mpi::Batch>(groups_.batch);
     exchange_ = std::make_shared<mpi::RowExchange>(groups_.expert, options.ranks_per_node);
     experts_ = shape.experts;
@@ -135,78 +156,151 @@ struct ExpertParallel {
   }
 
   /// Agrees the layout of the next exchanges from the rows this rank has for each expert
-  /// ([E], in expert order): how many rows each rank receives for each of its experts.
+  /// ([E], in expert order): how many rows each rank receives for each of its experts. With
+  /// `chunks` = d, each (rank, expert) count is split into d parts, and the rows a rank
+  /// receives are laid out chunk by chunk, each chunk a set of expert blocks.
   void route(std::span<const Index> rows_per_expert) {
     const int ep = groups_.expert.size();
-    const auto local = static_cast<std::size_t>(experts_ / ep), ranks = static_cast<std::size_t>(ep);
+    const auto local = local_count(), ranks = static_cast<std::size_t>(ep), d = chunk_count();
+    sent_.assign(rows_per_expert.begin(), rows_per_expert.end());
     received_.resize(rows_per_expert.size());
     mpi::detail::check(MPI_Alltoall(rows_per_expert.data(), static_cast<int>(local), MPI_INT64_T,
                                     received_.data(), static_cast<int>(local), MPI_INT64_T, groups_.expert),
                        "MPI_Alltoall");
     send_rows_.assign(ranks, 0);
     recv_rows_.assign(ranks, 0);
-    offsets_.assign(local + 1, 0);
     for (std::size_t q = 0; q < ranks; ++q)
       for (std::size_t l = 0; l < local; ++l) {
-        send_rows_[q] += rows_per_expert[q * local + l];
+        send_rows_[q] += sent_[q * local + l];
         recv_rows_[q] += received_[q * local + l];
-        offsets_[l + 1] += received_[q * local + l];
       }
-    for (std::size_t l = 0; l < local; ++l) offsets_[l + 1] += offsets_[l];
+    // Chunk c's part of n rows: [n·c/d, n·(c+1)/d); sender and receiver split the same n alike.
+    chunk_first_.assign(d + 1, 0);
+    chunk_offsets_.assign(d * (local + 1), 0);
+    before_.assign(d * ranks * local, 0);
+    for (std::size_t c = 0; c < d; ++c) {
+      Index* offsets = &chunk_offsets_[c * (local + 1)];
+      for (std::size_t l = 0; l < local; ++l) {
+        Index in_block = 0;
+        for (std::size_t q = 0; q < ranks; ++q) {
+          before_[(c * ranks + q) * local + l] = in_block;
+          in_block += part(received_[q * local + l], c);
+        }
+        offsets[l + 1] = offsets[l] + in_block;
+      }
+      chunk_first_[c + 1] = chunk_first_[c] + offsets[local];
+    }
     ++route_count_;
-    before_.assign(received_.size(), 0);
-    for (std::size_t q = 1; q < ranks; ++q)
-      for (std::size_t l = 0; l < local; ++l)
-        before_[q * local + l] = before_[(q - 1) * local + l] + received_[(q - 1) * local + l];
   }
 
-  /// Rows this rank's experts received, and where each local expert's block starts ([L+1]).
-  Index expert_rows() const { return offsets_.empty() ? 0 : offsets_.back(); }
-  std::span<const Index> expert_offsets() const { return offsets_; }
+  /// Rows this rank's experts receive in all, and the chunks the exchange is split into.
+  Index expert_rows() const { return chunk_first_.empty() ? 0 : chunk_first_.back(); }
+  int chunks() const { return static_cast<int>(chunk_count()); }
 
-  /// Rows in expert order (this rank's plan) → the owners' blocks, grouped by local expert.
-  /// Flat: one MPI_Alltoallw whose receive types place each source's rows straight into the
-  /// expert blocks, so no row is copied twice. Hierarchical: source-major, then regrouped.
+  /// Moves `rows` (this rank's plan, expert order) to the experts' ranks into `expert_rows`,
+  /// calls compute(chunk, first_row, offsets) for each chunk — the chunk's rows are
+  /// expert_rows[first_row, first_row + offsets[L]), in blocks per local expert at `offsets` —
+  /// which must fill the same rows of `expert_out`, and brings those rows back into `out`, in
+  /// the plan's order. Over ETP ranks the partial results are summed.
+  ///
+  /// With one chunk the exchanges are blocking. With more, this thread drives MPI (non-blocking
+  /// all-to-alls, tested in a loop) while each chunk's compute runs in a TBB arena as soon as its
+  /// rows have arrived, one chunk at a time: the arrival of chunk c+1 and the return of chunk
+  /// c−1 overlap the compute of chunk c.
+  template <Scalar T, class Compute>
+  void through_experts(ConstMatrixRef<T> rows, MatrixRef<T> expert_rows, MatrixRef<T> expert_out,
+                       MatrixRef<T> out, Compute&& compute) {
+    if (chunk_count() == 1 || groups_.expert.size() == 1) {
+      to_experts<T>(rows, expert_rows);
+      for (std::size_t c = 0; c < chunk_count(); ++c) compute(static_cast<int>(c), chunk_first_[c], offsets_of(c));
+      to_tokens<T>(expert_out, out);
+      return;
+    }
+    const std::size_t d = chunk_count();
+    const Chunks& types = chunk_types<T>(rows.cols());
+    std::vector<MPI_Request> arrive(d, MPI_REQUEST_NULL), leave(d, MPI_REQUEST_NULL);
+    for (std::size_t c = 0; c < d; ++c)
+      mpi::detail::check(MPI_Ialltoallw(rows.data(), ones_.data(), zeros_.data(), types.plan_side[c].data(),
+                                        expert_rows.data(), ones_.data(), zeros_.data(), types.expert_side[c].data(),
+                                        groups_.expert, &arrive[c]),
+                         "MPI_Ialltoallw");
+    std::atomic<std::size_t> computed{0};  // chunks run one at a time, so a count says which
+    std::exception_ptr failure;
+    std::size_t started = 0, posted = 0, returned = 0;
+    while (returned < d) {
+      const std::size_t finished = computed.load(std::memory_order_acquire);
+      for (; posted < finished; ++posted)  // a computed chunk goes home at once
+        mpi::detail::check(MPI_Ialltoallw(expert_out.data(), ones_.data(), zeros_.data(), types.expert_side[posted].data(),
+                                          out.data(), ones_.data(), zeros_.data(), types.plan_side[posted].data(),
+                                          groups_.expert, &leave[posted]),
+                           "MPI_Ialltoallw");
+      if (started < d && finished == started) {  // the arena is idle: the next chunk, once it is here
+        int arrived = 0;
+        mpi::detail::check(MPI_Test(&arrive[started], &arrived, MPI_STATUS_IGNORE), "MPI_Test");
+        if (arrived) {
+          const std::size_t c = started++;
+          arena_->enqueue([&, c] {
+            try {
+              compute(static_cast<int>(c), chunk_first_[c], offsets_of(c));
+            } catch (...) {
+              failure = std::current_exception();  // the exchanges still complete on every rank
+            }
+            computed.store(c + 1, std::memory_order_release);
+          });
+        }
+      }
+      returned = 0;
+      for (std::size_t c = 0; c < posted; ++c) {
+        int done = 1;
+        if (leave[c] != MPI_REQUEST_NULL)
+          mpi::detail::check(MPI_Test(&leave[c], &done, MPI_STATUS_IGNORE), "MPI_Test");
+        returned += static_cast<std::size_t>(done);
+      }
+      std::this_thread::yield();  // a core shared with the compute should go to the compute
+    }
+    if (failure) std::rethrow_exception(failure);
+    sum_partials<T>(out);
+  }
+
+  /// Blocking: rows → the experts' chunk-major blocks.
   template <Scalar T>
   void to_experts(ConstMatrixRef<T> rows, MatrixRef<T> expert_rows) {
     if (groups_.expert.size() == 1) {  // every expert is here, in the same order
       expert_rows = rows;
       return;
     }
-    if (!exchange_->hierarchical()) {
-      const BlockTypes& blocks = block_types<T>(rows.cols());
-      mpi::detail::check(MPI_Alltoallw(rows.data(), contiguous_counts_.data(), contiguous_bytes_.data(),
-                                       blocks.rows.data(), expert_rows.data(), ones_.data(), zeros_.data(),
-                                       blocks.placed.data(), groups_.expert),
-                         "MPI_Alltoallw");
+    if (exchange_->hierarchical()) {  // one chunk, source-major, then regrouped
+      auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
+      (*exchange_)(rows.data(), send_rows_, staging.data(), recv_rows_, rows.cols());
+      regroup<T>(staging, expert_rows, true);
       return;
     }
-    auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
-    (*exchange_)(rows.data(), send_rows_, staging.data(), recv_rows_, rows.cols());
-    regroup<T>(staging, expert_rows, true);
+    const Chunks& types = chunk_types<T>(rows.cols());
+    for (std::size_t c = 0; c < chunk_count(); ++c)
+      mpi::detail::check(MPI_Alltoallw(rows.data(), ones_.data(), zeros_.data(), types.plan_side[c].data(),
+                                       expert_rows.data(), ones_.data(), zeros_.data(), types.expert_side[c].data(),
+                                       groups_.expert),
+                         "MPI_Alltoallw");
   }
 
-  /// The experts' output rows → back to the ranks whose tokens they are, in their plan's order;
-  /// over expert tensor parallel ranks, the partial sums are added up.
+  /// Blocking: the experts' rows → back into the plan's order; partial results summed over ETP.
   template <Scalar T>
   void to_tokens(ConstMatrixRef<T> expert_rows, MatrixRef<T> rows) {
     if (groups_.expert.size() == 1) {
       rows = expert_rows;
-    } else if (!exchange_->hierarchical()) {
-      const BlockTypes& blocks = block_types<T>(rows.cols());
-      mpi::detail::check(MPI_Alltoallw(expert_rows.data(), ones_.data(), zeros_.data(), blocks.placed.data(),
-                                       rows.data(), contiguous_counts_.data(), contiguous_bytes_.data(),
-                                       blocks.rows.data(), groups_.expert),
-                         "MPI_Alltoallw");
-    } else {
+    } else if (exchange_->hierarchical()) {
       auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
       regroup<T>(expert_rows, staging, false);
       (*exchange_)(staging.data(), recv_rows_, rows.data(), send_rows_, rows.cols());
+    } else {
+      const Chunks& types = chunk_types<T>(rows.cols());
+      for (std::size_t c = 0; c < chunk_count(); ++c)
+        mpi::detail::check(MPI_Alltoallw(expert_rows.data(), ones_.data(), zeros_.data(), types.expert_side[c].data(),
+                                         rows.data(), ones_.data(), zeros_.data(), types.plan_side[c].data(),
+                                         groups_.expert),
+                           "MPI_Alltoallw");
     }
-    if (groups_.expert_tensor.size() > 1)
-      mpi::detail::check(MPI_Allreduce(MPI_IN_PLACE, rows.data(), mpi::detail::to_int(rows.size(), "values"),
-                                       mpi::detail::scalar_type<T>(), MPI_SUM, groups_.expert_tensor),
-                         "MPI_Allreduce");
+    sum_partials<T>(rows);
   }
 
   /// Gradients of J = (1/D)·Σ_r J_r, D = the batch group's size: the router's (and every other
@@ -230,16 +324,38 @@ struct ExpertParallel {
   }
 
  private:
-  /// Source-major [q][l] ↔ expert-major [l][q] blocks of rows.
+  static Index part(Index n, std::size_t c, std::size_t d) {
+    return n * static_cast<Index>(c + 1) / static_cast<Index>(d) - n * static_cast<Index>(c) / static_cast<Index>(d);
+  }
+  Index part(Index n, std::size_t c) const { return part(n, c, chunk_count()); }
+  /// With one EP rank nothing travels, so there is nothing to overlap.
+  std::size_t chunk_count() const {
+    return groups_.expert.size() == 1 ? 1 : static_cast<std::size_t>(std::max(1, options.chunks));
+  }
+  std::size_t local_count() const { return static_cast<std::size_t>(experts_ / groups_.expert.size()); }
+  std::span<const Index> offsets_of(std::size_t c) const {
+    return std::span<const Index>(chunk_offsets_).subspan(c * (local_count() + 1), local_count() + 1);
+  }
+
+  template <Scalar T>
+  void sum_partials(MatrixRef<T> rows) const {
+    if (groups_.expert_tensor.size() > 1)
+      mpi::detail::check(MPI_Allreduce(MPI_IN_PLACE, rows.data(), mpi::detail::to_int(rows.size(), "values"),
+                                       mpi::detail::scalar_type<T>(), MPI_SUM, groups_.expert_tensor),
+                         "MPI_Allreduce");
+  }
+
+  /// Source-major [q][l] ↔ expert-major [l][q] blocks of rows (hierarchical; one chunk).
   template <Scalar T>
   void regroup(ConstMatrixRef<T> from, MatrixRef<T> to, bool to_expert_major) const {
     const auto local = local_count(), ranks = static_cast<std::size_t>(groups_.expert.size());
+    const auto offsets = offsets_of(0);
     Index source_start = 0;
     for (std::size_t q = 0; q < ranks; ++q) {
       Index within = 0;
       for (std::size_t l = 0; l < local; ++l) {
         const Index n = received_[q * local + l];
-        const Index s = source_start + within, e = offsets_[l] + before_[q * local + l];
+        const Index s = source_start + within, e = offsets[l] + before_[q * local + l];
         if (n > 0) {
           if (to_expert_major) to.middleRows(e, n) = from.middleRows(s, n);
           else to.middleRows(s, n) = from.middleRows(e, n);
@@ -249,62 +365,74 @@ struct ExpertParallel {
       source_start += recv_rows_[q];
     }
   }
-  std::size_t local_count() const { return static_cast<std::size_t>(experts_ / groups_.expert.size()); }
 
-  /// The datatypes of one route: per peer, `rows` (a row, sent `contiguous_counts_` times) and
-  /// `placed` (where that peer's rows lie among this rank's expert blocks).
-  struct BlockTypes {
-    std::vector<MPI_Datatype> rows, placed;
-    BlockTypes() = default;
-    BlockTypes(const BlockTypes&) = delete;
-    BlockTypes& operator=(const BlockTypes&) = delete;
-    ~BlockTypes() {
+  /// The datatypes of one route, per chunk and peer: where that peer's rows of the chunk lie in
+  /// this rank's plan (plan_side) and among its expert blocks (expert_side). Every row moves
+  /// once, straight from where it is to where it is used.
+  struct Chunks {
+    MPI_Datatype row = MPI_DATATYPE_NULL;
+    std::vector<std::vector<MPI_Datatype>> plan_side, expert_side;  // [chunk][peer]
+    Chunks() = default;
+    Chunks(const Chunks&) = delete;
+    Chunks& operator=(const Chunks&) = delete;
+    ~Chunks() {
       int finalized = 0;
       MPI_Finalized(&finalized);
       if (finalized) return;
-      if (!rows.empty()) MPI_Type_free(&rows.front());  // one row type, shared by every peer
-      for (auto& t : placed) MPI_Type_free(&t);
+      for (auto* side : {&plan_side, &expert_side})
+        for (auto& per_peer : *side)
+          for (auto& t : per_peer) MPI_Type_free(&t);
+      if (row != MPI_DATATYPE_NULL) MPI_Type_free(&row);
     }
   };
 
   template <Scalar T>
-  const BlockTypes& block_types(Index width) {
+  const Chunks& chunk_types(Index width) {
     const MPI_Datatype scalar = mpi::detail::scalar_type<T>();
-    if (blocks_ && blocks_route_ == route_count_ && blocks_scalar_ == scalar && blocks_width_ == width)
-      return *blocks_;
-    const std::size_t local = local_count(), ranks = static_cast<std::size_t>(groups_.expert.size());
+    if (types_ && types_route_ == route_count_ && types_scalar_ == scalar && types_width_ == width) return *types_;
+    const std::size_t local = local_count(), ranks = static_cast<std::size_t>(groups_.expert.size()),
+                      d = chunk_count();
     const auto row_bytes = static_cast<MPI_Aint>(width) * static_cast<MPI_Aint>(sizeof(T));
-    auto blocks = std::make_shared<BlockTypes>();
-    MPI_Datatype row = MPI_DATATYPE_NULL;
-    mpi::detail::check(MPI_Type_contiguous(mpi::detail::to_int(width, "row width"), scalar, &row), "MPI_Type_contiguous");
-    mpi::detail::check(MPI_Type_commit(&row), "MPI_Type_commit");
-    blocks->rows.assign(ranks, row);
+    auto types = std::make_shared<Chunks>();
+    mpi::detail::check(MPI_Type_contiguous(mpi::detail::to_int(width, "row width"), scalar, &types->row),
+                       "MPI_Type_contiguous");
+    mpi::detail::check(MPI_Type_commit(&types->row), "MPI_Type_commit");
+    auto blocks = [&](const std::vector<int>& lengths, const std::vector<MPI_Aint>& starts) {
+      MPI_Datatype t = MPI_DATATYPE_NULL;
+      mpi::detail::check(MPI_Type_create_hindexed(static_cast<int>(local), lengths.data(), starts.data(), types->row, &t),
+                         "MPI_Type_create_hindexed");
+      mpi::detail::check(MPI_Type_commit(&t), "MPI_Type_commit");
+      return t;
+    };
+    std::vector<Index> plan_start(sent_.size() + 1, 0);  // the plan's block of each global expert
+    for (std::size_t e = 0; e < sent_.size(); ++e) plan_start[e + 1] = plan_start[e] + sent_[e];
     std::vector<int> lengths(local);
     std::vector<MPI_Aint> starts(local);
-    contiguous_counts_.resize(ranks);
-    contiguous_bytes_.resize(ranks);
+    types->plan_side.resize(d);
+    types->expert_side.resize(d);
+    for (std::size_t c = 0; c < d; ++c) {
+      const auto offsets = offsets_of(c);
+      for (std::size_t q = 0; q < ranks; ++q) {
+        for (std::size_t l = 0; l < local; ++l) {  // to peer q: part c of each of its experts' blocks
+          const std::size_t e = q * local + l;
+          lengths[l] = mpi::detail::to_int(part(sent_[e], c), "rows for one expert");
+          starts[l] = static_cast<MPI_Aint>(plan_start[e] + sent_[e] * static_cast<Index>(c) / static_cast<Index>(d)) * row_bytes;
+        }
+        types->plan_side[c].push_back(blocks(lengths, starts));
+        for (std::size_t l = 0; l < local; ++l) {  // from peer q: into chunk c's block of expert l
+          lengths[l] = mpi::detail::to_int(part(received_[q * local + l], c), "rows from one rank");
+          starts[l] = static_cast<MPI_Aint>(chunk_first_[c] + offsets[l] + before_[(c * ranks + q) * local + l]) * row_bytes;
+        }
+        types->expert_side[c].push_back(blocks(lengths, starts));
+      }
+    }
     ones_.assign(ranks, 1);
     zeros_.assign(ranks, 0);
-    Index sent = 0;
-    for (std::size_t q = 0; q < ranks; ++q) {
-      for (std::size_t l = 0; l < local; ++l) {
-        lengths[l] = mpi::detail::to_int(received_[q * local + l], "rows from one rank");
-        starts[l] = static_cast<MPI_Aint>(offsets_[l] + before_[q * local + l]) * row_bytes;
-      }
-      MPI_Datatype placed = MPI_DATATYPE_NULL;
-      mpi::detail::check(MPI_Type_create_hindexed(static_cast<int>(local), lengths.data(), starts.data(), row, &placed),
-                         "MPI_Type_create_hindexed");
-      mpi::detail::check(MPI_Type_commit(&placed), "MPI_Type_commit");
-      blocks->placed.push_back(placed);
-      contiguous_counts_[q] = mpi::detail::to_int(send_rows_[q], "rows for one rank");
-      contiguous_bytes_[q] = mpi::detail::to_int(sent * width * static_cast<Index>(sizeof(T)), "bytes sent in one exchange");
-      sent += send_rows_[q];
-    }
-    blocks_ = std::move(blocks);
-    blocks_route_ = route_count_;
-    blocks_scalar_ = scalar;
-    blocks_width_ = width;
-    return *blocks_;
+    types_ = std::move(types);
+    types_route_ = route_count_;
+    types_scalar_ = scalar;
+    types_width_ = width;
+    return *types_;
   }
 
   /// Untyped scratch rows, aligned for any scalar.
@@ -322,15 +450,18 @@ struct ExpertParallel {
   std::shared_ptr<mpi::Batch> batch_;
   std::shared_ptr<mpi::RowExchange> exchange_;
   Index experts_ = 0;
+  std::vector<Index> sent_;        // [E] rows this rank has for each expert
   std::vector<Index> received_;    // [EP·L] rows from rank q for local expert l
-  std::vector<Index> before_;      // [EP·L] rows from ranks before q for local expert l
-  std::vector<Index> send_rows_, recv_rows_, offsets_;
-  std::uint64_t route_count_ = 0;  // routes so far: the block types follow the latest
-  std::shared_ptr<const BlockTypes> blocks_;
-  std::uint64_t blocks_route_ = 0;
-  MPI_Datatype blocks_scalar_ = MPI_DATATYPE_NULL;
-  Index blocks_width_ = 0;
-  std::vector<int> contiguous_counts_, contiguous_bytes_, ones_, zeros_;
+  std::vector<Index> before_;      // [d·EP·L] in chunk c's block of expert l, rows from ranks before q
+  std::vector<Index> send_rows_, recv_rows_;
+  std::vector<Index> chunk_first_, chunk_offsets_;  // [d+1] first row of each chunk; [d·(L+1)] its blocks
+  std::uint64_t route_count_ = 0;  // routes so far: the datatypes follow the latest
+  std::shared_ptr<const Chunks> types_;
+  std::uint64_t types_route_ = 0;
+  MPI_Datatype types_scalar_ = MPI_DATATYPE_NULL;
+  Index types_width_ = 0;
+  std::vector<int> ones_, zeros_;
+  std::shared_ptr<tbb::task_arena> arena_;  // where chunks compute while this thread drives MPI
   Staging staging_;  // the hierarchical exchange's source-major rows
 };
 
