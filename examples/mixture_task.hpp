@@ -1,5 +1,5 @@
 #pragma once
-// The task of train_mixture and train_expert_parallel: each token comes from one of several
+// The task of train_mixture (in one process and over MPI ranks): each token comes from one of several
 // clusters, and its target is computed by that cluster's own hidden SwiGLU network.
 #include <random>
 #include <vector>

@@ -3,6 +3,7 @@
 // that learns to send each cluster to its own expert makes the task easy; no single expert can.
 //
 //   train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none]
+//   mpirun -np 4 train_mixture --expert-parallel [...]   (expert_parallel_run.hpp)
 //
 // Then trains one dense SwiGLU with the same compute per token on the same task, for comparison.
 // Exits non-zero unless the loss falls at least 10×, every cluster puts ≥70% of its routing
@@ -18,6 +19,7 @@
 
 #include <moekit/moekit.hpp>
 
+#include "expert_parallel_run.hpp"
 #include "mixture_task.hpp"
 
 namespace {
@@ -148,18 +150,24 @@ int main(int argc, char** argv) {
   int steps = 600;
   unsigned seed = 1;
   std::string balancer = "auxloss";
+  bool expert_parallel = false;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
     const bool has_value = i + 1 < argc;
-    if (flag == "--steps" && has_value) steps = std::max(1, std::atoi(argv[i + 1]));
+    if (flag == "--expert-parallel") expert_parallel = true, --i;
+    else if (flag == "--steps" && has_value) steps = std::max(1, std::atoi(argv[i + 1]));
     else if (flag == "--seed" && has_value) seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
     else if (flag == "--balancer" && has_value) balancer = argv[i + 1];
     else balancer = "?";
   }
-  if (balancer == "auxloss") return run<moekit::AuxLoss>(steps, seed);
-  if (balancer == "sinkhorn") return run<moekit::Sinkhorn>(steps, seed);
-  if (balancer == "auxfree") return run<moekit::AuxFree>(steps, seed);
-  if (balancer == "none") return run<moekit::NoBalance>(steps, seed);
-  std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none]\n");
+  auto train = [&]<class Balancer>() {
+    return expert_parallel ? mixture::run_expert_parallel<Balancer>(argc, argv, steps, seed) : run<Balancer>(steps, seed);
+  };
+  if (balancer == "auxloss") return train.template operator()<moekit::AuxLoss>();
+  if (balancer == "sinkhorn") return train.template operator()<moekit::Sinkhorn>();
+  if (balancer == "auxfree") return train.template operator()<moekit::AuxFree>();
+  if (balancer == "none") return train.template operator()<moekit::NoBalance>();
+  std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] "
+                       "[--expert-parallel (under mpirun)]\n");
   return 2;
 }

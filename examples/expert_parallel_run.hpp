@@ -1,7 +1,9 @@
-// train_mixture's task with the experts split over MPI ranks, beside the same layer in one
-// process, to show that expert parallelism changes where the work runs and nothing else.
+#pragma once
+// train_mixture --expert-parallel: the same task with the experts split over MPI ranks, beside
+// the same layer in one process, to show that expert parallelism changes where the work runs
+// and nothing else.
 //
-//   mpirun -np 4 train_expert_parallel [--steps N] [--seed S]
+//   mpirun -np 4 train_mixture --expert-parallel [--steps N] [--seed S] [--balancer B]
 //
 // Every rank draws the same global batch and keeps its share of the rows; the layer over the
 // ranks (ExpertParallel, E = 8 split over the ranks) trains on the shares while rank 0 also
@@ -10,8 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
-#include <string>
+#include <vector>
 
 #include <boost/mpi/environment.hpp>
 #include <mpi.h>
@@ -20,23 +21,18 @@
 
 #include "mixture_task.hpp"
 
-using namespace mixture;
-using Distributed = moekit::MoELayer<moekit::TopK<2>, moekit::AuxLoss, moekit::ExpertParallel, float>;
-using OneProcess = moekit::MoELayer<moekit::TopK<2>, moekit::AuxLoss, float>;
+namespace mixture {
 
-int main(int argc, char** argv) {
+/// Over MPI ranks (one per process of mpirun), beside the single-process layer on rank 0.
+template <class Balancer>
+int run_expert_parallel(int argc, char** argv, int steps, unsigned seed) {
+  using Distributed = moekit::MoELayer<moekit::TopK<2>, Balancer, moekit::ExpertParallel, float>;
+  using OneProcess = moekit::MoELayer<moekit::TopK<2>, Balancer, float>;
   boost::mpi::environment environment(argc, argv);
   const boost::mpi::communicator world;
   const int ranks = world.size(), rank = world.rank();
-  int steps = 300;
-  unsigned seed = 1;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i];
-    if (flag == "--steps") steps = std::max(1, std::atoi(argv[i + 1]));
-    else if (flag == "--seed") seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
-  }
   if (experts % ranks != 0 || batch % ranks != 0) {
-    if (rank == 0) std::fprintf(stderr, "train_expert_parallel: %d ranks; expected a divisor of %ld\n", ranks, static_cast<long>(experts));
+    if (rank == 0) std::fprintf(stderr, "train_mixture --expert-parallel: %d ranks; expected a divisor of %ld\n", ranks, static_cast<long>(experts));
     return 2;
   }
   const moekit::LayerConfig config{.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed};
@@ -49,7 +45,7 @@ int main(int argc, char** argv) {
   Matrix x(batch, hidden), target(batch, hidden);
   std::vector<int> cluster(batch);
   if (rank == 0)
-    std::printf("train_expert_parallel: %d ranks, %ld experts each, %ld of %ld tokens a step each; layer %s\n\n",
+    std::printf("train_mixture --expert-parallel: %d ranks, %ld experts each, %ld of %ld tokens a step each; layer %s\n\n",
                 ranks, static_cast<long>(experts / ranks), static_cast<long>(share), static_cast<long>(batch),
                 Distributed::name().c_str());
 
@@ -95,3 +91,5 @@ int main(int argc, char** argv) {
   MPI_Bcast(&ok, 1, MPI_INT, 0, world);
   return ok ? 0 : 1;
 }
+
+}  // namespace mixture
