@@ -222,9 +222,9 @@ class BasicMoELayer {
     router_.template backward<T>(scores, routing_, d_weight_, d_logits);
     balancer_.template backward<T>(scores, balance_context(), balance_state_, d_logits);
 
-    // dy is read for the last time above, so dx may alias it.
+    // dy is read for the last time above, so dx may alias it. One GEMM, no temporary.
+    dx.noalias() = d_logits * router_weight().matrix();
     for_blocks(tokens, [&](Index t) {
-      dx.row(t) = d_logits.row(t) * router_weight().matrix();
       for (int k = 0; k < top_k; ++k) {
         const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
         if (slot != Plan::no_slot) dx.row(t) += d_rows.row(slot);
