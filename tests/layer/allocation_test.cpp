@@ -1,51 +1,13 @@
 // No heap allocation in the steady state: after the first forward and backward of a shape,
 // repeating them allocates nothing. Every allocation in the process is counted, Eigen's and
-// TBB's included, by interposing the C allocator (glibc exports the originals as __libc_*).
+// TBB's included (tests/support/heap.hpp).
 #include <gtest/gtest.h>
 
-#include <atomic>
-#include <cstddef>
+#include <vector>
 
 #include <moekit/moekit.hpp>
 
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-}
-
-namespace {
-std::atomic<bool> counting{false};
-std::atomic<long> allocations{0};
-void count() {
-  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
-}
-}  // namespace
-
-extern "C" {
-void* malloc(std::size_t n) {
-  count();
-  return __libc_malloc(n);
-}
-void* calloc(std::size_t n, std::size_t size) {
-  count();
-  return __libc_calloc(n, size);
-}
-void* realloc(void* p, std::size_t n) {
-  count();
-  return __libc_realloc(p, n);
-}
-void* aligned_alloc(std::size_t alignment, std::size_t n) {
-  count();
-  return __libc_memalign(alignment, n);
-}
-int posix_memalign(void** p, std::size_t alignment, std::size_t n) {
-  count();
-  *p = __libc_memalign(alignment, n);
-  return *p ? 0 : 12;
-}
-}
+#include "../support/heap.hpp"
 
 namespace moekit {
 namespace {
@@ -57,22 +19,19 @@ long steady_state_allocations(Layer& layer, Index tokens, int steps) {
   Matrix<typename Layer::scalar_type> y(tokens, layer.shape().hidden), dx(tokens, layer.shape().hidden);
   layer.forward(x, y);
   layer.backward(y, dx);
-  allocations = 0;
-  counting = true;
+  const heap::Watch watch;
   for (int i = 0; i < steps; ++i) {
     layer.forward(x, y);
     layer.backward(y, dx);
   }
-  counting = false;
-  return allocations.load();
+  return watch.report().allocations;
 }
 
 TEST(SteadyState, TheCounterSeesAllocations) {  // the test below could fail
-  allocations = 0;
-  counting = true;
+  const heap::Watch watch;
   std::vector<double> v(1000);
-  counting = false;
-  EXPECT_GE(allocations.load(), 1);
+  EXPECT_GE(watch.report().allocations, 1);
+  EXPECT_GE(watch.report().peak_bytes, long(sizeof(double)) * 1000);
 }
 
 TEST(SteadyState, DefaultLayerAllocatesNothingAfterTheFirstStep) {
@@ -88,6 +47,24 @@ TEST(SteadyState, EveryShippedBalancerAndDispatcher) {
   EXPECT_EQ(steady_state_allocations(capacity, 100, 3), 0) << "AuxFree + Capacity";
   MoELayer<Switch, NoBalance, PerExpertLoop, float> reference({.hidden = 16, .ffn = 24, .experts = 4, .seed = 1});
   EXPECT_EQ(steady_state_allocations(reference, 100, 3), 0) << "PerExpertLoop";
+}
+
+/// Peak memory of forward + backward: at most 1.5× the activations backward needs saved —
+/// x [T,H], scores [T,E], the dispatched rows and the experts' outputs [S,H], and SwiGLU's gate,
+/// up and hidden [S,F] (S = T·K rows). Backward's gradients of those overwrite them in place.
+TEST(PeakMemory, ForwardAndBackwardStayWithinOneAndAHalfTimesTheSavedActivations) {
+  const Index tokens = 512, hidden = 64, ffn = 128, experts = 8, rows = 2 * tokens;
+  MoELayer<TopK<2>, float> layer({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = 1});
+  const Matrix<float> x = Matrix<float>::Random(tokens, hidden);
+  Matrix<float> y(tokens, hidden), dx(tokens, hidden);
+  const double saved = double(tokens * hidden + tokens * experts + 2 * rows * hidden + 3 * rows * ffn) * sizeof(float);
+
+  const heap::Watch watch;  // the layer's first step: every buffer is allocated in it
+  layer.forward(x, y);
+  layer.backward(y, dx);
+  const double peak = double(watch.report().peak_bytes);
+  EXPECT_GE(peak, saved) << "the counter must see the saved activations";
+  EXPECT_LE(peak, 1.5 * saved) << "peak " << peak << " bytes, saved activations " << saved << " bytes";
 }
 
 }  // namespace

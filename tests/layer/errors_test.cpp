@@ -62,12 +62,16 @@ TEST(Errors, NonFiniteInputNamesItsPosition) {
 
 TEST(Errors, BackwardNeedsAMatchingForward) {
   Layer layer({.hidden = 4, .ffn = 4, .experts = 4});
-  EXPECT_EQ(message_of([&] { layer.backward(Matrix<double>::Zero(2, 4)); }),
-            "moekit::MoELayer::backward: no forward to go back through; expected a call of "
-            "forward(x) first");
+  const std::string no_forward =
+      "moekit::MoELayer::backward: no forward to go back through (backward consumes the last "
+      "forward's saved activations); expected a call of forward(x) first";
+  EXPECT_EQ(message_of([&] { layer.backward(Matrix<double>::Zero(2, 4)); }), no_forward);
   layer.forward(Matrix<double>::Zero(3, 4));
   EXPECT_EQ(message_of([&] { layer.backward(Matrix<double>::Zero(2, 4)); }),
             "moekit::MoELayer::backward: dy is [2,4]; expected [3,4] (tokens × hidden)");
+  layer.backward(Matrix<double>::Zero(3, 4));  // a failed backward left the forward usable
+  EXPECT_EQ(message_of([&] { layer.backward(Matrix<double>::Zero(3, 4)); }), no_forward)
+      << "a second backward would read gradients as activations";
 }
 
 TEST(Errors, UnknownParameterNameListsTheKnownOnes) {

@@ -1,6 +1,7 @@
 #pragma once
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <tbb/blocked_range.h>
@@ -58,10 +59,11 @@ struct GroupedGemmType {
   };
   Options options{};
 
+  /// What forward keeps for backward. Backward overwrites it with its gradients (gate and up
+  /// become d_gate and d_up, hidden a scratch), so no [S,F] buffer is added for the backward.
   template <Scalar T>
   struct Saved {
     detail::Buffer<T> gate, up, hidden;  // [S,F] gate·x, up·x, and act(gate·x) ⊙ up·x (or act(up·x))
-    detail::Buffer<T> d_gate, d_up;      // [S,F] backward scratch
     std::vector<detail::Tile> tiles;
   };
 
@@ -103,54 +105,60 @@ struct GroupedGemmType {
     });
   }
 
-  /// d_out [S,H] → d_rows [S,H]; adds the weight gradients into grads.
+  /// d_out [S,H] → d_rows [S,H]; adds the weight gradients into grads. Consumes `saved`.
   template <Scalar T>
   void backward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
                 std::span<const Index> offsets, Saved<T>& saved, ConstMatrixRef<T> d_out,
                 MatrixRef<T> d_rows, std::span<Tensor<T>> grads) const {
     using Slot = detail::FfnSlots<Act>;
     const Index count = rows.rows(), ffn = weights[Slot::up].shape()[1];
-    const Index experts = static_cast<Index>(offsets.size()) - 1;
     auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
-    auto d_gate = saved.d_gate.matrix(Act::gated ? count : 0, ffn);
-    auto d_up = saved.d_up.matrix(count, ffn);
 
+    // d_down = d_outᵀ · hidden, before hidden's buffer is reused below.
+    column_tiles(offsets, ffn, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
+      const auto [first, n] = block_of(offsets, tile.expert);
+      grads[Slot::down].slice(tile.expert).middleCols(tile.begin, tile.end - tile.begin).noalias() +=
+          d_out.middleRows(first, n).transpose() * hidden.block(first, tile.begin, n, tile.end - tile.begin);
+    });
+
+    // d_hidden = d_out · down, then through the activation: gate ← d_gate and up ← d_up in place.
     row_tiles(offsets, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
       const Index n = tile.end - tile.begin;
-      auto du = d_up.middleRows(tile.begin, n);
-      const auto u = up.middleRows(tile.begin, n);
-      du.noalias() = d_out.middleRows(tile.begin, n) * weights[Slot::down].slice(tile.expert);
+      auto d_hidden = hidden.middleRows(tile.begin, n);
+      d_hidden.noalias() = d_out.middleRows(tile.begin, n) * weights[Slot::down].slice(tile.expert);
+      auto u = up.middleRows(tile.begin, n);
       auto dx = d_rows.middleRows(tile.begin, n);
       if constexpr (Act::gated) {
-        const auto g = gate.middleRows(tile.begin, n);
-        auto dg = d_gate.middleRows(tile.begin, n);
-        dg = du.cwiseProduct(u).cwiseProduct(g.unaryExpr([](T v) { return Act::derivative(v); }));
-        du = du.cwiseProduct(g.unaryExpr([](T v) { return Act::apply(v); }));
-        dx.noalias() = dg * weights[Slot::gate].slice(tile.expert);
-        dx.noalias() += du * weights[Slot::up].slice(tile.expert);
+        auto g = gate.middleRows(tile.begin, n);
+        for (Index i = 0; i < n; ++i)
+          for (Index j = 0; j < ffn; ++j) {  // both outputs read both inputs: one pass, by element
+            const T gv = g(i, j), uv = u(i, j), dh = d_hidden(i, j);
+            g(i, j) = dh * uv * Act::derivative(gv);
+            u(i, j) = dh * Act::apply(gv);
+          }
+        dx.noalias() = g * weights[Slot::gate].slice(tile.expert);
+        dx.noalias() += u * weights[Slot::up].slice(tile.expert);
       } else {
-        du = du.cwiseProduct(u.unaryExpr([](T v) { return Act::derivative(v); }));
-        dx.noalias() = du * weights[Slot::up].slice(tile.expert);
+        u = d_hidden.cwiseProduct(u.unaryExpr([](T v) { return Act::derivative(v); }));
+        dx.noalias() = u * weights[Slot::up].slice(tile.expert);
       }
     });
 
-    detail::make_tiles(experts, options.column_tile, [&](Index) { return ffn; }, saved.tiles);
+    // d_up = d_upᵀ · x and d_gate likewise, each tile owning a block of F columns.
+    column_tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
-      const Index first = offsets[static_cast<std::size_t>(tile.expert)];
-      const Index n = offsets[static_cast<std::size_t>(tile.expert) + 1] - first;
-      if (n == 0) return;
+      const auto [first, n] = block_of(offsets, tile.expert);
       const Index width = tile.end - tile.begin;
       const auto x = rows.middleRows(first, n);
       grads[Slot::up].slice(tile.expert).middleRows(tile.begin, width).noalias() +=
-          d_up.block(first, tile.begin, n, width).transpose() * x;
+          up.block(first, tile.begin, n, width).transpose() * x;
       if constexpr (Act::gated)
         grads[Slot::gate].slice(tile.expert).middleRows(tile.begin, width).noalias() +=
-            d_gate.block(first, tile.begin, n, width).transpose() * x;
-      grads[Slot::down].slice(tile.expert).middleCols(tile.begin, width).noalias() +=
-          d_out.middleRows(first, n).transpose() * hidden.block(first, tile.begin, n, width);
+            gate.block(first, tile.begin, n, width).transpose() * x;
     });
   }
 
@@ -164,6 +172,18 @@ struct GroupedGemmType {
       tile.begin += offsets[static_cast<std::size_t>(tile.expert)];
       tile.end += offsets[static_cast<std::size_t>(tile.expert)];
     }
+  }
+  /// Tiles of F columns for the experts that have rows.
+  void column_tiles(std::span<const Index> offsets, Index ffn, std::vector<detail::Tile>& tiles) const {
+    const Index experts = static_cast<Index>(offsets.size()) - 1;
+    detail::make_tiles(experts, options.column_tile, [&](Index e) {
+      return block_of(offsets, e).second == 0 ? 0 : ffn;
+    }, tiles);
+  }
+  /// Expert e's block of rows: (first row, row count).
+  static std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e) {
+    const auto i = static_cast<std::size_t>(e);
+    return {offsets[i], offsets[i + 1] - offsets[i]};
   }
 };
 

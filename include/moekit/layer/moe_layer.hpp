@@ -164,12 +164,13 @@ class BasicMoELayer {
 
   /// dx from dy, for the last forward; adds every parameter's gradient.          [T,H] → [T,H]
   /// The balancer's loss counts with weight 1, so the gradients are those of
-  /// Σ(y ⊙ dy) + balance_loss().
+  /// Σ(y ⊙ dy) + balance_loss(). One backward per forward: it overwrites what forward saved
+  /// with gradients, so the step needs no second copy of the activations.
   void backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) {
     parallel_.all_or_none([&] {
       detail::require(have_forward_,
-                      "moekit::MoELayer::backward: no forward to go back through; expected a call "
-                      "of forward(x) first");
+                      "moekit::MoELayer::backward: no forward to go back through (backward consumes "
+                      "the last forward's saved activations); expected a call of forward(x) first");
       check_matrix(dy, "backward", "dy", tokens_);
       detail::require(dx.rows() == tokens_ && dx.cols() == shape_.hidden,
                       "moekit::MoELayer::backward: dx is [", dx.rows(), ",", dx.cols(),
@@ -179,12 +180,12 @@ class BasicMoELayer {
     const auto input = input_.matrix(tokens, hidden);
     const auto scores = scores_.matrix(tokens, shape_.experts);
     const auto rows = rows_.matrix(count, hidden);
-    const auto out = expert_out_.matrix(count, hidden);
 
     // Combine: y_t = Σ_k w_tk · out_slot, so d_out_slot = w_tk · dy_t and d_w_tk = ⟨dy_t, out_slot⟩.
+    // Each row of out is read once, then overwritten by its gradient.
     d_weight_.resize(static_cast<std::size_t>(routing_.choices()));
     std::fill(d_weight_.begin(), d_weight_.end(), T(0));
-    auto d_out = d_out_.matrix(count, hidden);
+    auto d_out = expert_out_.matrix(count, hidden);
     for_blocks(count, [&](Index r) {
       const Index choice = plan_.source[static_cast<std::size_t>(r)];
       if (choice == Plan::no_slot) {
@@ -192,7 +193,7 @@ class BasicMoELayer {
         return;
       }
       const auto token = dy.row(choice / top_k);
-      d_weight_[static_cast<std::size_t>(choice)] = token.dot(out.row(r));
+      d_weight_[static_cast<std::size_t>(choice)] = token.dot(d_out.row(r));
       d_out.row(r) = routing_.weight[static_cast<std::size_t>(choice)] * token;
     });
 
@@ -231,6 +232,7 @@ class BasicMoELayer {
       }
     });
     gradients_.front().matrix().noalias() += d_logits.transpose() * input;
+    have_forward_ = false;  // the saved activations now hold gradients
   }
 
   Matrix<T> backward(ConstMatrixRef<T> dy) {
@@ -574,9 +576,9 @@ class BasicMoELayer {
   T balance_loss_ = 0;
   typename B::template State<T> balance_state_;
   std::vector<typename X::template Saved<T>> expert_saved_ = std::vector<typename X::template Saved<T>>(1);  // one per chunk
-  detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H]
+  detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H] (backward: d_out)
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
-  detail::Buffer<T> d_out_, d_rows_, d_logits_;           // [S,H] [S,H] [T,E]
+  detail::Buffer<T> d_rows_, d_logits_;                   // [S,H] [T,E]
   std::vector<T> d_weight_;                               // [T,K]
   std::vector<Index> load_;                               // [E] kept choices per expert
   std::vector<T> raw_weight_;                             // [T,K] weights before the dispatcher adjusts them
