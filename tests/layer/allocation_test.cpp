@@ -39,6 +39,13 @@ TEST(SteadyState, DefaultLayerAllocatesNothingAfterTheFirstStep) {
   EXPECT_EQ(steady_state_allocations(layer, 300, 5), 0);
 }
 
+TEST(SteadyState, ProductsLargerThanEigensStackBlocksAllocateNothingEither) {
+  // Eigen's product operator packs blocks past 128 KiB on the heap at every call; the layer's
+  // GEMMs pack into buffers they keep (core/detail/gemm.hpp).
+  MoELayer<TopK<2>, float> layer({.hidden = 256, .ffn = 512, .experts = 2, .seed = 1});
+  EXPECT_EQ(steady_state_allocations(layer, 256, 2), 0);
+}
+
 TEST(SteadyState, EveryShippedBalancerAndDispatcher) {
   MoELayer<TopK<2>, Sinkhorn, double> sinkhorn({.hidden = 16, .ffn = 24, .experts = 4, .seed = 1});
   EXPECT_EQ(steady_state_allocations(sinkhorn, 100, 3), 0) << "Sinkhorn";

@@ -8,6 +8,7 @@
 #include <tbb/parallel_for.h>
 
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/gemm.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/expert/activation.hpp>
 
@@ -65,6 +66,7 @@ struct GroupedGemmType {
   struct Saved {
     detail::Buffer<T> gate, up, hidden;  // [S,F] gate·x, up·x, and act(gate·x) ⊙ up·x (or act(up·x))
     std::vector<detail::Tile> tiles;
+    detail::GemmWorkspace<T> gemm;
   };
 
   static std::vector<ParameterSpec> parameters(const LayerShape& s, Index local_experts) {
@@ -86,23 +88,24 @@ struct GroupedGemmType {
     auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
+    saved.gemm.ready();
     row_tiles(offsets, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
       const Index n = tile.end - tile.begin;
       const auto x = rows.middleRows(tile.begin, n);
       auto u = up.middleRows(tile.begin, n);
       auto h = hidden.middleRows(tile.begin, n);
-      u.noalias() = x * weights[Slot::up].slice(tile.expert).transpose();
+      detail::gemm(saved.gemm, u, x, weights[Slot::up].slice(tile.expert).transpose());
       if constexpr (Act::gated) {
         auto g = gate.middleRows(tile.begin, n);
-        g.noalias() = x * weights[Slot::gate].slice(tile.expert).transpose();
+        detail::gemm(saved.gemm, g, x, weights[Slot::gate].slice(tile.expert).transpose());
         h = g.unaryExpr([](T v) { return Act::apply(v); }).cwiseProduct(u);
       } else {
         h = u.unaryExpr([](T v) { return Act::apply(v); });
       }
-      out.middleRows(tile.begin, n).noalias() =
-          h * weights[Slot::down].slice(tile.expert).transpose();
+      detail::gemm(saved.gemm, out.middleRows(tile.begin, n), h, weights[Slot::down].slice(tile.expert).transpose());
     });
+    saved.gemm.ready();  // every thread now has room for every product of this step
   }
 
   /// d_out [S,H] → d_rows [S,H]; adds the weight gradients into grads. Consumes `saved`.
@@ -116,12 +119,13 @@ struct GroupedGemmType {
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
 
+    saved.gemm.ready();
     // d_down = d_outᵀ · hidden, before hidden's buffer is reused below.
     column_tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
       const auto [first, n] = block_of(offsets, tile.expert);
-      grads[Slot::down].slice(tile.expert).middleCols(tile.begin, tile.end - tile.begin).noalias() +=
-          d_out.middleRows(first, n).transpose() * hidden.block(first, tile.begin, n, tile.end - tile.begin);
+      detail::gemm_add(saved.gemm, grads[Slot::down].slice(tile.expert).middleCols(tile.begin, tile.end - tile.begin),
+                       d_out.middleRows(first, n).transpose(), hidden.block(first, tile.begin, n, tile.end - tile.begin));
     });
 
     // d_hidden = d_out · down, then through the activation: gate ← d_gate and up ← d_up in place.
@@ -129,7 +133,7 @@ struct GroupedGemmType {
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
       const Index n = tile.end - tile.begin;
       auto d_hidden = hidden.middleRows(tile.begin, n);
-      d_hidden.noalias() = d_out.middleRows(tile.begin, n) * weights[Slot::down].slice(tile.expert);
+      detail::gemm(saved.gemm, d_hidden, d_out.middleRows(tile.begin, n), weights[Slot::down].slice(tile.expert));
       auto u = up.middleRows(tile.begin, n);
       auto dx = d_rows.middleRows(tile.begin, n);
       if constexpr (Act::gated) {
@@ -140,11 +144,11 @@ struct GroupedGemmType {
             g(i, j) = dh * uv * Act::derivative(gv);
             u(i, j) = dh * Act::apply(gv);
           }
-        dx.noalias() = g * weights[Slot::gate].slice(tile.expert);
-        dx.noalias() += u * weights[Slot::up].slice(tile.expert);
+        detail::gemm(saved.gemm, dx, g, weights[Slot::gate].slice(tile.expert));
+        detail::gemm_add(saved.gemm, dx, u, weights[Slot::up].slice(tile.expert));
       } else {
         u = d_hidden.cwiseProduct(u.unaryExpr([](T v) { return Act::derivative(v); }));
-        dx.noalias() = u * weights[Slot::up].slice(tile.expert);
+        detail::gemm(saved.gemm, dx, u, weights[Slot::up].slice(tile.expert));
       }
     });
 
@@ -154,12 +158,13 @@ struct GroupedGemmType {
       const auto [first, n] = block_of(offsets, tile.expert);
       const Index width = tile.end - tile.begin;
       const auto x = rows.middleRows(first, n);
-      grads[Slot::up].slice(tile.expert).middleRows(tile.begin, width).noalias() +=
-          up.block(first, tile.begin, n, width).transpose() * x;
+      detail::gemm_add(saved.gemm, grads[Slot::up].slice(tile.expert).middleRows(tile.begin, width),
+                       up.block(first, tile.begin, n, width).transpose(), x);
       if constexpr (Act::gated)
-        grads[Slot::gate].slice(tile.expert).middleRows(tile.begin, width).noalias() +=
-            gate.block(first, tile.begin, n, width).transpose() * x;
+        detail::gemm_add(saved.gemm, grads[Slot::gate].slice(tile.expert).middleRows(tile.begin, width),
+                         gate.block(first, tile.begin, n, width).transpose(), x);
     });
+    saved.gemm.ready();  // every thread now has room for every product of this step
   }
 
  private:

@@ -15,6 +15,7 @@
 
 #include <moekit/core/compose.hpp>
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/gemm.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/routing_stats.hpp>
@@ -95,7 +96,7 @@ class BasicMoELayer {
     input = x;  // kept for backward; also lets y alias x
 
     auto scores = scores_.matrix(tokens, shape_.experts);
-    scores.noalias() = input * router_weight().matrix().transpose();
+    detail::gemm(gemm_, scores, input, router_weight().matrix().transpose());
     auto selection = selection_.matrix(balancer_selects ? tokens : 0, shape_.experts);
     if constexpr (balancer_selects) selection = scores;  // the logits, for Sinkhorn
     router_.template score<T>(scores);
@@ -224,14 +225,14 @@ class BasicMoELayer {
     balancer_.template backward<T>(scores, balance_context(), balance_state_, d_logits);
 
     // dy is read for the last time above, so dx may alias it. One GEMM, no temporary.
-    dx.noalias() = d_logits * router_weight().matrix();
+    detail::gemm(gemm_, dx, d_logits, router_weight().matrix());
     for_blocks(tokens, [&](Index t) {
       for (int k = 0; k < top_k; ++k) {
         const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
         if (slot != Plan::no_slot) dx.row(t) += d_rows.row(slot);
       }
     });
-    gradients_.front().matrix().noalias() += d_logits.transpose() * input;
+    detail::gemm_add(gemm_, gradients_.front().matrix(), d_logits.transpose(), input);
     have_forward_ = false;  // the saved activations now hold gradients
   }
 
@@ -580,6 +581,7 @@ class BasicMoELayer {
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
   detail::Buffer<T> d_rows_, d_logits_;                   // [S,H] [T,E]
   std::vector<T> d_weight_;                               // [T,K]
+  detail::GemmWorkspace<T> gemm_;                         // packing buffers of the router's GEMMs
   std::vector<Index> load_;                               // [E] kept choices per expert
   std::vector<T> raw_weight_;                             // [T,K] weights before the dispatcher adjusts them
   detail::Buffer<T> remote_rows_, remote_out_, remote_d_rows_;  // [R,H] rows at this rank's experts

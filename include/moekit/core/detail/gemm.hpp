@@ -1,0 +1,120 @@
+#pragma once
+// C += α·A·B with Eigen's own blocked GEMM kernel, packing into buffers the caller owns and
+// keeps between calls. Eigen's product operator packs into fresh buffers (on the heap past
+// 128 KiB) at every call; the layer runs GEMMs on tiles many times a step, and a steady state
+// that allocates nothing is one of its promises (docs/performance.md#allocations).
+//
+// This uses Eigen 3.4's internal GEMM entry point (general_matrix_matrix_product) and blocking
+// heuristic, so the arithmetic — every bit of the result — is that of `C.noalias() += α·A·B`;
+// products with one row or one column go to Eigen's GEMV, as the operator sends them.
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+#include <vector>
+
+#include <tbb/task_arena.h>
+
+#include <moekit/core/tensor.hpp>
+
+namespace moekit::detail {
+
+/// Packing buffers for one thread's GEMMs, and Eigen's blocking sizes for the current product.
+template <class T>
+class GemmBlocks : public Eigen::internal::level3_blocking<T, T> {
+ public:
+  /// Elements of the packed A and B blocks Eigen uses for an (m × k)·(k × n) product into a
+  /// column-major result.
+  struct Sizes {
+    Index kc, mc, nc;
+    std::size_t a() const { return static_cast<std::size_t>(mc * kc); }
+    std::size_t b() const { return static_cast<std::size_t>(kc * nc); }
+  };
+  static Sizes sizes(Index m, Index n, Index k) {
+    Sizes s{k, m, n};
+    Eigen::internal::computeProductBlockingSizes<T, T, 1, Index>(s.kc, s.mc, s.nc, Index{1});
+    return s;
+  }
+
+  /// Points Eigen at the buffers, grown first if the product needs more.
+  void use(const Sizes& s) {
+    grow(s.a(), s.b());
+    this->m_kc = s.kc;
+    this->m_mc = s.mc;
+    this->m_nc = s.nc;
+    this->m_blockA = a_.data();
+    this->m_blockB = b_.data();
+  }
+  void grow(std::size_t a, std::size_t b) {
+    if (a_.size() < a) a_.resize(a);
+    if (b_.size() < b) b_.resize(b);
+  }
+  std::size_t a_size() const { return a_.size(); }
+  std::size_t b_size() const { return b_.size(); }
+
+ private:
+  std::vector<T, Eigen::aligned_allocator<T>> a_, b_;
+};
+
+/// GemmBlocks for each thread of the arena. A thread grows its own blocks when a product needs
+/// more; ready(), called outside parallel loops (before them, and after them so that the first
+/// step leaves every thread ready for the next), grows every thread's to the largest any has
+/// needed. So after the first step, whichever thread takes whichever tile, nothing is allocated.
+template <class T>
+class GemmWorkspace {
+ public:
+  void ready() {
+    const auto threads = static_cast<std::size_t>(std::max(1, tbb::this_task_arena::max_concurrency()));
+    if (slots_.size() < threads) slots_.resize(threads);
+    std::size_t a = 0, b = 0;
+    for (const auto& slot : slots_) {
+      a = std::max(a, slot.a_size());
+      b = std::max(b, slot.b_size());
+    }
+    for (auto& slot : slots_) slot.grow(a, b);
+  }
+  /// The calling thread's blocks (call ready() first in the arena the thread works in).
+  GemmBlocks<T>& local() {
+    if (slots_.empty()) ready();
+    const int i = tbb::this_task_arena::current_thread_index();
+    return slots_[i >= 0 && static_cast<std::size_t>(i) < slots_.size() ? static_cast<std::size_t>(i) : 0];
+  }
+
+ private:
+  std::vector<GemmBlocks<T>> slots_;
+};
+
+template <class M>
+constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+
+/// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
+/// dense block with unit inner stride (a matrix, a block of one, or their transposes).
+template <class T, class C, class A, class B>
+void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
+  using Out = std::remove_cvref_t<C>;
+  eigen_assert(a.rows() == c.rows() && b.cols() == c.cols() && a.cols() == b.rows());
+  eigen_assert(a.innerStride() == 1 && b.innerStride() == 1 && c.innerStride() == 1);
+  const Index m = c.rows(), n = c.cols(), k = a.cols();
+  if (m == 0 || n == 0 || k == 0) return;
+  if (m == 1 || n == 1) {  // a GEMV: no packing, each weight read once
+    c.noalias() += a * b;
+    return;
+  }
+  auto& blocks = workspace.local();
+  // A row-major result is the transposed product computed column-major (as Eigen does).
+  blocks.use(Out::IsRowMajor ? GemmBlocks<T>::sizes(n, m, k) : GemmBlocks<T>::sizes(m, n, k));
+  Eigen::internal::general_matrix_matrix_product<Index, T, storage_order<A>, false, T, storage_order<B>, false,
+                                                 storage_order<Out>, 1>::run(m, n, k, a.data(), a.outerStride(),
+                                                                             b.data(), b.outerStride(), c.data(),
+                                                                             1, c.outerStride(), T(1), blocks);
+}
+
+/// c = a · b.
+template <class T, class C, class A, class B>
+void gemm(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
+  c.setZero();
+  gemm_add(workspace, c, a, b);
+}
+
+}  // namespace moekit::detail
