@@ -1,141 +1,349 @@
-// The layer's forward and forward + backward against the limit it is held to: the same SwiGLU
-// GEMMs over T·K rows with one expert's weights and no routing, computed with Eigen.
+// The layer against the limit it is held to (docs/performance.md): the same SwiGLU GEMMs over
+// T·K rows with one expert's weights and no routing, computed with Eigen on the same threads,
+// measured in the same run.
 //
-//   build/benchmarks/layer_benchmark [--benchmark_format=json]
+//   build/benchmarks/layer_benchmark [--threads=1,2,4] [--benchmark_format=json] [--benchmark_filter=...]
 //
-// Shapes are named T:/H:/F:/E:/K:. Counters: GFLOP/s and tokens/s. Timings are reported here,
-// never asserted in tests.
+// The matrix is generated at compile time from the policy lists below. Names carry what was run:
+//   layer/fwd/<policies>/T:2048/H:1024/F:2816/E:8/K:2/threads:2
+// with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
+// `decode/...` the small batches. Counters: gflops, pct_of_limit (100 · limit time / time),
+// tokens_per_s, allocs_per_step (heap allocations in a step after the timed ones, expected 0);
+// forward + backward adds peak_MiB and peak_over_saved (the first step's peak heap
+// over the activations backward needs saved); decode adds x_of_bound. Timings are reported
+// here, never asserted in tests. scripts/performance_report.py turns the JSON into tables.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
+#include <map>
+#include <set>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include <tbb/blocked_range.h>
+#include <tbb/global_control.h>
 #include <tbb/parallel_for.h>
 
 #include <moekit/moekit.hpp>
+
+#include "support/heap.hpp"
 
 namespace {
 
 using moekit::Index;
 using Matrix = moekit::Matrix<float>;
+using Clock = std::chrono::steady_clock;
 
-constexpr int K = 2;
+template <class... Ps>
+struct List {};
 
-/// Forward FLOPs of SwiGLU experts over rows: three GEMMs of 2·rows·H·F.
-double expert_flops(Index rows, Index hidden, Index ffn) { return 3.0 * 2.0 * double(rows) * double(hidden) * double(ffn); }
+// Each list is varied on its own around the default layer (TopK<2>, AuxLoss, Dropless,
+// GroupedGemm): their costs add, so the full product would time the same parts many times over.
+// The reference PerExpertLoop is left out: a correctness oracle, one token at a time.
+using Routers = List<moekit::TopK<1>, moekit::TopK<2>, moekit::TopK<4>>;
+using Balancers = List<moekit::AuxLoss, moekit::NoBalance, moekit::Sinkhorn, moekit::AuxFree>;
+using Dispatchers = List<moekit::Dropless, moekit::Capacity>;
+using Experts = List<moekit::GroupedGemm, moekit::GroupedGemmType<moekit::GeLU>, moekit::GroupedGemmType<moekit::ReLU>>;
 
-Matrix random(Index rows, Index cols) { return Matrix::Random(rows, cols); }
+template <class R = moekit::TopK<2>, class B = moekit::AuxLoss, class D = moekit::Dropless, class X = moekit::GroupedGemm>
+using Layer = moekit::MoELayer<R, B, D, X, float>;
 
-void set_counters(benchmark::State& state, Index tokens, double flops) {
-  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["tokens/s"] = benchmark::Counter(double(tokens), benchmark::Counter::kIsIterationInvariantRate);
+template <class... Ps, class F>
+void for_each_policy(List<Ps...>, F f) {
+  (f.template operator()<Ps>(), ...);
 }
 
-/// The limit: the same GEMMs with no routing, over T·K rows and one expert's weights.
-void BM_LimitForward(benchmark::State& state) {
-  const Index tokens = state.range(0), hidden = state.range(1), ffn = state.range(2), rows = tokens * K;
-  const Matrix x = random(rows, hidden), gate = random(ffn, hidden), up = random(ffn, hidden), down = random(hidden, ffn);
-  Matrix g(rows, ffn), u(rows, ffn), y(rows, hidden);
-  for (auto _ : state) {
-    g.noalias() = x * gate.transpose();
-    u.noalias() = x * up.transpose();
-    g = g.unaryExpr([](float v) { return moekit::SwiGLU::apply(v); }).cwiseProduct(u);
-    y.noalias() = g * down.transpose();
-    benchmark::DoNotOptimize(y.data());
+struct Shape {
+  Index tokens, hidden, ffn, experts;
+  int k;
+  Index rows() const { return tokens * k; }
+  std::string name() const {
+    return "T:" + std::to_string(tokens) + "/H:" + std::to_string(hidden) + "/F:" + std::to_string(ffn) +
+           "/E:" + std::to_string(experts) + "/K:" + std::to_string(k);
   }
-  set_counters(state, tokens, expert_flops(rows, hidden, ffn));
+};
+
+enum class Pass { forward, forward_backward };
+const char* pass_name(Pass pass) { return pass == Pass::forward ? "fwd" : "fwd+bwd"; }
+
+/// FLOPs of FFN experts over the routed rows: forward is one GEMM of 2·rows·H·F per weight
+/// matrix (three for SwiGLU, two for GeLU and ReLU); backward two more per matrix (the input's
+/// and the weight's gradient), so forward + backward is 3×.
+double flops(const Shape& s, Pass pass, bool gated = true) {
+  const double forward = (gated ? 3.0 : 2.0) * 2.0 * double(s.rows()) * double(s.hidden) * double(s.ffn);
+  return forward * (pass == Pass::forward ? 1.0 : 3.0);
 }
 
-template <bool Backward>
-void BM_Layer(benchmark::State& state) {
-  const Index tokens = state.range(0), hidden = state.range(1), ffn = state.range(2), experts = state.range(3);
-  moekit::MoELayer<moekit::TopK<K>, moekit::AuxLoss, moekit::Dropless, moekit::GroupedGemm, float> layer(
-      {.hidden = hidden, .ffn = ffn, .experts = experts});
-  const Matrix x = random(tokens, hidden), dy = random(tokens, hidden);
-  Matrix y(tokens, hidden), dx(tokens, hidden);
-  for (auto _ : state) {
+/// The limit: SwiGLU over T·K rows with one expert's weights — no router, no gather, no combine.
+/// Each thread takes an equal panel (rows for forward and dx, FFN columns for the weight
+/// gradients): the fastest way to run Eigen's single-threaded GEMM on several threads.
+class LimitGemms {
+ public:
+  explicit LimitGemms(const Shape& s)
+      : x_(Matrix::Random(s.rows(), s.hidden)), dy_(Matrix::Random(s.rows(), s.hidden)),
+        gate_(Matrix::Random(s.ffn, s.hidden)), up_(Matrix::Random(s.ffn, s.hidden)), down_(Matrix::Random(s.hidden, s.ffn)),
+        d_gate_w_(Matrix::Zero(s.ffn, s.hidden)), d_up_w_(Matrix::Zero(s.ffn, s.hidden)), d_down_w_(Matrix::Zero(s.hidden, s.ffn)),
+        g_(s.rows(), s.ffn), u_(s.rows(), s.ffn), h_(s.rows(), s.ffn), y_(s.rows(), s.hidden), dx_(s.rows(), s.hidden) {}
+
+  void forward(int threads) {
+    panels(threads, x_.rows(), [&](Index first, Index n) {
+      const auto x = x_.middleRows(first, n);
+      auto g = g_.middleRows(first, n), u = u_.middleRows(first, n), h = h_.middleRows(first, n);
+      g.noalias() = x * gate_.transpose();
+      u.noalias() = x * up_.transpose();
+      h = g.unaryExpr([](float v) { return moekit::SwiGLU::apply(v); }).cwiseProduct(u);
+      y_.middleRows(first, n).noalias() = h * down_.transpose();
+    });
+  }
+
+  void backward(int threads) {
+    panels(threads, h_.cols(), [&](Index first, Index n) {  // d_down = dyᵀ · h
+      d_down_w_.middleCols(first, n).noalias() += dy_.transpose() * h_.middleCols(first, n);
+    });
+    panels(threads, x_.rows(), [&](Index first, Index n) {
+      auto g = g_.middleRows(first, n), u = u_.middleRows(first, n), dh = h_.middleRows(first, n);
+      dh.noalias() = dy_.middleRows(first, n) * down_;
+      for (Index i = 0; i < n; ++i)
+        for (Index j = 0; j < g.cols(); ++j) {
+          const float gv = g(i, j), uv = u(i, j), d = dh(i, j);
+          g(i, j) = d * uv * moekit::SwiGLU::derivative(gv);
+          u(i, j) = d * moekit::SwiGLU::apply(gv);
+        }
+      auto dx = dx_.middleRows(first, n);
+      dx.noalias() = g * gate_;
+      dx.noalias() += u * up_;
+    });
+    panels(threads, g_.cols(), [&](Index first, Index n) {
+      d_gate_w_.middleRows(first, n).noalias() += g_.middleCols(first, n).transpose() * x_;
+      d_up_w_.middleRows(first, n).noalias() += u_.middleCols(first, n).transpose() * x_;
+    });
+    benchmark::DoNotOptimize(dx_.data());
+  }
+
+ private:
+  template <class Body>
+  static void panels(int threads, Index extent, Body body) {
+    tbb::parallel_for(tbb::blocked_range<int>(0, threads, 1), [&](const tbb::blocked_range<int>& r) {
+      for (int p = r.begin(); p != r.end(); ++p) {
+        const Index first = extent * p / threads, last = extent * (p + 1) / threads;
+        if (last > first) body(first, last - first);
+      }
+    }, tbb::simple_partitioner());
+  }
+
+  Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
+};
+
+/// Seconds per iteration of the limit for (shape, threads, pass), as the limit benchmark of this
+/// run measured them; measured here (best of 3) when a filter left that benchmark out.
+std::map<std::string, double>& limit_seconds() {
+  static std::map<std::string, double> seconds;
+  return seconds;
+}
+std::string limit_key(const Shape& s, int threads, Pass pass) {
+  return std::string(pass_name(pass)) + "/" + s.name() + "/threads:" + std::to_string(threads);
+}
+void run_limit(LimitGemms& limit, int threads, Pass pass) {
+  limit.forward(threads);
+  if (pass == Pass::forward_backward) limit.backward(threads);
+}
+double limit_time(const Shape& s, int threads, Pass pass) {
+  const auto key = limit_key(s, threads, pass);
+  if (auto it = limit_seconds().find(key); it != limit_seconds().end()) return it->second;
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  LimitGemms limit(s);
+  run_limit(limit, threads, pass);  // warm-up
+  double best = 1e300;
+  for (int repeat = 0; repeat < 3; ++repeat) {
+    const auto start = Clock::now();
+    run_limit(limit, threads, pass);
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  return limit_seconds()[key] = best;
+}
+
+/// pct_of_limit compares GFLOP/s with the limit's (for SwiGLU, the same as comparing times).
+void set_counters(benchmark::State& state, const Shape& s, Pass pass, bool gated, double seconds, double limit_seconds) {
+  const double gflops = flops(s, pass, gated) * 1e-9 / seconds;
+  state.counters["gflops"] = gflops;
+  state.counters["tokens_per_s"] = double(s.tokens) / seconds;
+  state.counters["pct_of_limit"] = 100.0 * gflops / (flops(s, pass) * 1e-9 / limit_seconds);
+}
+
+double seconds_per_iteration(const benchmark::State& state, Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count() / double(state.iterations());
+}
+
+void BM_Limit(benchmark::State& state, Shape s, int threads, Pass pass) {
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  LimitGemms limit(s);
+  run_limit(limit, threads, pass);
+  const auto start = Clock::now();
+  for (auto _ : state) run_limit(limit, threads, pass);
+  const double seconds = seconds_per_iteration(state, start);
+  limit_seconds()[limit_key(s, threads, pass)] = seconds;
+  set_counters(state, s, pass, true, seconds, seconds);
+}
+
+/// The activations backward needs saved (x, scores, the dispatched rows and the experts'
+/// outputs, and the FFN's [S,F] intermediates: three for SwiGLU, two otherwise), in bytes.
+template <class L>
+double saved_bytes(const L& layer, const Shape& s) {
+  const double rows = double(layer.plan().rows());
+  const double ffn_saved = L::expert_type::activation::gated ? 3.0 : 2.0;
+  return sizeof(float) * (double(s.tokens) * double(s.hidden + s.experts) + rows * (2.0 * double(s.hidden) + ffn_saved * double(s.ffn)));
+}
+
+template <class L>
+void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+  const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
+  Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
+  auto step = [&] {
     layer.forward(x, y);
-    if constexpr (Backward) layer.backward(dy, dx);
+    if (pass == Pass::forward_backward) layer.backward(dy, dx);
     benchmark::DoNotOptimize(y.data());
+  };
+  double peak = 0;
+  {
+    const heap::Watch watch;  // the first step allocates every buffer: its peak is the step's
+    step();
+    peak = double(watch.report().peak_bytes);
   }
-  // Backward costs two GEMMs for each forward one (input and weight gradients).
-  set_counters(state, tokens, expert_flops(tokens * K, hidden, ffn) * (Backward ? 3.0 : 1.0));
+  const auto start = Clock::now();
+  for (auto _ : state) step();
+  const double seconds = seconds_per_iteration(state, start);
+  set_counters(state, s, pass, L::expert_type::activation::gated, seconds, limit_time(s, threads, pass));
+  {
+    const heap::Watch watch;
+    step();
+    state.counters["allocs_per_step"] = double(watch.report().allocations);
+  }
+  if (pass == Pass::forward_backward) {
+    state.counters["peak_MiB"] = peak / double(1 << 20);
+    state.counters["peak_over_saved"] = peak / saved_bytes(layer, s);
+  }
 }
 
-/// The machine's memory bandwidth, measured once in this run on all cores (TBB, like the layer):
-/// the best of 5 STREAM triads
+/// The machine's memory bandwidth on `threads` threads: the best of 5 STREAM triads
 /// a = b + s·c over arrays of 32 Mi floats (128 MiB each, far beyond any cache), counting the
-/// 3 × 128 MiB each triad moves. Bytes per second.
-double triad_bandwidth() {
-  static const double bandwidth = [] {
-    const std::size_t n = std::size_t{32} << 20;
-    std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
-    double best = 1e300;
-    for (int repeat = 0; repeat < 5; ++repeat) {
-      const auto start = std::chrono::steady_clock::now();
-      tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, 1 << 16), [&](const tbb::blocked_range<std::size_t>& r) {
-        for (std::size_t i = r.begin(); i != r.end(); ++i) a[i] = b[i] + 3.0f * c[i];
-      });
-      benchmark::DoNotOptimize(a.data());
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
-    }
-    return 3.0 * double(n) * sizeof(float) / best;
-  }();
-  return bandwidth;
+/// 3 × 128 MiB each triad moves. Bytes per second; measured once per thread count.
+double triad_bandwidth(int threads) {
+  static std::map<int, double> measured;
+  if (auto it = measured.find(threads); it != measured.end()) return it->second;
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  const std::size_t n = std::size_t{32} << 20;
+  std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
+  double best = 1e300;
+  for (int repeat = 0; repeat < 5; ++repeat) {
+    const auto start = Clock::now();
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, 1 << 16), [&](const tbb::blocked_range<std::size_t>& r) {
+      for (std::size_t i = r.begin(); i != r.end(); ++i) a[i] = b[i] + 3.0f * c[i];
+    });
+    benchmark::DoNotOptimize(a.data());
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
+  }
+  return measured[threads] = 3.0 * double(n) * sizeof(float) / best;
 }
 
-void BM_Triad(benchmark::State& state) {
-  for (auto _ : state) benchmark::DoNotOptimize(triad_bandwidth());
-  state.counters["GB/s"] = triad_bandwidth() * 1e-9;
+void BM_Triad(benchmark::State& state, int threads) {
+  for (auto _ : state) benchmark::DoNotOptimize(triad_bandwidth(threads));
+  state.counters["GB_per_s"] = triad_bandwidth(threads) * 1e-9;
 }
 
 /// Decode: a few tokens, so the time is reading the activated experts' weights. Held against
-/// reading those weights once at the triad's bandwidth: `x_of_bound` = time / that (target ≤ 1.5).
-void BM_LayerDecode(benchmark::State& state) {
-  const Index tokens = state.range(0), hidden = state.range(1), ffn = state.range(2), experts = state.range(3);
-  moekit::MoELayer<moekit::TopK<K>, moekit::AuxLoss, moekit::Dropless, moekit::GroupedGemm, float> layer(
-      {.hidden = hidden, .ffn = ffn, .experts = experts});
-  const Matrix x = random(tokens, hidden);
-  Matrix y(tokens, hidden);
+/// reading those weights once at the triad's bandwidth: x_of_bound = time / that (target ≤ 1.5).
+void BM_Decode(benchmark::State& state, Shape s, int threads) {
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  Layer<> layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+  const Matrix x = Matrix::Random(s.tokens, s.hidden);
+  Matrix y(s.tokens, s.hidden);
   layer.forward(x, y);
   const auto active = std::count_if(layer.tokens_per_expert().begin(), layer.tokens_per_expert().end(),
                                     [](Index n) { return n > 0; });
-  const double bytes = double(active) * 3.0 * double(hidden) * double(ffn) * sizeof(float);
-  const double bound = bytes / triad_bandwidth();
-  const auto start = std::chrono::steady_clock::now();
+  const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
+  const auto start = Clock::now();
   for (auto _ : state) {
     layer.forward(x, y);
     benchmark::DoNotOptimize(y.data());
   }
-  const double per_step =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() / double(state.iterations());
+  const double seconds = seconds_per_iteration(state, start);
   state.counters["experts_read"] = double(active);
-  state.counters["weight_GB/s"] = bytes * 1e-9 / per_step;
-  state.counters["x_of_bound"] = per_step / bound;
+  state.counters["weight_GB_per_s"] = bytes * 1e-9 / seconds;
+  state.counters["x_of_bound"] = seconds / (bytes / triad_bandwidth(threads));
 }
 
-void shapes(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"T", "H", "F", "E"});
-  b->Args({512, 1024, 2816, 8});   // a smaller cut of the standard shape, for a 2-core machine
-  b->Args({2048, 1024, 2816, 8});  // the standard shape
-  b->Args({512, 1024, 256, 64});   // many small experts
-  b->Unit(benchmark::kMillisecond)->UseRealTime();
+void timed(benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->UseRealTime(); }
+
+/// The benchmarks of one shape and thread count: the limit, then the layer, for both passes.
+template <class L>
+void register_layer(const Shape& s, int threads, std::set<std::string>& seen) {
+  for (const Pass pass : {Pass::forward, Pass::forward_backward}) {
+    const std::string tail = s.name() + "/threads:" + std::to_string(threads);
+    const std::string limit = std::string("limit/") + pass_name(pass) + "/" + tail;
+    if (seen.insert(limit).second) timed(benchmark::RegisterBenchmark(limit.c_str(), BM_Limit, s, threads, pass));
+    const std::string layer = std::string("layer/") + pass_name(pass) + "/" + L::name() + "/" + tail;
+    if (seen.insert(layer).second) timed(benchmark::RegisterBenchmark(layer.c_str(), BM_Layer<L>, s, threads, pass));
+  }
+}
+
+void register_all(const std::vector<int>& thread_counts) {
+  std::set<std::string> seen;
+  for (const int threads : thread_counts) {
+    benchmark::RegisterBenchmark(("triad/threads:" + std::to_string(threads)).c_str(), BM_Triad, threads)->Iterations(1);
+    for (const Index tokens : {1, 4, 16}) {
+      const Shape s{tokens, 1024, 2816, 8, 2};
+      timed(benchmark::RegisterBenchmark(("decode/" + Layer<>::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
+                                         BM_Decode, s, threads));
+    }
+    // The standard shape, and many small experts, with the default layer.
+    register_layer<Layer<>>({2048, 1024, 2816, 8, 2}, threads, seen);
+    register_layer<Layer<>>({2048, 1024, 256, 64, 2}, threads, seen);
+    // Every policy of every list, on a quarter of the standard batch.
+    auto policy_shape = [](int k) { return Shape{512, 1024, 2816, 8, k}; };
+    for_each_policy(Routers{}, [&]<class R>() { register_layer<Layer<R>>(policy_shape(R::top_k), threads, seen); });
+    for_each_policy(Balancers{}, [&]<class B>() { register_layer<Layer<moekit::TopK<2>, B>>(policy_shape(2), threads, seen); });
+    for_each_policy(Dispatchers{}, [&]<class D>() {
+      register_layer<Layer<moekit::TopK<2>, moekit::AuxLoss, D>>(policy_shape(2), threads, seen);
+    });
+    for_each_policy(Experts{}, [&]<class X>() {
+      register_layer<Layer<moekit::TopK<2>, moekit::AuxLoss, moekit::Dropless, X>>(policy_shape(2), threads, seen);
+    });
+  }
+}
+
+/// --threads=1,2,4 (removed from argv); by default 1, 2, 4, … up to all hardware threads, and all.
+std::vector<int> thread_counts(int& argc, char** argv) {
+  std::vector<int> counts;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg.rfind("--threads=", 0) != 0) continue;
+    for (std::size_t at = 10; at < arg.size();) {
+      const auto comma = std::min(arg.find(',', at), arg.size());
+      counts.push_back(std::max(1, std::atoi(arg.substr(at, comma - at).c_str())));
+      at = comma + 1;
+    }
+    std::copy(argv + i + 1, argv + argc, argv + i);
+    --argc;
+    return counts;
+  }
+  const int all = std::max(1u, std::thread::hardware_concurrency());
+  for (int n = 1; n < all; n *= 2) counts.push_back(n);
+  counts.push_back(all);
+  return counts;
 }
 
 }  // namespace
 
-BENCHMARK(BM_Triad)->Iterations(1);
-BENCHMARK(BM_LayerDecode)
-    ->ArgNames({"T", "H", "F", "E"})
-    ->Args({1, 1024, 2816, 8})
-    ->Args({4, 1024, 2816, 8})
-    ->Args({16, 1024, 2816, 8})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime();
-BENCHMARK(BM_LimitForward)->Apply(shapes);
-BENCHMARK(BM_Layer<false>)->Name("BM_LayerForward")->Apply(shapes);
-BENCHMARK(BM_Layer<true>)->Name("BM_LayerForwardBackward")->Apply(shapes);
-
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  const auto counts = thread_counts(argc, argv);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  register_all(counts);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+}
