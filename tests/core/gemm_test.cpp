@@ -1,5 +1,6 @@
 // detail::gemm packs into kept buffers but must compute exactly what Eigen's product operator
-// computes: the same kernel, the same blocking, so the same bits.
+// computes: the same kernel, the same blocking, so the same bits. Only x · Wᵀ with a few rows
+// (2 … few_rows) is taken as one GEMV per row instead, equal up to rounding.
 #include <gtest/gtest.h>
 
 #include <moekit/core/detail/gemm.hpp>
@@ -12,7 +13,7 @@ using ColMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Co
 TEST(Gemm, EqualsEigensProductBitForBit) {
   detail::GemmWorkspace<float> workspace;
   // (m, n, k): tiny, single row and column (GEMV), past Eigen's 128 KiB stack blocks, odd sizes.
-  const Index shapes[][3] = {{1, 1, 1}, {1, 300, 200}, {300, 1, 200}, {5, 7, 3}, {64, 700, 300}, {129, 65, 1031}};
+  const Index shapes[][3] = {{1, 1, 1}, {1, 300, 200}, {300, 1, 200}, {9, 7, 3}, {64, 700, 300}, {129, 65, 1031}};
   for (const auto& [m, n, k] : shapes) {
     const Matrix<float> a = Matrix<float>::Random(m, k);          // row-major
     const ColMatrix bt = ColMatrix::Random(n, k);                 // b = btᵀ, a transposed view
@@ -26,6 +27,17 @@ TEST(Gemm, EqualsEigensProductBitForBit) {
     detail::gemm(workspace, cc, wide.block(1, 2, m, k), bt.transpose());
     expected_cc.noalias() = wide.block(1, 2, m, k) * bt.transpose();
     EXPECT_TRUE(cc == expected_cc) << m << "x" << n << "x" << k << ": column-major result of a block";
+  }
+}
+
+TEST(Gemm, AFewRowsTimesATransposedMatrixAreOneGemvPerRow) {
+  detail::GemmWorkspace<float> workspace;
+  for (Index m = 2; m <= detail::few_rows; ++m) {
+    const Matrix<float> x = Matrix<float>::Random(m, 333), w = Matrix<float>::Random(517, 333);
+    Matrix<float> c = Matrix<float>::Random(m, 517), expected = c;
+    detail::gemm_add(workspace, c, x, w.transpose());
+    expected.noalias() += x * w.transpose();
+    EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), 1e-4f) << m << " rows";
   }
 }
 

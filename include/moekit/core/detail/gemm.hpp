@@ -5,8 +5,9 @@
 // that allocates nothing is one of its promises (docs/performance.md#allocations).
 //
 // This uses Eigen 3.4's internal GEMM entry point (general_matrix_matrix_product) and blocking
-// heuristic, so the arithmetic — every bit of the result — is that of `C.noalias() += α·A·B`;
-// products with one row or one column go to Eigen's GEMV, as the operator sends them.
+// heuristic, so the arithmetic — every bit of the result — is that of `C.noalias() += A·B`;
+// products with one row or one column go to Eigen's GEMV, as the operator sends them. One
+// exception: x · Wᵀ with 2…few_rows rows is computed as one GEMV per row (decode).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -88,6 +89,12 @@ class GemmWorkspace {
 template <class M>
 constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 
+/// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
+/// experts' x · Wᵀ) is taken as one GEMV per row: packing the weights for a GEMM kernel would
+/// read them once more than the product itself does, and at decode sizes reading the weights
+/// is the whole cost.
+inline constexpr Index few_rows = 8;
+
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
 /// dense block with unit inner stride (a matrix, a block of one, or their transposes).
 template <class T, class C, class A, class B>
@@ -100,6 +107,12 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   if (m == 1 || n == 1) {  // a GEMV: no packing, each weight read once
     c.noalias() += a * b;
     return;
+  }
+  if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
+    if (m <= few_rows) {  // x · Wᵀ for a few rows x (decode): one GEMV per row
+      for (Index i = 0; i < m; ++i) c.row(i).noalias() += a.row(i) * b;
+      return;
+    }
   }
   auto& blocks = workspace.local();
   // A row-major result is the transposed product computed column-major (as Eigen does).
