@@ -11,6 +11,7 @@ packages=(
   libboost-mpi-dev libopenmpi-dev openmpi-bin   # collectives between ranks
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev           # benchmarks
+  python3                    # scripts/performance_report.py and its test
 )
 
 missing=()

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Turns layer_benchmark's JSON into the measured part of docs/performance.md, and a plot.
+
+    build/benchmarks/layer_benchmark --benchmark_format=json > bench.json
+    python3 scripts/performance_report.py bench.json \\
+        --machine "2-vCPU VM, AMD EPYC, 24 GiB, Debian 12, g++ 12.2 -O3" \\
+        --command "build/benchmarks/layer_benchmark --benchmark_format=json"
+
+The tables replace what lies between the markers `<!-- report:begin -->` and
+`<!-- report:end -->` in the document (docs/performance.md by default); the prose around them
+stays. The plot (pct_of_limit of every layer benchmark, with the targets) is an SVG written
+beside the document. Python's standard library only.
+"""
+import argparse
+import html
+import json
+import pathlib
+import re
+import sys
+
+BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the limit (issue targets)
+DECODE_TARGET = 1.5  # x_of_bound
+
+
+def parse_name(name):
+    """'layer/fwd/<policies>/T:2048/H:1024/F:2816/E:8/K:2/threads:2/real_time' → dict."""
+    parts = [p for p in name.split("/") if p not in ("real_time", "") and not p.startswith("iterations:")]
+    entry = {"kind": parts[0], "pass": None, "policies": None, "shape": {}, "threads": None}
+    for part in parts[1:]:
+        key, sep, value = part.partition(":")
+        if sep and key in ("T", "H", "F", "E", "K"):
+            entry["shape"][key] = int(value)
+        elif sep and key == "threads":
+            entry["threads"] = int(value)
+        elif part in ("fwd", "fwd+bwd"):
+            entry["pass"] = part
+        else:
+            entry["policies"] = part
+    return entry
+
+
+def shape_name(shape):
+    return "/".join(f"{k}:{shape[k]}" for k in ("T", "H", "F", "E", "K") if k in shape)
+
+
+def short_policies(policies):
+    return re.sub(r"_SingleProcess_f32$", "", policies or "")
+
+
+def milliseconds(bench):
+    scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}[bench.get("time_unit", "ns")]
+    return bench["real_time"] * scale
+
+
+def load(path):
+    data = json.loads(pathlib.Path(path).read_text())
+    rows = []
+    for bench in data.get("benchmarks", []):
+        if bench.get("run_type", "iteration") != "iteration" or bench.get("error_occurred"):
+            continue
+        entry = parse_name(bench["name"])
+        entry["ms"] = milliseconds(bench)
+        entry["counters"] = {k: v for k, v in bench.items() if isinstance(v, (int, float))}
+        rows.append(entry)
+    return data.get("context", {}), rows
+
+
+def fmt(value, digits=1):
+    if value is None:
+        return "—"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.{digits}f}"
+
+
+def table(header, lines):
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(str(c) for c in line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def verdict(value, target, higher_is_better=True):
+    if value is None:
+        return "—"
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else "**not met**"
+
+
+def layer_tables(rows):
+    layers = [r for r in rows if r["kind"] == "layer"]
+    limits = {(shape_name(r["shape"]), r["pass"], r["threads"]): r for r in rows if r["kind"] == "limit"}
+    lines = []
+    for r in sorted(layers, key=lambda r: (shape_name(r["shape"]), short_policies(r["policies"]), r["pass"], r["threads"])):
+        c = r["counters"]
+        limit = limits.get((shape_name(r["shape"]), r["pass"], r["threads"]))
+        lines.append([
+            f"`{short_policies(r['policies'])}`", f"`{shape_name(r['shape'])}`", r["pass"], r["threads"],
+            fmt(r["ms"]), fmt(limit["ms"]) if limit else "—", fmt(c.get("gflops")),
+            fmt(c.get("pct_of_limit")), verdict(c.get("pct_of_limit"), TARGETS[r["pass"]]),
+            fmt(c.get("peak_over_saved"), 2) if "peak_over_saved" in c else "",
+            fmt(c.get("allocs_per_step"), 0),
+        ])
+    return table(["layer", "shape", "pass", "threads", "ms", "limit ms", "GFLOP/s", "% of limit",
+                  "target (fwd ≥ 85, fwd+bwd ≥ 80)", "peak / saved", "allocs / step"], lines)
+
+
+def scaling_table(rows):
+    """Layer and limit speed-up over one thread, for every (layer, shape, pass) run at 1 thread."""
+    by_key = {}
+    for r in rows:
+        if r["kind"] in ("layer", "limit"):
+            key = (r["kind"], short_policies(r["policies"]), shape_name(r["shape"]), r["pass"])
+            by_key.setdefault(key, {})[r["threads"]] = r["ms"]
+    lines = []
+    for (kind, policies, shape, pass_), times in sorted(by_key.items()):
+        if 1 not in times or len(times) < 2:
+            continue
+        for threads in sorted(times):
+            speedup = times[1] / times[threads]
+            lines.append([kind, f"`{policies}`" if policies else "", f"`{shape}`", pass_, threads,
+                          fmt(times[threads]), fmt(speedup, 2), f"{100 * speedup / threads:.0f}%"])
+    return table(["", "layer", "shape", "pass", "threads", "ms", "speed-up", "parallel efficiency"], lines)
+
+
+def decode_table(rows):
+    lines = []
+    for r in sorted((r for r in rows if r["kind"] == "decode"), key=lambda r: (r["threads"], r["shape"]["T"])):
+        c = r["counters"]
+        lines.append([r["shape"]["T"], r["threads"], fmt(r["ms"], 2), fmt(c.get("experts_read"), 0),
+                      fmt(c.get("weight_GB_per_s")), fmt(c.get("x_of_bound"), 2),
+                      verdict(c.get("x_of_bound"), DECODE_TARGET, higher_is_better=False)])
+    triads = ", ".join(f"{r['threads']} threads {fmt(r['counters'].get('GB_per_s'))} GB/s"
+                       for r in rows if r["kind"] == "triad")
+    return table(["T", "threads", "ms", "experts read", "weights GB/s", "x_of_bound", "target ≤ 1.5"], lines) + \
+        (f"\n\nTriad bandwidth: {triads}." if triads else "")
+
+
+def plot(rows, path):
+    """Horizontal bars: pct_of_limit of each layer benchmark at its largest thread count."""
+    layers = [r for r in rows if r["kind"] == "layer"]
+    if not layers:
+        return False
+    most = {}
+    for r in layers:
+        key = (short_policies(r["policies"]), shape_name(r["shape"]), r["pass"])
+        if key not in most or r["threads"] > most[key]["threads"]:
+            most[key] = r
+    bars = sorted(most.values(), key=lambda r: (shape_name(r["shape"]), short_policies(r["policies"]), r["pass"]))
+    label_w, bar_w, row_h, top = 560, 360, 18, 40
+    width, height = label_w + bar_w + 60, top + row_h * len(bars) + 40
+    scale = bar_w / 120.0  # 0 … 120 %
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<text x="10" y="20" font-size="13">Layer speed, % of the limit (threads: {max(r["threads"] for r in bars)})</text>']
+    for i, r in enumerate(bars):
+        y = top + i * row_h
+        pct = r["counters"].get("pct_of_limit", 0.0)
+        color = "#3a7bd5" if r["pass"] == "fwd" else "#e08a2c"
+        label = f'{short_policies(r["policies"])} {shape_name(r["shape"])} {r["pass"]}'
+        svg.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">{html.escape(label)}</text>')
+        svg.append(f'<rect x="{label_w}" y="{y + 2}" width="{max(0.0, pct) * scale:.1f}" height="{row_h - 4}" fill="{color}"/>')
+        svg.append(f'<text x="{label_w + max(0.0, pct) * scale + 4:.1f}" y="{y + 12}">{pct:.0f}%</text>')
+    for pass_, target in TARGETS.items():
+        x = label_w + target * scale
+        svg.append(f'<line x1="{x:.1f}" y1="{top - 6}" x2="{x:.1f}" y2="{height - 30}" stroke="#555" stroke-dasharray="4 3"/>')
+        svg.append(f'<text x="{x:.1f}" y="{height - 16}" text-anchor="middle">{pass_} target {target:.0f}%</text>')
+    svg.append("</svg>")
+    pathlib.Path(path).write_text("\n".join(svg) + "\n")
+    return True
+
+
+def report(context, rows, machine, command, plot_name):
+    caches = ", ".join(f"L{c['level']} {c['type'].lower()} {c['size'] // 1024} KiB"
+                       for c in context.get("caches", []) if c.get("type") in ("Data", "Unified"))
+    parts = [
+        f"Machine: {machine}. Google Benchmark saw {context.get('num_cpus', '?')} CPUs at "
+        f"{context.get('mhz_per_cpu', '?')} MHz ({caches}); run {context.get('date', '?')}.",
+        "", "```", command, "```", "",
+        "### Against the limit", "", layer_tables(rows), "",
+        f"![% of the limit per layer benchmark]({plot_name})" if plot_name else "", "",
+        "### Thread scaling", "", scaling_table(rows), "",
+        "### Decode (small batches)", "", decode_table(rows),
+    ]
+    return "\n".join(parts).replace("\n\n\n", "\n\n").strip() + "\n"
+
+
+def splice(document, generated):
+    if BEGIN not in document or END not in document:
+        raise SystemExit(f"performance_report: the document has no {BEGIN} … {END} markers; expected both")
+    head, rest = document.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{generated}{END}{tail}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", help="layer_benchmark --benchmark_format=json output")
+    parser.add_argument("--machine", required=True, help="the machine, in words (CPU, memory, OS, compiler)")
+    parser.add_argument("--command", required=True, help="the command the JSON came from")
+    parser.add_argument("--doc", default="docs/performance.md", help="document to update (default: %(default)s)")
+    parser.add_argument("--plot", default="performance_limit.svg", help="SVG file name, beside the document")
+    args = parser.parse_args(argv)
+
+    context, rows = load(args.json)
+    if not rows:
+        raise SystemExit(f"performance_report: '{args.json}' has no benchmark results; expected layer_benchmark's JSON")
+    doc = pathlib.Path(args.doc)
+    plot_name = args.plot if plot(rows, doc.parent / args.plot) else None
+    doc.write_text(splice(doc.read_text(), report(context, rows, args.machine, args.command, plot_name)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

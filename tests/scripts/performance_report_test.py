@@ -1,0 +1,77 @@
+"""scripts/performance_report.py on a small sample of layer_benchmark's JSON: the tables it
+splices into a document, the verdicts against the targets, the plot, and its errors."""
+import pathlib
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "performance_report.py"
+SAMPLE = pathlib.Path(__file__).with_name("sample_benchmark.json")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+class PerformanceReport(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.doc = pathlib.Path(self.dir.name) / "performance.md"
+        self.doc.write_text("# Performance\n\nprose before\n\n<!-- report:begin -->\nold tables\n<!-- report:end -->\n\nprose after\n")
+
+    def tearDown(self):
+        self.dir.cleanup()
+
+    def report(self):
+        result = run(SAMPLE, "--machine", "test machine", "--command", "layer_benchmark --x", "--doc", self.doc)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        return self.doc.read_text()
+
+    def test_tables_replace_only_what_lies_between_the_markers(self):
+        text = self.report()
+        self.assertIn("prose before", text)
+        self.assertIn("prose after", text)
+        self.assertNotIn("old tables", text)
+        self.assertIn("Machine: test machine", text)
+        self.assertIn("layer_benchmark --x", text)
+        self.assertEqual(text, self.report(), "running twice gives the same document")
+
+    def test_layer_rows_carry_shape_limit_and_verdict(self):
+        text = self.report()
+        row = next(l for l in text.splitlines() if "| fwd | 2 |" in l and "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU`" in l)
+        self.assertIn("`T:2048/H:1024/F:2816/E:8/K:2`", row)
+        self.assertIn("| 1000 | 900 |", row, "the layer's and the limit's milliseconds (µs converted)")
+        self.assertIn("| 90.0 | met |", row)
+        backward = next(l for l in text.splitlines() if "| fwd+bwd | 2 |" in l)
+        self.assertIn("| 75.0 | **not met** | 1.19 |", backward)
+        self.assertNotIn("real_time_mean", text, "aggregates are skipped")
+
+    def test_scaling_and_decode(self):
+        text = self.report()
+        self.assertRegex(text, r"\| layer \| `TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU` \| `T:2048/H:1024/F:2816/E:8/K:2` \| fwd \| 2 \| 1000 \| 2.00 \| 100% \|")
+        self.assertRegex(text, r"\| limit \| +\| `T:2048/H:1024/F:2816/E:8/K:2` \| fwd \| 2 \| 900 \| 1.89 \| 94% \|")
+        self.assertIn("| 4 | 2 | 7.50 | 5 | 23.0 | 3.40 | **not met** |", text)
+        self.assertIn("2 threads 40.0 GB/s", text)
+
+    def test_plot(self):
+        self.report()
+        svg = (self.doc.parent / "performance_limit.svg").read_text()
+        self.assertTrue(svg.startswith("<svg"))
+        self.assertEqual(svg.count("<rect"), 2, "one bar per layer benchmark and pass, at its most threads")
+        self.assertIn("90%", svg)
+
+    def test_errors_name_what_was_expected(self):
+        self.doc.write_text("no markers\n")
+        result = run(SAMPLE, "--machine", "m", "--command", "c", "--doc", self.doc)
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("expected both", result.stderr)
+        empty = pathlib.Path(self.dir.name) / "empty.json"
+        empty.write_text('{"benchmarks": []}')
+        result = run(empty, "--machine", "m", "--command", "c", "--doc", self.doc)
+        self.assertIn("has no benchmark results", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
