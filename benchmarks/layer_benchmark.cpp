@@ -26,6 +26,7 @@
 #include <tbb/blocked_range.h>
 #include <tbb/global_control.h>
 #include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
 
 #include <moekit/moekit.hpp>
 
@@ -68,6 +69,15 @@ struct Shape {
 
 enum class Pass { forward, forward_backward };
 const char* pass_name(Pass pass) { return pass == Pass::forward ? "fwd" : "fwd+bwd"; }
+
+/// Runs f on `threads` threads: in an arena of that many (so per-thread buffers are sized for
+/// them, as in a user's arena), with TBB held to that many in all.
+template <class F>
+void on_threads(int threads, F f) {
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  tbb::task_arena arena(threads);
+  arena.execute(f);
+}
 
 /// FLOPs of FFN experts over the routed rows: forward is one GEMM of 2·rows·H·F per weight
 /// matrix (three for SwiGLU, two for GeLU and ReLU); backward two more per matrix (the input's
@@ -153,15 +163,16 @@ void run_limit(LimitGemms& limit, int threads, Pass pass) {
 double limit_time(const Shape& s, int threads, Pass pass) {
   const auto key = limit_key(s, threads, pass);
   if (auto it = limit_seconds().find(key); it != limit_seconds().end()) return it->second;
-  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
-  LimitGemms limit(s);
-  run_limit(limit, threads, pass);  // warm-up
   double best = 1e300;
-  for (int repeat = 0; repeat < 3; ++repeat) {
-    const auto start = Clock::now();
-    run_limit(limit, threads, pass);
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
-  }
+  on_threads(threads, [&] {
+    LimitGemms limit(s);
+    run_limit(limit, threads, pass);  // warm-up
+    for (int repeat = 0; repeat < 3; ++repeat) {
+      const auto start = Clock::now();
+      run_limit(limit, threads, pass);
+      best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  });
   return limit_seconds()[key] = best;
 }
 
@@ -178,12 +189,14 @@ double seconds_per_iteration(const benchmark::State& state, Clock::time_point st
 }
 
 void BM_Limit(benchmark::State& state, Shape s, int threads, Pass pass) {
-  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
-  LimitGemms limit(s);
-  run_limit(limit, threads, pass);
-  const auto start = Clock::now();
-  for (auto _ : state) run_limit(limit, threads, pass);
-  const double seconds = seconds_per_iteration(state, start);
+  double seconds = 0;
+  on_threads(threads, [&] {
+    LimitGemms limit(s);
+    run_limit(limit, threads, pass);
+    const auto start = Clock::now();
+    for (auto _ : state) run_limit(limit, threads, pass);
+    seconds = seconds_per_iteration(state, start);
+  });
   limit_seconds()[limit_key(s, threads, pass)] = seconds;
   set_counters(state, s, pass, true, seconds, seconds);
 }
@@ -199,34 +212,36 @@ double saved_bytes(const L& layer, const Shape& s) {
 
 template <class L>
 void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
-  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
-  L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
-  const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
-  Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
-  auto step = [&] {
-    layer.forward(x, y);
-    if (pass == Pass::forward_backward) layer.backward(dy, dx);
-    benchmark::DoNotOptimize(y.data());
-  };
-  double peak = 0;
-  {
-    const heap::Watch watch;  // the first step allocates every buffer: its peak is the step's
-    step();
-    peak = double(watch.report().peak_bytes);
-  }
-  const auto start = Clock::now();
-  for (auto _ : state) step();
-  const double seconds = seconds_per_iteration(state, start);
-  set_counters(state, s, pass, L::expert_type::activation::gated, seconds, limit_time(s, threads, pass));
-  {
-    const heap::Watch watch;
-    step();
-    state.counters["allocs_per_step"] = double(watch.report().allocations);
-  }
-  if (pass == Pass::forward_backward) {
-    state.counters["peak_MiB"] = peak / double(1 << 20);
-    state.counters["peak_over_saved"] = peak / saved_bytes(layer, s);
-  }
+  const double limit = limit_time(s, threads, pass);
+  on_threads(threads, [&] {
+    L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+    const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
+    Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
+    auto step = [&] {
+      layer.forward(x, y);
+      if (pass == Pass::forward_backward) layer.backward(dy, dx);
+      benchmark::DoNotOptimize(y.data());
+    };
+    double peak = 0;
+    {
+      const heap::Watch watch;  // the first step allocates every buffer: its peak is the step's
+      step();
+      peak = double(watch.report().peak_bytes);
+    }
+    const auto start = Clock::now();
+    for (auto _ : state) step();
+    const double seconds = seconds_per_iteration(state, start);
+    set_counters(state, s, pass, L::expert_type::activation::gated, seconds, limit);
+    {
+      const heap::Watch watch;
+      step();
+      state.counters["allocs_per_step"] = double(watch.report().allocations);
+    }
+    if (pass == Pass::forward_backward) {
+      state.counters["peak_MiB"] = peak / double(1 << 20);
+      state.counters["peak_over_saved"] = peak / saved_bytes(layer, s);
+    }
+  });
 }
 
 /// The machine's memory bandwidth on `threads` threads: the best of 5 STREAM triads
@@ -235,18 +250,19 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
 double triad_bandwidth(int threads) {
   static std::map<int, double> measured;
   if (auto it = measured.find(threads); it != measured.end()) return it->second;
-  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
   const std::size_t n = std::size_t{32} << 20;
   std::vector<float> a(n, 0.0f), b(n, 1.0f), c(n, 2.0f);
   double best = 1e300;
-  for (int repeat = 0; repeat < 5; ++repeat) {
-    const auto start = Clock::now();
-    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, 1 << 16), [&](const tbb::blocked_range<std::size_t>& r) {
-      for (std::size_t i = r.begin(); i != r.end(); ++i) a[i] = b[i] + 3.0f * c[i];
-    });
-    benchmark::DoNotOptimize(a.data());
-    best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
-  }
+  on_threads(threads, [&] {
+    for (int repeat = 0; repeat < 5; ++repeat) {
+      const auto start = Clock::now();
+      tbb::parallel_for(tbb::blocked_range<std::size_t>(0, n, 1 << 16), [&](const tbb::blocked_range<std::size_t>& r) {
+        for (std::size_t i = r.begin(); i != r.end(); ++i) a[i] = b[i] + 3.0f * c[i];
+      });
+      benchmark::DoNotOptimize(a.data());
+      best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
+    }
+  });
   return measured[threads] = 3.0 * double(n) * sizeof(float) / best;
 }
 
@@ -258,23 +274,24 @@ void BM_Triad(benchmark::State& state, int threads) {
 /// Decode: a few tokens, so the time is reading the activated experts' weights. Held against
 /// reading those weights once at the triad's bandwidth: x_of_bound = time / that (target ≤ 1.5).
 void BM_Decode(benchmark::State& state, Shape s, int threads) {
-  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
-  Layer<> layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
-  const Matrix x = Matrix::Random(s.tokens, s.hidden);
-  Matrix y(s.tokens, s.hidden);
-  layer.forward(x, y);
-  const auto active = std::count_if(layer.tokens_per_expert().begin(), layer.tokens_per_expert().end(),
-                                    [](Index n) { return n > 0; });
-  const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
-  const auto start = Clock::now();
-  for (auto _ : state) {
+  on_threads(threads, [&] {
+    Layer<> layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+    const Matrix x = Matrix::Random(s.tokens, s.hidden);
+    Matrix y(s.tokens, s.hidden);
     layer.forward(x, y);
-    benchmark::DoNotOptimize(y.data());
-  }
-  const double seconds = seconds_per_iteration(state, start);
-  state.counters["experts_read"] = double(active);
-  state.counters["weight_GB_per_s"] = bytes * 1e-9 / seconds;
-  state.counters["x_of_bound"] = seconds / (bytes / triad_bandwidth(threads));
+    const auto active = std::count_if(layer.tokens_per_expert().begin(), layer.tokens_per_expert().end(),
+                                      [](Index n) { return n > 0; });
+    const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
+    const auto start = Clock::now();
+    for (auto _ : state) {
+      layer.forward(x, y);
+      benchmark::DoNotOptimize(y.data());
+    }
+    const double seconds = seconds_per_iteration(state, start);
+    state.counters["experts_read"] = double(active);
+    state.counters["weight_GB_per_s"] = bytes * 1e-9 / seconds;
+    state.counters["x_of_bound"] = seconds / (bytes / triad_bandwidth(threads));
+  });
 }
 
 void timed(benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->UseRealTime(); }

@@ -55,6 +55,14 @@ TEST(Errors, NonFiniteInputNamesItsPosition) {
   dy(0, 3) = INFINITY;
   EXPECT_NE(message_of([&] { layer.backward(dy); }).find("dy[0,3] is inf"), std::string::npos);
 
+  // The check runs over blocks of rows in parallel: one bad value deep in a large batch, of
+  // either sign, is found.
+  for (const double bad : {-INFINITY, INFINITY, NAN}) {
+    Matrix<double> big = Matrix<double>::Random(1000, 4);
+    big(777, 2) = bad;
+    EXPECT_NE(message_of([&] { layer.forward(big); }).find("x[777,2] is"), std::string::npos) << bad;
+  }
+
   Layer unchecked({.hidden = 4, .ffn = 4, .experts = 4, .check_finite = false});
   x(0, 0) = NAN;
   EXPECT_NO_THROW(unchecked.forward(x));

@@ -4,50 +4,21 @@
 #include <utility>
 #include <vector>
 
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
-
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/expert/activation.hpp>
 
 namespace moekit {
 
-namespace detail {
-
-/// A unit of parallel work: rows (or FFN columns) [begin, end) of one expert.
-struct Tile {
-  Index expert, begin, end;
-};
-
-/// Cuts each expert's range [0, extent(e)) into pieces of at most `size`. The cut depends only
-/// on the sizes, never on the thread count, so every sum is taken in the same order: results
-/// are the same bit for bit on 1 thread or 64.
-template <class Extent>
-void make_tiles(Index experts, Index size, Extent extent, std::vector<Tile>& tiles) {
-  tiles.clear();
-  for (Index e = 0; e < experts; ++e)
-    for (Index begin = 0, end = extent(e); begin < end; begin += size)
-      tiles.push_back({e, begin, std::min(begin + size, end)});
-}
-
-template <class Body>
-void for_each_tile(const std::vector<Tile>& tiles, Body body) {
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, tiles.size()),
-                    [&](const tbb::blocked_range<std::size_t>& r) {
-                      for (std::size_t i = r.begin(); i != r.end(); ++i) body(tiles[i]);
-                    });
-}
-
-}  // namespace detail
-
 /// FFN experts computed as GEMMs over each expert's contiguous block of rows, in TBB tiles.
 /// docs/policies/expert.md#groupedgemm
 ///
-/// Forward tiles are (expert, block of rows); the weight gradients are tiled by (expert, block
-/// of FFN columns), so each tile owns its slice of the gradient and reduces over the expert's
-/// rows in a fixed order.
+/// Each product is cut into tiles of (expert, block of rows, block of output columns), so a tile
+/// packs only its slice of the expert's weights and a few tokens still give every thread work.
+/// The weight gradients are tiled by (expert, block of columns) over all of the expert's rows:
+/// each tile owns its slice of the gradient and reduces over the rows in a fixed order.
 template <Activation Act>
 struct GroupedGemmType {
   using policy_kind = expert_kind;
@@ -55,8 +26,8 @@ struct GroupedGemmType {
   static constexpr std::string_view name = "GroupedGemm";
 
   struct Options {
-    Index row_tile = 64;      // rows per forward / input-gradient tile
-    Index column_tile = 128;  // FFN columns per weight-gradient tile
+    Index row_tile = 256;     // rows per tile (weight gradients take all of an expert's rows)
+    Index column_tile = 256;  // output columns per tile, of F or of H (weight gradients: square tiles)
   };
   Options options{};
 
@@ -89,21 +60,28 @@ struct GroupedGemmType {
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
     saved.gemm.ready();
-    row_tiles(offsets, saved.tiles);
-    detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
-      const Index n = tile.end - tile.begin;
-      const auto x = rows.middleRows(tile.begin, n);
-      auto u = up.middleRows(tile.begin, n);
-      auto h = hidden.middleRows(tile.begin, n);
-      detail::gemm(saved.gemm, u, x, weights[Slot::up].slice(tile.expert).transpose());
+
+    // gate = x · W_gateᵀ, up = x · W_upᵀ and hidden = act(gate) ⊙ up, by blocks of F columns.
+    tiles(offsets, options.row_tile, ffn, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      const auto x = rows.middleRows(t.row, t.rows);
+      auto u = up.block(t.row, t.column, t.rows, t.columns);
+      auto h = hidden.block(t.row, t.column, t.rows, t.columns);
+      detail::gemm(saved.gemm, u, x, weights[Slot::up].slice(t.expert).middleRows(t.column, t.columns).transpose());
       if constexpr (Act::gated) {
-        auto g = gate.middleRows(tile.begin, n);
-        detail::gemm(saved.gemm, g, x, weights[Slot::gate].slice(tile.expert).transpose());
+        auto g = gate.block(t.row, t.column, t.rows, t.columns);
+        detail::gemm(saved.gemm, g, x, weights[Slot::gate].slice(t.expert).middleRows(t.column, t.columns).transpose());
         h = g.unaryExpr([](T v) { return Act::apply(v); }).cwiseProduct(u);
       } else {
         h = u.unaryExpr([](T v) { return Act::apply(v); });
       }
-      detail::gemm(saved.gemm, out.middleRows(tile.begin, n), h, weights[Slot::down].slice(tile.expert).transpose());
+    });
+
+    // out = hidden · W_downᵀ, by blocks of H columns.
+    tiles(offsets, options.row_tile, out.cols(), saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      detail::gemm(saved.gemm, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
+                   weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
     });
     saved.gemm.ready();  // every thread now has room for every product of this step
   }
@@ -118,73 +96,78 @@ struct GroupedGemmType {
     auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
-
     saved.gemm.ready();
-    // d_down = d_outᵀ · hidden, before hidden's buffer is reused below.
-    column_tiles(offsets, ffn, saved.tiles);
-    detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
-      const auto [first, n] = block_of(offsets, tile.expert);
-      detail::gemm_add(saved.gemm, grads[Slot::down].slice(tile.expert).middleCols(tile.begin, tile.end - tile.begin),
-                       d_out.middleRows(first, n).transpose(), hidden.block(first, tile.begin, n, tile.end - tile.begin));
+
+    // d_down [H,F] = d_outᵀ · hidden, before hidden's buffer is reused below.
+    const Index width = d_out.cols();
+    weight_tiles(offsets, width, ffn, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      const auto [first, n] = block_of(offsets, t.expert);
+      detail::gemm_add(saved.gemm, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+                       d_out.block(first, t.row, n, t.rows).transpose(), hidden.block(first, t.column, n, t.columns));
     });
 
-    // d_hidden = d_out · down, then through the activation: gate ← d_gate and up ← d_up in place.
-    row_tiles(offsets, saved.tiles);
-    detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
-      const Index n = tile.end - tile.begin;
-      auto d_hidden = hidden.middleRows(tile.begin, n);
-      detail::gemm(saved.gemm, d_hidden, d_out.middleRows(tile.begin, n), weights[Slot::down].slice(tile.expert));
-      auto u = up.middleRows(tile.begin, n);
-      auto dx = d_rows.middleRows(tile.begin, n);
+    // d_hidden = d_out · W_down, then through the activation: gate ← d_gate and up ← d_up in
+    // place; by blocks of F columns.
+    tiles(offsets, options.row_tile, ffn, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      auto d_hidden = hidden.block(t.row, t.column, t.rows, t.columns);
+      detail::gemm(saved.gemm, d_hidden, d_out.middleRows(t.row, t.rows),
+                   weights[Slot::down].slice(t.expert).middleCols(t.column, t.columns));
+      auto u = up.block(t.row, t.column, t.rows, t.columns);
       if constexpr (Act::gated) {
-        auto g = gate.middleRows(tile.begin, n);
-        for (Index i = 0; i < n; ++i)
-          for (Index j = 0; j < ffn; ++j) {  // both outputs read both inputs: one pass, by element
+        auto g = gate.block(t.row, t.column, t.rows, t.columns);
+        for (Index i = 0; i < t.rows; ++i)
+          for (Index j = 0; j < t.columns; ++j) {  // both outputs read both inputs: one pass, by element
             const T gv = g(i, j), uv = u(i, j), dh = d_hidden(i, j);
             g(i, j) = dh * uv * Act::derivative(gv);
             u(i, j) = dh * Act::apply(gv);
           }
-        detail::gemm(saved.gemm, dx, g, weights[Slot::gate].slice(tile.expert));
-        detail::gemm_add(saved.gemm, dx, u, weights[Slot::up].slice(tile.expert));
       } else {
         u = d_hidden.cwiseProduct(u.unaryExpr([](T v) { return Act::derivative(v); }));
-        detail::gemm(saved.gemm, dx, u, weights[Slot::up].slice(tile.expert));
       }
     });
 
-    // d_up = d_upᵀ · x and d_gate likewise, each tile owning a block of F columns.
-    column_tiles(offsets, ffn, saved.tiles);
-    detail::for_each_tile(saved.tiles, [&](const detail::Tile& tile) {
-      const auto [first, n] = block_of(offsets, tile.expert);
-      const Index width = tile.end - tile.begin;
-      const auto x = rows.middleRows(first, n);
-      detail::gemm_add(saved.gemm, grads[Slot::up].slice(tile.expert).middleRows(tile.begin, width),
-                       up.block(first, tile.begin, n, width).transpose(), x);
+    // d_rows = d_gate · W_gate + d_up · W_up, by blocks of H columns.
+    tiles(offsets, options.row_tile, d_rows.cols(), saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      auto dx = d_rows.block(t.row, t.column, t.rows, t.columns);
+      detail::gemm(saved.gemm, dx, up.middleRows(t.row, t.rows),
+                   weights[Slot::up].slice(t.expert).middleCols(t.column, t.columns));
       if constexpr (Act::gated)
-        detail::gemm_add(saved.gemm, grads[Slot::gate].slice(tile.expert).middleRows(tile.begin, width),
-                         gate.block(first, tile.begin, n, width).transpose(), x);
+        detail::gemm_add(saved.gemm, dx, gate.middleRows(t.row, t.rows),
+                         weights[Slot::gate].slice(t.expert).middleCols(t.column, t.columns));
+    });
+
+    // d_up [F,H] = d_upᵀ · x, and d_gate likewise.
+    weight_tiles(offsets, ffn, width, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      const auto [first, n] = block_of(offsets, t.expert);
+      const auto x = rows.block(first, t.column, n, t.columns);
+      detail::gemm_add(saved.gemm, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+                       up.block(first, t.row, n, t.rows).transpose(), x);
+      if constexpr (Act::gated)
+        detail::gemm_add(saved.gemm, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+                         gate.block(first, t.row, n, t.rows).transpose(), x);
     });
     saved.gemm.ready();  // every thread now has room for every product of this step
   }
 
  private:
-  void row_tiles(std::span<const Index> offsets, std::vector<detail::Tile>& tiles) const {
-    const Index experts = static_cast<Index>(offsets.size()) - 1;
-    detail::make_tiles(experts, options.row_tile, [&](Index e) {
-      return offsets[static_cast<std::size_t>(e) + 1] - offsets[static_cast<std::size_t>(e)];
-    }, tiles);
-    for (auto& tile : tiles) {  // block-relative → absolute row numbers
-      tile.begin += offsets[static_cast<std::size_t>(tile.expert)];
-      tile.end += offsets[static_cast<std::size_t>(tile.expert)];
-    }
+  /// Tiles of (expert, `row_size` of its rows, options.column_tile of `columns` output columns)
+  /// over the experts that have rows.
+  void tiles(std::span<const Index> offsets, Index row_size, Index columns, std::vector<detail::Tile>& out) const {
+    detail::make_tiles(experts_of(offsets), [&](Index e) { return block_of(offsets, e); }, row_size, columns,
+                       options.column_tile, out);
   }
-  /// Tiles of F columns for the experts that have rows.
-  void column_tiles(std::span<const Index> offsets, Index ffn, std::vector<detail::Tile>& tiles) const {
-    const Index experts = static_cast<Index>(offsets.size()) - 1;
-    detail::make_tiles(experts, options.column_tile, [&](Index e) {
-      return block_of(offsets, e).second == 0 ? 0 : ffn;
-    }, tiles);
+  /// Tiles of a [rows, columns] weight gradient, column_tile square, for the experts that have
+  /// rows; each sums over all of its expert's rows.
+  void weight_tiles(std::span<const Index> offsets, Index rows, Index columns, std::vector<detail::Tile>& out) const {
+    detail::make_tiles(experts_of(offsets), [&](Index e) {
+      return std::pair{Index{0}, block_of(offsets, e).second == 0 ? 0 : rows};
+    }, options.column_tile, columns, options.column_tile, out);
   }
+  static Index experts_of(std::span<const Index> offsets) { return static_cast<Index>(offsets.size()) - 1; }
   /// Expert e's block of rows: (first row, row count).
   static std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e) {
     const auto i = static_cast<std::size_t>(e);

@@ -1,4 +1,5 @@
 #pragma once
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -16,6 +17,7 @@
 #include <moekit/core/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/routing_stats.hpp>
@@ -93,10 +95,14 @@ class BasicMoELayer {
     have_forward_ = false;
     tokens_ = tokens;
     auto input = input_.matrix(tokens, hidden);
-    input = x;  // kept for backward; also lets y alias x
-
     auto scores = scores_.matrix(tokens, shape_.experts);
-    detail::gemm(gemm_, scores, input, router_weight().matrix().transpose());
+    gemm_.ready();
+    detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
+      input.middleRows(first, n) = x.middleRows(first, n);  // kept for backward; also lets y alias x
+      detail::gemm(gemm_, scores.middleRows(first, n), input.middleRows(first, n),
+                   router_weight().matrix().transpose());
+    });
+    gemm_.ready();
     auto selection = selection_.matrix(balancer_selects ? tokens : 0, shape_.experts);
     if constexpr (balancer_selects) selection = scores;  // the logits, for Sinkhorn
     router_.template score<T>(scores);
@@ -224,15 +230,22 @@ class BasicMoELayer {
     router_.template backward<T>(scores, routing_, d_weight_, d_logits);
     balancer_.template backward<T>(scores, balance_context(), balance_state_, d_logits);
 
-    // dy is read for the last time above, so dx may alias it. One GEMM, no temporary.
-    detail::gemm(gemm_, dx, d_logits, router_weight().matrix());
-    for_blocks(tokens, [&](Index t) {
-      for (int k = 0; k < top_k; ++k) {
-        const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
-        if (slot != Plan::no_slot) dx.row(t) += d_rows.row(slot);
-      }
+    // dy is read for the last time above, so dx may alias it.
+    gemm_.ready();
+    detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
+      detail::gemm(gemm_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
+      for (Index t = first; t < first + n; ++t)
+        for (int k = 0; k < top_k; ++k) {
+          const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
+          if (slot != Plan::no_slot) dx.row(t) += d_rows.row(slot);
+        }
     });
-    detail::gemm_add(gemm_, gradients_.front().matrix(), d_logits.transpose(), input);
+    // The router's gradient, d_logitsᵀ · x, by blocks of H columns: each sums over all tokens.
+    auto d_router = gradients_.front().matrix();
+    detail::for_each_block(hidden, hidden_block, [&](Index first, Index n) {
+      detail::gemm_add(gemm_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
+    });
+    gemm_.ready();
     have_forward_ = false;  // the saved activations now hold gradients
   }
 
@@ -543,13 +556,26 @@ class BasicMoELayer {
     detail::require(m.cols() == shape_.hidden && m.rows() == rows, "moekit::MoELayer::", call,
                     ": ", what, " is [", m.rows(), ",", m.cols(), "]; expected [", rows, ",",
                     shape_.hidden, "] (tokens × hidden)");
-    if (!config_.check_finite || m.allFinite()) return;
+    if (!config_.check_finite || all_finite(m)) return;
     for (Index t = 0; t < m.rows(); ++t)
       for (Index h = 0; h < m.cols(); ++h)
         if (!std::isfinite(m(t, h)))
           detail::fail("moekit::MoELayer::", call, ": ", what, "[", t, ",", h, "] is ", m(t, h),
                        "; expected finite values (LayerConfig::check_finite = false skips this check)");
   }
+
+  /// Whether every element is finite. 0·v is 0 for finite v and NaN otherwise, and a sum with a
+  /// NaN term is NaN: a vectorised sum per block of rows, in parallel (Eigen's allFinite is neither).
+  static bool all_finite(ConstMatrixRef<T> m) {
+    std::atomic<bool> finite{true};
+    detail::for_each_block(m.rows(), token_block, [&](Index first, Index n) {
+      if (!((m.middleRows(first, n).array() * T(0)).sum() == T(0))) finite = false;
+    });
+    return finite;
+  }
+
+  // Blocks of the router's products; fixed sizes keep every sum in the same order on any thread count.
+  static constexpr Index token_block = 256, hidden_block = 256;
 
   /// body(i) for i in [0, n), in parallel; each i writes only its own row.
   template <class Body>

@@ -90,9 +90,9 @@ template <class M>
 constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 
 /// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
-/// experts' x · Wᵀ) is taken as one GEMV per row: packing the weights for a GEMM kernel would
-/// read them once more than the product itself does, and at decode sizes reading the weights
-/// is the whole cost.
+/// experts' x · Wᵀ) is taken as one GEMV per row over each 128 KiB slice of W, so every row
+/// finds the slice in cache: packing the weights for a GEMM kernel would read them once more
+/// than the product itself does, and at decode sizes reading the weights is the whole cost.
 inline constexpr Index few_rows = 8;
 
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
@@ -109,8 +109,12 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     return;
   }
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
-    if (m <= few_rows) {  // x · Wᵀ for a few rows x (decode): one GEMV per row
-      for (Index i = 0; i < m; ++i) c.row(i).noalias() += a.row(i) * b;
+    if (m <= few_rows) {  // x · Wᵀ for a few rows x (decode): GEMVs, a cache-sized slice of W at a time
+      const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
+      for (Index j = 0; j < n; j += slice) {
+        const Index width = std::min(slice, n - j);
+        for (Index i = 0; i < m; ++i) c.row(i).segment(j, width).noalias() += a.row(i) * b.middleCols(j, width);
+      }
       return;
     }
   }
