@@ -2,14 +2,17 @@
 """Turns layer_benchmark's JSON into the measured part of docs/performance.md, and a plot.
 
     build/benchmarks/layer_benchmark --benchmark_format=json > bench.json
-    python3 scripts/performance_report.py bench.json \\
+    python3 scripts/performance_report.py bench.json [pytorch.json …] \\
         --machine "2-vCPU VM, AMD EPYC, 24 GiB, Debian 12, g++ 12.2 -O3" \\
         --command "build/benchmarks/layer_benchmark --benchmark_format=json"
 
-The tables replace what lies between the markers `<!-- report:begin -->` and
-`<!-- report:end -->` in the document (docs/performance.md by default); the prose around them
-stays. The plot (pct_of_limit of every layer benchmark, with the targets) is an SVG written
-beside the document. Python's standard library only.
+Several JSON files are read as one run (say, two filters of the same binary, and
+scripts/pytorch_baseline.py's output from the same machine). The tables replace what lies
+between the markers `<!-- report:begin -->` and `<!-- report:end -->` in the document
+(docs/performance.md by default), or `<!-- report:NAME:begin -->` … with --section NAME, so one
+document holds several machines; the prose around them stays. The plot (pct_of_limit of every
+layer benchmark, with the targets) is an SVG written beside the document. Python's standard
+library only.
 """
 import argparse
 import html
@@ -18,9 +21,14 @@ import pathlib
 import re
 import sys
 
-BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+
+def markers(section):
+    name = f"report:{section}:" if section else "report:"
+    return f"<!-- {name}begin -->", f"<!-- {name}end -->"
+
 TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the limit (issue targets)
 DECODE_TARGET = 1.5  # x_of_bound
+DEFAULT_LAYER = "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU"
 
 
 def parse_name(name):
@@ -53,8 +61,21 @@ def milliseconds(bench):
     return bench["real_time"] * scale
 
 
+def load_all(paths):
+    """Rows of every file; the context of the first."""
+    context, rows = {}, []
+    for path in paths:
+        file_context, file_rows = load(path)
+        context = context or file_context
+        rows += file_rows
+    return context, rows
+
+
 def load(path):
-    data = json.loads(pathlib.Path(path).read_text())
+    try:
+        data = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"performance_report: cannot read '{path}' ({e}); expected Google Benchmark JSON")
     rows = []
     for bench in data.get("benchmarks", []):
         if bench.get("run_type", "iteration") != "iteration" or bench.get("error_occurred"):
@@ -136,6 +157,29 @@ def decode_table(rows):
         (f"\n\nTriad bandwidth: {triads}." if triads else "")
 
 
+def pytorch_table(rows):
+    """PyTorch's layers against its own limit, the Eigen limit and moekit's default layer."""
+    def key(r):
+        return (shape_name(r["shape"]), r["pass"], r["threads"])
+    own = {key(r): r for r in rows if r["kind"] == "pytorch_limit"}
+    eigen = {key(r): r for r in rows if r["kind"] == "limit"}
+    ours = {key(r): r for r in rows if r["kind"] == "layer" and short_policies(r["policies"]) == DEFAULT_LAYER}
+    lines = []
+    for r in sorted((r for r in rows if r["kind"] == "pytorch"), key=lambda r: (key(r), r["policies"])):
+        k = key(r)
+        lines.append([
+            r["policies"], f"`{k[0]}`", k[1], k[2], fmt(r["ms"]),
+            fmt(100 * own[k]["ms"] / r["ms"]) if k in own else "—",
+            fmt(100 * eigen[k]["ms"] / r["ms"]) if k in eigen else "—",
+            fmt(ours[k]["ms"]) if k in ours else "—",
+            f"{r['ms'] / ours[k]['ms']:.2f}×" if k in ours else "—",
+        ])
+    if not lines:
+        return None
+    return table(["PyTorch layer", "shape", "pass", "threads", "ms", "% of PyTorch's limit",
+                  "% of the Eigen limit", "moekit ms", "moekit speed-up"], lines)
+
+
 def plot(rows, path):
     """Horizontal bars: pct_of_limit of each layer benchmark at its largest thread count."""
     layers = [r for r in rows if r["kind"] == "layer"]
@@ -174,39 +218,48 @@ def report(context, rows, machine, command, plot_name):
                        for c in context.get("caches", []) if c.get("type") in ("Data", "Unified"))
     parts = [
         f"Machine: {machine}. Google Benchmark saw {context.get('num_cpus', '?')} CPUs at "
-        f"{context.get('mhz_per_cpu', '?')} MHz ({caches}); run {context.get('date', '?')}.",
+        f"{context.get('mhz_per_cpu', '?')} MHz{f' ({caches})' if caches else ''}; run {context.get('date', '?')}.",
         "", "```", command, "```", "",
         "### Against the limit", "", layer_tables(rows), "",
+        "% of limit compares GFLOP/s. The limit is SwiGLU's three GEMMs, so a GeLU or ReLU layer (two "
+        "GEMMs) takes less time than the limit while its % of limit stays below 100.", "",
         f"![% of the limit per layer benchmark]({plot_name})" if plot_name else "", "",
         "### Thread scaling", "", scaling_table(rows), "",
         "### Decode (small batches)", "", decode_table(rows),
     ]
+    torch = pytorch_table(rows)
+    if torch:
+        parts += ["", "### PyTorch on the same machine", "", torch]
     return "\n".join(parts).replace("\n\n\n", "\n\n").strip() + "\n"
 
 
-def splice(document, generated):
-    if BEGIN not in document or END not in document:
-        raise SystemExit(f"performance_report: the document has no {BEGIN} … {END} markers; expected both")
-    head, rest = document.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{generated}{END}{tail}"
+def splice(document, generated, section=None):
+    begin, end = markers(section)
+    if begin not in document or end not in document:
+        raise SystemExit(f"performance_report: the document has no {begin} … {end} markers; expected both")
+    head, rest = document.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{generated}{end}{tail}"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("json", help="layer_benchmark --benchmark_format=json output")
+    parser.add_argument("json", nargs="+", help="layer_benchmark --benchmark_format=json output (several: one run)")
     parser.add_argument("--machine", required=True, help="the machine, in words (CPU, memory, OS, compiler)")
     parser.add_argument("--command", required=True, help="the command the JSON came from")
     parser.add_argument("--doc", default="docs/performance.md", help="document to update (default: %(default)s)")
     parser.add_argument("--plot", default="performance_limit.svg", help="SVG file name, beside the document")
+    parser.add_argument("--section", help="fill <!-- report:SECTION:begin/end --> instead of <!-- report:begin/end -->")
     args = parser.parse_args(argv)
 
-    context, rows = load(args.json)
+    context, rows = load_all(args.json)
     if not rows:
-        raise SystemExit(f"performance_report: '{args.json}' has no benchmark results; expected layer_benchmark's JSON")
+        raise SystemExit(f"performance_report: {', '.join(args.json)} has no benchmark results; expected layer_benchmark's JSON")
     doc = pathlib.Path(args.doc)
+    document = doc.read_text()
+    splice(document, "", args.section)  # check the markers before writing anything
     plot_name = args.plot if plot(rows, doc.parent / args.plot) else None
-    doc.write_text(splice(doc.read_text(), report(context, rows, args.machine, args.command, plot_name)))
+    doc.write_text(splice(document, report(context, rows, args.machine, args.command, plot_name), args.section))
     return 0
 
 

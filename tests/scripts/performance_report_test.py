@@ -9,6 +9,7 @@ import unittest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "performance_report.py"
 SAMPLE = pathlib.Path(__file__).with_name("sample_benchmark.json")
+PYTORCH = pathlib.Path(__file__).with_name("sample_pytorch.json")
 
 
 def run(*args):
@@ -62,6 +63,28 @@ class PerformanceReport(unittest.TestCase):
         self.assertEqual(svg.count("<rect"), 2, "one bar per layer benchmark and pass, at its most threads")
         self.assertIn("90%", svg)
 
+    def test_pytorch_rows_are_held_to_both_limits_and_to_moekit(self):
+        result = run(SAMPLE, PYTORCH, "--machine", "m", "--command", "c", "--doc", self.doc)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        text = self.doc.read_text()
+        self.assertIn("### PyTorch on the same machine", text)
+        # 1500 / 2000 of its own limit, 900 / 2000 of Eigen's, moekit's 1000 ms: 2× faster.
+        self.assertIn("| hf_loop | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 2000 | 75.0 | 45.0 | 1000 | 2.00× |", text)
+        self.assertNotIn("PyTorch on the same machine", self.report(), "no PyTorch table without its JSON")
+
+    def test_sections_keep_several_machines_in_one_document(self):
+        self.doc.write_text("<!-- report:a:begin -->\n<!-- report:a:end -->\nmiddle\n"
+                            "<!-- report:b:begin -->\nold b\n<!-- report:b:end -->\n")
+        for section, machine in (("a", "machine A"), ("b", "machine B")):
+            result = run(SAMPLE, "--machine", machine, "--command", "c", "--doc", self.doc, "--section", section)
+            self.assertEqual(result.returncode, 0, result.stderr)
+        text = self.doc.read_text()
+        self.assertLess(text.index("machine A"), text.index("middle"))
+        self.assertLess(text.index("middle"), text.index("machine B"))
+        self.assertNotIn("old b", text)
+        result = run(SAMPLE, "--machine", "m", "--command", "c", "--doc", self.doc, "--section", "c")
+        self.assertIn("<!-- report:c:begin -->", result.stderr)
+
     def test_errors_name_what_was_expected(self):
         self.doc.write_text("no markers\n")
         result = run(SAMPLE, "--machine", "m", "--command", "c", "--doc", self.doc)
@@ -71,6 +94,10 @@ class PerformanceReport(unittest.TestCase):
         empty.write_text('{"benchmarks": []}')
         result = run(empty, "--machine", "m", "--command", "c", "--doc", self.doc)
         self.assertIn("has no benchmark results", result.stderr)
+        broken = pathlib.Path(self.dir.name) / "broken.json"
+        broken.write_text('{"benchmarks": [')
+        result = run(broken, "--machine", "m", "--command", "c", "--doc", self.doc)
+        self.assertIn("expected Google Benchmark JSON", result.stderr)
 
 
 if __name__ == "__main__":
