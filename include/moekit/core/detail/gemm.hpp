@@ -6,8 +6,9 @@
 //
 // This uses Eigen 3.4's internal GEMM entry point (general_matrix_matrix_product) and blocking
 // heuristic, so the arithmetic — every bit of the result — is that of `C.noalias() += A·B`;
-// products with one row or one column go to Eigen's GEMV, as the operator sends them. One
-// exception: x · Wᵀ with 2…few_rows rows is computed as one GEMV per row (decode).
+// tiny products go coefficient by coefficient and those with one row or one column to Eigen's
+// GEMV, as the operator sends them. One exception: x · Wᵀ with 2…few_rows rows (decode) has a
+// kernel of its own, few_rows_times_wt.
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -90,10 +91,90 @@ template <class M>
 constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 
 /// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
-/// experts' x · Wᵀ) is taken as one GEMV per row over each 128 KiB slice of W, so every row
-/// finds the slice in cache: packing the weights for a GEMM kernel would read them once more
-/// than the product itself does, and at decode sizes reading the weights is the whole cost.
+/// experts' x · Wᵀ at decode) goes to few_rows_times_wt: packing the weights for a GEMM kernel
+/// would read them once more than the product itself does, and at decode sizes reading the
+/// weights is the whole cost.
 inline constexpr Index few_rows = 8;
+
+/// Whether the target has 32 vector registers (AVX-512), not 16.
+inline constexpr bool wide_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+
+/// out[r][c] = Σ_k x[r·xs + k] · w[c·ws + k] for Rows rows of x and Cols rows of w: each packet
+/// of w is loaded once for all the rows, from registers. The sum over k runs in packet lanes and
+/// then across them, the same order whatever the other rows are.
+template <int Rows, int Cols, class T>
+void dot_block(const T* x, Index xs, const T* w, Index ws, Index k, T (&out)[Rows][Cols]) {
+  namespace ei = Eigen::internal;
+  using Packet = typename ei::packet_traits<T>::type;
+  constexpr Index lanes = ei::packet_traits<T>::size;
+  Packet acc[Rows][Cols];
+  for (auto& row : acc)
+    for (auto& a : row) a = ei::pset1<Packet>(T(0));
+  Index i = 0;
+  for (; i + lanes <= k; i += lanes) {
+    Packet wp[Cols];
+    for (int c = 0; c < Cols; ++c) {
+      wp[c] = ei::ploadu<Packet>(w + c * ws + i);
+      ei::prefetch(w + (Cols + c) * ws + i);  // the next block's rows, past the page the hardware prefetches in
+    }
+    for (int r = 0; r < Rows; ++r) {
+      const Packet xp = ei::ploadu<Packet>(x + r * xs + i);
+      for (int c = 0; c < Cols; ++c) acc[r][c] = ei::pmadd(xp, wp[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) {
+      T sum = ei::predux(acc[r][c]);
+      for (Index j = i; j < k; ++j) sum += x[r * xs + j] * w[c * ws + j];
+      out[r][c] = sum;
+    }
+}
+
+/// c[·, first … first+width) += Rows rows of x times those rows of w, transposed.
+template <int Rows, class T, class C>
+void few_rows_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws, Index first, Index width, Index k) {
+  // Rows of w a block takes: at least eight accumulators to hide the latency of the adds, no
+  // more than the registers hold beside the loads.
+  constexpr int cols = Rows == 1 ? 8 : Rows == 2 || (Rows <= 4 && wide_registers) ? 4 : 2;
+  Index j = first;
+  for (; j + cols <= first + width; j += cols) {
+    T out[Rows][cols];
+    dot_block<Rows, cols>(x, xs, w + j * ws, ws, k, out);
+    for (int r = 0; r < Rows; ++r)
+      for (int q = 0; q < cols; ++q) c(row + r, j + q) += out[r][q];
+  }
+  for (; j < first + width; ++j) {
+    T out[Rows][1];
+    dot_block<Rows, 1>(x, xs, w + j * ws, ws, k, out);
+    for (int r = 0; r < Rows; ++r) c(row + r, j) += out[r][0];
+  }
+}
+
+/// c += x · wᵀ for m ≤ few_rows rows x [m,k] and w [n,k], both with rows contiguous. All rows
+/// go at once where the registers hold their accumulators (eight with AVX-512's 32 registers,
+/// four with 16); otherwise four at a time over 128 KiB slices of w, so that w comes from memory
+/// once and from cache for the next four. Each weight loaded serves every row of its block.
+template <class T, class C>
+void few_rows_times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
+  constexpr Index block_rows = wide_registers ? 8 : 4;
+  const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
+  for (Index j = 0; j < n; j += slice) {
+    const Index width = std::min(slice, n - j);
+    for (Index i = 0; i < m; i += block_rows) {
+      const T* rows = x + i * xs;
+      switch (std::min(block_rows, m - i)) {
+        case 1: few_rows_block<1>(c, i, rows, xs, w, ws, j, width, k); break;
+        case 2: few_rows_block<2>(c, i, rows, xs, w, ws, j, width, k); break;
+        case 3: few_rows_block<3>(c, i, rows, xs, w, ws, j, width, k); break;
+        case 4: few_rows_block<4>(c, i, rows, xs, w, ws, j, width, k); break;
+        case 5: few_rows_block<5>(c, i, rows, xs, w, ws, j, width, k); break;
+        case 6: few_rows_block<6>(c, i, rows, xs, w, ws, j, width, k); break;
+        case 7: few_rows_block<7>(c, i, rows, xs, w, ws, j, width, k); break;
+        default: few_rows_block<8>(c, i, rows, xs, w, ws, j, width, k); break;
+      }
+    }
+  }
+}
 
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
 /// dense block with unit inner stride (a matrix, a block of one, or their transposes).
@@ -104,17 +185,18 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   eigen_assert(a.innerStride() == 1 && b.innerStride() == 1 && c.innerStride() == 1);
   const Index m = c.rows(), n = c.cols(), k = a.cols();
   if (m == 0 || n == 0 || k == 0) return;
+  if (m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {  // tiny: coefficient by coefficient, as the operator
+    Eigen::internal::call_restricted_packet_assignment_no_alias(c, a.lazyProduct(b),
+                                                               Eigen::internal::add_assign_op<T, T>());
+    return;
+  }
   if (m == 1 || n == 1) {  // a GEMV: no packing, each weight read once
     c.noalias() += a * b;
     return;
   }
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
-    if (m <= few_rows) {  // x · Wᵀ for a few rows x (decode): GEMVs, a cache-sized slice of W at a time
-      const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
-      for (Index j = 0; j < n; j += slice) {
-        const Index width = std::min(slice, n - j);
-        for (Index i = 0; i < m; ++i) c.row(i).segment(j, width).noalias() += a.row(i) * b.middleCols(j, width);
-      }
+    if (m <= few_rows) {  // x · Wᵀ for a few rows x (decode)
+      few_rows_times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
       return;
     }
   }
