@@ -93,11 +93,9 @@ constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 /// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
 /// experts' x · Wᵀ at decode) goes to few_rows_times_wt: packing the weights for a GEMM kernel
 /// would read them once more than the product itself does, and at decode sizes reading the
-/// weights is the whole cost.
-inline constexpr Index few_rows = 8;
-
-/// Whether the target has 32 vector registers (AVX-512), not 16.
-inline constexpr bool wide_registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32;
+/// weights is the whole cost. benchmarks/decode_kernel_benchmark finds it faster than Eigen's
+/// GEMM up to 16 rows and slower from 32, with SSE2 and AVX-512 (docs/performance.md#decode-kernel).
+inline constexpr Index few_rows = 16;
 
 /// out[r][c] = Σ_k x[r·xs + k] · w[c·ws + k] for Rows rows of x and Cols rows of w: each packet
 /// of w is loaded once for all the rows, from registers. The sum over k runs in packet lanes and
@@ -134,8 +132,8 @@ void dot_block(const T* x, Index xs, const T* w, Index ws, Index k, T (&out)[Row
 template <int Rows, class T, class C>
 void few_rows_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws, Index first, Index width, Index k) {
   // Rows of w a block takes: at least eight accumulators to hide the latency of the adds, no
-  // more than the registers hold beside the loads.
-  constexpr int cols = Rows == 1 ? 8 : Rows == 2 || (Rows <= 4 && wide_registers) ? 4 : 2;
+  // more than the registers hold beside the loads (16 of them before AVX-512, 32 with it).
+  constexpr int cols = Rows == 1 ? 8 : Rows == 2 || EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 4 : 2;
   Index j = first;
   for (; j + cols <= first + width; j += cols) {
     T out[Rows][cols];
@@ -150,27 +148,22 @@ void few_rows_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws,
   }
 }
 
-/// c += x · wᵀ for m ≤ few_rows rows x [m,k] and w [n,k], both with rows contiguous. All rows
-/// go at once where the registers hold their accumulators (eight with AVX-512's 32 registers,
-/// four with 16); otherwise four at a time over 128 KiB slices of w, so that w comes from memory
-/// once and from cache for the next four. Each weight loaded serves every row of its block.
+/// c += x · wᵀ for m ≤ few_rows rows x [m,k] and w [n,k], both with rows contiguous. The rows go
+/// four at a time over 128 KiB slices of w, so that w comes from memory once and from cache for
+/// the next four; each weight loaded serves every row of its four. (Eight at once with AVX-512's
+/// registers measured no faster, and slower on two threads.)
 template <class T, class C>
 void few_rows_times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
-  constexpr Index block_rows = wide_registers ? 8 : 4;
   const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
   for (Index j = 0; j < n; j += slice) {
     const Index width = std::min(slice, n - j);
-    for (Index i = 0; i < m; i += block_rows) {
+    for (Index i = 0; i < m; i += 4) {
       const T* rows = x + i * xs;
-      switch (std::min(block_rows, m - i)) {
+      switch (std::min<Index>(4, m - i)) {
         case 1: few_rows_block<1>(c, i, rows, xs, w, ws, j, width, k); break;
         case 2: few_rows_block<2>(c, i, rows, xs, w, ws, j, width, k); break;
         case 3: few_rows_block<3>(c, i, rows, xs, w, ws, j, width, k); break;
-        case 4: few_rows_block<4>(c, i, rows, xs, w, ws, j, width, k); break;
-        case 5: few_rows_block<5>(c, i, rows, xs, w, ws, j, width, k); break;
-        case 6: few_rows_block<6>(c, i, rows, xs, w, ws, j, width, k); break;
-        case 7: few_rows_block<7>(c, i, rows, xs, w, ws, j, width, k); break;
-        default: few_rows_block<8>(c, i, rows, xs, w, ws, j, width, k); break;
+        default: few_rows_block<4>(c, i, rows, xs, w, ws, j, width, k); break;
       }
     }
   }

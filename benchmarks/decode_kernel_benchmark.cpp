@@ -1,0 +1,64 @@
+// x · Wᵀ for a few rows x, as the experts compute it at decode: the layer's kernel
+// (detail::few_rows_times_wt) against Eigen's GEMM (the product operator, which packs W first).
+// The weights are 24 matrices of 2816 × 1024 floats (264 MiB), taken in turn, so each product
+// reads its W from memory as a decode step does. Counters: weight_GB_per_s (W read once) and
+// gflops. This is the measurement behind detail::few_rows (docs/performance.md#decode-kernel).
+#include <benchmark/benchmark.h>
+
+#include <vector>
+
+#include <moekit/core/detail/gemm.hpp>
+
+namespace {
+
+using moekit::Index;
+using Matrix = moekit::Matrix<float>;
+
+constexpr Index hidden = 1024, ffn = 2816, matrices = 24;
+
+const std::vector<Matrix>& weights() {
+  static const std::vector<Matrix> w(matrices, Matrix::Random(ffn, hidden));
+  return w;
+}
+
+template <class Product>
+void run(benchmark::State& state, Product product) {
+  const Index rows = state.range(0);
+  const Matrix x = Matrix::Random(rows, hidden);
+  Matrix c = Matrix::Zero(rows, ffn);
+  const auto& w = weights();  // made before the timing starts
+  std::size_t next = 0;
+  for (auto _ : state) {
+    product(c, x, w[next]);
+    next = (next + 1) % w.size();
+    benchmark::DoNotOptimize(c.data());
+  }
+  const double products = double(state.iterations());
+  state.counters["weight_GB_per_s"] = benchmark::Counter(products * double(ffn * hidden) * sizeof(float) * 1e-9,
+                                                          benchmark::Counter::kIsRate);
+  state.counters["gflops"] = benchmark::Counter(products * 2.0 * double(rows * ffn * hidden) * 1e-9,
+                                                benchmark::Counter::kIsRate);
+}
+
+void BM_Kernel(benchmark::State& state) {
+  run(state, [](Matrix& c, const Matrix& x, const Matrix& w) {
+    moekit::detail::few_rows_times_wt<float>(c, x.data(), x.outerStride(), x.rows(), w.data(), w.outerStride(),
+                                             w.rows(), w.cols());
+  });
+}
+
+void BM_EigenGemm(benchmark::State& state) {
+  run(state, [](Matrix& c, const Matrix& x, const Matrix& w) { c.noalias() += x * w.transpose(); });
+}
+
+void rows(benchmark::internal::Benchmark* b) {
+  for (Index r : {2, 4, 8, 16, 32, 48, 64}) b->Arg(r);
+  b->Unit(benchmark::kMillisecond);
+}
+
+BENCHMARK(BM_Kernel)->Apply(rows);
+BENCHMARK(BM_EigenGemm)->Apply(rows);
+
+}  // namespace
+
+BENCHMARK_MAIN();
