@@ -11,8 +11,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
 
 #include <moekit/core/compose.hpp>
 #include <moekit/core/concepts.hpp>
@@ -580,8 +578,8 @@ class BasicMoELayer {
   /// body(i) for i in [0, n), in parallel; each i writes only its own row.
   template <class Body>
   static void for_blocks(Index n, Body body) {
-    tbb::parallel_for(tbb::blocked_range<Index>(0, n, 256), [&](const tbb::blocked_range<Index>& r) {
-      for (Index i = r.begin(); i != r.end(); ++i) body(i);
+    detail::for_each_block(n, token_block, [&](Index first, Index count) {
+      for (Index i = first; i < first + count; ++i) body(i);
     });
   }
 
