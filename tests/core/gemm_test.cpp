@@ -1,6 +1,7 @@
-// detail::gemm packs into kept buffers but must compute exactly what Eigen's product operator
-// computes: the same kernel, the same blocking, so the same bits. Only x · Wᵀ with a few rows
-// (2 … few_rows) has a kernel of its own, equal up to rounding.
+// detail::gemm packs into kept buffers but must compute what Eigen's product operator computes:
+// the same kernel and, up to a depth of max_packed_depth, the same blocking, so the same bits.
+// Deeper products are packed in shorter blocks, and x · Wᵀ with a few rows (2 … few_rows) has a
+// kernel of its own: both equal up to rounding.
 #include <gtest/gtest.h>
 
 #include <moekit/core/detail/gemm.hpp>
@@ -12,8 +13,10 @@ using ColMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::Co
 
 TEST(Gemm, EqualsEigensProductBitForBit) {
   detail::GemmWorkspace<float> workspace;
-  // (m, n, k): tiny, single row and column (GEMV), past Eigen's 128 KiB stack blocks, odd sizes.
-  const Index shapes[][3] = {{1, 1, 1}, {1, 300, 200}, {300, 1, 200}, {9, 7, 3}, {64, 700, 300}, {129, 65, 1031}};
+  // (m, n, k): tiny, single row and column (GEMV), past Eigen's 128 KiB stack blocks, odd sizes;
+  // k at most max_packed_depth.
+  static_assert(detail::max_packed_depth == 256);
+  const Index shapes[][3] = {{1, 1, 1}, {1, 300, 200}, {300, 1, 200}, {9, 7, 3}, {64, 700, 256}, {129, 65, 251}};
   for (const auto& [m, n, k] : shapes) {
     const Matrix<float> a = Matrix<float>::Random(m, k);          // row-major
     const ColMatrix bt = ColMatrix::Random(n, k);                 // b = btᵀ, a transposed view
@@ -27,6 +30,27 @@ TEST(Gemm, EqualsEigensProductBitForBit) {
     detail::gemm(workspace, cc, wide.block(1, 2, m, k), bt.transpose());
     expected_cc.noalias() = wide.block(1, 2, m, k) * bt.transpose();
     EXPECT_TRUE(cc == expected_cc) << m << "x" << n << "x" << k << ": column-major result of a block";
+  }
+}
+
+TEST(Gemm, DeepProductsMatchEigenAndPackAtMostMaxPackedDepth) {
+  detail::GemmWorkspace<float> workspace;
+  // k: just past one block, not a multiple of 8, and the FFN's 2816 (Eigen would pack ~1000).
+  for (Index k : {257, 1031, 2816}) {
+    const Index m = 256, n = 200;
+    const Matrix<float> a = Matrix<float>::Random(m, k);
+    const ColMatrix bt = ColMatrix::Random(n, k);
+    Matrix<float> c = Matrix<float>::Random(m, n), expected = c;
+    detail::gemm_add(workspace, c, a, bt.transpose());
+    expected.noalias() += a * bt.transpose();
+    // Sums of k products of numbers in [-1, 1]: rounding grows like √k · ε · (size of the sum).
+    EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), 1e-5f * float(k)) << "k = " << k;
+
+    const auto sizes = detail::GemmBlocks<float>::sizes(n, m, k);  // the row-major result's
+    EXPECT_LE(sizes.kc, detail::max_packed_depth) << "k = " << k;
+    EXPECT_LE(workspace.local().a_size() + workspace.local().b_size(),
+              std::size_t(detail::max_packed_depth * (m + n)))
+        << "k = " << k << ": packing buffers";
   }
 }
 

@@ -5,10 +5,11 @@
 // that allocates nothing is one of its promises (docs/performance.md#allocations).
 //
 // This uses Eigen 3.4's internal GEMM entry point (general_matrix_matrix_product) and blocking
-// heuristic, so the arithmetic — every bit of the result — is that of `C.noalias() += A·B`;
-// tiny products go coefficient by coefficient and those with one row or one column to Eigen's
-// GEMV, as the operator sends them. One exception: x · Wᵀ with 2…few_rows rows (decode) has a
-// kernel of its own, few_rows_times_wt.
+// heuristic, so up to a depth of max_packed_depth the arithmetic — every bit of the result — is
+// that of `C.noalias() += A·B`; deeper products are packed in shorter blocks than Eigen's, so
+// they add in the same order but round at other block edges. Tiny products go coefficient by
+// coefficient and those with one row or one column to Eigen's GEMV, as the operator sends them.
+// x · Wᵀ with 2…few_rows rows (decode) has a kernel of its own, few_rows_times_wt.
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -22,20 +23,35 @@
 
 namespace moekit::detail {
 
-/// Packing buffers for one thread's GEMMs, and Eigen's blocking sizes for the current product.
+/// Longest run of the inner dimension packed at once. Eigen's single-threaded heuristic packs up
+/// to about 1000 (a 256-column tile of weights: ~1 MiB), sized for a GEMM that has the caches to
+/// itself; here every thread keeps its own blocks, and at 16 threads they added more than half
+/// the saved activations of a small batch. A 256-long block keeps every thread's blocks under
+/// 512 KiB for the layer's 256-square tiles at no measured cost in speed (SSE2 and AVX-512,
+/// docs/performance.md#peak-memory).
+inline constexpr Index max_packed_depth = 256;
+
+/// Packing buffers for one thread's GEMMs, and the blocking sizes for the current product.
 template <class T>
 class GemmBlocks : public Eigen::internal::level3_blocking<T, T> {
  public:
-  /// Elements of the packed A and B blocks Eigen uses for an (m × k)·(k × n) product into a
-  /// column-major result.
+  /// Elements of the packed A and B blocks for an (m × k)·(k × n) product into a column-major
+  /// result.
   struct Sizes {
     Index kc, mc, nc;
     std::size_t a() const { return static_cast<std::size_t>(mc * kc); }
     std::size_t b() const { return static_cast<std::size_t>(kc * nc); }
   };
+  /// Eigen's blocking heuristic, with the depth cut into equal blocks of at most max_packed_depth
+  /// (a multiple of 8, as Eigen's kernel peels 8 at a time). Sizes only: the same product is cut
+  /// the same way on any thread.
   static Sizes sizes(Index m, Index n, Index k) {
     Sizes s{k, m, n};
     Eigen::internal::computeProductBlockingSizes<T, T, 1, Index>(s.kc, s.mc, s.nc, Index{1});
+    if (s.kc > max_packed_depth) {
+      const Index blocks = (k + max_packed_depth - 1) / max_packed_depth;
+      s.kc = std::min(max_packed_depth, ((k + blocks - 1) / blocks + 7) / 8 * 8);
+    }
     return s;
   }
 
@@ -76,6 +92,13 @@ class GemmWorkspace {
     }
     for (auto& slot : slots_) slot.grow(a, b);
   }
+  /// Bytes of packing buffers kept, over all threads.
+  std::size_t bytes() const {
+    std::size_t sum = 0;
+    for (const auto& slot : slots_) sum += (slot.a_size() + slot.b_size()) * sizeof(T);
+    return sum;
+  }
+  std::size_t threads() const { return slots_.size(); }
   /// The calling thread's blocks (call ready() first in the arena the thread works in).
   GemmBlocks<T>& local() {
     if (slots_.empty()) ready();
