@@ -22,8 +22,8 @@ struct IdentityExperts {
   void forward(std::span<const Tensor<T>>, ConstMatrixRef<T> rows, std::span<const Index>,
                MatrixRef<T> out, Saved<T>&) const { out = rows; }
   template <Scalar T>
-  void backward(std::span<const Tensor<T>>, ConstMatrixRef<T>, std::span<const Index>, Saved<T>&,
-                ConstMatrixRef<T> d_out, MatrixRef<T> d_rows, std::span<Tensor<T>>) const { d_rows = d_out; }
+  void backward(std::span<const Tensor<T>>, MatrixRef<T> rows, std::span<const Index>, Saved<T>&,
+                ConstMatrixRef<T> d_out, std::span<Tensor<T>>) const { rows = d_out; }
 };
 static_assert(Expert<IdentityExperts>);
 

@@ -2,7 +2,11 @@
 // blocks and tiles that do and do not divide the blocks; and the activations' derivatives.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <random>
+
+#include <tbb/task_arena.h>
 
 #include <moekit/expert/grouped_gemm.hpp>
 #include <moekit/expert/per_expert_loop.hpp>
@@ -31,12 +35,13 @@ void expect_grouped_matches_reference(Index row_tile, Index column_tile) {
   const PerExpertLoopType<Act> loop{};
   typename GroupedGemmType<Act>::template Saved<double> saved_a;
   typename PerExpertLoopType<Act>::template Saved<double> saved_b;
-  Matrix<double> out_a(18, 7), out_b(18, 7), dx_a(18, 7), dx_b(18, 7);
+  Matrix<double> out_a(18, 7), out_b(18, 7);
   grouped.template forward<double>(weights, rows, offsets, out_a, saved_a);
   loop.template forward<double>(weights, rows, offsets, out_b, saved_b);
   EXPECT_LT((out_a - out_b).cwiseAbs().maxCoeff(), 1e-12);
-  grouped.template backward<double>(weights, rows, offsets, saved_a, d_out, dx_a, grads_a);
-  loop.template backward<double>(weights, rows, offsets, saved_b, d_out, dx_b, grads_b);
+  Matrix<double> dx_a = rows, dx_b = rows;  // backward turns the rows into their gradient
+  grouped.template backward<double>(weights, dx_a, offsets, saved_a, d_out, grads_a);
+  loop.template backward<double>(weights, dx_b, offsets, saved_b, d_out, grads_b);
   EXPECT_LT((dx_a - dx_b).cwiseAbs().maxCoeff(), 1e-12);
   for (std::size_t p = 0; p < grads_a.size(); ++p) {
     EXPECT_LT(io::relative_error(grads_a[p].values(), grads_b[p].values()), 1e-13) << grads_a[p].name();
@@ -51,6 +56,33 @@ TEST(GroupedGemm, MatchesTheReferenceLoop) {
     expect_grouped_matches_reference<GeLU>(rows, cols);
     expect_grouped_matches_reference<ReLU>(rows, cols);
   }
+}
+
+TEST(GroupedGemm, EachThreadsPackingBuffersStayWithinTheTilesTimesMaxPackedDepth) {
+  // Deep products (H = F = 640 > max_packed_depth) on four threads: every thread's blocks hold
+  // at most max_packed_depth of the inner dimension for a row tile and a column tile.
+  const LayerShape shape{.hidden = 640, .ffn = 640, .experts = 2, .top_k = 1};
+  const Index count = 300;
+  const std::vector<Index> offsets{0, 100, count};
+  std::vector<Tensor<float>> weights, grads;
+  for (const auto& spec : GroupedGemm::parameters(shape, shape.experts)) {
+    weights.emplace_back(spec.name, spec.shape);
+    for (float& v : weights.back().values()) v = float(std::rand()) / float(RAND_MAX) - 0.5f;
+    grads.emplace_back(spec.name, spec.shape);
+  }
+  const GroupedGemm grouped{{.row_tile = 128, .column_tile = 96}};
+  GroupedGemm::Saved<float> saved;
+  Matrix<float> rows = Matrix<float>::Random(count, shape.hidden), out(count, shape.hidden);
+  const Matrix<float> d_out = Matrix<float>::Random(count, shape.hidden);
+  tbb::task_arena(4).execute([&] {
+    grouped.forward<float>(weights, rows, offsets, out, saved);
+    grouped.backward<float>(weights, rows, offsets, saved, d_out, grads);
+  });
+  ASSERT_EQ(saved.gemm.threads(), 4u);
+  // Weight gradients tile by column_tile on both sides; the others by row_tile × column_tile.
+  const Index side = std::max(Index{128}, Index{96});
+  EXPECT_LE(saved.gemm.bytes(), 4 * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
+  EXPECT_GT(saved.gemm.bytes(), 0u);
 }
 
 TEST(GroupedGemm, DeclaresTheFixtureLayout) {

@@ -92,7 +92,7 @@ concept Expert =
       { P::parameters(shape, Index{}) } -> std::same_as<std::vector<ParameterSpec>>;
       p.validate(shape);
       p.forward(weights, rows, offsets, out, saved);  // rows [S,H] → out [S,H]
-      p.backward(weights, rows, offsets, saved, rows, out, grads);  // d_out → d_rows, adds grads
+      p.backward(weights, out, offsets, saved, rows, grads);  // d_out; rows → d_rows in place; adds grads
     };
 
 /// Where experts live and how rows travel to them. docs/policies/parallel.md

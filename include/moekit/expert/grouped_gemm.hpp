@@ -86,11 +86,11 @@ struct GroupedGemmType {
     saved.gemm.ready();  // every thread now has room for every product of this step
   }
 
-  /// d_out [S,H] → d_rows [S,H]; adds the weight gradients into grads. Consumes `saved`.
+  /// d_out [S,H] → d_rows [S,H], written over the rows once the weight gradients, which read
+  /// them, are added into grads. Consumes `saved`.
   template <Scalar T>
-  void backward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
-                std::span<const Index> offsets, Saved<T>& saved, ConstMatrixRef<T> d_out,
-                MatrixRef<T> d_rows, std::span<Tensor<T>> grads) const {
+  void backward(std::span<const Tensor<T>> weights, MatrixRef<T> rows, std::span<const Index> offsets,
+                Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads) const {
     using Slot = detail::FfnSlots<Act>;
     const Index count = rows.rows(), ffn = weights[Slot::up].shape()[1];
     auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
@@ -128,18 +128,7 @@ struct GroupedGemmType {
       }
     });
 
-    // d_rows = d_gate · W_gate + d_up · W_up, by blocks of H columns.
-    tiles(offsets, options.row_tile, d_rows.cols(), saved.tiles);
-    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
-      auto dx = d_rows.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(saved.gemm, dx, up.middleRows(t.row, t.rows),
-                   weights[Slot::up].slice(t.expert).middleCols(t.column, t.columns));
-      if constexpr (Act::gated)
-        detail::gemm_add(saved.gemm, dx, gate.middleRows(t.row, t.rows),
-                         weights[Slot::gate].slice(t.expert).middleCols(t.column, t.columns));
-    });
-
-    // d_up [F,H] = d_upᵀ · x, and d_gate likewise.
+    // d_up [F,H] = d_upᵀ · x, and d_gate likewise: the last reads of the rows.
     weight_tiles(offsets, ffn, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = block_of(offsets, t.expert);
@@ -149,6 +138,17 @@ struct GroupedGemmType {
       if constexpr (Act::gated)
         detail::gemm_add(saved.gemm, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                          gate.block(first, t.row, n, t.rows).transpose(), x);
+    });
+
+    // d_rows = d_gate · W_gate + d_up · W_up over the rows, by blocks of H columns.
+    tiles(offsets, options.row_tile, width, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      auto dx = rows.block(t.row, t.column, t.rows, t.columns);
+      detail::gemm(saved.gemm, dx, up.middleRows(t.row, t.rows),
+                   weights[Slot::up].slice(t.expert).middleCols(t.column, t.columns));
+      if constexpr (Act::gated)
+        detail::gemm_add(saved.gemm, dx, gate.middleRows(t.row, t.rows),
+                         weights[Slot::gate].slice(t.expert).middleCols(t.column, t.columns));
     });
     saved.gemm.ready();  // every thread now has room for every product of this step
   }

@@ -41,11 +41,12 @@ struct PerExpertLoopType {
     });
   }
 
+  /// Row by row: each row is recomputed from its values, which are then overwritten by d_rows
+  /// one element at a time, each after its last read.
   template <Scalar T>
-  void backward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
-                std::span<const Index> offsets, Saved<T>& saved, ConstMatrixRef<T> d_out,
-                MatrixRef<T> d_rows, std::span<Tensor<T>> grads) const {
-    for_each_row(weights, rows, offsets, saved, [&](Index e, Index r) {
+  void backward(std::span<const Tensor<T>> weights, MatrixRef<T> rows, std::span<const Index> offsets,
+                Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads) const {
+    for_each_row<T>(weights, rows, offsets, saved, [&](Index e, Index r) {
       const auto down = weights[Slot::down].slice(e), up = weights[Slot::up].slice(e);
       auto d_down = grads[Slot::down].slice(e), d_up = grads[Slot::up].slice(e);
       const Index width = down.cols();
@@ -74,7 +75,7 @@ struct PerExpertLoopType {
             grads[Slot::gate].slice(e)(f, h) += saved.gate[f] * rows(r, h);
           }
         }
-        d_rows(r, h) = sum;
+        rows(r, h) = sum;  // d_rows
       }
     });
   }

@@ -184,7 +184,6 @@ class BasicMoELayer {
     const Index tokens = tokens_, hidden = shape_.hidden, count = plan_.rows();
     const auto input = input_.matrix(tokens, hidden);
     const auto scores = scores_.matrix(tokens, shape_.experts);
-    const auto rows = rows_.matrix(count, hidden);
 
     // Combine: y_t = Σ_k w_tk · out_slot, so d_out_slot = w_tk · dy_t and d_w_tk = ⟨dy_t, out_slot⟩.
     // Each row of out is read once, then overwritten by its gradient.
@@ -205,22 +204,22 @@ class BasicMoELayer {
     if constexpr (dispatcher_adjusts_weights)
       dispatcher_.template adjust_weights_backward<T>(plan_, raw_weight_, d_weight_);
 
-    auto d_rows = d_rows_.matrix(count, hidden);
-    if constexpr (P::moves_rows) {
+    // The experts write d_rows over the rows they were given, which backward reads for the last
+    // time there: no [S,H] buffer is added for it.
+    auto d_rows = rows_.matrix(count, hidden);
+    if constexpr (P::moves_rows) {  // the rows were sent; the experts' copies become d_rows and come back
       const Index received = parallel_.expert_rows();
-      const auto remote = remote_rows_.matrix(received, hidden);
+      auto remote = remote_rows_.matrix(received, hidden);
       auto remote_d_out = remote_out_.matrix(received, hidden);  // the output is no longer needed
-      auto remote_d_rows = remote_d_rows_.matrix(received, hidden);
       parallel_.template through_experts<T>(
-          d_out, remote_d_out, remote_d_rows, d_rows, [&](int chunk, Index first, std::span<const Index> offsets) {
+          d_out, remote_d_out, remote, d_rows, [&](int chunk, Index first, std::span<const Index> offsets) {
             const Index n = offsets.back();
             expert_.template backward<T>(expert_weights(), remote.middleRows(first, n), offsets,
                                          expert_saved_[static_cast<std::size_t>(chunk)],
-                                         remote_d_out.middleRows(first, n), remote_d_rows.middleRows(first, n),
-                                         expert_gradients());
+                                         remote_d_out.middleRows(first, n), expert_gradients());
           });
     } else {
-      expert_.template backward<T>(expert_weights(), rows, plan_.offsets, expert_saved_.front(), d_out, d_rows,
+      expert_.template backward<T>(expert_weights(), d_rows, plan_.offsets, expert_saved_.front(), d_out,
                                    expert_gradients());
     }
 
@@ -601,14 +600,14 @@ class BasicMoELayer {
   T balance_loss_ = 0;
   typename B::template State<T> balance_state_;
   std::vector<typename X::template Saved<T>> expert_saved_ = std::vector<typename X::template Saved<T>>(1);  // one per chunk
-  detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H] (backward: d_out)
+  detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H] (backward: d_rows, d_out)
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
-  detail::Buffer<T> d_rows_, d_logits_;                   // [S,H] [T,E]
+  detail::Buffer<T> d_logits_;                            // [T,E]
   std::vector<T> d_weight_;                               // [T,K]
   detail::GemmWorkspace<T> gemm_;                         // packing buffers of the router's GEMMs
   std::vector<Index> load_;                               // [E] kept choices per expert
   std::vector<T> raw_weight_;                             // [T,K] weights before the dispatcher adjusts them
-  detail::Buffer<T> remote_rows_, remote_out_, remote_d_rows_;  // [R,H] rows at this rank's experts
+  detail::Buffer<T> remote_rows_, remote_out_;  // [R,H] rows at this rank's experts (backward: d_rows, d_out)
   std::vector<double> packed_, gathered_;                 // the batch's routing, for plan_over_batch
   std::vector<Index> gathered_counts_;
   Routing<T> batch_routing_;
