@@ -20,10 +20,10 @@ struct IdentityExperts {
   void validate(const LayerShape&) const {}
   template <Scalar T>
   void forward(std::span<const Tensor<T>>, ConstMatrixRef<T> rows, std::span<const Index>,
-               MatrixRef<T> out, Saved<T>&) const { out = rows; }
+               MatrixRef<T> out, Saved<T>&, Workspace<T>&) const { out = rows; }
   template <Scalar T>
   void backward(std::span<const Tensor<T>>, MatrixRef<T> rows, std::span<const Index>, Saved<T>&,
-                ConstMatrixRef<T> d_out, std::span<Tensor<T>>) const { rows = d_out; }
+                ConstMatrixRef<T> d_out, std::span<Tensor<T>>, Workspace<T>&) const { rows = d_out; }
 };
 static_assert(Expert<IdentityExperts>);
 

@@ -35,13 +35,14 @@ void expect_grouped_matches_reference(Index row_tile, Index column_tile) {
   const PerExpertLoopType<Act> loop{};
   typename GroupedGemmType<Act>::template Saved<double> saved_a;
   typename PerExpertLoopType<Act>::template Saved<double> saved_b;
+  Workspace<double> workspace;
   Matrix<double> out_a(18, 7), out_b(18, 7);
-  grouped.template forward<double>(weights, rows, offsets, out_a, saved_a);
-  loop.template forward<double>(weights, rows, offsets, out_b, saved_b);
+  grouped.template forward<double>(weights, rows, offsets, out_a, saved_a, workspace);
+  loop.template forward<double>(weights, rows, offsets, out_b, saved_b, workspace);
   EXPECT_LT((out_a - out_b).cwiseAbs().maxCoeff(), 1e-12);
   Matrix<double> dx_a = rows, dx_b = rows;  // backward turns the rows into their gradient
-  grouped.template backward<double>(weights, dx_a, offsets, saved_a, d_out, grads_a);
-  loop.template backward<double>(weights, dx_b, offsets, saved_b, d_out, grads_b);
+  grouped.template backward<double>(weights, dx_a, offsets, saved_a, d_out, grads_a, workspace);
+  loop.template backward<double>(weights, dx_b, offsets, saved_b, d_out, grads_b, workspace);
   EXPECT_LT((dx_a - dx_b).cwiseAbs().maxCoeff(), 1e-12);
   for (std::size_t p = 0; p < grads_a.size(); ++p) {
     EXPECT_LT(io::relative_error(grads_a[p].values(), grads_b[p].values()), 1e-13) << grads_a[p].name();
@@ -72,17 +73,18 @@ TEST(GroupedGemm, EachThreadsPackingBuffersStayWithinTheTilesTimesMaxPackedDepth
   }
   const GroupedGemm grouped{{.row_tile = 128, .column_tile = 96}};
   GroupedGemm::Saved<float> saved;
+  Workspace<float> workspace;
   Matrix<float> rows = Matrix<float>::Random(count, shape.hidden), out(count, shape.hidden);
   const Matrix<float> d_out = Matrix<float>::Random(count, shape.hidden);
   tbb::task_arena(4).execute([&] {
-    grouped.forward<float>(weights, rows, offsets, out, saved);
-    grouped.backward<float>(weights, rows, offsets, saved, d_out, grads);
+    grouped.forward<float>(weights, rows, offsets, out, saved, workspace);
+    grouped.backward<float>(weights, rows, offsets, saved, d_out, grads, workspace);
   });
-  ASSERT_EQ(saved.gemm.threads(), 4u);
+  ASSERT_EQ(workspace.threads(), 4u);
   // Weight gradients tile by column_tile on both sides; the others by row_tile × column_tile.
   const Index side = std::max(Index{128}, Index{96});
-  EXPECT_LE(saved.gemm.bytes(), 4 * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
-  EXPECT_GT(saved.gemm.bytes(), 0u);
+  EXPECT_LE(workspace.bytes(), 4 * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
+  EXPECT_GT(workspace.bytes(), 0u);
 }
 
 TEST(GroupedGemm, DeclaresTheFixtureLayout) {

@@ -13,6 +13,16 @@
 
 namespace moekit {
 
+namespace detail {
+template <class T>
+class GemmWorkspace;
+}
+/// Scratch a layer lends its expert at each call: per-thread GEMM packing buffers, grown as
+/// products need and kept between calls, one set for all of the layer's GEMMs (router and
+/// experts). Nothing in it is meant to outlive a call. core/detail/gemm.hpp
+template <class T>
+using Workspace = detail::GemmWorkspace<T>;
+
 struct router_kind {
   static constexpr std::string_view name = "Router";
 };
@@ -88,11 +98,11 @@ concept Expert =
     requires(const P& p, const LayerShape& shape, std::span<const Tensor<double>> weights,
              std::span<Tensor<double>> grads, ConstMatrixRef<double> rows,
              std::span<const Index> offsets, MatrixRef<double> out,
-             typename P::template Saved<double>& saved) {
+             typename P::template Saved<double>& saved, Workspace<double>& workspace) {
       { P::parameters(shape, Index{}) } -> std::same_as<std::vector<ParameterSpec>>;
       p.validate(shape);
-      p.forward(weights, rows, offsets, out, saved);  // rows [S,H] → out [S,H]
-      p.backward(weights, out, offsets, saved, rows, grads);  // d_out; rows → d_rows in place; adds grads
+      p.forward(weights, rows, offsets, out, saved, workspace);  // rows [S,H] → out [S,H]
+      p.backward(weights, out, offsets, saved, rows, grads, workspace);  // d_out; rows → d_rows in place; adds grads
     };
 
 /// Where experts live and how rows travel to them. docs/policies/parallel.md

@@ -37,7 +37,6 @@ struct GroupedGemmType {
   struct Saved {
     detail::Buffer<T> gate, up, hidden;  // [S,F] gate·x, up·x, and act(gate·x) ⊙ up·x (or act(up·x))
     std::vector<detail::Tile> tiles;
-    detail::GemmWorkspace<T> gemm;
   };
 
   static std::vector<ParameterSpec> parameters(const LayerShape& s, Index local_experts) {
@@ -52,14 +51,14 @@ struct GroupedGemmType {
 
   /// rows [S,H] in per-expert blocks (offsets [E+1]) → out [S,H].
   template <Scalar T>
-  void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
-               std::span<const Index> offsets, MatrixRef<T> out, Saved<T>& saved) const {
+  void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows, std::span<const Index> offsets,
+               MatrixRef<T> out, Saved<T>& saved, Workspace<T>& workspace) const {
     using Slot = detail::FfnSlots<Act>;
     const Index count = rows.rows(), ffn = weights[Slot::up].shape()[1];
     auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
-    saved.gemm.ready();
+    workspace.ready();
 
     // gate = x · W_gateᵀ, up = x · W_upᵀ and hidden = act(gate) ⊙ up, by blocks of F columns.
     tiles(offsets, options.row_tile, ffn, saved.tiles);
@@ -67,10 +66,10 @@ struct GroupedGemmType {
       const auto x = rows.middleRows(t.row, t.rows);
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       auto h = hidden.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(saved.gemm, u, x, weights[Slot::up].slice(t.expert).middleRows(t.column, t.columns).transpose());
+      detail::gemm(workspace, u, x, weights[Slot::up].slice(t.expert).middleRows(t.column, t.columns).transpose());
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
-        detail::gemm(saved.gemm, g, x, weights[Slot::gate].slice(t.expert).middleRows(t.column, t.columns).transpose());
+        detail::gemm(workspace, g, x, weights[Slot::gate].slice(t.expert).middleRows(t.column, t.columns).transpose());
         h = g.unaryExpr([](T v) { return Act::apply(v); }).cwiseProduct(u);
       } else {
         h = u.unaryExpr([](T v) { return Act::apply(v); });
@@ -80,30 +79,31 @@ struct GroupedGemmType {
     // out = hidden · W_downᵀ, by blocks of H columns.
     tiles(offsets, options.row_tile, out.cols(), saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
-      detail::gemm(saved.gemm, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
+      detail::gemm(workspace, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
                    weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
     });
-    saved.gemm.ready();  // every thread now has room for every product of this step
+    workspace.ready();  // every thread now has room for every product of this step
   }
 
   /// d_out [S,H] → d_rows [S,H], written over the rows once the weight gradients, which read
   /// them, are added into grads. Consumes `saved`.
   template <Scalar T>
   void backward(std::span<const Tensor<T>> weights, MatrixRef<T> rows, std::span<const Index> offsets,
-                Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads) const {
+                Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads,
+                Workspace<T>& workspace) const {
     using Slot = detail::FfnSlots<Act>;
     const Index count = rows.rows(), ffn = weights[Slot::up].shape()[1];
     auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
     auto up = saved.up.matrix(count, ffn);
     auto hidden = saved.hidden.matrix(count, ffn);
-    saved.gemm.ready();
+    workspace.ready();
 
     // d_down [H,F] = d_outᵀ · hidden, before hidden's buffer is reused below.
     const Index width = d_out.cols();
     weight_tiles(offsets, width, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = block_of(offsets, t.expert);
-      detail::gemm_add(saved.gemm, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+      detail::gemm_add(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                        d_out.block(first, t.row, n, t.rows).transpose(), hidden.block(first, t.column, n, t.columns));
     });
 
@@ -112,7 +112,7 @@ struct GroupedGemmType {
     tiles(offsets, options.row_tile, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto d_hidden = hidden.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(saved.gemm, d_hidden, d_out.middleRows(t.row, t.rows),
+      detail::gemm(workspace, d_hidden, d_out.middleRows(t.row, t.rows),
                    weights[Slot::down].slice(t.expert).middleCols(t.column, t.columns));
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       if constexpr (Act::gated) {
@@ -133,10 +133,10 @@ struct GroupedGemmType {
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = block_of(offsets, t.expert);
       const auto x = rows.block(first, t.column, n, t.columns);
-      detail::gemm_add(saved.gemm, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+      detail::gemm_add(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                        up.block(first, t.row, n, t.rows).transpose(), x);
       if constexpr (Act::gated)
-        detail::gemm_add(saved.gemm, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+        detail::gemm_add(workspace, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                          gate.block(first, t.row, n, t.rows).transpose(), x);
     });
 
@@ -144,13 +144,13 @@ struct GroupedGemmType {
     tiles(offsets, options.row_tile, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto dx = rows.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(saved.gemm, dx, up.middleRows(t.row, t.rows),
+      detail::gemm(workspace, dx, up.middleRows(t.row, t.rows),
                    weights[Slot::up].slice(t.expert).middleCols(t.column, t.columns));
       if constexpr (Act::gated)
-        detail::gemm_add(saved.gemm, dx, gate.middleRows(t.row, t.rows),
+        detail::gemm_add(workspace, dx, gate.middleRows(t.row, t.rows),
                          weights[Slot::gate].slice(t.expert).middleCols(t.column, t.columns));
     });
-    saved.gemm.ready();  // every thread now has room for every product of this step
+    workspace.ready();  // every thread now has room for every product of this step
   }
 
  private:

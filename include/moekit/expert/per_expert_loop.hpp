@@ -30,7 +30,7 @@ struct PerExpertLoopType {
 
   template <Scalar T>
   void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows,
-               std::span<const Index> offsets, MatrixRef<T> out, Saved<T>& saved) const {
+               std::span<const Index> offsets, MatrixRef<T> out, Saved<T>& saved, Workspace<T>&) const {
     for_each_row(weights, rows, offsets, saved, [&](Index e, Index r) {
       const auto down = weights[Slot::down].slice(e);
       for (Index h = 0; h < rows.cols(); ++h) {
@@ -45,7 +45,7 @@ struct PerExpertLoopType {
   /// one element at a time, each after its last read.
   template <Scalar T>
   void backward(std::span<const Tensor<T>> weights, MatrixRef<T> rows, std::span<const Index> offsets,
-                Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads) const {
+                Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads, Workspace<T>&) const {
     for_each_row<T>(weights, rows, offsets, saved, [&](Index e, Index r) {
       const auto down = weights[Slot::down].slice(e), up = weights[Slot::up].slice(e);
       auto d_down = grads[Slot::down].slice(e), d_up = grads[Slot::up].slice(e);

@@ -94,13 +94,13 @@ class BasicMoELayer {
     tokens_ = tokens;
     auto input = input_.matrix(tokens, hidden);
     auto scores = scores_.matrix(tokens, shape_.experts);
-    gemm_.ready();
+    workspace_.ready();
     detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
       input.middleRows(first, n) = x.middleRows(first, n);  // kept for backward; also lets y alias x
-      detail::gemm(gemm_, scores.middleRows(first, n), input.middleRows(first, n),
+      detail::gemm(workspace_, scores.middleRows(first, n), input.middleRows(first, n),
                    router_weight().matrix().transpose());
     });
-    gemm_.ready();
+    workspace_.ready();
     auto selection = selection_.matrix(balancer_selects ? tokens : 0, shape_.experts);
     if constexpr (balancer_selects) selection = scores;  // the logits, for Sinkhorn
     router_.template score<T>(scores);
@@ -143,10 +143,10 @@ class BasicMoELayer {
           rows, remote, remote_out, out, [&](int chunk, Index first, std::span<const Index> offsets) {
             expert_.template forward<T>(expert_weights(), remote.middleRows(first, offsets.back()), offsets,
                                         remote_out.middleRows(first, offsets.back()),
-                                        expert_saved_[static_cast<std::size_t>(chunk)]);
+                                        expert_saved_[static_cast<std::size_t>(chunk)], workspace_);
           });
     } else {
-      expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_.front());
+      expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_.front(), workspace_);
     }
 
     for_blocks(tokens, [&](Index t) {
@@ -216,11 +216,11 @@ class BasicMoELayer {
             const Index n = offsets.back();
             expert_.template backward<T>(expert_weights(), remote.middleRows(first, n), offsets,
                                          expert_saved_[static_cast<std::size_t>(chunk)],
-                                         remote_d_out.middleRows(first, n), expert_gradients());
+                                         remote_d_out.middleRows(first, n), expert_gradients(), workspace_);
           });
     } else {
       expert_.template backward<T>(expert_weights(), d_rows, plan_.offsets, expert_saved_.front(), d_out,
-                                   expert_gradients());
+                                   expert_gradients(), workspace_);
     }
 
     auto d_logits = d_logits_.matrix(tokens, shape_.experts);
@@ -228,9 +228,9 @@ class BasicMoELayer {
     balancer_.template backward<T>(scores, balance_context(), balance_state_, d_logits);
 
     // dy is read for the last time above, so dx may alias it.
-    gemm_.ready();
+    workspace_.ready();
     detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
-      detail::gemm(gemm_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
+      detail::gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
       for (Index t = first; t < first + n; ++t)
         for (int k = 0; k < top_k; ++k) {
           const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
@@ -240,9 +240,9 @@ class BasicMoELayer {
     // The router's gradient, d_logitsᵀ · x, by blocks of H columns: each sums over all tokens.
     auto d_router = gradients_.front().matrix();
     detail::for_each_block(hidden, hidden_block, [&](Index first, Index n) {
-      detail::gemm_add(gemm_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
+      detail::gemm_add(workspace_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
     });
-    gemm_.ready();
+    workspace_.ready();
     have_forward_ = false;  // the saved activations now hold gradients
   }
 
@@ -604,7 +604,7 @@ class BasicMoELayer {
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
   detail::Buffer<T> d_logits_;                            // [T,E]
   std::vector<T> d_weight_;                               // [T,K]
-  detail::GemmWorkspace<T> gemm_;                         // packing buffers of the router's GEMMs
+  Workspace<T> workspace_;                                // packing buffers of all the layer's GEMMs
   std::vector<Index> load_;                               // [E] kept choices per expert
   std::vector<T> raw_weight_;                             // [T,K] weights before the dispatcher adjusts them
   detail::Buffer<T> remote_rows_, remote_out_;  // [R,H] rows at this rank's experts (backward: d_rows, d_out)
