@@ -6,8 +6,8 @@
 //
 // This uses Eigen 3.4's internal GEMM entry point (general_matrix_matrix_product) and blocking
 // heuristic, so up to a depth of max_packed_depth the arithmetic — every bit of the result — is
-// that of `C.noalias() += A·B`; deeper products are packed in shorter blocks than Eigen's, so
-// they add in the same order but round at other block edges. Tiny products go coefficient by
+// that of `C.noalias() += A·B`; deeper products are cut into shorter blocks than Eigen's, so
+// their sums are grouped differently and agree to rounding. Tiny products go coefficient by
 // coefficient and those with one row or one column to Eigen's GEMV, as the operator sends them.
 // x · Wᵀ with 2…few_rows rows (decode) has a kernel of its own, few_rows_times_wt.
 #include <Eigen/Core>
