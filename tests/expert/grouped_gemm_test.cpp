@@ -76,14 +76,15 @@ TEST(GroupedGemm, EachThreadsPackingBuffersStayWithinTheTilesTimesMaxPackedDepth
   Workspace<float> workspace;
   Matrix<float> rows = Matrix<float>::Random(count, shape.hidden), out(count, shape.hidden);
   const Matrix<float> d_out = Matrix<float>::Random(count, shape.hidden);
-  tbb::task_arena(4).execute([&] {
+  const int threads = 4;
+  tbb::task_arena(threads).execute([&] {
     grouped.forward<float>(weights, rows, offsets, out, saved, workspace);
     grouped.backward<float>(weights, rows, offsets, saved, d_out, grads, workspace);
   });
-  ASSERT_EQ(workspace.threads(), 4u);
+  ASSERT_EQ(workspace.threads(), std::size_t(threads));
   // Weight gradients tile by column_tile on both sides; the others by row_tile × column_tile.
-  const Index side = std::max(Index{128}, Index{96});
-  EXPECT_LE(workspace.bytes(), 4 * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
+  const Index side = std::max(grouped.options.row_tile, grouped.options.column_tile);
+  EXPECT_LE(workspace.bytes(), threads * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
   EXPECT_GT(workspace.bytes(), 0u);
 }
 

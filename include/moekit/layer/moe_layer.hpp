@@ -11,7 +11,6 @@
 #include <type_traits>
 #include <vector>
 
-
 #include <moekit/core/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/detail/gemm.hpp>
