@@ -104,7 +104,7 @@ class LimitGemms {
       auto g = g_.middleRows(first, n), u = u_.middleRows(first, n), h = h_.middleRows(first, n);
       g.noalias() = x * gate_.transpose();
       u.noalias() = x * up_.transpose();
-      h = g.unaryExpr([](float v) { return moekit::SwiGLU::apply(v); }).cwiseProduct(u);
+      moekit::detail::activate_gated<moekit::SwiGLU>(g, u, h);  // the layer's own pass: only the GEMMs differ
       y_.middleRows(first, n).noalias() = h * down_.transpose();
     });
   }
@@ -116,12 +116,7 @@ class LimitGemms {
     panels(threads, x_.rows(), [&](Index first, Index n) {
       auto g = g_.middleRows(first, n), u = u_.middleRows(first, n), dh = h_.middleRows(first, n);
       dh.noalias() = dy_.middleRows(first, n) * down_;
-      for (Index i = 0; i < n; ++i)
-        for (Index j = 0; j < g.cols(); ++j) {
-          const float gv = g(i, j), uv = u(i, j), d = dh(i, j);
-          g(i, j) = d * uv * moekit::SwiGLU::derivative(gv);
-          u(i, j) = d * moekit::SwiGLU::apply(gv);
-        }
+      moekit::detail::activate_gated_backward<moekit::SwiGLU>(g, u, dh);
       auto dx = dx_.middleRows(first, n);
       dx.noalias() = g * gate_;
       dx.noalias() += u * up_;

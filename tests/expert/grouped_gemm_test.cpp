@@ -116,5 +116,64 @@ TEST(Activation, DerivativesMatchFiniteDifferences) {
   EXPECT_NEAR(SwiGLU::apply(1.0), 0.7310585786300049, 1e-15);  // x·σ(x)
 }
 
+/// The tile passes against the scalar apply and derivative: within a few float roundings, over
+/// values where the exponential underflows and overflows too.
+template <class Act>
+void expect_passes_match_scalar() {
+  using M = Matrix<float>;
+  const Index rows = 3, cols = 37;  // a partial packet at each row's end, whatever the packet size
+  M g(rows, cols), u(rows, cols), d(rows, cols), h(rows, cols);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) {
+      g(i, j) = float(-100.0 + 200.0 * double(i * cols + j) / double(rows * cols - 1));
+      u(i, j) = float(0.5 + 0.01 * double(j));
+      d(i, j) = float(1.0 - 0.02 * double(i + j));
+    }
+  const auto close = [](float got, float want) { return std::abs(got - want) <= 4e-7f * std::abs(want) + 1e-30f; };
+  M dg = g, du = u;
+  detail::activate_gated<Act>(g, u, h);
+  detail::activate_gated_backward<Act>(dg, du, d);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) {
+      const float gv = g(i, j);
+      EXPECT_PRED2(close, h(i, j), Act::apply(gv) * u(i, j)) << Act::name << " at " << gv;
+      EXPECT_PRED2(close, dg(i, j), d(i, j) * u(i, j) * Act::derivative(gv)) << Act::name << " at " << gv;
+      EXPECT_PRED2(close, du(i, j), d(i, j) * Act::apply(gv)) << Act::name << " at " << gv;
+    }
+  M a(rows, cols), da = u;
+  detail::activate<Act>(u, a);
+  detail::activate_backward<Act>(da, d);
+  for (Index i = 0; i < rows; ++i)
+    for (Index j = 0; j < cols; ++j) {
+      EXPECT_PRED2(close, a(i, j), Act::apply(u(i, j)));
+      EXPECT_PRED2(close, da(i, j), d(i, j) * Act::derivative(u(i, j)));
+    }
+}
+
+TEST(Activation, TilePassesMatchTheScalarFormulas) {
+  static_assert(detail::PacketActivation<SwiGLU, float> && detail::PacketActivation<ReLU, double>);
+  static_assert(!detail::PacketActivation<GeLU, float>);  // element by element
+  expect_passes_match_scalar<SwiGLU>();
+  expect_passes_match_scalar<ReLU>();
+  expect_passes_match_scalar<GeLU>();
+}
+
+TEST(Activation, AnElementsResultDoesNotDependOnWhereItLies) {
+  // Each value at every lane of a packet and in a row's partial last packet, through blocks of 1
+  // to 17 columns that end at it: the bits must not change (tiles are cut by the shape, and the
+  // layer promises the same bits for any cut of the work).
+  using M = Matrix<float>;
+  const Index cols = 401;  // many values: a packet form and a per-element one differ in about 1 of 8
+  M g(1, cols), u = M::Constant(1, cols, 1.5f), h(1, cols);
+  for (Index j = 0; j < cols; ++j) g(0, j) = 0.0613f * float(j) - 12.0f;
+  detail::activate_gated<SwiGLU>(g, u, h);
+  for (Index width = 1; width <= 17; ++width)
+    for (Index j = width - 1; j < cols; ++j) {
+      M part(1, width);
+      detail::activate_gated<SwiGLU>(g.middleCols(j + 1 - width, width), u.middleCols(j + 1 - width, width), part);
+      ASSERT_EQ(part(0, width - 1), h(0, j)) << "value " << g(0, j) << " last of " << width;
+    }
+}
+
 }  // namespace
 }  // namespace moekit::test

@@ -2,9 +2,14 @@
 // The expert networks' activations, and the parameters an FFN expert of each kind owns.
 //   gated (SwiGLU):   y = down · (act(gate · x) ⊙ (up · x))      experts.gate, .up [E,F,H]; .down [E,H,F]
 //   plain (GeLU, ReLU): y = down · act(up · x)                   experts.up [E,F,H]; .down [E,H,F]
+#include <Eigen/Core>
+
+#include <algorithm>
+#include <concepts>
 #include <cmath>
 #include <numbers>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include <moekit/core/routing.hpp>
@@ -22,6 +27,20 @@ struct SwiGLU {
   static T derivative(T g) {
     const T s = T(1) / (T(1) + std::exp(-g));
     return s * (T(1) + g * (T(1) - s));
+  }
+  // The same in Eigen's packets, for GroupedGemm's passes over its tiles. Eigen's pexp is as
+  // accurate as std::exp and, with AVX2 or AVX-512, 3-8x faster than a call per element.
+  template <class Packet>
+  static Packet apply_packet(const Packet& g) {
+    namespace ei = Eigen::internal;
+    return ei::pdiv(g, ei::padd(ei::pset1<Packet>(1), ei::pexp(ei::pnegate(g))));
+  }
+  template <class Packet>
+  static Packet derivative_packet(const Packet& g) {
+    namespace ei = Eigen::internal;
+    const Packet one = ei::pset1<Packet>(1);
+    const Packet s = ei::pdiv(one, ei::padd(one, ei::pexp(ei::pnegate(g))));
+    return ei::pmul(s, ei::padd(one, ei::pmul(g, ei::psub(one, s))));
   }
 };
 
@@ -46,6 +65,15 @@ struct ReLU {
   static T apply(T g) { return g > T(0) ? g : T(0); }
   template <Scalar T>
   static T derivative(T g) { return g > T(0) ? T(1) : T(0); }
+  template <class Packet>
+  static Packet apply_packet(const Packet& g) {
+    return Eigen::internal::pmax(g, Eigen::internal::pzero(g));
+  }
+  template <class Packet>
+  static Packet derivative_packet(const Packet& g) {
+    namespace ei = Eigen::internal;
+    return ei::pand(ei::pcmp_lt(ei::pzero(g), g), ei::pset1<Packet>(1));
+  }
 };
 
 template <class A>
@@ -73,6 +101,103 @@ std::vector<ParameterSpec> ffn_parameters(const LayerShape& s, Index local_exper
   specs.push_back({"experts.up", {local_experts, s.ffn, s.hidden}});
   specs.push_back({"experts.down", {local_experts, s.hidden, s.ffn}});
   return specs;
+}
+
+/// An activation with packet forms of apply and derivative (apply_packet, derivative_packet).
+/// Those without one (GeLU: Eigen's core has no vectorised erf) run element by element.
+template <class A, class T>
+concept PacketActivation = requires(const typename Eigen::internal::packet_traits<T>::type& p) {
+  { A::apply_packet(p) } -> std::same_as<std::remove_cvref_t<decltype(p)>>;
+  { A::derivative_packet(p) } -> std::same_as<std::remove_cvref_t<decltype(p)>>;
+};
+
+template <bool vectorised, class T>
+struct PacketOf {
+  using type = T;
+};
+template <class T>
+struct PacketOf<true, T> {  // not std::conditional_t: GCC drops a vector type's attributes there
+  using type = typename Eigen::internal::packet_traits<T>::type;
+};
+
+/// How a pass over a tile applies Act: a packet at a time where it has packet forms, else an
+/// element at a time (a "packet" of one T; Eigen's packet functions take plain scalars too).
+template <Activation Act, class T>
+struct Lanes {
+  static constexpr bool vectorised = PacketActivation<Act, T>;
+  using Packet = typename PacketOf<vectorised, T>::type;
+  static constexpr Index size = vectorised ? Eigen::internal::packet_traits<T>::size : 1;
+
+  static Packet apply(const Packet& v) {
+    if constexpr (vectorised) return Act::apply_packet(v);
+    else return Act::apply(v);
+  }
+  static Packet derivative(const Packet& v) {
+    if constexpr (vectorised) return Act::derivative_packet(v);
+    else return Act::derivative(v);
+  }
+  /// count ≤ size values; the lanes past them are zero. Every element thus goes through the same
+  /// arithmetic wherever it lies in the block: the same bits for any cut into tiles.
+  static Packet load(const T* p, Index count) {
+    if (count == size) return Eigen::internal::ploadu<Packet>(p);
+    T padded[size] = {};
+    std::copy_n(p, count, padded);
+    return Eigen::internal::ploadu<Packet>(padded);
+  }
+  static void store(T* p, const Packet& v, Index count) {
+    if (count == size) return Eigen::internal::pstoreu(p, v);
+    T all[size];
+    Eigen::internal::pstoreu(all, v);
+    std::copy_n(all, count, p);
+  }
+  /// body(pointers into each block, count) over the rows of same-shaped row-major blocks, `size`
+  /// columns at a time (count = size but at a row's end).
+  template <class Body, class First, class... Rest>
+  static void runs(Body body, First& first, Rest&... rest) {
+    static_assert(First::IsRowMajor && (Rest::IsRowMajor && ...), "the passes go along rows");
+    for (Index i = 0; i < first.rows(); ++i)
+      for (Index j = 0; j < first.cols(); j += size)
+        body(first.data() + i * first.outerStride() + j, rest.data() + i * rest.outerStride() + j...,
+             std::min(size, first.cols() - j));
+  }
+};
+
+/// hidden = act(gate) ⊙ up, over same-shaped blocks of one expert's tile.
+template <Activation Act, class G, class U, class H>
+void activate_gated(const G& gate, const U& up, H&& hidden) {
+  using L = Lanes<Act, typename G::Scalar>;
+  L::runs([](const auto* g, const auto* u, auto* h, Index n) {
+    L::store(h, Eigen::internal::pmul(L::apply(L::load(g, n)), L::load(u, n)), n);
+  }, gate, up, hidden);
+}
+
+/// hidden = act(up).
+template <Activation Act, class U, class H>
+void activate(const U& up, H&& hidden) {
+  using L = Lanes<Act, typename U::Scalar>;
+  L::runs([](const auto* u, auto* h, Index n) { L::store(h, L::apply(L::load(u, n)), n); }, up, hidden);
+}
+
+/// d_hidden back through act(gate) ⊙ up, in place: gate ← d_hidden ⊙ up ⊙ act'(gate) and
+/// up ← d_hidden ⊙ act(gate).
+template <Activation Act, class G, class U, class D>
+void activate_gated_backward(G&& gate, U&& up, const D& d_hidden) {
+  using L = Lanes<Act, typename D::Scalar>;
+  namespace ei = Eigen::internal;
+  L::runs([](auto* g, auto* u, const auto* d, Index n) {
+    const auto gv = L::load(g, n), uv = L::load(u, n), dh = L::load(d, n);
+    L::store(g, ei::pmul(ei::pmul(dh, uv), L::derivative(gv)), n);
+    L::store(u, ei::pmul(dh, L::apply(gv)), n);
+  }, gate, up, d_hidden);
+}
+
+/// d_hidden back through act(up), in place: up ← d_hidden ⊙ act'(up).
+template <Activation Act, class U, class D>
+void activate_backward(U&& up, const D& d_hidden) {
+  using L = Lanes<Act, typename D::Scalar>;
+  L::runs([](auto* u, const auto* d, Index n) {
+    L::store(u, Eigen::internal::pmul(L::load(d, n), L::derivative(L::load(u, n))), n);
+  }, up, d_hidden);
 }
 
 }  // namespace detail

@@ -70,9 +70,9 @@ struct GroupedGemmType {
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
         detail::gemm(workspace, g, x, weights[Slot::gate].slice(t.expert).middleRows(t.column, t.columns).transpose());
-        h = g.unaryExpr([](T v) { return Act::apply(v); }).cwiseProduct(u);
+        detail::activate_gated<Act>(g, u, h);
       } else {
-        h = u.unaryExpr([](T v) { return Act::apply(v); });
+        detail::activate<Act>(u, h);
       }
     });
 
@@ -117,14 +117,9 @@ struct GroupedGemmType {
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
-        for (Index i = 0; i < t.rows; ++i)
-          for (Index j = 0; j < t.columns; ++j) {  // both outputs read both inputs: one pass, by element
-            const T gv = g(i, j), uv = u(i, j), dh = d_hidden(i, j);
-            g(i, j) = dh * uv * Act::derivative(gv);
-            u(i, j) = dh * Act::apply(gv);
-          }
+        detail::activate_gated_backward<Act>(g, u, d_hidden);
       } else {
-        u = d_hidden.cwiseProduct(u.unaryExpr([](T v) { return Act::derivative(v); }));
+        detail::activate_backward<Act>(u, d_hidden);
       }
     });
 
