@@ -52,7 +52,7 @@ void BM_EigenGemm(benchmark::State& state) {
 }
 
 void rows(benchmark::internal::Benchmark* b) {
-  for (Index r : {2, 4, 8, 16, 32, 48, 64}) b->Arg(r);
+  for (Index r : {1, 2, 4, 8, 16, 32, 48, 64}) b->Arg(r);
   b->Unit(benchmark::kMillisecond);
 }
 
