@@ -119,7 +119,8 @@ constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 /// experts' x · Wᵀ at decode) goes to few_rows_times_wt: packing the weights for a GEMM kernel
 /// would read them once more than the product itself does, and at decode sizes reading the
 /// weights is the whole cost. benchmarks/decode_kernel_benchmark finds it faster than Eigen's
-/// GEMM up to 16 rows and slower from 32, with SSE2 and AVX-512 (docs/performance.md#decode-kernel).
+/// GEMM up to 16 rows, with SSE2 and AVX-512, and since the prefetch 2 KiB ahead as fast or
+/// faster at 32; the layer is not yet measured at 16–32 rows an expert (docs/performance.md#decode-kernel).
 inline constexpr Index few_rows = 16;
 
 /// How far ahead of its loads the decode kernel prefetches each row of w, in bytes. The hardware
