@@ -158,6 +158,28 @@ TEST(Activation, TilePassesMatchTheScalarFormulas) {
   expect_passes_match_scalar<GeLU>();
 }
 
+TEST(Activation, SwiGLUsFusedFormHasTheBitsOfEachAlone) {
+  // The backward pass takes act and act' from one exp; they must be those the forward and the
+  // derivative alone give, bit for bit, so that fusing them changes no result.
+  namespace ei = Eigen::internal;
+  using Packet = ei::packet_traits<float>::type;
+  constexpr int lanes = ei::packet_traits<float>::size;
+  for (float first = -100.0f; first < 100.0f; first += 0.37f * lanes) {
+    float in[lanes], fused_act[lanes], fused_derivative[lanes], act[lanes], derivative[lanes];
+    for (int l = 0; l < lanes; ++l) in[l] = first + 0.37f * float(l);
+    const Packet g = ei::ploadu<Packet>(in);
+    const auto [a, da] = SwiGLU::apply_and_derivative_packet(g);
+    ei::pstoreu(fused_act, a);
+    ei::pstoreu(fused_derivative, da);
+    ei::pstoreu(act, SwiGLU::apply_packet(g));
+    ei::pstoreu(derivative, SwiGLU::derivative_packet(g));
+    for (int l = 0; l < lanes; ++l) {
+      ASSERT_EQ(fused_act[l], act[l]) << "at " << in[l];
+      ASSERT_EQ(fused_derivative[l], derivative[l]) << "at " << in[l];
+    }
+  }
+}
+
 TEST(Activation, AnElementsResultDoesNotDependOnWhereItLies) {
   // Each value at every lane of a packet and in a row's partial last packet, through blocks of 1
   // to 17 columns that end at it: the bits must not change (tiles are cut by the shape, and the
