@@ -7,11 +7,13 @@
 // The matrix is generated at compile time from the policy lists below. Names carry what was run:
 //   layer/fwd/<policies>/T:2048/H:1024/F:2816/E:8/K:2/threads:2
 // with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
-// `decode/...` the small batches. Counters: gflops, pct_of_limit (100 · limit time / time),
-// tokens_per_s, allocs_per_step (heap allocations in a step after the timed ones, expected 0);
-// forward + backward adds peak_MiB and peak_over_saved (the first step's peak heap
-// over the activations backward needs saved); decode adds x_of_bound. Timings are reported
-// here, never asserted in tests. scripts/performance_report.py turns the JSON into tables.
+// `decode/...` the small batches: T = 1, 4, 16, held to the decode target, and T = 64 and 128,
+// where the busiest expert gets about 20 and 40 rows, about detail::few_rows. Counters: gflops,
+// pct_of_limit (100 · limit time / time), tokens_per_s, allocs_per_step (heap allocations in a
+// step after the timed ones, expected 0); forward + backward adds peak_MiB and peak_over_saved
+// (the first step's peak heap over the activations backward needs saved); decode adds
+// x_of_bound, experts_read, weight_GB_per_s and most_rows (the busiest expert's rows). Timings
+// are reported here, never asserted in tests. scripts/performance_report.py turns the JSON into tables.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -278,8 +280,8 @@ void BM_Decode(benchmark::State& state, Shape s, int threads) {
     const Matrix x = Matrix::Random(s.tokens, s.hidden);
     Matrix y(s.tokens, s.hidden);
     layer.forward(x, y);
-    const auto active = std::count_if(layer.tokens_per_expert().begin(), layer.tokens_per_expert().end(),
-                                      [](Index n) { return n > 0; });
+    const auto& rows = layer.tokens_per_expert();
+    const auto active = std::count_if(rows.begin(), rows.end(), [](Index n) { return n > 0; });
     const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
     const auto start = Clock::now();
     for (auto _ : state) {
@@ -288,6 +290,7 @@ void BM_Decode(benchmark::State& state, Shape s, int threads) {
     }
     const double seconds = seconds_per_iteration(state, start);
     state.counters["experts_read"] = double(active);
+    state.counters["most_rows"] = double(*std::max_element(rows.begin(), rows.end()));  // of one expert
     state.counters["weight_GB_per_s"] = bytes * 1e-9 / seconds;
     state.counters["x_of_bound"] = seconds / (bytes / bandwidth);
   });
@@ -311,7 +314,7 @@ void register_all(const std::vector<int>& thread_counts) {
   std::set<std::string> seen;
   for (const int threads : thread_counts) {
     benchmark::RegisterBenchmark(("triad/threads:" + std::to_string(threads)).c_str(), BM_Triad, threads)->Iterations(1);
-    for (const Index tokens : {1, 4, 16}) {
+    for (const Index tokens : {1, 4, 16, 64, 128}) {
       const Shape s{tokens, 1024, 2816, 8, 2};
       timed(benchmark::RegisterBenchmark(("decode/" + Layer<>::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
                                          BM_Decode, s, threads));

@@ -28,6 +28,7 @@ def markers(section):
 
 TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the limit (issue targets)
 DECODE_TARGET = 1.5  # x_of_bound
+DECODE_MAX_TOKENS = 16  # the issue's decode: T = 1 … 16
 DEFAULT_LAYER = "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU"
 
 
@@ -145,16 +146,19 @@ def scaling_table(rows):
 
 
 def decode_table(rows):
+    """Held to the target up to DECODE_MAX_TOKENS; larger batches are shown for the kernel's range."""
     lines = []
     for r in sorted((r for r in rows if r["kind"] == "decode"), key=lambda r: (r["threads"], r["shape"]["T"])):
         c = r["counters"]
+        held = r["shape"]["T"] <= DECODE_MAX_TOKENS
         lines.append([r["shape"]["T"], r["threads"], fmt(r["ms"], 2), fmt(c.get("experts_read"), 0),
-                      fmt(c.get("weight_GB_per_s")), fmt(c.get("x_of_bound"), 2),
-                      verdict(c.get("x_of_bound"), DECODE_TARGET, higher_is_better=False)])
+                      fmt(c.get("most_rows"), 0), fmt(c.get("weight_GB_per_s")), fmt(c.get("x_of_bound"), 2),
+                      verdict(c.get("x_of_bound"), DECODE_TARGET, higher_is_better=False) if held else "—"])
     triads = ", ".join(f"{r['threads']} threads {fmt(r['counters'].get('GB_per_s'))} GB/s"
                        for r in rows if r["kind"] == "triad")
-    return table(["T", "threads", "ms", "experts read", "weights GB/s", "x_of_bound", "target ≤ 1.5"], lines) + \
-        (f"\n\nTriad bandwidth: {triads}." if triads else "")
+    header = ["T", "threads", "ms", "experts read", "most rows", "weights GB/s", "x_of_bound",
+              f"target ≤ {DECODE_TARGET} (T ≤ {DECODE_MAX_TOKENS})"]
+    return table(header, lines) + (f"\n\nTriad bandwidth: {triads}." if triads else "")
 
 
 def pytorch_table(rows):

@@ -117,11 +117,12 @@ constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 
 /// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
 /// experts' x · Wᵀ at decode) goes to few_rows_times_wt: packing the weights for a GEMM kernel
-/// would read them once more than the product itself does, and at decode sizes reading the
-/// weights is the whole cost. benchmarks/decode_kernel_benchmark finds it faster than Eigen's
-/// GEMM up to 16 rows, with SSE2 and AVX-512, and since the prefetch 2 KiB ahead as fast or
-/// faster at 32; the layer is not yet measured at 16–32 rows an expert (docs/performance.md#decode-kernel).
-inline constexpr Index few_rows = 16;
+/// would read them once more than the product itself does, and at these sizes reading the
+/// weights is most of the cost. benchmarks/decode_kernel_benchmark finds the kernel as fast as
+/// Eigen's GEMM or faster up to 32 rows, with SSE2 and AVX-512, and the layer at T = 64 (the
+/// busiest expert 19–25 rows) 6–15% faster with 32 here than with 16; past 32 rows neither
+/// measurement found a steady gain (docs/performance.md#decode-kernel).
+inline constexpr Index few_rows = 32;
 
 /// How far ahead of its loads the decode kernel prefetches each row of w, in bytes. The hardware
 /// prefetcher stops at each 4 KiB page, and a row of 1024 floats is one, so each row's prefetch
