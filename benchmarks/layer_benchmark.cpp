@@ -8,7 +8,7 @@
 //   layer/fwd/<policies>/T:2048/H:1024/F:2816/E:8/K:2/threads:2
 // with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
 // `decode/...` the small batches: T = 1, 4, 16, held to the decode target, and T = 64 and 128,
-// where the busiest expert gets about 20 and 40 rows, about detail::few_rows. Counters: gflops,
+// where the busiest expert gets about 20 and 40 rows, around detail::few_rows. Counters: gflops,
 // pct_of_limit (100 · limit time / time), tokens_per_s, allocs_per_step (heap allocations in a
 // step after the timed ones, expected 0); forward + backward adds peak_MiB and peak_over_saved
 // (the first step's peak heap over the activations backward needs saved); decode adds

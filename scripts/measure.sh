@@ -27,10 +27,18 @@ out=${MEASURE_OUT:-$(mktemp -d)}
 mkdir -p "$out"
 cores=$(nproc)
 
-"$bench" --benchmark_filter='T:2048|triad|decode' --benchmark_format=json > "$out/scaling.json"
-"$bench" --threads="$cores" --benchmark_filter='T:512' --benchmark_format=json > "$out/matrix.json"
-command="$bench --benchmark_filter='T:2048|triad|decode' --benchmark_format=json; \
-$bench --threads=$cores --benchmark_filter='T:512' --benchmark_format=json"
+# bench_json FILE ARGS…: layer_benchmark's JSON into FILE, and the command, quoted, into the report's.
+commands=()
+bench_json() {
+  local file=$1
+  shift
+  "$bench" "$@" --benchmark_format=json > "$file"
+  commands+=("$bench ${*@Q} --benchmark_format=json")
+}
+bench_json "$out/scaling.json" --benchmark_filter='T:2048|triad|decode'
+bench_json "$out/matrix.json" --threads="$cores" --benchmark_filter='T:512'
+command=$(printf '%s; ' "${commands[@]}")
+command=${command%; }
 
 # 16-core → performance_limit_16core.svg, 16-core-ci-build → performance_limit_16core_ci_build.svg
 plot=performance_limit_$(echo "$section" | sed 's/-core/core/; s/-/_/g').svg
