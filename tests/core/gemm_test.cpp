@@ -1,7 +1,7 @@
 // detail::gemm packs into kept buffers but must compute what Eigen's product operator computes:
 // the same kernel and, up to a depth of max_packed_depth, the same blocking, so the same bits.
-// Deeper products are packed in shorter blocks, and x · Wᵀ with a few rows (2 … few_rows) has a
-// kernel of its own: both equal up to rounding.
+// Deeper products are packed in shorter blocks: they equal it up to rounding. (x · Wᵀ with a few
+// rows has a kernel of its own: few_rows_test.cpp.)
 #include <gtest/gtest.h>
 
 #include <moekit/core/detail/gemm.hpp>
@@ -51,43 +51,6 @@ TEST(Gemm, DeepProductsMatchEigenAndPackAtMostMaxPackedDepth) {
     EXPECT_LE(workspace.local().a_size() + workspace.local().b_size(),
               std::size_t(detail::max_packed_depth * (m + n)))
         << "k = " << k << ": packing buffers";
-  }
-}
-
-template <class T>
-void expect_few_rows_match_eigen(Index k, Index n, T tolerance) {
-  using M = Matrix<T>;
-  detail::GemmWorkspace<T> workspace;
-  for (Index m = 2; m <= detail::few_rows; ++m) {
-    // Blocks of larger matrices, so the strides differ from the widths.
-    const M x = M::Random(m + 1, k + 5), w = M::Random(n + 2, k + 3);
-    const auto xs = x.block(1, 2, m, k);
-    const auto ws = w.block(2, 1, n, k);
-    M c = M::Random(m, n), expected = c;
-    detail::gemm_add(workspace, c, xs, ws.transpose());
-    expected.noalias() += xs * ws.transpose();
-    EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), tolerance) << m << " rows, k = " << k << ", n = " << n;
-  }
-}
-
-TEST(Gemm, AFewRowsTimesATransposedMatrixMatchEigen) {
-  // k: shorter than a packet, not a multiple of one, a multiple; n: odd, and past a 128 KiB slice.
-  for (Index k : {3, 333, 1024}) {
-    expect_few_rows_match_eigen<float>(k, 517, 1e-4f);
-    expect_few_rows_match_eigen<double>(k, 61, 1e-12);
-  }
-}
-
-TEST(Gemm, AFewRowsGiveEachRowTheSameBitsWhateverRowsAreBesideIt) {
-  // A token's output must not depend on which other tokens its expert got at decode.
-  detail::GemmWorkspace<float> workspace;
-  const Matrix<float> x = Matrix<float>::Random(detail::few_rows, 777), w = Matrix<float>::Random(301, 777);
-  Matrix<float> all = Matrix<float>::Zero(detail::few_rows, 301);
-  detail::gemm_add(workspace, all, x, w.transpose());
-  for (Index m = 1; m < detail::few_rows; ++m) {
-    Matrix<float> some = Matrix<float>::Zero(m, 301);
-    detail::gemm_add(workspace, some, x.bottomRows(m), w.transpose());
-    EXPECT_TRUE(some == all.bottomRows(m)) << m << " rows";
   }
 }
 
