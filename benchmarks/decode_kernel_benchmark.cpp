@@ -1,5 +1,6 @@
-// x · Wᵀ for a few rows x, as the experts compute it at decode: the layer's kernel
-// (detail::few_rows_times_wt) against Eigen's GEMM (the product operator, which packs W first).
+// x · Wᵀ for a few rows x, as the experts compute it at decode: each form of the layer's kernel
+// (detail::few_rows_times_wt: the build's vectors, and on x86 AVX2 and AVX-512, the layer running
+// the widest the CPU has) against Eigen's GEMM (the product operator, which packs W first).
 // The weights are 24 matrices of 2816 × 1024 floats (264 MiB), taken in turn, so each product
 // reads its W from memory as a decode step does. Counters: weight_GB_per_s (W read once) and
 // gflops. This is the measurement behind detail::few_rows (docs/performance.md#decode-kernel).
@@ -8,6 +9,7 @@
 #include <vector>
 
 #include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/tensor.hpp>
 
 namespace {
 
@@ -16,8 +18,16 @@ using Matrix = moekit::Matrix<float>;
 
 constexpr Index hidden = 1024, ffn = 2816, matrices = 24;
 
-const std::vector<Matrix>& weights() {
-  static const std::vector<Matrix> w(matrices, Matrix::Random(ffn, hidden));
+// Tensors, as the layer keeps its weights: on cache-line boundaries.
+const std::vector<moekit::Tensor<float>>& weights() {
+  static const std::vector<moekit::Tensor<float>> w = [] {
+    std::vector<moekit::Tensor<float>> made;
+    for (Index i = 0; i < matrices; ++i) {
+      made.emplace_back("w", std::vector<Index>{ffn, hidden});
+      made.back().matrix() = Matrix::Random(ffn, hidden);
+    }
+    return made;
+  }();
   return w;
 }
 
@@ -40,15 +50,19 @@ void run(benchmark::State& state, Product product) {
                                                 benchmark::Counter::kIsRate);
 }
 
+template <class Form>
 void BM_Kernel(benchmark::State& state) {
-  run(state, [](Matrix& c, const Matrix& x, const Matrix& w) {
-    moekit::detail::few_rows_times_wt<float>(c, x.data(), x.outerStride(), x.rows(), w.data(), w.outerStride(),
-                                             w.rows(), w.cols());
+  if (!Form::available()) {
+    state.SkipWithError("this CPU does not run this form of the kernel");
+    return;
+  }
+  run(state, [](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) {
+    moekit::detail::few_rows_times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), hidden, ffn, hidden);
   });
 }
 
 void BM_EigenGemm(benchmark::State& state) {
-  run(state, [](Matrix& c, const Matrix& x, const Matrix& w) { c.noalias() += x * w.transpose(); });
+  run(state, [](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) { c.noalias() += x * w.matrix().transpose(); });
 }
 
 void rows(benchmark::internal::Benchmark* b) {
@@ -56,7 +70,11 @@ void rows(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond);
 }
 
-BENCHMARK(BM_Kernel)->Apply(rows);
+BENCHMARK_TEMPLATE(BM_Kernel, moekit::detail::BuildVectors)->Apply(rows);
+#if MOEKIT_DECODE_DISPATCH
+BENCHMARK_TEMPLATE(BM_Kernel, moekit::detail::Avx2Vectors)->Apply(rows);
+BENCHMARK_TEMPLATE(BM_Kernel, moekit::detail::Avx512Vectors)->Apply(rows);
+#endif
 BENCHMARK(BM_EigenGemm)->Apply(rows);
 
 }  // namespace

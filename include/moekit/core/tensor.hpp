@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <concepts>
 #include <cstddef>
+#include <new>
 #include <numeric>
 #include <span>
 #include <string>
@@ -33,6 +34,31 @@ using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
 
 template <Scalar T>
 constexpr std::string_view scalar_name = std::same_as<T, float> ? "f32" : "f64";
+
+namespace detail {
+
+/// Allocates on cache-line (64-byte) boundaries, whatever vectors the build has: Eigen aligns to
+/// its own packets (16 bytes with SSE2), and the decode kernel's 64-byte loads of a weight row
+/// that straddle two lines streamed 15–25% slower (docs/performance.md#decode-kernel).
+template <class T>
+struct CacheLineAllocator {
+  using value_type = T;
+  static constexpr std::align_val_t alignment{64};
+
+  CacheLineAllocator() = default;
+  template <class U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) noexcept {}
+
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), alignment)); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, alignment); }
+  friend bool operator==(const CacheLineAllocator&, const CacheLineAllocator&) = default;
+};
+
+/// The storage of tensors and buffers.
+template <class T>
+using AlignedValues = std::vector<T, CacheLineAllocator<T>>;
+
+}  // namespace detail
 
 /// A named, dense, row-major tensor of rank 1 to 3.
 template <Scalar T>
@@ -70,7 +96,7 @@ class Tensor {
 
   std::string name_;
   std::vector<Index> shape_;
-  std::vector<T> values_;
+  detail::AlignedValues<T> values_;
 };
 
 /// "[8,48,32]": how shapes appear in messages and docs.
@@ -104,7 +130,7 @@ class Buffer {
   }
 
  private:
-  std::vector<T> values_;
+  AlignedValues<T> values_;
 };
 
 }  // namespace detail
