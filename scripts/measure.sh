@@ -5,22 +5,23 @@
 #
 # layer_benchmark at 1, 2, 4, … threads up to all the cores (the standard shape, many small
 # experts, the triad and decode), then the policy matrix (T = 512) on all the cores, then
-# scripts/performance_report.py over both. The section's markers must be in the document. The
-# JSON is kept in MEASURE_OUT (default: a new temporary folder), to be read again or compared.
+# scripts/performance_report.py over both. The section's markers must be in the document
+# (MEASURE_DOC, default docs/performance.md). The JSON is kept in MEASURE_OUT (default: a new
+# temporary folder), to be read again or compared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
   sed -n 2,9p "$0" >&2
   exit 2
 fi
-section=$1 machine=$2 build=${3:-build}
+section=$1 machine=$2 build=${3:-build} doc=${MEASURE_DOC:-docs/performance.md}
 bench=$build/benchmarks/layer_benchmark
 if [ ! -x "$bench" ]; then
   echo "measure: no $bench; build it first: cmake --build $build -j2 --target layer_benchmark" >&2
   exit 1
 fi
-if ! grep -q "<!-- report:$section:begin -->" docs/performance.md; then
-  echo "measure: docs/performance.md has no <!-- report:$section:begin --> marker; add the section first" >&2
+if ! grep -q "<!-- report:$section:begin -->" "$doc"; then
+  echo "measure: $doc has no <!-- report:$section:begin --> marker; add the section first" >&2
   exit 1
 fi
 out=${MEASURE_OUT:-$(mktemp -d)}
@@ -43,5 +44,5 @@ command=${command%; }
 # 16-core → performance_limit_16core.svg, 16-core-ci-build → performance_limit_16core_ci_build.svg
 plot=performance_limit_$(echo "$section" | sed 's/-core/core/; s/-/_/g').svg
 python3 scripts/performance_report.py "$out/scaling.json" "$out/matrix.json" \
-  --section "$section" --plot "$plot" --machine "$machine" --command "$command"
-echo "measure: section $section of docs/performance.md and docs/$plot written; JSON in $out"
+  --section "$section" --plot "$plot" --machine "$machine" --command "$command" --doc "$doc"
+echo "measure: section $section of $doc and $(dirname "$doc")/$plot written; JSON in $out"
