@@ -12,19 +12,13 @@
 namespace moekit {
 namespace {
 
-#if MOEKIT_DECODE_DISPATCH
-using FormList = std::tuple<detail::BuildVectors, detail::Avx2Vectors, detail::Avx512Vectors>;
-#else
-using FormList = std::tuple<detail::BuildVectors>;
-#endif
-
 template <class List>
 struct GtestTypes;
 template <class... Form>
 struct GtestTypes<std::tuple<Form...>> {
   using type = ::testing::Types<Form...>;
 };
-using Forms = GtestTypes<FormList>::type;
+using Forms = GtestTypes<detail::DecodeForms>::type;
 
 struct FormName {
   template <class Form>
@@ -84,7 +78,7 @@ std::string widest_form() {
   int bytes = detail::BuildVectors::bytes;
   [&]<class... Form>(std::tuple<Form...>*) {
     ((Form::available() && Form::bytes > bytes ? (name = Form::name, bytes = Form::bytes) : 0), ...);
-  }(static_cast<FormList*>(nullptr));
+  }(static_cast<detail::DecodeForms*>(nullptr));
   return name;
 }
 

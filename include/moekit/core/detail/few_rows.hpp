@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <tuple>
 #include <utility>
 
 #include <moekit/core/tensor.hpp>
@@ -156,6 +157,11 @@ struct Avx512Vectors {
     dot_block<bytes>(x, xs, w, ws, k, out);
   }
 };
+
+/// Every form this build has, narrowest first.
+using DecodeForms = std::tuple<BuildVectors, Avx2Vectors, Avx512Vectors>;
+#else
+using DecodeForms = std::tuple<BuildVectors>;
 #endif
 
 /// Calls f with the widest form this CPU runs (found once); a form no wider than the build's
