@@ -1,6 +1,6 @@
 // The layer against the limit it is held to (docs/performance.md): the same SwiGLU GEMMs over
 // T·K rows with one expert's weights and no routing, computed with Eigen on the same threads,
-// measured in the same run.
+// measured in the same run: each step of a layer is followed by a step of its limit.
 //
 //   build/benchmarks/layer_benchmark [--threads=1,2,4] [--benchmark_format=json] [--benchmark_filter=...]
 //
@@ -9,8 +9,8 @@
 // with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
 // `decode/...` the small batches: T = 1, 4, 16, held to the decode target, and T = 64 and 128,
 // where the busiest expert gets about 20 and 40 rows, around detail::few_rows. Counters: gflops,
-// pct_of_limit (100 · limit time / time), tokens_per_s, allocs_per_step (heap allocations in a
-// step after the timed ones, expected 0); forward + backward adds peak_MiB and peak_over_saved
+// pct_of_limit (100 · the median over steps of limit time / layer time), limit_ms, tokens_per_s,
+// allocs_per_step (heap allocations in a step after the timed ones, expected 0); forward + backward adds peak_MiB and peak_over_saved
 // (the first step's peak heap over the activations backward needs saved); decode adds
 // x_of_bound, experts_read, weight_GB_per_s and most_rows (the busiest expert's rows). Timings
 // are reported here, never asserted in tests. scripts/performance_report.py turns the JSON into tables.
@@ -144,47 +144,38 @@ class LimitGemms {
   Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
 };
 
-/// Seconds per iteration of the limit for (shape, threads, pass), as the limit benchmark of this
-/// run measured them; measured here (best of 3) when a filter left that benchmark out.
-std::map<std::string, double>& limit_seconds() {
-  static std::map<std::string, double> seconds;
-  return seconds;
-}
-std::string limit_key(const Shape& s, int threads, Pass pass) {
-  return std::string(pass_name(pass)) + "/" + s.name() + "/threads:" + std::to_string(threads);
-}
 void run_limit(LimitGemms& limit, int threads, Pass pass) {
   limit.forward(threads);
   if (pass == Pass::forward_backward) limit.backward(threads);
 }
-double limit_time(const Shape& s, int threads, Pass pass) {
-  const auto key = limit_key(s, threads, pass);
-  if (auto it = limit_seconds().find(key); it != limit_seconds().end()) return it->second;
-  double best = 1e300;
-  on_threads(threads, [&] {
-    LimitGemms limit(s);
-    run_limit(limit, threads, pass);  // warm-up
-    for (int repeat = 0; repeat < 3; ++repeat) {
-      const auto start = Clock::now();
-      run_limit(limit, threads, pass);
-      best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
-    }
-  });
-  return limit_seconds()[key] = best;
-}
 
-/// pct_of_limit compares GFLOP/s with the limit's (for SwiGLU, the same as comparing times).
-void set_counters(benchmark::State& state, const Shape& s, Pass pass, bool gated, double seconds, double limit_seconds) {
-  const double gflops = flops(s, pass, gated) * 1e-9 / seconds;
-  state.counters["gflops"] = gflops;
+/// gflops, tokens_per_s and pct_of_limit, from the seconds of a step and the limit's time over the
+/// layer's. pct_of_limit compares GFLOP/s (for SwiGLU, the same as comparing times).
+void set_counters(benchmark::State& state, const Shape& s, Pass pass, bool gated, double seconds, double limit_over_layer) {
+  state.counters["gflops"] = flops(s, pass, gated) * 1e-9 / seconds;
   state.counters["tokens_per_s"] = double(s.tokens) / seconds;
-  state.counters["pct_of_limit"] = 100.0 * gflops / (flops(s, pass) * 1e-9 / limit_seconds);
+  state.counters["pct_of_limit"] = 100.0 * limit_over_layer * flops(s, pass, gated) / flops(s, pass);
 }
 
 double seconds_per_iteration(const benchmark::State& state, Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count() / double(state.iterations());
 }
 
+template <class F>
+double seconds_of(F f) {
+  const auto start = Clock::now();
+  f();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double median(std::vector<double> values) {
+  const auto middle = values.begin() + std::ptrdiff_t(values.size() / 2);
+  std::nth_element(values.begin(), middle, values.end());
+  if (values.size() % 2 == 1) return *middle;
+  return (*middle + *std::max_element(values.begin(), middle)) / 2.0;
+}
+
+/// The limit on its own, for its speed-up over threads.
 void BM_Limit(benchmark::State& state, Shape s, int threads, Pass pass) {
   double seconds = 0;
   on_threads(threads, [&] {
@@ -194,8 +185,7 @@ void BM_Limit(benchmark::State& state, Shape s, int threads, Pass pass) {
     for (auto _ : state) run_limit(limit, threads, pass);
     seconds = seconds_per_iteration(state, start);
   });
-  limit_seconds()[limit_key(s, threads, pass)] = seconds;
-  set_counters(state, s, pass, true, seconds, seconds);
+  set_counters(state, s, pass, true, seconds, 1.0);
 }
 
 /// The activations backward needs saved (x, scores, the dispatched rows and the experts'
@@ -207,11 +197,15 @@ double saved_bytes(const L& layer, const Shape& s) {
   return sizeof(float) * (double(s.tokens) * double(s.hidden + s.experts) + rows * (2.0 * double(s.hidden) + ffn_saved * double(s.ffn)));
 }
 
+/// The layer, each step followed by a step of the limit on the same threads: a shared machine's
+/// speed drifts over seconds, so pct_of_limit is the median over the steps of limit time / layer
+/// time, each pair a few hundred milliseconds apart. The reported time is the layer's steps
+/// alone; limit_ms is the mean of the limit's steps beside them.
 template <class L>
 void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
-  const double limit = limit_time(s, threads, pass);
   on_threads(threads, [&] {
     L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+    LimitGemms limit(s);
     const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
     Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
     auto step = [&] {
@@ -225,10 +219,21 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
       step();
       peak = double(watch.report().peak_bytes);
     }
-    const auto start = Clock::now();
-    for (auto _ : state) step();
-    const double seconds = seconds_per_iteration(state, start);
-    set_counters(state, s, pass, L::expert_type::activation::gated, seconds, limit);
+    run_limit(limit, threads, pass);  // warm-up
+    std::vector<double> limit_over_layer;
+    limit_over_layer.reserve(std::size_t(state.max_iterations));
+    double layer_seconds = 0, limit_seconds = 0;
+    for (auto _ : state) {
+      const double layer_step = seconds_of(step);
+      const double limit_step = seconds_of([&] { run_limit(limit, threads, pass); });
+      state.SetIterationTime(layer_step);
+      layer_seconds += layer_step;
+      limit_seconds += limit_step;
+      limit_over_layer.push_back(limit_step / layer_step);
+    }
+    const double steps = double(state.iterations());
+    set_counters(state, s, pass, L::expert_type::activation::gated, layer_seconds / steps, median(limit_over_layer));
+    state.counters["limit_ms"] = 1e3 * limit_seconds / steps;
     {
       const heap::Watch watch;
       step();
@@ -309,7 +314,9 @@ void register_layer(const Shape& s, int threads, std::set<std::string>& seen) {
     const std::string limit = std::string("limit/") + pass_name(pass) + "/" + tail;
     if (seen.insert(limit).second) timed(benchmark::RegisterBenchmark(limit.c_str(), BM_Limit, s, threads, pass));
     const std::string layer = std::string("layer/") + pass_name(pass) + "/" + L::name() + "/" + tail;
-    if (seen.insert(layer).second) timed(benchmark::RegisterBenchmark(layer.c_str(), BM_Layer<L>, s, threads, pass));
+    if (seen.insert(layer).second) {
+      benchmark::RegisterBenchmark(layer.c_str(), BM_Layer<L>, s, threads, pass)->Unit(benchmark::kMillisecond)->UseManualTime();
+    }
   }
 }
 

@@ -46,6 +46,7 @@ class PerformanceReport(unittest.TestCase):
         self.assertIn("| 1000 | 900 |", row, "the layer's and the limit's milliseconds (µs converted)")
         self.assertIn("| 90.0 | met |", row)
         backward = next(l for l in text.splitlines() if "| fwd+bwd | 2 |" in l)
+        self.assertIn("| 3000 | 2250 |", backward, "the limit's steps timed beside the layer's (limit_ms)")
         self.assertIn("| 75.0 | **not met** | 1.19 |", backward)
         self.assertNotIn("real_time_mean", text, "aggregates are skipped")
 
