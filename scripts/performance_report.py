@@ -227,8 +227,10 @@ def report(context, rows, machine, command, plot_name):
         f"{context.get('mhz_per_cpu', '?')} MHz{f' ({caches})' if caches else ''}; run {context.get('date', '?')}.",
         "", "```", command, "```", "",
         "### Against the limit", "", layer_tables(rows), "",
-        "% of limit compares GFLOP/s. The limit is SwiGLU's three GEMMs, so a GeLU or ReLU layer (two "
-        "GEMMs) takes less time than the limit while its % of limit stays below 100.", "",
+        "% of limit compares GFLOP/s, step by step: each step of the layer is followed by one of the "
+        "limit, and the median of their ratios is given; limit ms is the mean of those limit steps. "
+        "The limit is SwiGLU's three GEMMs, so a GeLU or ReLU layer (two GEMMs) takes less time than "
+        "the limit while its % of limit stays below 100.", "",
         f"![% of the limit per layer benchmark]({plot_name})" if plot_name else "", "",
         "### Thread scaling", "", scaling_table(rows), "",
         "### Decode (small batches)", "", decode_table(rows),
