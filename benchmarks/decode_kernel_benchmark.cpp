@@ -6,6 +6,8 @@
 // gflops. This is the measurement behind detail::few_rows (docs/performance.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
+#include <string>
+#include <tuple>
 #include <vector>
 
 #include <moekit/core/detail/gemm.hpp>
@@ -70,13 +72,20 @@ void rows(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond);
 }
 
-BENCHMARK_TEMPLATE(BM_Kernel, moekit::detail::BuildVectors)->Apply(rows);
-#if MOEKIT_DECODE_DISPATCH
-BENCHMARK_TEMPLATE(BM_Kernel, moekit::detail::Avx2Vectors)->Apply(rows);
-BENCHMARK_TEMPLATE(BM_Kernel, moekit::detail::Avx512Vectors)->Apply(rows);
-#endif
-BENCHMARK(BM_EigenGemm)->Apply(rows);
+/// BM_Kernel for every form of this build (detail::DecodeForms), then Eigen's GEMM.
+void register_all() {
+  [&]<class... Form>(std::tuple<Form...>*) {
+    (rows(benchmark::RegisterBenchmark((std::string("BM_Kernel<") + Form::name + ">").c_str(), BM_Kernel<Form>)), ...);
+  }(static_cast<moekit::detail::DecodeForms*>(nullptr));
+  rows(benchmark::RegisterBenchmark("BM_EigenGemm", BM_EigenGemm));
+}
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+}
