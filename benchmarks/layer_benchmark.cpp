@@ -10,10 +10,11 @@
 // `decode/...` the small batches: T = 1, 4, 16, held to the decode target, and T = 64 and 128,
 // where the busiest expert gets about 20 and 40 rows, around detail::few_rows. Counters: gflops,
 // pct_of_limit (100 · the median over steps of limit time / layer time), limit_ms, tokens_per_s,
-// allocs_per_step (heap allocations in a step after the timed ones, expected 0); forward + backward adds peak_MiB and peak_over_saved
-// (the first step's peak heap over the activations backward needs saved); decode adds
-// x_of_bound, experts_read, weight_GB_per_s and most_rows (the busiest expert's rows). Timings
-// are reported here, never asserted in tests. scripts/performance_report.py turns the JSON into tables.
+// allocs_per_step (heap allocations in a step after the timed ones, expected 0); forward +
+// backward adds peak_MiB and peak_over_saved (the first step's peak heap over the activations
+// backward needs saved); decode adds x_of_bound, experts_read, weight_GB_per_s and most_rows
+// (the busiest expert's rows). Timings are reported here, never asserted in tests.
+// scripts/performance_report.py turns the JSON into tables.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -157,10 +158,7 @@ void set_counters(benchmark::State& state, const Shape& s, Pass pass, bool gated
   state.counters["pct_of_limit"] = 100.0 * limit_over_layer * flops(s, pass, gated) / flops(s, pass);
 }
 
-double seconds_per_iteration(const benchmark::State& state, Clock::time_point start) {
-  return std::chrono::duration<double>(Clock::now() - start).count() / double(state.iterations());
-}
-
+/// Seconds f takes.
 template <class F>
 double seconds_of(F f) {
   const auto start = Clock::now();
@@ -181,9 +179,9 @@ void BM_Limit(benchmark::State& state, Shape s, int threads, Pass pass) {
   on_threads(threads, [&] {
     LimitGemms limit(s);
     run_limit(limit, threads, pass);
-    const auto start = Clock::now();
-    for (auto _ : state) run_limit(limit, threads, pass);
-    seconds = seconds_per_iteration(state, start);
+    seconds = seconds_of([&] {
+      for (auto _ : state) run_limit(limit, threads, pass);
+    }) / double(state.iterations());
   });
   set_counters(state, s, pass, true, seconds, 1.0);
 }
@@ -260,15 +258,15 @@ double triad_bandwidth(int threads) {
   double best = 1e300;
   on_threads(threads, [&] {
     for (int repeat = 0; repeat < 5; ++repeat) {
-      const auto start = Clock::now();
-      tbb::parallel_for(tbb::blocked_range<Index>(0, n, 1 << 16), [&](const tbb::blocked_range<Index>& r) {
-        float* __restrict out = a.data();
-        const float *__restrict x = b.data(), *__restrict y = c.data();
+      best = std::min(best, seconds_of([&] {
+        tbb::parallel_for(tbb::blocked_range<Index>(0, n, 1 << 16), [&](const tbb::blocked_range<Index>& r) {
+          float* __restrict out = a.data();
+          const float *__restrict x = b.data(), *__restrict y = c.data();
 #pragma GCC unroll 4
-        for (Index i = r.begin(), end = r.end(); i < end; ++i) out[i] = x[i] + 3.0f * y[i];
-      });
-      benchmark::DoNotOptimize(a.data());
-      best = std::min(best, std::chrono::duration<double>(Clock::now() - start).count());
+          for (Index i = r.begin(), end = r.end(); i < end; ++i) out[i] = x[i] + 3.0f * y[i];
+        });
+        benchmark::DoNotOptimize(a.data());
+      }));
     }
   });
   return measured[threads] = 3.0 * double(n) * sizeof(float) / best;
@@ -291,12 +289,12 @@ void BM_Decode(benchmark::State& state, Shape s, int threads) {
     const auto& rows = layer.tokens_per_expert();
     const auto active = std::count_if(rows.begin(), rows.end(), [](Index n) { return n > 0; });
     const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
-    const auto start = Clock::now();
-    for (auto _ : state) {
-      layer.forward(x, y);
-      benchmark::DoNotOptimize(y.data());
-    }
-    const double seconds = seconds_per_iteration(state, start);
+    const double seconds = seconds_of([&] {
+      for (auto _ : state) {
+        layer.forward(x, y);
+        benchmark::DoNotOptimize(y.data());
+      }
+    }) / double(state.iterations());
     state.counters["experts_read"] = double(active);
     state.counters["most_rows"] = double(*std::max_element(rows.begin(), rows.end()));  // of one expert
     state.counters["weight_GB_per_s"] = bytes * 1e-9 / seconds;
