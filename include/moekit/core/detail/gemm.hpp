@@ -9,8 +9,9 @@
 // that of `C.noalias() += A·B`; deeper products are cut into shorter blocks than Eigen's, so
 // their sums are grouped differently and agree to rounding. Tiny products go coefficient by
 // coefficient; x · Wᵀ with up to few_rows rows (decode, one row included) has a kernel of its
-// own (few_rows.hpp); other products with one row or one column go to Eigen's GEMV, as the
-// operator sends them.
+// own (few_rows.hpp), which takes x · Wᵀ with any number of rows where the CPU runs wider vectors
+// than the build's, and so than Eigen's; other products with one row or one column go to Eigen's
+// GEMV, as the operator sends them.
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -130,7 +131,7 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     return;
   }
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
-    if (m <= few_rows) {  // x · Wᵀ for a few rows x (decode), one row included
+    if (m <= few_rows || runs_wider_than_build()) {  // x · Wᵀ: decode, or wider vectors than Eigen's
       few_rows_times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
       return;
     }
