@@ -1,5 +1,5 @@
 // x · Wᵀ for a few rows x, as the experts compute it at decode: each form of the layer's kernel
-// (detail::few_rows_times_wt: the build's vectors, and on x86 AVX2 and AVX-512, the layer running
+// (detail::times_wt: the build's vectors, and on x86 AVX2 and AVX-512, the layer running
 // the widest the CPU has) against Eigen's GEMM (the product operator, which packs W first).
 // The weights are 24 matrices of 2816 × 1024 floats (264 MiB), taken in turn, so each product
 // reads its W from memory as a decode step does. Counters: weight_GB_per_s (W read once) and
@@ -59,7 +59,7 @@ void BM_Kernel(benchmark::State& state) {
     return;
   }
   run(state, [](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) {
-    moekit::detail::few_rows_times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), hidden, ffn, hidden);
+    moekit::detail::times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), hidden, ffn, hidden);
   });
 }
 
@@ -72,11 +72,11 @@ void rows(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond);
 }
 
-/// BM_Kernel for every form of this build (detail::DecodeForms), then Eigen's GEMM.
+/// BM_Kernel for every form of this build (detail::VectorForms), then Eigen's GEMM.
 void register_all() {
   [&]<class... Form>(std::tuple<Form...>*) {
     (rows(benchmark::RegisterBenchmark((std::string("BM_Kernel<") + Form::name + ">").c_str(), BM_Kernel<Form>)), ...);
-  }(static_cast<moekit::detail::DecodeForms*>(nullptr));
+  }(static_cast<moekit::detail::VectorForms*>(nullptr));
   rows(benchmark::RegisterBenchmark("BM_EigenGemm", BM_EigenGemm));
 }
 

@@ -1,7 +1,9 @@
 // detail::gemm packs into kept buffers but must compute what Eigen's product operator computes:
 // the same kernel and, up to a depth of max_packed_depth, the same blocking, so the same bits.
 // Deeper products are packed in shorter blocks: they equal it up to rounding. (x · Wᵀ with a few
-// rows has a kernel of its own: few_rows_test.cpp.)
+// rows has a kernel of its own, and so do x · Wᵀ and products into rows of B where the CPU runs
+// wider vectors than the build's: vector_kernels_test.cpp. This test is built to keep to the
+// build's vectors, MOEKIT_VECTOR_DISPATCH=0.)
 #include <gtest/gtest.h>
 
 #include <moekit/core/detail/gemm.hpp>

@@ -85,7 +85,10 @@ TEST(GroupedGemm, EachThreadsPackingBuffersStayWithinTheTilesTimesMaxPackedDepth
   // Weight gradients tile by column_tile on both sides; the others by row_tile × column_tile.
   const Index side = std::max(grouped.options.row_tile, grouped.options.column_tile);
   EXPECT_LE(workspace.bytes(), threads * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
-  EXPECT_GT(workspace.bytes(), 0u);
+  if (detail::runs_wider_than_build())
+    EXPECT_EQ(workspace.bytes(), 0u) << "every product runs the vector kernels, which pack nothing";
+  else
+    EXPECT_GT(workspace.bytes(), 0u);
 }
 
 TEST(GroupedGemm, DeclaresTheFixtureLayout) {

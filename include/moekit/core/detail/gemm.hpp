@@ -9,9 +9,9 @@
 // that of `C.noalias() += A·B`; deeper products are cut into shorter blocks than Eigen's, so
 // their sums are grouped differently and agree to rounding. Tiny products go coefficient by
 // coefficient; x · Wᵀ with up to few_rows rows (decode, one row included) has a kernel of its
-// own (few_rows.hpp), which takes x · Wᵀ with any number of rows where the CPU runs wider vectors
-// than the build's, and so than Eigen's; other products with one row or one column go to Eigen's
-// GEMV, as the operator sends them.
+// own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
+// the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
+// GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead.
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -21,7 +21,7 @@
 
 #include <tbb/task_arena.h>
 
-#include <moekit/core/detail/few_rows.hpp>
+#include <moekit/core/detail/vector_kernels.hpp>
 #include <moekit/core/tensor.hpp>
 
 namespace moekit::detail {
@@ -132,13 +132,21 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   }
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
     if (m <= few_rows || runs_wider_than_build()) {  // x · Wᵀ: decode, or wider vectors than Eigen's
-      few_rows_times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
+      times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
       return;
     }
   }
   if (m == 1 || n == 1) {  // a GEMV: no packing, each weight read once
     c.noalias() += a * b;
     return;
+  }
+  if constexpr (Out::IsRowMajor && std::remove_cvref_t<B>::IsRowMajor) {
+    if (runs_wider_than_build()) {  // the backward's products, in wider vectors than Eigen's
+      constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
+      times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
+                 b.data(), b.outerStride(), n, k);
+      return;
+    }
   }
   auto& blocks = workspace.local();
   // A row-major result is the transposed product computed column-major (as Eigen does).

@@ -1,15 +1,17 @@
 #pragma once
-// x · Wᵀ for a few rows x: the experts' product at decode, where each weight read from memory
-// serves a few multiply-adds, so the product must stream the weights and do its arithmetic as
-// fast as they come. Packing W for a GEMM kernel would read it once more than the product does.
+// Two products in the widest vectors the CPU has, for gemm_add:
+// - times_wt, x · Wᵀ by dot products of rows: the experts' product at decode, where each weight
+//   read from memory serves a few multiply-adds, so the product must stream the weights and do its
+//   arithmetic as fast as they come (packing W for a GEMM kernel would read it once more);
+// - times_b, a · B by broadcasts into rows of B, for the backward's products.
 //
-// The kernel is written once, over the vector extensions GCC and Clang share, and compiled for
+// The kernels are written once, over the vector extensions GCC and Clang share, and compiled for
 // the build's own vectors and, on x86, for AVX2 and AVX-512 too: a build for any x86-64 CPU
 // (SSE2, Debian's default) runs the widest vectors the CPU has, chosen once at run time. With
 // SSE2 alone the arithmetic takes longer than reading the weights (docs/performance.md#decode-kernel).
-// On a CPU whose vectors are wider than the build's, the kernel beats Eigen's GEMM, which keeps to
-// the build's, at any number of rows, and gemm_add sends it every x · Wᵀ.
-// Define MOEKIT_DECODE_DISPATCH to 0 to keep to the build's vectors, so that one binary gives the
+// Eigen's GEMM keeps to the build's vectors, so on a CPU whose vectors are wider the kernels beat
+// it at any size, and gemm_add sends them every product they take (docs/performance.md#wider-vectors).
+// Define MOEKIT_VECTOR_DISPATCH to 0 to keep to the build's vectors, so that one binary gives the
 // same bits on every CPU it runs on.
 #include <Eigen/Core>
 
@@ -20,21 +22,21 @@
 
 #include <moekit/core/tensor.hpp>
 
-#ifndef MOEKIT_DECODE_DISPATCH
+#ifndef MOEKIT_VECTOR_DISPATCH
 #if defined(__x86_64__) || defined(__i386__)
-#define MOEKIT_DECODE_DISPATCH 1
+#define MOEKIT_VECTOR_DISPATCH 1
 #else
-#define MOEKIT_DECODE_DISPATCH 0
+#define MOEKIT_VECTOR_DISPATCH 0
 #endif
 #endif
-#if MOEKIT_DECODE_DISPATCH && !(defined(__x86_64__) || defined(__i386__))
-#error "MOEKIT_DECODE_DISPATCH=1 chooses among x86 vector extensions; this is not an x86 target"
+#if MOEKIT_VECTOR_DISPATCH && !(defined(__x86_64__) || defined(__i386__))
+#error "MOEKIT_VECTOR_DISPATCH=1 chooses among x86 vector extensions; this is not an x86 target"
 #endif
 
 namespace moekit::detail {
 
 /// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
-/// experts' x · Wᵀ at decode) goes to few_rows_times_wt, not to a GEMM.
+/// experts' x · Wᵀ at decode) goes to times_wt, not to a GEMM.
 /// benchmarks/decode_kernel_benchmark finds the kernel as fast as Eigen's GEMM or faster up to 32
 /// rows, with SSE2 and AVX-512, and the layer at T = 64 (the busiest expert 19–25 rows) 6–15%
 /// faster with 32 here than with 16; past 32 rows neither measurement found a steady gain
@@ -62,6 +64,10 @@ using Vector = typename VectorOf<T, Bytes>::type;
 template <int Bytes, class T>
 [[gnu::always_inline]] inline const typename VectorOf<T, Bytes>::unaligned& vector_at(const T* p) {
   return *reinterpret_cast<const typename VectorOf<T, Bytes>::unaligned*>(p);
+}
+template <int Bytes, class T>
+[[gnu::always_inline]] inline typename VectorOf<T, Bytes>::unaligned& vector_at(T* p) {
+  return *reinterpret_cast<typename VectorOf<T, Bytes>::unaligned*>(p);
 }
 
 // The helpers below take vectors by reference and are always inlined: into a function compiled
@@ -118,10 +124,31 @@ template <int Bytes, int Rows, int Cols, class T>
     }
 }
 
-// The kernel's forms. Each gives the width and number of its vector registers, whether this CPU
-// runs it, and dot_block compiled for it. dot is never inlined: it is where the instructions
-// change, and inlined where the depth is a constant, GCC 12 kept the partial sums in memory, not
-// registers (2.3× slower).
+/// c[r, vector q] += Σ_i a(r, i) · vector q of row i of b, for Rows rows and Cols vectors of
+/// columns, with a(r, i) at a[r·ar + i·ak]: a row-major a (ar its stride, ak 1) or a transposed
+/// one (ar 1, ak its stride). Each column's sum runs over i in order, from registers, whatever
+/// the other rows and columns are.
+template <int Bytes, int Rows, int Cols, class T>
+[[gnu::always_inline]] inline void broadcast_block(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
+                                                   T* c, Index cs) {
+  constexpr Index lanes = Bytes / Index{sizeof(T)};
+  Vector<T, Bytes> acc[Rows][Cols] = {};
+  for (Index i = 0; i < k; ++i) {
+    Vector<T, Bytes> bv[Cols];
+    for (int q = 0; q < Cols; ++q) bv[q] = vector_at<Bytes>(b + i * bs + q * lanes);
+    for (int r = 0; r < Rows; ++r) {
+      const T ari = a[r * ar + i * ak];
+      for (int q = 0; q < Cols; ++q) acc[r][q] += ari * bv[q];
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int q = 0; q < Cols; ++q) vector_at<Bytes>(c + r * cs + q * lanes) += acc[r][q];
+}
+
+// The kernels' forms. Each gives the width and number of its vector registers, whether this CPU
+// runs it, and dot_block and broadcast_block compiled for it. dot and broadcast are never
+// inlined: they are where the instructions change, and inlined where the depth is a constant,
+// GCC 12 kept the partial sums in memory, not registers (2.3× slower).
 
 /// The build's own vectors (Eigen's packets; at least 16 bytes).
 struct BuildVectors {
@@ -133,9 +160,14 @@ struct BuildVectors {
   [[gnu::noinline]] static void dot(const T* x, Index xs, const T* w, Index ws, Index k, T (&out)[Rows][Cols]) {
     dot_block<bytes>(x, xs, w, ws, k, out);
   }
+  template <int Rows, int Cols, class T>
+  [[gnu::noinline]] static void broadcast(const T* a, Index ar, Index ak, const T* b, Index bs, Index k, T* c,
+                                          Index cs) {
+    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+  }
 };
 
-#if MOEKIT_DECODE_DISPATCH
+#if MOEKIT_VECTOR_DISPATCH
 /// AVX2 with FMA: 32-byte vectors, 16 registers.
 struct Avx2Vectors {
   static constexpr int bytes = 32, registers = 16;
@@ -145,6 +177,11 @@ struct Avx2Vectors {
   [[gnu::noinline, gnu::target("avx2,fma")]] static void dot(const T* x, Index xs, const T* w, Index ws, Index k,
                                                              T (&out)[Rows][Cols]) {
     dot_block<bytes>(x, xs, w, ws, k, out);
+  }
+  template <int Rows, int Cols, class T>
+  [[gnu::noinline, gnu::target("avx2,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
+                                                                   Index bs, Index k, T* c, Index cs) {
+    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
   }
 };
 
@@ -158,19 +195,24 @@ struct Avx512Vectors {
                                                                 Index k, T (&out)[Rows][Cols]) {
     dot_block<bytes>(x, xs, w, ws, k, out);
   }
+  template <int Rows, int Cols, class T>
+  [[gnu::noinline, gnu::target("avx512f,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
+                                                                      Index bs, Index k, T* c, Index cs) {
+    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+  }
 };
 
 /// Every form this build has, narrowest first.
-using DecodeForms = std::tuple<BuildVectors, Avx2Vectors, Avx512Vectors>;
+using VectorForms = std::tuple<BuildVectors, Avx2Vectors, Avx512Vectors>;
 #else
-using DecodeForms = std::tuple<BuildVectors>;
+using VectorForms = std::tuple<BuildVectors>;
 #endif
 
 /// Calls f with the widest form this CPU runs (found once); a form no wider than the build's
 /// vectors is never chosen over them.
 template <class F>
-decltype(auto) with_decode_vectors(F&& f) {
-#if MOEKIT_DECODE_DISPATCH
+decltype(auto) with_widest_vectors(F&& f) {
+#if MOEKIT_VECTOR_DISPATCH
   static const int widest = Avx512Vectors::bytes > BuildVectors::bytes && Avx512Vectors::available() ? 512
                             : Avx2Vectors::bytes > BuildVectors::bytes && Avx2Vectors::available() ? 256
                                                                                                     : 0;
@@ -180,12 +222,12 @@ decltype(auto) with_decode_vectors(F&& f) {
   return std::forward<F>(f)(BuildVectors{});
 }
 
-/// Whether this CPU runs a wider form of the kernel than the build's vectors. Eigen's GEMM keeps to
-/// the build's vectors, so the kernel is then the faster product at any number of rows: in a
-/// build for any x86-64 CPU, on a CPU with AVX-512, 3× faster at the layer's 256-row tiles
-/// (docs/performance.md#decode-kernel).
+/// Whether this CPU runs a wider form of the kernels than the build's vectors. Eigen's GEMM keeps
+/// to the build's vectors, so the kernels are then the faster products at any size: in a build for
+/// any x86-64 CPU, on a CPU with AVX-512, 3–5× faster at the layer's tiles
+/// (docs/performance.md#wider-vectors).
 inline bool runs_wider_than_build() {
-  return with_decode_vectors([](auto vectors) { return decltype(vectors)::bytes > BuildVectors::bytes; });
+  return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes > BuildVectors::bytes; });
 }
 
 /// Rows of x the kernel takes at once, each weight it loads serving all of them. With 32 vector
@@ -193,11 +235,11 @@ inline bool runs_wider_than_build() {
 /// rows, in blocks of three or two rows of w, streamed slower than 4 + 3 and 4 + 4 with
 /// AVX-512); with 16 registers, four (docs/performance.md#decode-kernel).
 template <class Vectors>
-inline constexpr int few_rows_group = Vectors::registers >= 32 ? 6 : 4;
+inline constexpr int times_wt_group = Vectors::registers >= 32 ? 6 : 4;
 
 /// c[·, first … first+width) += Rows rows of x times those rows of w, transposed.
 template <class Vectors, int Rows, class T, class C>
-void few_rows_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws, Index first, Index width, Index k) {
+void times_wt_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws, Index first, Index width, Index k) {
   // Rows of w a block takes: eight partial sums or more to hide the latency of the adds, no more
   // than the registers hold beside the loads. One or two rows of x take four rows of w with 16
   // registers and eight with 32: with AVX-512, eight streamed 10-15% faster than four at one and
@@ -220,16 +262,16 @@ void few_rows_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws,
 }
 
 /// c += x · wᵀ for m ≤ few_rows rows x [m,k] and w [n,k], both with rows contiguous, with the
-/// given form of the kernel. The rows go few_rows_group at a time over 128 KiB slices of w, so
+/// given form of the kernel. The rows go times_wt_group at a time over 128 KiB slices of w, so
 /// that w comes from memory once and from cache for the next group.
 template <class Vectors, class T, class C>
-void few_rows_times_wt(Vectors, C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
-  constexpr int group = few_rows_group<Vectors>;
+void times_wt(Vectors, C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
+  constexpr int group = times_wt_group<Vectors>;
   const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
-  // few_rows_block<rows> for the `rows` = 1 … group rows from row i.
+  // times_wt_block<rows> for the `rows` = 1 … group rows from row i.
   const auto block = [&]<int... R>(std::integer_sequence<int, R...>, Index i, Index j, Index width) {
     const Index rows = std::min<Index>(group, m - i);
-    (void)((rows == R + 1 && (few_rows_block<Vectors, R + 1>(c, i, x + i * xs, xs, w, ws, j, width, k), true)) || ...);
+    (void)((rows == R + 1 && (times_wt_block<Vectors, R + 1>(c, i, x + i * xs, xs, w, ws, j, width, k), true)) || ...);
   };
   for (Index j = 0; j < n; j += slice)
     for (Index i = 0; i < m; i += group) block(std::make_integer_sequence<int, group>{}, i, j, std::min(slice, n - j));
@@ -237,8 +279,57 @@ void few_rows_times_wt(Vectors, C& c, const T* x, Index xs, Index m, const T* w,
 
 /// c += x · wᵀ, with the widest form of the kernel this CPU runs.
 template <class T, class C>
-void few_rows_times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
-  with_decode_vectors([&](auto vectors) { few_rows_times_wt(vectors, c, x, xs, m, w, ws, n, k); });
+void times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
+  with_widest_vectors([&](auto vectors) { times_wt(vectors, c, x, xs, m, w, ws, n, k); });
+}
+
+/// Rows of b's panel a broadcast block takes before adding its sums into c: a panel of 256 rows
+/// of four 64-byte vectors (64 KiB) stays in cache while every block of rows of a passes over it.
+/// With whole panels, the backward's d_up · W_up (2816 rows) ran 25–30% slower with AVX-512
+/// (docs/performance.md#wider-vectors).
+inline constexpr Index broadcast_depth = 256;
+
+/// c += a · b for b [k,n] and c [m,n] with rows contiguous and a(r, i) at a[r·ar + i·ak], with the
+/// given form of the kernel: by panels of columns, each in blocks of broadcast_depth rows of b
+/// that every group of rows of a passes over. Each sum runs in a fixed order set by k alone.
+template <class Vectors, class T>
+void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n,
+             Index k) {
+  // Rows of a by vectors of columns: 6 × 4 with 32 registers, 4 × 3 with 16, partial sums beside
+  // the loads of b and one broadcast (6 × 4 ran faster than 8 × 3, 12 × 2 and 4 × 4 with AVX-512,
+  // 4 × 3 faster than 6 × 2 with AVX2).
+  constexpr int group = Vectors::registers >= 32 ? 6 : 4, cols = Vectors::registers >= 32 ? 4 : 3;
+  constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
+  // broadcast<rows, Cols> for the `rows` = 1 … group rows from row i.
+  const auto block = [&]<int Cols, int... R>(std::integer_sequence<int, R...>, Index i, Index j, Index p, Index depth) {
+    const Index rows = std::min<Index>(group, m - i);
+    (void)((rows == R + 1 &&
+            (Vectors::template broadcast<R + 1, Cols>(a + i * ar + p * ak, ar, ak, b + p * bs + j, bs, depth,
+                                                      c + i * cs + j, cs),
+             true)) ||
+           ...);
+  };
+  const auto panel = [&]<int Cols>(Index j) {
+    for (Index p = 0; p < k; p += broadcast_depth)
+      for (Index i = 0; i < m; i += group)
+        block.template operator()<Cols>(std::make_integer_sequence<int, group>{}, i, j, p,
+                                        std::min(broadcast_depth, k - p));
+  };
+  Index j = 0;
+  for (; j + cols * lanes <= n; j += cols * lanes) panel.template operator()<cols>(j);
+  for (; j + lanes <= n; j += lanes) panel.template operator()<1>(j);
+  for (; j < n; ++j)  // the last columns, fewer than a vector
+    for (Index i = 0; i < m; ++i) {
+      T sum = 0;
+      for (Index p = 0; p < k; ++p) sum += a[i * ar + p * ak] * b[p * bs + j];
+      c[i * cs + j] += sum;
+    }
+}
+
+/// c += a · b, with the widest form of the kernel this CPU runs.
+template <class T>
+void times_b(T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n, Index k) {
+  with_widest_vectors([&](auto vectors) { times_b(vectors, c, cs, a, ar, ak, m, b, bs, n, k); });
 }
 
 }  // namespace moekit::detail

@@ -1,0 +1,211 @@
+// The vector kernels, x · Wᵀ (times_wt: decode, and the forward where the CPU's vectors are wider
+// than the build's) and a · B (times_b: the backward, there too), come in forms for the build's
+// vectors and, on x86, for AVX2 and AVX-512. Every form this CPU runs must equal Eigen's product up
+// to rounding, at a few rows and at many, and give each row the same bits whatever rows are beside
+// it. gemm_add must run the widest form the CPU has, or the build's own when
+// MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
+// past them, and times_b, only where that form is wider than the build's vectors, and so than
+// Eigen's GEMM.
+#include <gtest/gtest.h>
+
+#include <numeric>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include <moekit/core/detail/gemm.hpp>
+
+namespace moekit {
+namespace {
+
+template <class List>
+struct GtestTypes;
+template <class... Form>
+struct GtestTypes<std::tuple<Form...>> {
+  using type = ::testing::Types<Form...>;
+};
+using Forms = GtestTypes<detail::VectorForms>::type;
+
+struct FormName {
+  template <class Form>
+  static std::string GetName(int) {
+    return Form::name;
+  }
+};
+
+template <class Form>
+class TimesWt : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!Form::available()) GTEST_SKIP() << "this CPU does not run the " << Form::name << " form";
+  }
+};
+TYPED_TEST_SUITE(TimesWt, Forms, FormName);
+
+template <class Form, class T>
+void expect_match_eigen(Index k, Index n, T tolerance) {
+  using M = Matrix<T>;
+  // Every row count up to few_rows, then past it: the kernel takes any rows where the CPU runs
+  // wider vectors than the build.
+  std::vector<Index> rows(detail::few_rows);
+  std::iota(rows.begin(), rows.end(), 1);
+  rows.insert(rows.end(), {detail::few_rows + 1, 47, 100});
+  for (Index m : rows) {
+    // Blocks of larger matrices, so the strides differ from the widths.
+    const M x = M::Random(m + 1, k + 5), w = M::Random(n + 2, k + 3);
+    const auto xs = x.block(1, 2, m, k);
+    const auto ws = w.block(2, 1, n, k);
+    M c = M::Random(m, n), expected = c;
+    detail::times_wt(Form{}, c, xs.data(), xs.outerStride(), m, ws.data(), ws.outerStride(), n, k);
+    expected.noalias() += xs * ws.transpose();
+    EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), tolerance) << m << " rows, k = " << k << ", n = " << n;
+  }
+}
+
+TYPED_TEST(TimesWt, MatchEigen) {
+  // k: shorter than a vector, not a multiple of one, a multiple; n: odd, and past a 128 KiB slice.
+  for (Index k : {3, 333, 1024}) {
+    expect_match_eigen<TypeParam, float>(k, 517, 1e-4f);
+    expect_match_eigen<TypeParam, double>(k, 61, 1e-12);
+  }
+}
+
+TYPED_TEST(TimesWt, GiveEachRowTheSameBitsWhateverRowsAreBesideIt) {
+  // A token's output must not depend on which other tokens its expert got, at decode or past it.
+  const Index most = 2 * detail::few_rows + 3;
+  const Matrix<float> x = Matrix<float>::Random(most, 777), w = Matrix<float>::Random(301, 777);
+  const auto product = [&](Index m) {
+    Matrix<float> c = Matrix<float>::Zero(m, 301);
+    detail::times_wt(TypeParam{}, c, x.bottomRows(m).data(), x.outerStride(), m, w.data(), w.outerStride(),
+                              w.rows(), w.cols());
+    return c;
+  };
+  const Matrix<float> all = product(most);
+  for (Index m = 1; m < most; ++m) EXPECT_TRUE(product(m) == all.bottomRows(m)) << m << " rows";
+}
+
+template <class Form>
+class TimesB : public TimesWt<Form> {};
+TYPED_TEST_SUITE(TimesB, Forms, FormName);
+
+/// c += a · b by times_b, a row-major or a transposed view of a row-major matrix.
+template <class Form, class T, class A>
+void times_b(Matrix<T>& c, const A& a, const Matrix<T>& b) {
+  constexpr bool a_rows = A::IsRowMajor;
+  detail::times_b(Form{}, c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1,
+                  a_rows ? 1 : a.outerStride(), c.rows(), b.data(), b.outerStride(), c.cols(), b.rows());
+}
+
+template <class Form, class T>
+void expect_times_b_match_eigen(Index n, T tolerance) {
+  using M = Matrix<T>;
+  // k: shorter than a vector, a few blocks of broadcast_depth and a part; rows: one, every
+  // remainder of a group, many.
+  for (Index k : {Index{3}, 2 * detail::broadcast_depth + 77})
+    for (Index m : {1, 2, 3, 4, 5, 6, 7, 11, 100}) {
+      const M a = M::Random(m, k), at = M::Random(k, m), b = M::Random(k, n);
+      M c = M::Random(m, n), expected = c;
+      times_b<Form>(c, a, b);
+      expected.noalias() += a * b;
+      EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), tolerance) << m << " rows, k = " << k << ", n = " << n;
+
+      c = M::Random(m, n), expected = c;  // a transposed: the weight gradients' dyᵀ · x
+      times_b<Form>(c, at.transpose(), b);
+      expected.noalias() += at.transpose() * b;
+      EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), tolerance) << m << " rows of aᵀ, k = " << k;
+    }
+}
+
+TYPED_TEST(TimesB, MatchEigen) {
+  // n: panels of several vectors, single vectors and a few columns past them.
+  expect_times_b_match_eigen<TypeParam, float>(517, 1e-4f);
+  expect_times_b_match_eigen<TypeParam, double>(61, 1e-12);
+}
+
+TYPED_TEST(TimesB, GiveEachRowTheSameBitsWhateverRowsAreBesideIt) {
+  // A token's input gradient must not depend on which other tokens its expert got.
+  const Index most = 20;
+  const Matrix<float> a = Matrix<float>::Random(most, 600), b = Matrix<float>::Random(600, 301);
+  const auto product = [&](Index m) {
+    Matrix<float> c = Matrix<float>::Zero(m, 301);
+    times_b<TypeParam>(c, a.bottomRows(m), b);
+    return c;
+  };
+  const Matrix<float> all = product(most);
+  for (Index m = 1; m < most; ++m) EXPECT_TRUE(product(m) == all.bottomRows(m)) << m << " rows";
+}
+
+/// The name of the widest form this CPU runs, found here without the library's choice.
+std::string widest_form() {
+  std::string name = detail::BuildVectors::name;
+  int bytes = detail::BuildVectors::bytes;
+  [&]<class... Form>(std::tuple<Form...>*) {
+    ((Form::available() && Form::bytes > bytes ? (name = Form::name, bytes = Form::bytes) : 0), ...);
+  }(static_cast<detail::VectorForms*>(nullptr));
+  return name;
+}
+
+TEST(VectorDispatch, GemmAddRunsTheWidestFormThisCpuRuns) {
+  std::string chosen;
+  detail::with_widest_vectors([&](auto form) { chosen = decltype(form)::name; });
+  EXPECT_EQ(chosen, widest_form());
+
+  detail::with_widest_vectors([](auto form) {
+    const Matrix<float> x = Matrix<float>::Random(5, 300), w = Matrix<float>::Random(70, 300);
+    Matrix<float> c = Matrix<float>::Zero(5, 70), expected = c;
+    detail::GemmWorkspace<float> workspace;
+    detail::gemm_add(workspace, c, x, w.transpose());
+    detail::times_wt(form, expected, x.data(), x.outerStride(), 5, w.data(), w.outerStride(), 70, 300);
+    EXPECT_TRUE(c == expected) << "gemm_add and the " << decltype(form)::name << " form disagree";
+  });
+}
+
+TEST(VectorDispatch, PastATimesWtGemmAddRunsTheKernelOnlyWhereItsVectorsAreWiderThanTheBuilds) {
+  const bool wider = widest_form() != detail::BuildVectors::name;
+  EXPECT_EQ(detail::runs_wider_than_build(), wider);
+
+  const Index m = detail::few_rows + 9, n = 70, k = 200;  // k within one packed block: Eigen's bits
+  const Matrix<float> x = Matrix<float>::Random(m, k), w = Matrix<float>::Random(n, k);
+  Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
+  detail::GemmWorkspace<float> workspace;
+  detail::gemm_add(workspace, c, x, w.transpose());
+  detail::with_widest_vectors([&](auto form) {
+    detail::times_wt(form, kernel, x.data(), x.outerStride(), m, w.data(), w.outerStride(), n, k);
+  });
+  eigen.noalias() += x * w.transpose();
+  if (wider) {
+    ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
+    EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form";
+  } else {
+    EXPECT_TRUE(c == eigen) << "gemm_add did not give Eigen's bits";
+  }
+}
+
+TEST(VectorDispatch, GemmAddRunsTimesBOnlyWhereItsVectorsAreWiderThanTheBuilds) {
+  const bool wider = widest_form() != detail::BuildVectors::name;
+  const Index m = 41, n = 70, k = 200;  // k within one packed block: Eigen's bits
+  const Matrix<float> a = Matrix<float>::Random(m, k), at = Matrix<float>::Random(k, m), b = Matrix<float>::Random(k, n);
+  detail::GemmWorkspace<float> workspace;
+  for (bool transposed : {false, true}) {
+    Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
+    if (transposed) {
+      detail::gemm_add(workspace, c, at.transpose(), b);
+      detail::with_widest_vectors([&](auto form) { times_b<decltype(form)>(kernel, at.transpose(), b); });
+      eigen.noalias() += at.transpose() * b;
+    } else {
+      detail::gemm_add(workspace, c, a, b);
+      detail::with_widest_vectors([&](auto form) { times_b<decltype(form)>(kernel, a, b); });
+      eigen.noalias() += a * b;
+    }
+    const char* which = transposed ? " for aᵀ" : "";
+    if (wider) {
+      ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
+      EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form" << which;
+    } else {
+      EXPECT_TRUE(c == eigen) << "gemm_add did not give Eigen's bits" << which;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moekit
