@@ -22,6 +22,9 @@
 
 #include <moekit/core/tensor.hpp>
 
+#ifdef MOEKIT_DECODE_DISPATCH
+#error "MOEKIT_DECODE_DISPATCH is now MOEKIT_VECTOR_DISPATCH: it chooses the vectors of every product, not only decode's"
+#endif
 #ifndef MOEKIT_VECTOR_DISPATCH
 #if defined(__x86_64__) || defined(__i386__)
 #define MOEKIT_VECTOR_DISPATCH 1
