@@ -4,8 +4,8 @@
 // to rounding, at a few rows and at many, and give each row the same bits whatever rows are beside
 // it. gemm_add must run the widest form the CPU has, or the build's own when
 // MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
-// past them, and times_b, only where that form is wider than the build's vectors, and so than
-// Eigen's GEMM.
+// past them (from slab_rows, times_b over the transposed weights), and times_b, only where that
+// form is wider than the build's vectors, and so than Eigen's GEMM.
 #include <gtest/gtest.h>
 
 #include <numeric>
@@ -160,24 +160,36 @@ TEST(VectorDispatch, GemmAddRunsTheWidestFormThisCpuRuns) {
   });
 }
 
-TEST(VectorDispatch, PastATimesWtGemmAddRunsTheKernelOnlyWhereItsVectorsAreWiderThanTheBuilds) {
+TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWiderThanTheBuilds) {
   const bool wider = widest_form() != detail::BuildVectors::name;
   EXPECT_EQ(detail::runs_wider_than_build(), wider);
 
-  const Index m = detail::few_rows + 9, n = 70, k = 200;  // k within one packed block: Eigen's bits
-  const Matrix<float> x = Matrix<float>::Random(m, k), w = Matrix<float>::Random(n, k);
-  Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
-  detail::GemmWorkspace<float> workspace;
-  detail::gemm_add(workspace, c, x, w.transpose());
-  detail::with_widest_vectors([&](auto form) {
-    detail::times_wt(form, kernel, x.data(), x.outerStride(), m, w.data(), w.outerStride(), n, k);
-  });
-  eigen.noalias() += x * w.transpose();
-  if (wider) {
-    ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
-    EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form";
-  } else {
-    EXPECT_TRUE(c == eigen) << "gemm_add did not give Eigen's bits";
+  // (rows, depth): past few_rows, times_wt; from slab_rows, times_b over slabs of wᵀ, one and
+  // several. Where the vectors are the build's, depths within one packed block: Eigen's bits.
+  const Index n = 70;
+  const Index cases[][2] = {{detail::few_rows + 9, 200},
+                            {detail::slab_rows + 5, 200},
+                            {detail::slab_rows + 5, 2 * detail::broadcast_depth + 77}};
+  for (const auto& [m, k] : cases) {
+    const Matrix<float> x = Matrix<float>::Random(m, k), w = Matrix<float>::Random(n, k);
+    Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
+    detail::GemmWorkspace<float> workspace;
+    detail::gemm_add(workspace, c, x, w.transpose());
+    detail::with_widest_vectors([&](auto form) {
+      if (m < detail::slab_rows) {
+        detail::times_wt(form, kernel, x.data(), x.outerStride(), m, w.data(), w.outerStride(), n, k);
+      } else {
+        const Matrix<float> wt = w.transpose();
+        times_b<decltype(form)>(kernel, x, wt);
+      }
+    });
+    eigen.noalias() += x * w.transpose();
+    if (wider) {
+      ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
+      EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form: " << m << " rows, k = " << k;
+    } else if (k <= detail::max_packed_depth) {
+      EXPECT_TRUE(c == eigen) << "gemm_add did not give Eigen's bits: " << m << " rows";
+    }
   }
 }
 

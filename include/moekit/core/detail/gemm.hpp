@@ -67,6 +67,11 @@ class GemmBlocks : public Eigen::internal::level3_blocking<T, T> {
     this->m_blockA = a_.data();
     this->m_blockB = b_.data();
   }
+  /// The B buffer as scratch of at least `size` elements (for times_wt_by_slabs).
+  T* scratch(std::size_t size) {
+    grow(0, size);
+    return b_.data();
+  }
   void grow(std::size_t a, std::size_t b) {
     if (a_.size() < a) a_.resize(a);
     if (b_.size() < b) b_.resize(b);
@@ -116,6 +121,29 @@ class GemmWorkspace {
 template <class M>
 constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 
+/// From this many rows, x · Wᵀ in vectors wider than the build's runs as x · (Wᵀ by slabs):
+/// transposing the weights and broadcasting ran 1.1–1.5× faster than times_wt's dot products at
+/// 192 and 256 rows (AVX-512, depth 1024 and 2816); at 128, 1.0–1.4× alone but no faster in the
+/// layer at T = 512 (about 128 rows an expert); at 96, slower (docs/performance.md#wider-vectors).
+inline constexpr Index slab_rows = 192;
+
+/// c += x · wᵀ for row-major c: slabs of broadcast_depth columns of w, transposed into the
+/// thread's packing buffer (broadcast_depth · n elements), each then added by times_b. The sums
+/// are those of times_b over the whole of wᵀ.
+template <class T, class C>
+void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n,
+                       Index k) {
+  T* slab = blocks.scratch(static_cast<std::size_t>(broadcast_depth * n));
+  constexpr Index run = 16;  // rows of w read side by side, so that the slab is written in runs
+  for (Index p = 0; p < k; p += broadcast_depth) {
+    const Index depth = std::min(broadcast_depth, k - p);
+    for (Index j0 = 0; j0 < n; j0 += run)
+      for (Index i = 0; i < depth; ++i)
+        for (Index j = j0; j < std::min(j0 + run, n); ++j) slab[i * n + j] = w[j * ws + p + i];
+    times_b<T>(c.data(), c.outerStride(), x + p, xs, 1, m, slab, n, n, depth);
+  }
+}
+
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
 /// dense block with unit inner stride (a matrix, a block of one, or their transposes).
 template <class T, class C, class A, class B>
@@ -132,6 +160,12 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   }
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
     if (m <= few_rows || runs_wider_than_build()) {  // x · Wᵀ: decode, or wider vectors than Eigen's
+      if constexpr (Out::IsRowMajor) {
+        if (m >= slab_rows && runs_wider_than_build()) {
+          times_wt_by_slabs(workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
+          return;
+        }
+      }
       times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
       return;
     }

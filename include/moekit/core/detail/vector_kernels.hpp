@@ -294,7 +294,9 @@ inline constexpr Index broadcast_depth = 256;
 
 /// c += a · b for b [k,n] and c [m,n] with rows contiguous and a(r, i) at a[r·ar + i·ak], with the
 /// given form of the kernel: by panels of columns, each in blocks of broadcast_depth rows of b
-/// that every group of rows of a passes over. Each sum runs in a fixed order set by k alone.
+/// that every group of rows of a passes over. Each sum runs in a fixed order set by k alone, each
+/// block of broadcast_depth added into c in turn: times_b over consecutive blocks of k gives the
+/// same bits.
 template <class Vectors, class T>
 void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n,
              Index k) {
@@ -321,12 +323,13 @@ void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, c
   Index j = 0;
   for (; j + cols * lanes <= n; j += cols * lanes) panel.template operator()<cols>(j);
   for (; j + lanes <= n; j += lanes) panel.template operator()<1>(j);
-  for (; j < n; ++j)  // the last columns, fewer than a vector
-    for (Index i = 0; i < m; ++i) {
-      T sum = 0;
-      for (Index p = 0; p < k; ++p) sum += a[i * ar + p * ak] * b[p * bs + j];
-      c[i * cs + j] += sum;
-    }
+  for (; j < n; ++j)  // the last columns, fewer than a vector, in the same blocks of b's rows
+    for (Index p = 0; p < k; p += broadcast_depth)
+      for (Index i = 0; i < m; ++i) {
+        T sum = 0;
+        for (Index q = p; q < std::min(p + broadcast_depth, k); ++q) sum += a[i * ar + q * ak] * b[q * bs + j];
+        c[i * cs + j] += sum;
+      }
 }
 
 /// c += a · b, with the widest form of the kernel this CPU runs.
