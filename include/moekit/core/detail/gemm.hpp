@@ -158,14 +158,15 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
                                                                Eigen::internal::add_assign_op<T, T>());
     return;
   }
-  if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {
-    if (m <= few_rows || runs_wider_than_build()) {  // x · Wᵀ: decode, or wider vectors than Eigen's
-      if constexpr (Out::IsRowMajor) {
-        if (m >= slab_rows && runs_wider_than_build()) {
-          times_wt_by_slabs(workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
-          return;
-        }
+  const bool wider = runs_wider_than_build();  // than Eigen's vectors: the kernels are faster
+  if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {  // x · Wᵀ
+    if constexpr (Out::IsRowMajor) {
+      if (wider && m >= slab_rows) {
+        times_wt_by_slabs(workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
+        return;
       }
+    }
+    if (m <= few_rows || wider) {  // decode, one row included, or wider vectors
       times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
       return;
     }
@@ -175,7 +176,7 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     return;
   }
   if constexpr (Out::IsRowMajor && std::remove_cvref_t<B>::IsRowMajor) {
-    if (runs_wider_than_build()) {  // the backward's products, in wider vectors than Eigen's
+    if (wider) {  // the backward's products
       constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
       times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
                  b.data(), b.outerStride(), n, k);

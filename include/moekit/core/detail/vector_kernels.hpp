@@ -233,6 +233,15 @@ inline bool runs_wider_than_build() {
   return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes > BuildVectors::bytes; });
 }
 
+/// f.template operator()<R>() for R = rows, 1 ≤ rows ≤ Max: a block's row count, known only
+/// at run time, as the template argument that keeps its partial sums in registers.
+template <int Max, class F>
+void with_rows(Index rows, F&& f) {
+  [&]<int... R>(std::integer_sequence<int, R...>) {
+    (void)((rows == R + 1 && (f.template operator()<R + 1>(), true)) || ...);
+  }(std::make_integer_sequence<int, Max>{});
+}
+
 /// Rows of x the kernel takes at once, each weight it loads serving all of them. With 32 vector
 /// registers, six rows by four rows of w keep 24 partial sums beside the loads (seven or eight
 /// rows, in blocks of three or two rows of w, streamed slower than 4 + 3 and 4 + 4 with
@@ -271,13 +280,11 @@ template <class Vectors, class T, class C>
 void times_wt(Vectors, C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
   constexpr int group = times_wt_group<Vectors>;
   const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
-  // times_wt_block<rows> for the `rows` = 1 … group rows from row i.
-  const auto block = [&]<int... R>(std::integer_sequence<int, R...>, Index i, Index j, Index width) {
-    const Index rows = std::min<Index>(group, m - i);
-    (void)((rows == R + 1 && (times_wt_block<Vectors, R + 1>(c, i, x + i * xs, xs, w, ws, j, width, k), true)) || ...);
-  };
   for (Index j = 0; j < n; j += slice)
-    for (Index i = 0; i < m; i += group) block(std::make_integer_sequence<int, group>{}, i, j, std::min(slice, n - j));
+    for (Index i = 0; i < m; i += group)
+      with_rows<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
+        times_wt_block<Vectors, Rows>(c, i, x + i * xs, xs, w, ws, j, std::min(slice, n - j), k);
+      });
 }
 
 /// c += x · wᵀ, with the widest form of the kernel this CPU runs.
@@ -305,20 +312,13 @@ void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, c
   // 4 × 3 faster than 6 × 2 with AVX2).
   constexpr int group = Vectors::registers >= 32 ? 6 : 4, cols = Vectors::registers >= 32 ? 4 : 3;
   constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
-  // broadcast<rows, Cols> for the `rows` = 1 … group rows from row i.
-  const auto block = [&]<int Cols, int... R>(std::integer_sequence<int, R...>, Index i, Index j, Index p, Index depth) {
-    const Index rows = std::min<Index>(group, m - i);
-    (void)((rows == R + 1 &&
-            (Vectors::template broadcast<R + 1, Cols>(a + i * ar + p * ak, ar, ak, b + p * bs + j, bs, depth,
-                                                      c + i * cs + j, cs),
-             true)) ||
-           ...);
-  };
   const auto panel = [&]<int Cols>(Index j) {
     for (Index p = 0; p < k; p += broadcast_depth)
       for (Index i = 0; i < m; i += group)
-        block.template operator()<Cols>(std::make_integer_sequence<int, group>{}, i, j, p,
-                                        std::min(broadcast_depth, k - p));
+        with_rows<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
+          Vectors::template broadcast<Rows, Cols>(a + i * ar + p * ak, ar, ak, b + p * bs + j, bs,
+                                                  std::min(broadcast_depth, k - p), c + i * cs + j, cs);
+        });
   };
   Index j = 0;
   for (; j + cols * lanes <= n; j += cols * lanes) panel.template operator()<cols>(j);
