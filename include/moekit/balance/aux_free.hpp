@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
 
 namespace moekit {
@@ -52,9 +53,10 @@ struct AuxFree {
   void select(ConstMatrixRef<T> scores, const BalanceContext&, State<T>& state,
               MatrixRef<T> selection) const {
     ensure_size(state, scores.cols());
-    for (Index t = 0; t < scores.rows(); ++t)
+    detail::for_each_token(scores.rows(), [&](Index t) {
       for (Index e = 0; e < scores.cols(); ++e)
         selection(t, e) = scores(t, e) + T(state.bias[static_cast<std::size_t>(e)]);
+    });
   }
 
   /// The tokens each expert received in this forward, after drops.

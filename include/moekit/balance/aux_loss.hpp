@@ -4,6 +4,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/detail/top_k.hpp>
 #include <moekit/core/error.hpp>
 
@@ -30,10 +31,13 @@ struct AuxLoss {
   struct State {
     std::vector<Index> counts;  // [E] n_i
     std::vector<T> column_sum;  // [E] Σ_t s̃_ti
-    std::vector<T> normalized;  // [E] one row of s̃ (sigmoid routers)
-    std::vector<Index> chosen;  // [K]
     Index batch_tokens = 0;     // T: of the whole batch, over every rank
-    std::vector<double> packed; // [2E+1] what the batch sums
+    // Each block of tokens' own: its share of the sums, a row of s̃ (sigmoid routers), a top-K.
+    std::vector<Index> block_counts;  // [blocks,E]
+    std::vector<T> block_sums;        // [blocks,E]
+    std::vector<T> normalized;        // [blocks,E]
+    std::vector<Index> chosen;        // [blocks,K]
+    std::vector<double> packed;       // [2E+1] what the batch sums
   };
 
   void validate(const LayerShape&) const {
@@ -44,17 +48,28 @@ struct AuxLoss {
 
   template <Scalar T>
   T forward(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state) const {
-    const Index tokens = scores.rows(), experts = scores.cols();
-    state.counts.assign(static_cast<std::size_t>(experts), 0);
-    state.column_sum.assign(static_cast<std::size_t>(experts), T(0));
-    state.normalized.resize(static_cast<std::size_t>(experts));
-    state.chosen.resize(static_cast<std::size_t>(context.top_k));
-    for (Index t = 0; t < tokens; ++t) {
-      const T* row = normalized_row(scores, t, context, state);
-      detail::top_k_indices(row, experts, context.top_k, state.chosen.data());
-      for (Index e : state.chosen) ++state.counts[static_cast<std::size_t>(e)];
-      for (Index e = 0; e < experts; ++e) state.column_sum[static_cast<std::size_t>(e)] += row[e];
-    }
+    const Index tokens = scores.rows(), experts = scores.cols(), blocks = detail::token_blocks(tokens);
+    const auto width = static_cast<std::size_t>(experts), k = static_cast<std::size_t>(context.top_k);
+    state.block_counts.assign(static_cast<std::size_t>(blocks) * width, 0);
+    state.block_sums.assign(static_cast<std::size_t>(blocks) * width, T(0));
+    state.normalized.resize(static_cast<std::size_t>(blocks) * width);
+    state.chosen.resize(static_cast<std::size_t>(blocks) * k);
+    detail::for_each_token_block(tokens, [&](Index block, Index first, Index count) {
+      const auto b = static_cast<std::size_t>(block);
+      Index* counts = &state.block_counts[b * width];
+      T* sums = &state.block_sums[b * width];
+      Index* chosen = &state.chosen[b * k];
+      for (Index t = first; t < first + count; ++t) {
+        const T* row = normalized_row(scores, t, context, &state.normalized[b * width]);
+        detail::top_k_indices(row, experts, context.top_k, chosen);
+        for (std::size_t i = 0; i < k; ++i) ++counts[chosen[i]];
+        for (Index e = 0; e < experts; ++e) sums[e] += row[e];
+      }
+    });
+    state.counts.resize(width);
+    state.column_sum.resize(width);
+    detail::sum_of_blocks(state.block_counts, blocks, state.counts);
+    detail::sum_of_blocks(state.block_sums, blocks, state.column_sum);
     state.batch_tokens = tokens;
     if (context.batch->size() > 1) sum_over_batch(*context.batch, state);
     if (state.batch_tokens == 0) return T(0);
@@ -71,21 +86,25 @@ struct AuxLoss {
     if (tokens == 0) return;
     const T c = scale<T>(state.batch_tokens, experts, context) * T(context.batch->size());
     auto g = [&](Index e) { return c * T(state.counts[static_cast<std::size_t>(e)]); };  // dL/ds̃_e
-    for (Index t = 0; t < tokens; ++t) {
-      const T* s = normalized_row(scores, t, context, state);
-      T dot = 0;
-      for (Index e = 0; e < experts; ++e) dot += s[e] * g(e);
-      if (context.score == ScoreFn::softmax) {
-        for (Index e = 0; e < experts; ++e) d_logits(t, e) += s[e] * (g(e) - dot);
-      } else {
-        // s̃ = σ / Z: quotient rule, then σ' = σ(1 − σ).
-        const T z = scores.row(t).sum();
-        for (Index e = 0; e < experts; ++e) {
-          const T sigma = scores(t, e);
-          d_logits(t, e) += (g(e) - dot) / z * sigma * (T(1) - sigma);
+    state.normalized.resize(static_cast<std::size_t>(detail::token_blocks(tokens) * experts));
+    detail::for_each_token_block(tokens, [&](Index block, Index first, Index count) {
+      T* row = &state.normalized[static_cast<std::size_t>(block * experts)];
+      for (Index t = first; t < first + count; ++t) {
+        const T* s = normalized_row(scores, t, context, row);
+        T dot = 0;
+        for (Index e = 0; e < experts; ++e) dot += s[e] * g(e);
+        if (context.score == ScoreFn::softmax) {
+          for (Index e = 0; e < experts; ++e) d_logits(t, e) += s[e] * (g(e) - dot);
+        } else {
+          // s̃ = σ / Z: quotient rule, then σ' = σ(1 − σ).
+          const T z = scores.row(t).sum();
+          for (Index e = 0; e < experts; ++e) {
+            const T sigma = scores(t, e);
+            d_logits(t, e) += (g(e) - dot) / z * sigma * (T(1) - sigma);
+          }
         }
       }
-    }
+    });
   }
 
  private:
@@ -113,13 +132,13 @@ struct AuxLoss {
            (T(context.top_k) * T(tokens) * T(tokens));
   }
 
+  /// Row t of s̃: the scores themselves for softmax routers, else written into `row` (E elements).
   template <Scalar T>
-  static const T* normalized_row(ConstMatrixRef<T> scores, Index t, const BalanceContext& context,
-                                 State<T>& state) {
+  static const T* normalized_row(ConstMatrixRef<T> scores, Index t, const BalanceContext& context, T* row) {
     if (context.score == ScoreFn::softmax) return scores.row(t).data();
     const T z = scores.row(t).sum();
-    for (Index e = 0; e < scores.cols(); ++e) state.normalized[static_cast<std::size_t>(e)] = scores(t, e) / z;
-    return state.normalized.data();
+    for (Index e = 0; e < scores.cols(); ++e) row[e] = scores(t, e) / z;
+    return row;
   }
 };
 

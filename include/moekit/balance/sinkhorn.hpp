@@ -5,6 +5,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
 
 namespace moekit {
@@ -32,6 +33,7 @@ struct Sinkhorn {
   template <Scalar T>
   struct State {
     std::vector<T> u, v, v_previous;  // [T], [E], [E]
+    std::vector<T> block_column;      // [blocks,E] each block of tokens' share of the column sums
     std::vector<double> column;       // [E] Σ_t u_t·C_te, over the whole batch
     int iterations = 0;               // of the last plan
     bool converged = false;
@@ -62,28 +64,33 @@ struct Sinkhorn {
     }
     const BatchGroup& batch = *context.batch;
     const Index tokens = selection.rows(), experts = selection.cols();
-    for (Index t = 0; t < tokens; ++t)
+    detail::for_each_token(tokens, [&](Index t) {
       selection.row(t).array() = (selection.row(t).array() - selection.row(t).maxCoeff()).exp();
+    });
     double batch_tokens = double(tokens);
     batch.sum(std::span<double>(&batch_tokens, 1));
     state.u.assign(static_cast<std::size_t>(tokens), T(1));
     state.v.assign(static_cast<std::size_t>(experts), T(1));
     state.column.resize(static_cast<std::size_t>(experts));
+    const Index blocks = detail::token_blocks(tokens);
+    state.block_column.resize(static_cast<std::size_t>(blocks * experts));
     state.iterations = 0;
     state.converged = batch_tokens == 0;
     const T eps = T(1e-8), row_target = T(1) / T(std::max(batch_tokens, 1.0)),
             column_target = T(1) / T(experts);
     while (!state.converged && state.iterations < options.max_iterations) {
-      for (Index t = 0; t < tokens; ++t) {
-        T sum = 0;
-        for (Index e = 0; e < experts; ++e) sum += state.v[static_cast<std::size_t>(e)] * selection(t, e);
-        state.u[static_cast<std::size_t>(t)] = row_target / (sum + eps);
-      }
-      for (Index e = 0; e < experts; ++e) {
-        T sum = 0;
-        for (Index t = 0; t < tokens; ++t) sum += state.u[static_cast<std::size_t>(t)] * selection(t, e);
-        state.column[static_cast<std::size_t>(e)] = double(sum);
-      }
+      // u from v, token by token; each block of tokens then adds up its share of Σ_t u_t·C_te.
+      detail::for_each_token_block(tokens, [&](Index block, Index first, Index count) {
+        T* column = &state.block_column[static_cast<std::size_t>(block * experts)];
+        std::fill(column, column + experts, T(0));
+        for (Index t = first; t < first + count; ++t) {
+          T sum = 0;
+          for (Index e = 0; e < experts; ++e) sum += state.v[static_cast<std::size_t>(e)] * selection(t, e);
+          const T u = state.u[static_cast<std::size_t>(t)] = row_target / (sum + eps);
+          for (Index e = 0; e < experts; ++e) column[e] += u * selection(t, e);
+        }
+      });
+      detail::sum_of_blocks(state.block_column, blocks, state.column);
       if (batch.size() > 1) batch.sum(state.column);
       state.v_previous = state.v;
       for (Index e = 0; e < experts; ++e)
@@ -94,9 +101,10 @@ struct Sinkhorn {
       ++state.iterations;
       state.converged = change / T(experts) <= T(options.tolerance);
     }
-    for (Index t = 0; t < tokens; ++t)
+    detail::for_each_token(tokens, [&](Index t) {
       for (Index e = 0; e < experts; ++e)
         selection(t, e) *= state.u[static_cast<std::size_t>(t)] * state.v[static_cast<std::size_t>(e)];
+    });
   }
 };
 

@@ -4,6 +4,7 @@
 #include <string_view>
 
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/detail/top_k.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/core/routing.hpp>
@@ -45,7 +46,7 @@ struct TopK {
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>
   void score(MatrixRef<T> scores) const {
-    for (Index t = 0; t < scores.rows(); ++t) {
+    detail::for_each_token(scores.rows(), [&](Index t) {
       auto row = scores.row(t);
       if (options.score == ScoreFn::softmax) {
         row.array() = (row.array() - row.maxCoeff()).exp();  // max first: no overflow at any logit
@@ -53,7 +54,7 @@ struct TopK {
       } else {
         row.array() = (T(1) + (-row.array()).exp()).inverse();
       }
-    }
+    });
   }
 
   /// Top-K of `selection` (the scores, or the balancer's biased or balanced version of them);
@@ -62,7 +63,7 @@ struct TopK {
   void select(ConstMatrixRef<T> selection, ConstMatrixRef<T> scores, Routing<T>& out) const {
     const Index tokens = scores.rows(), experts = scores.cols();
     out.resize(tokens, K);
-    for (Index t = 0; t < tokens; ++t) {
+    detail::for_each_token(tokens, [&](Index t) {
       Index* index = &out.index[static_cast<std::size_t>(t * K)];
       T* weight = &out.weight[static_cast<std::size_t>(t * K)];
       detail::top_k_indices(selection.row(t).data(), experts, K, index);
@@ -71,7 +72,7 @@ struct TopK {
       const T factor = options.normalize ? T(options.scale) / (sum + T(normalize_epsilon))
                                          : T(options.scale);
       for (int k = 0; k < K; ++k) weight[k] *= factor;
-    }
+    });
   }
 
   /// d(loss)/d(weight) → d(loss)/d(logits), overwriting d_logits. Only the weights carry
@@ -79,8 +80,7 @@ struct TopK {
   template <Scalar T>
   void backward(ConstMatrixRef<T> scores, const Routing<T>& routing,
                 std::span<const T> d_weight, MatrixRef<T> d_logits) const {
-    d_logits.setZero();
-    for (Index t = 0; t < scores.rows(); ++t) {
+    detail::for_each_token(scores.rows(), [&](Index t) {
       const Index* index = &routing.index[static_cast<std::size_t>(t * K)];
       const T* g = &d_weight[static_cast<std::size_t>(t * K)];
       T d_score[K];  // d(loss)/d(s_k)
@@ -101,12 +101,13 @@ struct TopK {
         d_logits.row(t) = -dot * scores.row(t);
         for (int k = 0; k < K; ++k) d_logits(t, index[k]) += d_score[k] * scores(t, index[k]);
       } else {
+        d_logits.row(t).setZero();
         for (int k = 0; k < K; ++k) {
           const T s = scores(t, index[k]);
           d_logits(t, index[k]) = d_score[k] * s * (T(1) - s);
         }
       }
-    }
+    });
   }
 };
 
