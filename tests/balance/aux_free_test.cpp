@@ -3,25 +3,17 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
-#include <random>
 
 #include <moekit/moekit.hpp>
 
 #include "../support/grad_check.hpp"
+#include "../support/random.hpp"
 
 namespace moekit::test {
 namespace {
 
 using Layer = MoELayer<TopK<2>, AuxFree, double>;
 const TopK<2> deepseek_style{{.score = ScoreFn::sigmoid, .normalize = true}};
-
-Matrix<double> random(Index rows, Index cols, unsigned seed, double mean = 0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> draw(mean, 1.0);
-  Matrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = draw(rng);
-  return m;
-}
 
 TEST(AuxFree, SignUpdateByHand) {
   const AuxFree policy{{.rate = 0.1}};
@@ -44,7 +36,7 @@ TEST(AuxFree, BiasSteersSelectionButNotTheWeights) {
   layer.load(path);
   ASSERT_EQ(layer.balance_state().bias[3], 10.0);
 
-  const auto x = random(7, 6, 3);
+  const auto x = random_matrix(7, 6, 3);
   layer.forward(x);
   for (Index t = 0; t < 7; ++t) {
     const auto& r = layer.routing();
@@ -57,7 +49,7 @@ TEST(AuxFree, BiasSteersSelectionButNotTheWeights) {
   }
 
   // The bias is constant to backward: gradients still match finite differences.
-  for (const auto& report : check_gradients(layer, x, random(7, 6, 4)))
+  for (const auto& report : check_gradients(layer, x, random_matrix(7, 6, 4)))
     EXPECT_LT(report.error, 1e-6) << report.name;
   for (const auto& p : layer.parameters()) EXPECT_NE(p.name(), "router.bias");  // not a parameter
 
@@ -71,7 +63,7 @@ TEST(AuxFree, EvensASkewedLoadOverSteps) {
   layer.parameter("router.weight").matrix().row(0).setConstant(0.4);  // expert 0 scores high on every token
   double first = 0, last = 0;
   for (int step = 0; step < 300; ++step) {
-    layer.forward(random(64, 8, 100 + static_cast<unsigned>(step), 1.0));
+    layer.forward(random_matrix(64, 8, 100 + static_cast<unsigned>(step), 1.0, 1.0));
     (step == 0 ? first : last) = layer.stats().max_over_mean;
     layer.end_step();
   }

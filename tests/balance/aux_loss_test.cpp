@@ -2,13 +2,12 @@
 // gradient into every logit.
 #include <gtest/gtest.h>
 
-#include <random>
-
-#include "../support/grad_check.hpp"
-
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
 #include <moekit/router/top_k.hpp>
+
+#include "../support/grad_check.hpp"
+#include "../support/random.hpp"
 
 namespace moekit::test {
 namespace {
@@ -45,10 +44,7 @@ TEST(AuxLoss, MatchesTheFormulaOnSkewedRouting) {
 }
 
 void expect_gradient_matches_differences(ScoreFn f, int k) {
-  std::mt19937 rng(3);
-  std::normal_distribution<double> draw;
-  Matrix<double> logits(9, 5);
-  for (Index i = 0; i < logits.size(); ++i) logits.data()[i] = draw(rng);
+  Matrix<double> logits = random_matrix(9, 5, 3);
   const AuxLoss aux{{.coefficient = 0.3}};
   const BalanceContext context{f, k};
   AuxLoss::State<double> state;

@@ -2,22 +2,13 @@
 // hang; the plan selects while the router's own scores weight; and it evens a skewed load.
 #include <gtest/gtest.h>
 
-#include <random>
-
 #include <moekit/moekit.hpp>
 
 #include "../support/grad_check.hpp"
+#include "../support/random.hpp"
 
 namespace moekit::test {
 namespace {
-
-Matrix<double> random(Index rows, Index cols, unsigned seed, double scale = 1.0) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> draw(0.0, scale);
-  Matrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = draw(rng);
-  return m;
-}
 
 Matrix<double> plan_of(const Matrix<double>& logits, Sinkhorn::State<double>& state, Sinkhorn s = {}) {
   Matrix<double> selection = logits;
@@ -29,14 +20,14 @@ TEST(Sinkhorn, PlanRowsSumToOneOverTAndColumnsToOneOverE) {
   // Megatron-Core's defaults (tolerance 1e-4). Its 1e-8 in the denominators moves the fixed
   // point by about 1e-7 relative; the rows carry the last iteration's remaining error.
   Sinkhorn::State<double> state;
-  const auto plan = plan_of(random(40, 8, 1, 2.0), state);
+  const auto plan = plan_of(random_matrix(40, 8, 1, 2.0), state);
   EXPECT_TRUE(state.converged);
   for (Index e = 0; e < 8; ++e) EXPECT_NEAR(plan.col(e).sum() * 8, 1.0, 1e-6);
   for (Index t = 0; t < 40; ++t) EXPECT_NEAR(plan.row(t).sum() * 40, 1.0, 1e-2);
 }
 
 TEST(Sinkhorn, LogitsOfTenThousandGiveNoNaNAndNoHang) {
-  Matrix<double> logits = random(16, 4, 2);
+  Matrix<double> logits = random_matrix(16, 4, 2);
   logits.col(0).setConstant(1e4);
   logits(3, 2) = -1e4;
   Sinkhorn::State<double> state;
@@ -46,7 +37,7 @@ TEST(Sinkhorn, LogitsOfTenThousandGiveNoNaNAndNoHang) {
 }
 
 TEST(Sinkhorn, ARowShiftDoesNotChangeThePlan) {
-  const auto logits = random(12, 5, 3);
+  const auto logits = random_matrix(12, 5, 3);
   Matrix<double> shifted = logits;
   for (Index t = 0; t < 12; ++t) shifted.row(t).array() += 3.0 * double(t);
   Sinkhorn::State<double> a, b;
@@ -58,7 +49,7 @@ const TopK<2> megatron_weights{{.normalize = false}};  // softmax over all E, as
 
 TEST(Sinkhorn, PlanSelectsButTheRoutersScoresWeight) {
   Layer layer({.hidden = 6, .ffn = 5, .experts = 4, .seed = 1}, megatron_weights);
-  const auto x = random(9, 6, 4);
+  const auto x = random_matrix(9, 6, 4);
   layer.forward(x);
   const Matrix<double> logits = x * layer.parameter("router.weight").matrix().transpose();
   for (Index t = 0; t < 9; ++t) {
@@ -68,14 +59,14 @@ TEST(Sinkhorn, PlanSelectsButTheRoutersScoresWeight) {
       EXPECT_NEAR(layer.routing().weight[c], p(layer.routing().index[c]) / p.sum(), 1e-14);
     }
   }
-  for (const auto& report : check_gradients(layer, x, random(9, 6, 5)))
+  for (const auto& report : check_gradients(layer, x, random_matrix(9, 6, 5)))
     EXPECT_LT(report.error, 1e-6) << report.name;  // no gradient through the plan
 }
 
 TEST(Sinkhorn, EvensLoadThatPlainTopKLeavesSkewed) {
   auto skewed = [](auto& layer) {
     layer.parameter("router.weight").matrix().row(0).setConstant(0.5);
-    layer.forward(random(64, 8, 6, 1.0).array() + 1.0);
+    layer.forward(random_matrix(64, 8, 6, 1.0).array() + 1.0);
     return layer.stats().max_over_mean;
   };
   MoELayer<TopK<2>, NoBalance, double> plain({.hidden = 8, .ffn = 4, .experts = 4, .seed = 2}, megatron_weights);

@@ -7,26 +7,18 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <random>
 #include <vector>
 
 #include <moekit/moekit.hpp>
 
 #include "../support/grad_check.hpp"
+#include "../support/random.hpp"
 
 namespace moekit::test {
 namespace {
 
 // Three blocks, the last one short.
 constexpr Index tokens = 2 * detail::policy_token_block + 44, experts = 6;
-
-Matrix<double> random(Index rows, Index cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> draw(0.0, 1.5);
-  Matrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = draw(rng);
-  return m;
-}
 
 /// Every double f leaves in `out`, from a run held to `threads` threads.
 template <class F>
@@ -70,7 +62,7 @@ TEST(TokenBlocks, SumOfBlocksAddsEachColumnOverTheBlocks) {
 }
 
 TEST(TokenBlocks, RouterGivesTheSameBitsOnAnyThreadCount) {
-  const auto logits = random(tokens, experts, 1);
+  const auto logits = random_matrix(tokens, experts, 1, 1.5);
   std::vector<double> d_weight(static_cast<std::size_t>(tokens * 2));
   for (std::size_t i = 0; i < d_weight.size(); ++i) d_weight[i] = std::sin(double(i));
   for (const auto& options : {TopK<2>::Options{}, TopK<2>::Options{ScoreFn::sigmoid, true, 2.5}}) {
@@ -91,7 +83,7 @@ TEST(TokenBlocks, RouterGivesTheSameBitsOnAnyThreadCount) {
 }
 
 TEST(TokenBlocks, BalancersGiveTheSameBitsOnAnyThreadCount) {
-  const auto logits = random(tokens, experts, 2);
+  const auto logits = random_matrix(tokens, experts, 2, 1.5);
   for (ScoreFn f : {ScoreFn::softmax, ScoreFn::sigmoid}) {
     expect_same_bits_on_one_thread_and_eight([&](std::vector<double>& out) {
       Matrix<double> scores = logits;
@@ -124,7 +116,7 @@ TEST(TokenBlocks, BalancersGiveTheSameBitsOnAnyThreadCount) {
 }
 
 TEST(TokenBlocks, AuxLossOverManyBlocksMatchesTheFormula) {
-  const auto logits = random(tokens, experts, 3);
+  const auto logits = random_matrix(tokens, experts, 3, 1.5);
   Matrix<double> scores = logits;
   TopK<2>{}.score(MatrixRef<double>(scores));
   AuxLoss::State<double> state;
@@ -147,7 +139,7 @@ TEST(TokenBlocks, AuxLossOverManyBlocksMatchesTheFormula) {
 
 TEST(TokenBlocks, AuxLossGradientOverManyBlocksMatchesFiniteDifferences) {
   for (ScoreFn f : {ScoreFn::softmax, ScoreFn::sigmoid}) {
-    Matrix<double> logits = random(tokens, 3, 4);
+    Matrix<double> logits = random_matrix(tokens, 3, 4, 1.5);
     const AuxLoss aux{{.coefficient = 0.3}};
     const BalanceContext context{f, 1};
     AuxLoss::State<double> state;

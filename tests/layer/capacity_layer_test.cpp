@@ -2,22 +2,13 @@
 // right with drops happening, and a capacity that drops nothing equals Dropless.
 #include <gtest/gtest.h>
 
-#include <random>
-
 #include <moekit/moekit.hpp>
 
 #include "../support/grad_check.hpp"
+#include "../support/random.hpp"
 
 namespace moekit::test {
 namespace {
-
-Matrix<double> random(Index rows, Index cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> draw;
-  Matrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = draw(rng);
-  return m;
-}
 
 using Layer = MoELayer<TopK<2>, AuxLoss, Capacity, double>;
 constexpr LayerConfig config{.hidden = 6, .ffn = 5, .experts = 4, .seed = 3};
@@ -26,7 +17,7 @@ TEST(CapacityLayer, GradientsAreRightWithDropsHappening) {
   for (auto drop : {DropPolicy::weight, DropPolicy::position})
     for (bool pad : {false, true}) {
       Layer layer(config, Capacity{{.capacity_factor = 0.5, .drop = drop, .pad = pad}}, AuxLoss{{.coefficient = 0.5}});
-      const auto x = random(9, 6, 1), dy = random(9, 6, 2);
+      const auto x = random_matrix(9, 6, 1), dy = random_matrix(9, 6, 2);
       layer.forward(x);
       ASSERT_GT(layer.plan().dropped, 0);
       for (const auto& report : check_gradients(layer, x, dy))
@@ -37,7 +28,7 @@ TEST(CapacityLayer, GradientsAreRightWithDropsHappening) {
 TEST(CapacityLayer, ATokenDroppedByAllItsExpertsGetsZero) {
   // Capacity 1 per expert: 4 experts, 8 tokens with 2 choices each, so most pairs are dropped.
   Layer layer(config, Capacity{{.capacity_factor = 0.25}});
-  const auto x = random(8, 6, 4);
+  const auto x = random_matrix(8, 6, 4);
   const Matrix<double> y = layer.forward(x);
   const auto& plan = layer.plan();
   int fully_dropped = 0;
@@ -53,7 +44,7 @@ TEST(CapacityLayer, RenormalisedWeightsSumToOneAndGradientsStayRight) {
   for (bool normalize : {false, true}) {
     Layer layer(config, TopK<2>{{.normalize = normalize}},
                 Capacity{{.capacity_factor = 0.5, .renormalize = true}}, AuxLoss{{.coefficient = 0.5}});
-    const auto x = random(9, 6, 7), dy = random(9, 6, 8);
+    const auto x = random_matrix(9, 6, 7), dy = random_matrix(9, 6, 8);
     layer.forward(x);
     ASSERT_GT(layer.plan().dropped, 0);
     for (Index t = 0; t < 9; ++t) {
@@ -78,7 +69,7 @@ TEST(CapacityLayer, DroppingNothingEqualsDropless) {
   using Free = MoELayer<TopK<2>, AuxLoss, Dropless, double>;
   Layer capped(config, Capacity{{.capacity_factor = 4.0}});
   Free free(config);
-  const auto x = random(11, 6, 5), dy = random(11, 6, 6);
+  const auto x = random_matrix(11, 6, 5), dy = random_matrix(11, 6, 6);
   EXPECT_EQ(capped.forward(x), free.forward(x));
   EXPECT_EQ(capped.backward(dy), free.backward(dy));
   for (std::size_t p = 0; p < capped.gradients().size(); ++p)

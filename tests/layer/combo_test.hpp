@@ -4,13 +4,13 @@
 #include <gtest/gtest.h>
 #include <tbb/global_control.h>
 
-#include <random>
 #include <vector>
 
 #include <moekit/moekit.hpp>
 
 #include "../support/combos.hpp"
 #include "../support/grad_check.hpp"
+#include "../support/random.hpp"
 #include "../support/reference.hpp"
 #include "../support/tolerance.hpp"
 
@@ -51,13 +51,7 @@ class LayerCombo : public ::testing::Test {
     return layer;
   }
 
-  static Matrix<T> random(Index rows, Index cols, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::normal_distribution<double> draw(0.0, 1.0);
-    Matrix<T> m(rows, cols);
-    for (Index i = 0; i < m.size(); ++i) m.data()[i] = static_cast<T>(draw(rng));
-    return m;
-  }
+  static Matrix<T> random(Index rows, Index cols, unsigned seed) { return random_matrix<T>(rows, cols, seed); }
 
   static double error(ConstMatrixRef<T> a, ConstMatrixRef<T> b) {
     return io::relative_error(std::span<const T>(a.data(), a.size()), std::span<const T>(b.data(), b.size()));

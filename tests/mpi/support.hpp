@@ -2,13 +2,14 @@
 // Helpers for tests that run on every rank: results are agreed before they are asserted, since
 // an ASSERT that returns early on one rank would leave the others waiting in a collective.
 #include <algorithm>
-#include <random>
 #include <string>
 
 #include <boost/mpi/communicator.hpp>
 #include <mpi.h>
 
 #include <moekit/moekit.hpp>
+
+#include "../support/random.hpp"
 
 namespace moekit::test {
 
@@ -34,15 +35,6 @@ double relative_error(const A& a, const B& b) {
     scale = std::max(scale, std::abs(double(b.data()[i])));
   }
   return scale == 0 ? diff : diff / scale;
-}
-
-template <Scalar T>
-Matrix<T> random_matrix(Index rows, Index cols, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> draw;
-  Matrix<T> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = T(draw(rng));
-  return m;
 }
 
 /// The error moekit raised here, or "" when none.

@@ -3,22 +3,18 @@
 #include <gtest/gtest.h>
 
 #include <random>
-
-#include "../support/grad_check.hpp"
 #include <set>
 
 #include <moekit/router/top_k.hpp>
 
+#include "../support/grad_check.hpp"
+#include "../support/random.hpp"
+
 namespace moekit::test {
 namespace {
 
-Matrix<double> random_logits(Index tokens, Index experts, unsigned seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<double> draw(0.0, 2.0);
-  Matrix<double> m(tokens, experts);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = draw(rng);
-  return m;
-}
+/// Logits of N(0, 2²).
+Matrix<double> random_logits(Index tokens, Index experts, unsigned seed) { return random_matrix(tokens, experts, seed, 2.0); }
 
 template <int K>
 Routing<double> route(const TopK<K>& router, Matrix<double> scores) {
