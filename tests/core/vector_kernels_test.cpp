@@ -5,12 +5,14 @@
 // it. gemm_add must run the widest form the CPU has, or the build's own when
 // MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
 // past them (from slab_rows, times_b over the transposed weights), and times_b, only where that
-// form is wider than the build's vectors, and so than Eigen's GEMM.
+// form is wider than the build's vectors, and so than Eigen's GEMM. Each form's transpose, which
+// lays out the slabs, must copy every element to its place.
 #include <gtest/gtest.h>
 
 #include <numeric>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <moekit/core/detail/gemm.hpp>
@@ -133,6 +135,28 @@ TYPED_TEST(TimesB, GiveEachRowTheSameBitsWhateverRowsAreBesideIt) {
   };
   const Matrix<float> all = product(most);
   for (Index m = 1; m < most; ++m) EXPECT_TRUE(product(m) == all.bottomRows(m)) << m << " rows";
+}
+
+template <class Form>
+class Transpose : public TimesWt<Form> {};
+TYPED_TEST_SUITE(Transpose, Forms, FormName);
+
+template <class Form, class T>
+void expect_transpose_copies_every_element() {
+  // Squares of vectors and edges past them on either side, from a block of a wider matrix.
+  for (const auto& [n, depth] : {std::pair<Index, Index>{1, 1}, {3, 40}, {16, 16}, {37, 45}, {70, 256}}) {
+    const Matrix<T> w = Matrix<T>::Random(n + 1, depth + 7);
+    const auto block = w.block(1, 3, n, depth);
+    std::vector<T> slab(static_cast<std::size_t>(n * depth), T(-99));
+    Form::transpose(block.data(), block.outerStride(), n, depth, slab.data());
+    const Eigen::Map<const Matrix<T>> transposed(slab.data(), depth, n);
+    EXPECT_TRUE(transposed == block.transpose()) << "n = " << n << ", depth = " << depth;
+  }
+}
+
+TYPED_TEST(Transpose, CopiesEveryElementToItsPlace) {
+  expect_transpose_copies_every_element<TypeParam, float>();
+  expect_transpose_copies_every_element<TypeParam, double>();
 }
 
 /// The name of the widest form this CPU runs, found here without the library's choice.

@@ -127,21 +127,20 @@ constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 /// layer at T = 512 (about 128 rows an expert); at 96, slower (docs/performance.md#wider-vectors).
 inline constexpr Index slab_rows = 192;
 
-/// c += x · wᵀ for row-major c: slabs of broadcast_depth columns of w, transposed into the
-/// thread's packing buffer (broadcast_depth · n elements), each then added by times_b. The sums
-/// are those of times_b over the whole of wᵀ.
+/// c += x · wᵀ for row-major c: slabs of broadcast_depth columns of w, transposed in vectors into
+/// the thread's packing buffer (broadcast_depth · n elements), each then added by times_b, both
+/// in the widest form the CPU runs. The sums are those of times_b over the whole of wᵀ.
 template <class T, class C>
 void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n,
                        Index k) {
   T* slab = blocks.scratch(static_cast<std::size_t>(broadcast_depth * n));
-  constexpr Index run = 16;  // rows of w read side by side, so that the slab is written in runs
-  for (Index p = 0; p < k; p += broadcast_depth) {
-    const Index depth = std::min(broadcast_depth, k - p);
-    for (Index j0 = 0; j0 < n; j0 += run)
-      for (Index i = 0; i < depth; ++i)
-        for (Index j = j0; j < std::min(j0 + run, n); ++j) slab[i * n + j] = w[j * ws + p + i];
-    times_b<T>(c.data(), c.outerStride(), x + p, xs, 1, m, slab, n, n, depth);
-  }
+  with_widest_vectors([&](auto vectors) {
+    for (Index p = 0; p < k; p += broadcast_depth) {
+      const Index depth = std::min(broadcast_depth, k - p);
+      decltype(vectors)::transpose(w + p, ws, n, depth, slab);
+      times_b(vectors, c.data(), c.outerStride(), x + p, xs, 1, m, slab, n, n, depth);
+    }
+  });
 }
 
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a

@@ -3,7 +3,8 @@
 // - times_wt, x · Wᵀ by dot products of rows: the experts' product at decode, where each weight
 //   read from memory serves a few multiply-adds, so the product must stream the weights and do its
 //   arithmetic as fast as they come (packing W for a GEMM kernel would read it once more);
-// - times_b, a · B by broadcasts into rows of B, for the backward's products.
+// - times_b, a · B by broadcasts into rows of B, for the backward's products, and for the forward's
+//   over slabs of Wᵀ that each form's transpose lays out.
 //
 // The kernels are written once, over the vector extensions GCC and Clang share, and compiled for
 // the build's own vectors and, on x86, for AVX2 and AVX-512 too: a build for any x86-64 CPU
@@ -16,6 +17,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <tuple>
 #include <utility>
@@ -148,8 +150,46 @@ template <int Bytes, int Rows, int Cols, class T>
     for (int q = 0; q < Cols; ++q) vector_at<Bytes>(c + r * cs + q * lanes) += acc[r][q];
 }
 
+/// One stage of a transpose in registers: rows x and y, `Block` rows apart, trade their
+/// off-diagonal blocks of Block lanes (x takes y's first block of each pair, y takes x's second).
+template <int Block, class V, int... J>
+[[gnu::always_inline]] inline void swap_blocks(V& x, V& y, std::integer_sequence<int, J...>) {
+  constexpr int lanes = sizeof...(J);
+  const V a = x, b = y;
+  x = __builtin_shufflevector(a, b, ((J & Block) ? lanes + J - Block : J)...);
+  y = __builtin_shufflevector(a, b, ((J & Block) ? lanes + J : J + Block)...);
+}
+
+/// slab[i·n + j] = w[j·ws + i] for j < n rows of w and i < depth: squares of lanes × lanes loaded
+/// as rows of vectors, transposed in registers (log₂ lanes stages of swap_blocks) and stored as
+/// rows of the slab; the edges that fill no square element by element. A copy: no arithmetic.
+template <int Bytes, class T>
+[[gnu::always_inline]] inline void transpose_block(const T* w, Index ws, Index n, Index depth, T* slab) {
+  constexpr int lanes = Bytes / int{sizeof(T)};
+  using V = Vector<T, Bytes>;
+  const Index whole_n = n / lanes * lanes, whole_depth = depth / lanes * lanes;
+  for (Index j = 0; j < whole_n; j += lanes)
+    for (Index i = 0; i < whole_depth; i += lanes) {
+      V r[lanes];
+      for (int q = 0; q < lanes; ++q) r[q] = vector_at<Bytes>(w + (j + q) * ws + i);
+      [&]<int... S>(std::integer_sequence<int, S...>) {
+        ([&] {
+          constexpr int block = lanes >> (S + 1);
+          for (int q = 0; q < lanes; ++q)
+            if (!(q & block)) swap_blocks<block>(r[q], r[q + block], std::make_integer_sequence<int, lanes>{});
+        }(), ...);
+      }(std::make_integer_sequence<int, std::bit_width(unsigned(lanes)) - 1>{});
+      for (int q = 0; q < lanes; ++q) vector_at<Bytes>(slab + (i + q) * n + j) = r[q];
+    }
+  for (Index i = 0; i < depth; ++i) {  // the edges: rows of w past whole_n, depth past whole_depth
+    for (Index j = whole_n; j < n; ++j) slab[i * n + j] = w[j * ws + i];
+    if (i >= whole_depth)
+      for (Index j = 0; j < whole_n; ++j) slab[i * n + j] = w[j * ws + i];
+  }
+}
+
 // The kernels' forms. Each gives the width and number of its vector registers, whether this CPU
-// runs it, and dot_block and broadcast_block compiled for it. dot and broadcast are never
+// runs it, and dot_block, broadcast_block and transpose_block compiled for it. dot and broadcast are never
 // inlined: they are where the instructions change, and inlined where the depth is a constant,
 // GCC 12 kept the partial sums in memory, not registers (2.3× slower).
 
@@ -167,6 +207,10 @@ struct BuildVectors {
   [[gnu::noinline]] static void broadcast(const T* a, Index ar, Index ak, const T* b, Index bs, Index k, T* c,
                                           Index cs) {
     broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+  }
+  template <class T>
+  [[gnu::noinline]] static void transpose(const T* w, Index ws, Index n, Index depth, T* slab) {
+    transpose_block<bytes>(w, ws, n, depth, slab);
   }
 };
 
@@ -186,6 +230,11 @@ struct Avx2Vectors {
                                                                    Index bs, Index k, T* c, Index cs) {
     broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
   }
+  template <class T>
+  [[gnu::noinline, gnu::target("avx2,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
+                                                                   T* slab) {
+    transpose_block<bytes>(w, ws, n, depth, slab);
+  }
 };
 
 /// AVX-512F: 64-byte vectors, 32 registers.
@@ -202,6 +251,11 @@ struct Avx512Vectors {
   [[gnu::noinline, gnu::target("avx512f,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
                                                                       Index bs, Index k, T* c, Index cs) {
     broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+  }
+  template <class T>
+  [[gnu::noinline, gnu::target("avx512f,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
+                                                                      T* slab) {
+    transpose_block<bytes>(w, ws, n, depth, slab);
   }
 };
 
