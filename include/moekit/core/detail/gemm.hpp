@@ -123,9 +123,10 @@ constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 
 /// From this many rows, x · Wᵀ in vectors wider than the build's runs as x · (Wᵀ by slabs):
 /// transposing the weights and broadcasting ran 1.1–1.5× faster than times_wt's dot products at
-/// 192 and 256 rows (AVX-512, depth 1024 and 2816); at 128, 1.0–1.4× alone but no faster in the
-/// layer at T = 512 (about 128 rows an expert); at 96, slower (docs/performance.md#wider-vectors).
-inline constexpr Index slab_rows = 192;
+/// 192 and 256 rows (AVX-512, depth 1024 and 2816). Since the slabs are transposed in vectors, the
+/// layer's forward ran faster from 64 rows too (at T = 512, about 128 rows an expert, and at
+/// E = 64, about 64) and slower from 40 (docs/performance.md#wider-vectors).
+inline constexpr Index slab_rows = 64;
 
 /// c += x · wᵀ for row-major c: slabs of broadcast_depth columns of w, transposed in vectors into
 /// the thread's packing buffer (broadcast_depth · n elements), each then added by times_b, both
