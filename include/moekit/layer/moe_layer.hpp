@@ -125,7 +125,7 @@ class BasicMoELayer {
     }
 
     auto rows = rows_.matrix(plan_.rows(), hidden);
-    for_blocks(plan_.rows(), [&](Index r) {
+    detail::for_each_index(plan_.rows(), token_block, [&](Index r) {
       const Index choice = plan_.source[static_cast<std::size_t>(r)];
       if (choice == Plan::no_slot)
         rows.row(r).setZero();
@@ -148,7 +148,7 @@ class BasicMoELayer {
       expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_.front(), workspace_);
     }
 
-    for_blocks(tokens, [&](Index t) {
+    detail::for_each_index(tokens, token_block, [&](Index t) {
       y.row(t).setZero();
       for (int k = 0; k < top_k; ++k) {
         const auto choice = static_cast<std::size_t>(t * top_k + k);
@@ -189,7 +189,7 @@ class BasicMoELayer {
     d_weight_.resize(static_cast<std::size_t>(routing_.choices()));
     std::fill(d_weight_.begin(), d_weight_.end(), T(0));
     auto d_out = expert_out_.matrix(count, hidden);
-    for_blocks(count, [&](Index r) {
+    detail::for_each_index(count, token_block, [&](Index r) {
       const Index choice = plan_.source[static_cast<std::size_t>(r)];
       if (choice == Plan::no_slot) {
         d_out.row(r).setZero();
@@ -572,14 +572,6 @@ class BasicMoELayer {
 
   // Blocks of the router's products; fixed sizes keep every sum in the same order on any thread count.
   static constexpr Index token_block = 256, hidden_block = 256;
-
-  /// body(i) for i in [0, n), in parallel; each i writes only its own row.
-  template <class Body>
-  static void for_blocks(Index n, Body body) {
-    detail::for_each_block(n, token_block, [&](Index first, Index count) {
-      for (Index i = first; i < first + count; ++i) body(i);
-    });
-  }
 
   LayerConfig config_;
   LayerShape shape_;

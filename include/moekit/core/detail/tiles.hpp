@@ -24,6 +24,15 @@ void for_each_block(Index n, Index size, Body body) {
   });
 }
 
+/// body(i) for each i of [0, n), by blocks of at most `size` in parallel; each i writes only
+/// what is its own (its row).
+template <class Body>
+void for_each_index(Index n, Index size, Body body) {
+  for_each_block(n, size, [&](Index first, Index count) {
+    for (Index i = first; i < first + count; ++i) body(i);
+  });
+}
+
 /// Tokens a policy's loop over tokens takes at once (the router's scores and choices, a
 /// balancer's sums over tokens): each token's work is small, so a block is long enough to be worth
 /// a task, and fixed, so that a sum over tokens groups the same way on any number of threads.
@@ -43,9 +52,7 @@ void for_each_token_block(Index tokens, Body body) {
 /// body(t) for each token t of [0, tokens), by blocks of policy_token_block in parallel.
 template <class Body>
 void for_each_token(Index tokens, Body body) {
-  for_each_token_block(tokens, [&](Index, Index first, Index count) {
-    for (Index t = first; t < first + count; ++t) body(t);
-  });
+  for_each_index(tokens, policy_token_block, body);
 }
 
 /// sum[j] = Σ_b partial[b·width + j] over the blocks b in order: each block's share of a sum over

@@ -189,9 +189,9 @@ template <int Bytes, class T>
 }
 
 // The kernels' forms. Each gives the width and number of its vector registers, whether this CPU
-// runs it, and dot_block, broadcast_block and transpose_block compiled for it. dot and broadcast are never
-// inlined: they are where the instructions change, and inlined where the depth is a constant,
-// GCC 12 kept the partial sums in memory, not registers (2.3× slower).
+// runs it, and dot_block, broadcast_block and transpose_block compiled for it. dot, broadcast and
+// transpose are never inlined: they are where the instructions change, and inlined where the depth
+// is a constant, GCC 12 kept the partial sums in memory, not registers (2.3× slower).
 
 /// The build's own vectors (Eigen's packets; at least 16 bytes).
 struct BuildVectors {
