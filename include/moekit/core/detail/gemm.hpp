@@ -11,7 +11,8 @@
 // coefficient; x · Wᵀ with up to few_rows rows (decode, one row included) has a kernel of its
 // own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
 // the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
-// GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead.
+// GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
+// it runs AVX-512, whatever the build, so does every aᵀ · B into rows (the weight gradients).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -176,8 +177,10 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     return;
   }
   if constexpr (Out::IsRowMajor && std::remove_cvref_t<B>::IsRowMajor) {
-    if (wider) {  // the backward's products
-      constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
+    constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
+    // The backward's products; of them, the weight gradients aᵀ · B ran faster than Eigen's GEMM
+    // in the same 64-byte vectors too (docs/performance.md#wider-vectors).
+    if (wider || (!a_rows && widest_vector_bytes() == 64)) {
       times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
                  b.data(), b.outerStride(), n, k);
       return;

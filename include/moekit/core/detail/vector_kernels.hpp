@@ -287,6 +287,11 @@ inline bool runs_wider_than_build() {
   return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes > BuildVectors::bytes; });
 }
 
+/// Bytes of the widest vectors the kernels run on this CPU (the build's, with dispatch off).
+inline int widest_vector_bytes() {
+  return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes; });
+}
+
 /// f.template operator()<R>() for R = rows, 1 ≤ rows ≤ Max: a block's row count, known only
 /// at run time, as the template argument that keeps its partial sums in registers.
 template <int Max, class F>
