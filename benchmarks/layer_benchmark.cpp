@@ -12,15 +12,16 @@
 // pct_of_limit (100 · the median over steps of limit time / layer time), limit_ms, tokens_per_s,
 // allocs_per_step (heap allocations in a step after the timed ones, expected 0); forward +
 // backward adds peak_MiB and peak_over_saved (the first step's peak heap over the activations
-// backward needs saved); decode adds x_of_bound, experts_read, weight_GB_per_s and most_rows
-// (the busiest expert's rows). Timings are reported here, never asserted in tests.
+// backward needs saved); decode adds x_of_bound (the median over steps of the step's time over
+// reading the weights at the bandwidth of a triad run right after it), experts_read,
+// weight_GB_per_s, triad_GB_per_s (the paired triads') and most_rows (the busiest expert's rows).
+// Timings are reported here, never asserted in tests.
 // scripts/performance_report.py turns the JSON into tables.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-#include <map>
 #include <set>
 #include <string>
 #include <thread>
@@ -244,65 +245,84 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
   });
 }
 
-/// The machine's memory bandwidth on `threads` threads: the best of 5 STREAM triads
-/// a = b + s·c over arrays of 32 Mi floats (128 MiB each, far beyond any cache), counting the
-/// 3 × 128 MiB each triad moves. Bytes per second; measured once per thread count. The loop
-/// is unrolled to four packets a step: with one SSE2 packet a step (Eigen's loop, or a plain
-/// one), its speed in the SSE2 build depended on where it fell in the binary (24–30 GB/s on one
-/// thread in one build, 28–38 in another of the same loop), not on the memory alone.
-double triad_bandwidth(int threads) {
-  static std::map<int, double> measured;
-  if (auto it = measured.find(threads); it != measured.end()) return it->second;
-  const Index n = Index{32} << 20;
-  Eigen::ArrayXf a = Eigen::ArrayXf::Zero(n), b = Eigen::ArrayXf::Ones(n), c = Eigen::ArrayXf::Constant(n, 2.0f);
+/// A STREAM triad a = b + 3·c over arrays of 32 Mi floats (128 MiB each, far beyond any cache),
+/// counting the 3 × 128 MiB it moves. The loop is unrolled to four packets a step: with one SSE2
+/// packet a step (Eigen's loop, or a plain one), its speed in the SSE2 build depended on where it
+/// fell in the binary (24–30 GB/s on one thread in one build, 28–38 in another of the same loop),
+/// not on the memory alone.
+class Triad {
+ public:
+  static constexpr double bytes = 3.0 * double(Index{32} << 20) * sizeof(float);
+
+  /// Seconds of one triad on the threads of the calling arena.
+  double seconds() {
+    const double taken = seconds_of([&] {
+      tbb::parallel_for(tbb::blocked_range<Index>(0, a_.size(), 1 << 16), [&](const tbb::blocked_range<Index>& r) {
+        float* __restrict out = a_.data();
+        const float *__restrict x = b_.data(), *__restrict y = c_.data();
+#pragma GCC unroll 4
+        for (Index i = r.begin(), end = r.end(); i < end; ++i) out[i] = x[i] + 3.0f * y[i];
+      });
+    });
+    benchmark::DoNotOptimize(a_.data());
+    return taken;
+  }
+
+ private:
+  static constexpr Index n_ = Index{32} << 20;
+  Eigen::ArrayXf a_ = Eigen::ArrayXf::Zero(n_), b_ = Eigen::ArrayXf::Ones(n_), c_ = Eigen::ArrayXf::Constant(n_, 2.0f);
+};
+
+/// The machine's memory bandwidth on `threads` threads, in bytes per second: the best of 5 triads.
+void BM_Triad(benchmark::State& state, int threads) {
   double best = 1e300;
   on_threads(threads, [&] {
-    for (int repeat = 0; repeat < 5; ++repeat) {
-      best = std::min(best, seconds_of([&] {
-        tbb::parallel_for(tbb::blocked_range<Index>(0, n, 1 << 16), [&](const tbb::blocked_range<Index>& r) {
-          float* __restrict out = a.data();
-          const float *__restrict x = b.data(), *__restrict y = c.data();
-#pragma GCC unroll 4
-          for (Index i = r.begin(), end = r.end(); i < end; ++i) out[i] = x[i] + 3.0f * y[i];
-        });
-        benchmark::DoNotOptimize(a.data());
-      }));
+    Triad triad;
+    for (auto _ : state) {
+      for (int repeat = 0; repeat < 5; ++repeat) best = std::min(best, triad.seconds());
     }
   });
-  return measured[threads] = 3.0 * double(n) * sizeof(float) / best;
-}
-
-void BM_Triad(benchmark::State& state, int threads) {
-  for (auto _ : state) benchmark::DoNotOptimize(triad_bandwidth(threads));
-  state.counters["GB_per_s"] = triad_bandwidth(threads) * 1e-9;
+  state.counters["GB_per_s"] = Triad::bytes / best * 1e-9;
 }
 
 /// Decode: a few tokens, so the time is reading the activated experts' weights. Held against
-/// reading those weights once at the triad's bandwidth: x_of_bound = time / that (target ≤ 1.5).
+/// reading those weights once at the memory's bandwidth: each step is followed by a triad on the
+/// same threads, and x_of_bound is the median over the steps of step time / (bytes / that triad's
+/// bandwidth) (target ≤ 1.5). Pairing takes out the shared machine's drift, as for the layers'
+/// limit; the triad also leaves no weight in the caches for the next step.
 void BM_Decode(benchmark::State& state, Shape s, int threads) {
-  const double bandwidth = triad_bandwidth(threads);  // measured in an arena of its own, not inside this one
   on_threads(threads, [&] {
     Layer<> layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+    Triad triad;
     const Matrix x = Matrix::Random(s.tokens, s.hidden);
     Matrix y(s.tokens, s.hidden);
     layer.forward(x, y);
+    triad.seconds();  // warm-up
     const auto& rows = layer.tokens_per_expert();
     const auto active = std::count_if(rows.begin(), rows.end(), [](Index n) { return n > 0; });
     const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
-    const double seconds = seconds_of([&] {
-      for (auto _ : state) {
+    std::vector<double> over_bound;
+    over_bound.reserve(std::size_t(state.max_iterations));
+    double step_seconds = 0, triad_seconds = 0;
+    for (auto _ : state) {
+      const double step = seconds_of([&] {
         layer.forward(x, y);
         benchmark::DoNotOptimize(y.data());
-      }
-    }) / double(state.iterations());
+      });
+      const double triad_step = triad.seconds();
+      state.SetIterationTime(step);
+      step_seconds += step;
+      triad_seconds += triad_step;
+      over_bound.push_back(step / (bytes * triad_step / Triad::bytes));
+    }
+    const double steps = double(state.iterations());
     state.counters["experts_read"] = double(active);
     state.counters["most_rows"] = double(*std::max_element(rows.begin(), rows.end()));  // of one expert
-    state.counters["weight_GB_per_s"] = bytes * 1e-9 / seconds;
-    state.counters["x_of_bound"] = seconds / (bytes / bandwidth);
+    state.counters["weight_GB_per_s"] = bytes * 1e-9 * steps / step_seconds;
+    state.counters["triad_GB_per_s"] = Triad::bytes * 1e-9 * steps / triad_seconds;  // the paired triads' mean
+    state.counters["x_of_bound"] = median(over_bound);
   });
 }
-
-void timed(benchmark::internal::Benchmark* b) { b->Unit(benchmark::kMillisecond)->UseRealTime(); }
 
 /// The benchmarks of one shape and thread count: the limit, then the layer, for both passes.
 template <class L>
@@ -310,7 +330,9 @@ void register_layer(const Shape& s, int threads, std::set<std::string>& seen) {
   for (const Pass pass : {Pass::forward, Pass::forward_backward}) {
     const std::string tail = s.name() + "/threads:" + std::to_string(threads);
     const std::string limit = std::string("limit/") + pass_name(pass) + "/" + tail;
-    if (seen.insert(limit).second) timed(benchmark::RegisterBenchmark(limit.c_str(), BM_Limit, s, threads, pass));
+    if (seen.insert(limit).second) {
+      benchmark::RegisterBenchmark(limit.c_str(), BM_Limit, s, threads, pass)->Unit(benchmark::kMillisecond)->UseRealTime();
+    }
     const std::string layer = std::string("layer/") + pass_name(pass) + "/" + L::name() + "/" + tail;
     if (seen.insert(layer).second) {
       benchmark::RegisterBenchmark(layer.c_str(), BM_Layer<L>, s, threads, pass)->Unit(benchmark::kMillisecond)->UseManualTime();
@@ -324,8 +346,10 @@ void register_all(const std::vector<int>& thread_counts) {
     benchmark::RegisterBenchmark(("triad/threads:" + std::to_string(threads)).c_str(), BM_Triad, threads)->Iterations(1);
     for (const Index tokens : {1, 4, 16, 64, 128}) {
       const Shape s{tokens, 1024, 2816, 8, 2};
-      timed(benchmark::RegisterBenchmark(("decode/" + Layer<>::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
-                                         BM_Decode, s, threads));
+      benchmark::RegisterBenchmark(("decode/" + Layer<>::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
+                                   BM_Decode, s, threads)
+          ->Unit(benchmark::kMillisecond)
+          ->UseManualTime();
     }
     // The standard shape, and many small experts, with the default layer.
     register_layer<Layer<>>({2048, 1024, 2816, 8, 2}, threads, seen);
