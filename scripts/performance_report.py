@@ -157,7 +157,7 @@ def decode_table(rows):
                       fmt(c.get("most_rows"), 0), fmt(c.get("weight_GB_per_s")), fmt(c.get("triad_GB_per_s")),
                       fmt(c.get("x_of_bound"), 2),
                       verdict(c.get("x_of_bound"), DECODE_TARGET, higher_is_better=False) if held else "—"])
-    triads = ", ".join(f"{r['threads']} threads {fmt(r['counters'].get('GB_per_s'))} GB/s"
+    triads = ", ".join(f"{r['threads']} thread{'' if r['threads'] == 1 else 's'} {fmt(r['counters'].get('GB_per_s'))} GB/s"
                        for r in rows if r["kind"] == "triad")
     header = ["T", "threads", "ms", "experts read", "most rows", "weights GB/s", "paired triads GB/s", "x_of_bound",
               f"target ≤ {DECODE_TARGET} (T ≤ {DECODE_MAX_TOKENS})"]
