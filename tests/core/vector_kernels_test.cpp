@@ -5,7 +5,8 @@
 // it. gemm_add must run the widest form the CPU has, or the build's own when
 // MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
 // past them (from slab_rows, times_b over the transposed weights), and times_b, only where that
-// form is wider than the build's vectors, and so than Eigen's GEMM. Each form's transpose, which
+// form is wider than the build's vectors, and so than Eigen's GEMM; where the CPU runs AVX-512,
+// x · Wᵀ turned (times_b over xᵀ) past a few rows up to turned_rows. Each form's transpose, which
 // lays out the slabs, must copy every element to its place.
 #include <gtest/gtest.h>
 
@@ -147,10 +148,15 @@ void expect_transpose_copies_every_element() {
   for (const auto& [n, depth] : {std::pair<Index, Index>{1, 1}, {3, 40}, {16, 16}, {37, 45}, {70, 256}}) {
     const Matrix<T> w = Matrix<T>::Random(n + 1, depth + 7);
     const auto block = w.block(1, 3, n, depth);
-    std::vector<T> slab(static_cast<std::size_t>(n * depth), T(-99));
-    Form::transpose(block.data(), block.outerStride(), n, depth, slab.data());
-    const Eigen::Map<const Matrix<T>> transposed(slab.data(), depth, n);
-    EXPECT_TRUE(transposed == block.transpose()) << "n = " << n << ", depth = " << depth;
+    // Rows of the slab as long as the block's, and longer (padded, as times_wt_turned lays them).
+    for (const Index stride : {n, n + 5}) {
+      std::vector<T> slab(static_cast<std::size_t>(stride * depth), T(-99));
+      Form::transpose(block.data(), block.outerStride(), n, depth, slab.data(), stride);
+      const Eigen::Map<const Matrix<T>, 0, Eigen::OuterStride<>> transposed(slab.data(), depth, n, Eigen::OuterStride<>(stride));
+      EXPECT_TRUE(transposed == block.transpose()) << "n = " << n << ", depth = " << depth << ", stride " << stride;
+      for (Index i = 0; i < depth; ++i)
+        for (Index j = n; j < stride; ++j) EXPECT_EQ(slab[static_cast<std::size_t>(i * stride + j)], T(-99)) << "the padding was written";
+    }
   }
 }
 
@@ -167,6 +173,49 @@ std::string widest_form() {
     ((Form::available() && Form::bytes > bytes ? (name = Form::name, bytes = Form::bytes) : 0), ...);
   }(static_cast<detail::VectorForms*>(nullptr));
   return name;
+}
+
+template <class Form>
+class TimesWtTurned : public TimesWt<Form> {};
+TYPED_TEST_SUITE(TimesWtTurned, Forms, FormName);
+
+/// c += x · wᵀ by times_wt_turned in the given form, its scratch its own.
+template <class Form, class T>
+Matrix<T> turned(Matrix<T> c, const Matrix<T>& x, Index m, const Matrix<T>& w) {
+  detail::GemmBlocks<T> blocks;
+  detail::times_wt_turned(Form{}, blocks, c, x.bottomRows(m).data(), x.outerStride(), m, w.data(), w.outerStride(),
+                          w.rows(), w.cols());
+  return c;
+}
+
+template <class Form, class T>
+void expect_turned_match_eigen(T tolerance) {
+  // Rows: one, a vector's and one past it, the dispatch's bounds; depth: shorter than a vector, a
+  // few blocks of broadcast_depth and a part; weight rows: fewer than a square of vectors, more.
+  for (Index k : {Index{3}, 2 * detail::broadcast_depth + 77})
+    for (Index m : {Index{1}, Index{16}, Index{17}, detail::few_rows + 1, detail::turned_rows})
+      for (Index n : {Index{5}, Index{70}}) {
+        const Matrix<T> x = Matrix<T>::Random(m, k), w = Matrix<T>::Random(n, k), c = Matrix<T>::Random(m, n);
+        const Matrix<T> expected = c + x * w.transpose();
+        EXPECT_TRUE(turned<Form>(c, x, m, w).isApprox(expected, tolerance)) << m << " × " << n << ", k = " << k;
+      }
+}
+
+TYPED_TEST(TimesWtTurned, MatchesEigen) {
+  expect_turned_match_eigen<TypeParam, float>(1e-4f);
+  expect_turned_match_eigen<TypeParam, double>(1e-12);
+}
+
+TYPED_TEST(TimesWtTurned, GivesEachRowTheSameBitsWhateverRowsAreBesideIt) {
+  // Rows of x are columns of xᵀ here: a row must not be summed differently in another lane or
+  // past the last whole vector.
+  const Index most = detail::turned_rows;
+  const Matrix<float> x = Matrix<float>::Random(most, 2 * detail::broadcast_depth + 77), w = Matrix<float>::Random(37, x.cols());
+  const Matrix<float> all = turned<TypeParam, float>(Matrix<float>::Zero(most, 37), x, most, w);
+  for (Index m = 1; m < most; ++m) {
+    const Matrix<float> some = turned<TypeParam, float>(Matrix<float>::Zero(m, 37), x, m, w);
+    EXPECT_TRUE(some == all.bottomRows(m)) << m << " rows";
+  }
 }
 
 TEST(VectorDispatch, GemmAddRunsTheWidestFormThisCpuRuns) {
@@ -189,18 +238,24 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
   EXPECT_EQ(detail::runs_wider_than_build(), wider);
 
   // (rows, depth): past few_rows, times_wt; from slab_rows, times_b over slabs of wᵀ, one and
-  // several. Where the vectors are the build's, depths within one packed block: Eigen's bits.
+  // several; with AVX-512, times_wt_turned up to turned_rows. Where the vectors are the build's,
+  // depths within one packed block: Eigen's bits.
+  const bool avx512 = detail::widest_vector_bytes() == 64;
   const Index n = 70;
   const Index cases[][2] = {{detail::few_rows + 9, 200},
                             {detail::slab_rows + 5, 200},
-                            {detail::slab_rows + 5, 2 * detail::broadcast_depth + 77}};
+                            {detail::slab_rows + 5, 2 * detail::broadcast_depth + 77},
+                            {detail::turned_rows + 5, 200}};
   for (const auto& [m, k] : cases) {
     const Matrix<float> x = Matrix<float>::Random(m, k), w = Matrix<float>::Random(n, k);
     Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
     detail::GemmWorkspace<float> workspace;
     detail::gemm_add(workspace, c, x, w.transpose());
+    const bool turns = avx512 && m <= detail::turned_rows;
     detail::with_widest_vectors([&](auto form) {
-      if (m < detail::slab_rows) {
+      if (turns) {
+        kernel = turned<decltype(form), float>(kernel, x, m, w);
+      } else if (m < detail::slab_rows) {
         detail::times_wt(form, kernel, x.data(), x.outerStride(), m, w.data(), w.outerStride(), n, k);
       } else {
         const Matrix<float> wt = w.transpose();
@@ -208,9 +263,10 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
       }
     });
     eigen.noalias() += x * w.transpose();
-    if (wider) {
+    if (wider || turns) {
       ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
-      EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form: " << m << " rows, k = " << k;
+      EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form" << (turns ? ", turned" : "")
+                               << ": " << m << " rows, k = " << k;
     } else if (k <= detail::max_packed_depth) {
       EXPECT_TRUE(c == eigen) << "gemm_add did not give Eigen's bits: " << m << " rows";
     }

@@ -12,7 +12,8 @@
 // own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
 // the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
 // GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
-// it runs AVX-512, whatever the build, so does every aᵀ · B into rows (the weight gradients).
+// it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ up to
+// turned_rows rows, turned (docs/performance.md#turned).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -139,10 +140,40 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
   with_widest_vectors([&](auto vectors) {
     for (Index p = 0; p < k; p += broadcast_depth) {
       const Index depth = std::min(broadcast_depth, k - p);
-      decltype(vectors)::transpose(w + p, ws, n, depth, slab);
+      decltype(vectors)::transpose(w + p, ws, n, depth, slab, n);
       times_b(vectors, c.data(), c.outerStride(), x + p, xs, 1, m, slab, n, n, depth);
     }
   });
+}
+
+/// Past few_rows and up to this many, where the CPU runs AVX-512 (whatever the build), x · Wᵀ runs
+/// turned (times_wt_turned). At a layer tile of 256 weight rows, its weights read from memory, it
+/// ran 1.07–1.37× as fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster
+/// at 256 (docs/performance.md#turned).
+inline constexpr Index turned_rows = 192;
+
+/// c += x · wᵀ for row-major c, turned: cᵀ = w · xᵀ by times_b, each row of w broadcast as it
+/// lies, so no weight is packed or transposed (Eigen packs each tile's weights for its few rows;
+/// the slabs transpose them). x is transposed instead, a block of broadcast_depth at a time, into
+/// the thread's buffer, its rows padded to whole vectors so that every row of x is summed in
+/// vector lanes alike, whatever rows are beside it; cᵀ is then transposed back and added. The
+/// sums are those of times_b over the whole of xᵀ.
+template <class Vectors, class T, class C>
+void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index m, const T* w, Index ws,
+                     Index n, Index k) {
+  constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
+  const Index width = (m + lanes - 1) / lanes * lanes, held = std::max(broadcast_depth, n);
+  T* slab = blocks.scratch(static_cast<std::size_t>((held + n) * width));
+  T* turned = slab + held * width;
+  std::fill_n(turned, n * width, T(0));
+  for (Index i = 0; i < std::min(broadcast_depth, k); ++i) std::fill(slab + i * width + m, slab + (i + 1) * width, T(0));
+  for (Index p = 0; p < k; p += broadcast_depth) {
+    const Index depth = std::min(broadcast_depth, k - p);
+    Vectors::transpose(x + p, xs, m, depth, slab, width);
+    times_b(vectors, turned, width, w + p, ws, 1, n, slab, width, width, depth);
+  }
+  Vectors::transpose(turned, width, n, m, slab, n);
+  c.noalias() += Eigen::Map<const Matrix<T>>(slab, m, n);
 }
 
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
@@ -162,6 +193,12 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   const bool wider = runs_wider_than_build();  // than Eigen's vectors: the kernels are faster
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {  // x · Wᵀ
     if constexpr (Out::IsRowMajor) {
+      if (m > few_rows && m <= turned_rows && widest_vector_bytes() == 64) {
+        with_widest_vectors([&](auto vectors) {
+          times_wt_turned(vectors, workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
+        });
+        return;
+      }
       if (wider && m >= slab_rows) {
         times_wt_by_slabs(workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
         return;
@@ -178,9 +215,9 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   }
   if constexpr (Out::IsRowMajor && std::remove_cvref_t<B>::IsRowMajor) {
     constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
-    // The backward's products; of them, the weight gradients aᵀ · B ran faster than Eigen's GEMM
-    // in the same 64-byte vectors too (docs/performance.md#wider-vectors).
-    if (wider || (!a_rows && widest_vector_bytes() == 64)) {
+    // The backward's products: times_b ran faster than Eigen's GEMM in the same 64-byte vectors
+    // too, at every tile of the layer (docs/performance.md#turned).
+    if (wider || widest_vector_bytes() == 64) {
       times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
                  b.data(), b.outerStride(), n, k);
       return;

@@ -4,7 +4,7 @@
 //   read from memory serves a few multiply-adds, so the product must stream the weights and do its
 //   arithmetic as fast as they come (packing W for a GEMM kernel would read it once more);
 // - times_b, a · B by broadcasts into rows of B, for the backward's products, and for the forward's
-//   over slabs of Wᵀ that each form's transpose lays out.
+//   over slabs of Wᵀ that each form's transpose lays out, or turned, W · xᵀ over x transposed.
 //
 // The kernels are written once, over the vector extensions GCC and Clang share, and compiled for
 // the build's own vectors and, on x86, for AVX2 and AVX-512 too: a build for any x86-64 CPU
@@ -160,11 +160,11 @@ template <int Block, class V, int... J>
   y = __builtin_shufflevector(a, b, ((J & Block) ? lanes + J : J + Block)...);
 }
 
-/// slab[i·n + j] = w[j·ws + i] for j < n rows of w and i < depth: squares of lanes × lanes loaded
+/// slab[i·ss + j] = w[j·ws + i] for j < n rows of w and i < depth: squares of lanes × lanes loaded
 /// as rows of vectors, transposed in registers (log₂ lanes stages of swap_blocks) and stored as
 /// rows of the slab; the edges that fill no square element by element. A copy: no arithmetic.
 template <int Bytes, class T>
-[[gnu::always_inline]] inline void transpose_block(const T* w, Index ws, Index n, Index depth, T* slab) {
+[[gnu::always_inline]] inline void transpose_block(const T* w, Index ws, Index n, Index depth, T* slab, Index ss) {
   constexpr int lanes = Bytes / int{sizeof(T)};
   using V = Vector<T, Bytes>;
   const Index whole_n = n / lanes * lanes, whole_depth = depth / lanes * lanes;
@@ -179,12 +179,12 @@ template <int Bytes, class T>
             if (!(q & block)) swap_blocks<block>(r[q], r[q + block], std::make_integer_sequence<int, lanes>{});
         }(), ...);
       }(std::make_integer_sequence<int, std::bit_width(unsigned(lanes)) - 1>{});
-      for (int q = 0; q < lanes; ++q) vector_at<Bytes>(slab + (i + q) * n + j) = r[q];
+      for (int q = 0; q < lanes; ++q) vector_at<Bytes>(slab + (i + q) * ss + j) = r[q];
     }
   for (Index i = 0; i < depth; ++i) {  // the edges: rows of w past whole_n, depth past whole_depth
-    for (Index j = whole_n; j < n; ++j) slab[i * n + j] = w[j * ws + i];
+    for (Index j = whole_n; j < n; ++j) slab[i * ss + j] = w[j * ws + i];
     if (i >= whole_depth)
-      for (Index j = 0; j < whole_n; ++j) slab[i * n + j] = w[j * ws + i];
+      for (Index j = 0; j < whole_n; ++j) slab[i * ss + j] = w[j * ws + i];
   }
 }
 
@@ -209,8 +209,8 @@ struct BuildVectors {
     broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
   }
   template <class T>
-  [[gnu::noinline]] static void transpose(const T* w, Index ws, Index n, Index depth, T* slab) {
-    transpose_block<bytes>(w, ws, n, depth, slab);
+  [[gnu::noinline]] static void transpose(const T* w, Index ws, Index n, Index depth, T* slab, Index ss) {
+    transpose_block<bytes>(w, ws, n, depth, slab, ss);
   }
 };
 
@@ -232,8 +232,8 @@ struct Avx2Vectors {
   }
   template <class T>
   [[gnu::noinline, gnu::target("avx2,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
-                                                                   T* slab) {
-    transpose_block<bytes>(w, ws, n, depth, slab);
+                                                                   T* slab, Index ss) {
+    transpose_block<bytes>(w, ws, n, depth, slab, ss);
   }
 };
 
@@ -254,8 +254,8 @@ struct Avx512Vectors {
   }
   template <class T>
   [[gnu::noinline, gnu::target("avx512f,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
-                                                                      T* slab) {
-    transpose_block<bytes>(w, ws, n, depth, slab);
+                                                                      T* slab, Index ss) {
+    transpose_block<bytes>(w, ws, n, depth, slab, ss);
   }
 };
 
