@@ -6,7 +6,7 @@
 // MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
 // past them (from slab_rows, times_b over the transposed weights), and times_b, only where that
 // form is wider than the build's vectors, and so than Eigen's GEMM; where the CPU runs AVX-512,
-// x · Wᵀ turned (times_b over xᵀ) past a few rows up to turned_rows. Each form's transpose, which
+// times_b at any width, and x · Wᵀ turned (times_b over xᵀ) past a few rows up to turned_rows. Each form's transpose, which
 // lays out the slabs, must copy every element to its place.
 #include <gtest/gtest.h>
 
@@ -273,8 +273,8 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
   }
 }
 
-// aᵀ · B (the weight gradients) goes to times_b in AVX-512 even where the build has it too.
-TEST(VectorDispatch, GemmAddRunsTimesBWhereItsVectorsAreWiderThanTheBuildsOrForATransposedInAvx512) {
+// a · B and aᵀ · B (the backward's products) go to times_b in AVX-512 even where the build has it too.
+TEST(VectorDispatch, GemmAddRunsTimesBWhereItsVectorsAreWiderThanTheBuildsOrAreAvx512) {
   const bool wider = widest_form() != detail::BuildVectors::name;
   const bool avx512 = detail::widest_vector_bytes() == 64;
   EXPECT_EQ(avx512, widest_form() == "avx512" || (!wider && detail::BuildVectors::bytes == 64));
@@ -293,7 +293,7 @@ TEST(VectorDispatch, GemmAddRunsTimesBWhereItsVectorsAreWiderThanTheBuildsOrForA
       eigen.noalias() += a * b;
     }
     const char* which = transposed ? " for aᵀ" : "";
-    if (wider || (transposed && avx512)) {
+    if (wider || avx512) {
       ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
       EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form" << which;
     } else {
