@@ -2,8 +2,10 @@
 // (detail::times_wt: the build's vectors, and on x86 AVX2 and AVX-512, the layer running
 // the widest the CPU has) against Eigen's GEMM (the product operator, which packs W first).
 // The weights are 24 matrices of 2816 × 1024 floats (264 MiB), taken in turn, so each product
-// reads its W from memory as a decode step does. Counters: weight_GB_per_s (W read once) and
-// gflops. This is the measurement behind detail::few_rows (docs/performance.md#decode-kernel).
+// reads its W from memory as a decode step does; the kernel's `/in_cache` runs take one W of
+// 64 × 1024 (256 KiB) that stays in L2, for the rate of its arithmetic alone. Counters:
+// weight_GB_per_s (W read once) and gflops. This is the measurement behind detail::few_rows and
+// the split of decode's time between memory and arithmetic (docs/performance.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
 #include <string>
@@ -18,27 +20,30 @@ namespace {
 using moekit::Index;
 using Matrix = moekit::Matrix<float>;
 
-constexpr Index hidden = 1024, ffn = 2816, matrices = 24;
+constexpr Index hidden = 1024, ffn = 2816, matrices = 24, rows_in_cache = 64;
 
-// Tensors, as the layer keeps its weights: on cache-line boundaries.
-const std::vector<moekit::Tensor<float>>& weights() {
-  static const std::vector<moekit::Tensor<float>> w = [] {
-    std::vector<moekit::Tensor<float>> made;
-    for (Index i = 0; i < matrices; ++i) {
-      made.emplace_back("w", std::vector<Index>{ffn, hidden});
-      made.back().matrix() = Matrix::Random(ffn, hidden);
-    }
-    return made;
-  }();
-  return w;
+// `count` matrices of [n, hidden], as the layer keeps its weights: on cache-line boundaries.
+std::vector<moekit::Tensor<float>> make_weights(Index count, Index n) {
+  std::vector<moekit::Tensor<float>> made;
+  for (Index i = 0; i < count; ++i) {
+    made.emplace_back("w", std::vector<Index>{n, hidden});
+    made.back().matrix() = Matrix::Random(n, hidden);
+  }
+  return made;
+}
+
+const std::vector<moekit::Tensor<float>>& weights(bool in_cache) {
+  static const std::vector<moekit::Tensor<float>> from_memory = make_weights(matrices, ffn),
+                                                   cached = make_weights(1, rows_in_cache);
+  return in_cache ? cached : from_memory;
 }
 
 template <class Product>
-void run(benchmark::State& state, Product product) {
-  const Index rows = state.range(0);
+void run(benchmark::State& state, Product product, bool in_cache = false) {
+  const Index rows = state.range(0), n = in_cache ? rows_in_cache : ffn;
   const Matrix x = Matrix::Random(rows, hidden);
-  Matrix c = Matrix::Zero(rows, ffn);
-  const auto& w = weights();  // made before the timing starts
+  Matrix c = Matrix::Zero(rows, n);
+  const auto& w = weights(in_cache);  // made before the timing starts
   std::size_t next = 0;
   for (auto _ : state) {
     product(c, x, w[next]);
@@ -46,21 +51,21 @@ void run(benchmark::State& state, Product product) {
     benchmark::DoNotOptimize(c.data());
   }
   const double products = double(state.iterations());
-  state.counters["weight_GB_per_s"] = benchmark::Counter(products * double(ffn * hidden) * sizeof(float) * 1e-9,
+  state.counters["weight_GB_per_s"] = benchmark::Counter(products * double(n * hidden) * sizeof(float) * 1e-9,
                                                           benchmark::Counter::kIsRate);
-  state.counters["gflops"] = benchmark::Counter(products * 2.0 * double(rows * ffn * hidden) * 1e-9,
+  state.counters["gflops"] = benchmark::Counter(products * 2.0 * double(rows * n * hidden) * 1e-9,
                                                 benchmark::Counter::kIsRate);
 }
 
 template <class Form>
-void BM_Kernel(benchmark::State& state) {
+void BM_Kernel(benchmark::State& state, bool in_cache) {
   if (!Form::available()) {
     state.SkipWithError("this CPU does not run this form of the kernel");
     return;
   }
   run(state, [](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) {
-    moekit::detail::times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), hidden, ffn, hidden);
-  });
+    moekit::detail::times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), hidden, w.shape()[0], hidden);
+  }, in_cache);
 }
 
 void BM_EigenGemm(benchmark::State& state) {
@@ -68,14 +73,18 @@ void BM_EigenGemm(benchmark::State& state) {
 }
 
 void rows(benchmark::internal::Benchmark* b) {
-  for (Index r : {1, 2, 4, 8, 16, 32, 48, 64}) b->Arg(r);
+  for (Index r : {1, 2, 4, 6, 8, 16, 32, 48, 64}) b->Arg(r);
   b->Unit(benchmark::kMillisecond);
 }
 
-/// BM_Kernel for every form of this build (detail::VectorForms), then Eigen's GEMM.
+/// BM_Kernel for every form of this build (detail::VectorForms), from memory and in cache, then
+/// Eigen's GEMM.
 void register_all() {
   [&]<class... Form>(std::tuple<Form...>*) {
-    (rows(benchmark::RegisterBenchmark((std::string("BM_Kernel<") + Form::name + ">").c_str(), BM_Kernel<Form>)), ...);
+    for (bool in_cache : {false, true}) {
+      const auto name = [&](const char* form) { return std::string("BM_Kernel<") + form + ">" + (in_cache ? "/in_cache" : ""); };
+      (rows(benchmark::RegisterBenchmark(name(Form::name).c_str(), BM_Kernel<Form>, in_cache)), ...);
+    }
   }(static_cast<moekit::detail::VectorForms*>(nullptr));
   rows(benchmark::RegisterBenchmark("BM_EigenGemm", BM_EigenGemm));
 }
