@@ -116,7 +116,9 @@ template <int Bytes, int Rows, int Cols, class T>
 [[gnu::always_inline]] inline void dot_block(const T* x, Index xs, const T* w, Index ws, Index k,
                                              T (&out)[Rows][Cols]) {
   constexpr Index lanes = Bytes / Index{sizeof(T)}, ahead = prefetch_ahead_bytes / Index{sizeof(T)};
-  Vector<T, Bytes> acc[Rows][Cols] = {};
+  Vector<T, Bytes> acc[Rows][Cols];  // zeroed one by one: `= {}` became a rep stos on the stack
+  for (int r = 0; r < Rows; ++r)
+    for (int c = 0; c < Cols; ++c) acc[r][c] = Vector<T, Bytes>{};
   Index i = 0;
   for (; i + lanes <= k && i + ahead < k; i += lanes) dot_step<Bytes>(acc, x + i, xs, w + i, ws, w + i + ahead);
   for (; i + lanes <= k; i += lanes)  // prefetching into the next block's rows
@@ -143,6 +145,8 @@ template <int Bytes, int Rows, int Cols, class T>
   constexpr Index lanes = Bytes / Index{sizeof(T)};
   for (int r = 0; r < Rows; ++r)
     for (int q = 0; q < Cols; ++q) __builtin_prefetch(c + r * cs + q * lanes, /*for writing*/ 1);
+  if (k <= 0) return;  // so that the partial sums live only in registers: GCC 12 otherwise zeroed
+                       // a copy of them on the stack (rep stos) for the loop that never ran
   Vector<T, Bytes> acc[Rows][Cols] = {};
   for (Index i = 0; i < k; ++i) {
     Vector<T, Bytes> bv[Cols];
