@@ -138,17 +138,23 @@ template <int Bytes, int Rows, int Cols, class T>
 /// a weight gradient lies in memory, not cache, and each block adds into it after only an
 /// expert's few rows of sums, so loading c when the sums end left each block waiting on memory
 /// (TopK1's forward + backward at T = 512 ran 15% faster with the prefetch,
-/// docs/performance.md#gradient-prefetch).
+/// docs/performance.md#gradient-prefetch). A row-major a is streamed, turned, from a weight in
+/// memory, Rows short rows at a time, too short for the hardware's prefetcher to reach its
+/// stride before the next block starts cold on the next rows: so each line of a read also
+/// prefetches that line of the next block's rows (the turned product of 64 rows from memory ran
+/// 13–31% faster, docs/performance.md#turned-prefetch).
 template <int Bytes, int Rows, int Cols, class T>
 [[gnu::always_inline]] inline void broadcast_block(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
                                                    T* c, Index cs) {
-  constexpr Index lanes = Bytes / Index{sizeof(T)};
+  constexpr Index lanes = Bytes / Index{sizeof(T)}, line = 64 / Index{sizeof(T)};
   for (int r = 0; r < Rows; ++r)
     for (int q = 0; q < Cols; ++q) __builtin_prefetch(c + r * cs + q * lanes, /*for writing*/ 1);
   if (k <= 0) return;  // so that the partial sums live only in registers: GCC 12 otherwise zeroed
                        // a copy of them on the stack (rep stos) for the loop that never ran
   Vector<T, Bytes> acc[Rows][Cols] = {};
   for (Index i = 0; i < k; ++i) {
+    if (ak == 1 && i % line == 0)
+      for (int r = 0; r < Rows; ++r) __builtin_prefetch(a + (Rows + r) * ar + i);
     Vector<T, Bytes> bv[Cols];
     for (int q = 0; q < Cols; ++q) bv[q] = vector_at<Bytes>(b + i * bs + q * lanes);
     for (int r = 0; r < Rows; ++r) {
