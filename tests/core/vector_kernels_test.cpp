@@ -125,6 +125,29 @@ TYPED_TEST(TimesB, MatchEigen) {
   expect_times_b_match_eigen<TypeParam, double>(61, 1e-12);
 }
 
+TYPED_TEST(TimesB, TakeEveryNumberOfVectorsAndGiveEachColumnTheSameBits) {
+  // Panels of whole vectors, and the vectors left: one to a panel's less one, and one more than a
+  // panel (taken as two panels). Turned, b's columns are an expert's rows padded to whole
+  // vectors, and a token's output must not depend on which panel its column fell in. (Columns
+  // past the last whole vector are summed one by one, not in lanes: they match to rounding.)
+  constexpr Index lanes = TypeParam::bytes / Index{sizeof(float)};
+  const Index k = 37, m = 7, most = 10 * lanes + 3;
+  const Matrix<float> a = Matrix<float>::Random(m, k), b = Matrix<float>::Random(k, most);
+  const auto product = [&](Index n) {
+    Matrix<float> c = Matrix<float>::Zero(m, n);
+    times_b<TypeParam>(c, a, Matrix<float>(b.leftCols(n)));
+    return c;
+  };
+  const Matrix<float> all = product(most);
+  EXPECT_LE((all - a * b).cwiseAbs().maxCoeff(), 1e-4f);
+  for (Index vectors = 1; vectors <= 9; ++vectors)
+    for (Index n : {vectors * lanes, vectors * lanes + 3}) {
+      const Matrix<float> c = product(n);
+      EXPECT_TRUE(c.leftCols(vectors * lanes) == all.leftCols(vectors * lanes)) << vectors << " vectors, " << n << " columns";
+      EXPECT_LE((c - all.leftCols(n)).cwiseAbs().maxCoeff(), 1e-4f) << n << " columns";
+    }
+}
+
 TYPED_TEST(TimesB, GiveEachRowTheSameBitsWhateverRowsAreBesideIt) {
   // A token's input gradient must not depend on which other tokens its expert got.
   const Index most = 20;

@@ -308,12 +308,13 @@ inline int widest_vector_bytes() {
   return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes; });
 }
 
-/// f.template operator()<R>() for R = rows, 1 ≤ rows ≤ Max: a block's row count, known only
-/// at run time, as the template argument that keeps its partial sums in registers.
+/// f.template operator()<N>() for N = count, 1 ≤ count ≤ Max: a block's rows or a panel's
+/// vectors, known only at run time, as the template argument that keeps the partial sums in
+/// registers.
 template <int Max, class F>
-void with_rows(Index rows, F&& f) {
-  [&]<int... R>(std::integer_sequence<int, R...>) {
-    (void)((rows == R + 1 && (f.template operator()<R + 1>(), true)) || ...);
+void with_count(Index count, F&& f) {
+  [&]<int... N>(std::integer_sequence<int, N...>) {
+    (void)((count == N + 1 && (f.template operator()<N + 1>(), true)) || ...);
   }(std::make_integer_sequence<int, Max>{});
 }
 
@@ -357,7 +358,7 @@ void times_wt(Vectors, C& c, const T* x, Index xs, Index m, const T* w, Index ws
   const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
   for (Index j = 0; j < n; j += slice)
     for (Index i = 0; i < m; i += group)
-      with_rows<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
+      with_count<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
         times_wt_block<Vectors, Rows>(c, i, x + i * xs, xs, w, ws, j, std::min(slice, n - j), k);
       });
 }
@@ -390,14 +391,28 @@ void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, c
   const auto panel = [&]<int Cols>(Index j) {
     for (Index p = 0; p < k; p += broadcast_depth)
       for (Index i = 0; i < m; i += group)
-        with_rows<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
+        with_count<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
           Vectors::template broadcast<Rows, Cols>(a + i * ar + p * ak, ar, ak, b + p * bs + j, bs,
                                                   std::min(broadcast_depth, k - p), c + i * cs + j, cs);
         });
   };
+  // Panels of `cols` vectors, then one of the vectors left. One vector left over borrows one
+  // from the last whole panel (4 + 1 → 3 + 2): a block a vector wide has too few partial sums to
+  // hide the adds' latency, and turned, where b's columns are an expert's rows, it took a
+  // fifth of the time for a tenth of the arithmetic (docs/performance.md#panel-tail).
+  const Index vectors = n / lanes;
+  Index whole = vectors / cols;
+  if (vectors % cols == 1 && whole > 0) --whole;
   Index j = 0;
-  for (; j + cols * lanes <= n; j += cols * lanes) panel.template operator()<cols>(j);
-  for (; j + lanes <= n; j += lanes) panel.template operator()<1>(j);
+  for (Index p = 0; p < whole; ++p, j += cols * lanes) panel.template operator()<cols>(j);
+  if (const Index left = vectors - whole * cols; left > cols) {
+    panel.template operator()<cols - 1>(j);
+    panel.template operator()<2>(j + (cols - 1) * lanes);
+    j += left * lanes;
+  } else if (left > 0) {
+    with_count<cols - 1>(left, [&]<int Cols>() { panel.template operator()<Cols>(j); });
+    j += left * lanes;
+  }
   for (; j < n; ++j)  // the last columns, fewer than a vector, in the same blocks of b's rows
     for (Index p = 0; p < k; p += broadcast_depth)
       for (Index i = 0; i < m; ++i) {
