@@ -10,6 +10,7 @@
 // lays out the slabs, must copy every element to its place.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -206,8 +207,8 @@ TYPED_TEST_SUITE(TimesWtTurned, Forms, FormName);
 template <class Form, class T>
 Matrix<T> turned(Matrix<T> c, const Matrix<T>& x, Index m, const Matrix<T>& w) {
   detail::GemmBlocks<T> blocks;
-  detail::times_wt_turned(Form{}, blocks, c, x.bottomRows(m).data(), x.outerStride(), m, w.data(), w.outerStride(),
-                          w.rows(), w.cols());
+  detail::times_wt_turned(Form{}, blocks, std::array{&c}, x.bottomRows(m).data(), x.outerStride(), m,
+                          std::array<const T*, 1>{w.data()}, w.outerStride(), w.rows(), w.cols());
   return c;
 }
 
@@ -294,6 +295,24 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
       EXPECT_TRUE(c == eigen) << "gemm_add did not give Eigen's bits: " << m << " rows";
     }
   }
+}
+
+TEST(VectorDispatch, GemmEachGivesEachProductTheBitsGemmGivesIt) {
+  // Rows: decode, the turned range's ends and past it; weights of one shape (turned, x shared
+  // with AVX-512) and of two (each its own product).
+  const Index k = 2 * detail::broadcast_depth + 77;
+  for (Index m : {Index{5}, detail::few_rows + 1, Index{64}, detail::turned_rows, detail::turned_rows + 5})
+    for (Index second : {Index{70}, Index{40}}) {
+      const Matrix<float> x = Matrix<float>::Random(m, k), w0 = Matrix<float>::Random(70, k),
+                          w1 = Matrix<float>::Random(second, k);
+      Matrix<float> c0 = Matrix<float>::Random(m, 70), c1 = Matrix<float>::Random(m, second), e0(m, 70), e1(m, second);
+      detail::GemmWorkspace<float> workspace;
+      const auto w0t = w0.transpose(), w1t = w1.transpose();
+      detail::gemm_each(workspace, std::array{&c0, &c1}, x, std::array{&w0t, &w1t});
+      detail::gemm(workspace, e0, x, w0t);
+      detail::gemm(workspace, e1, x, w1t);
+      EXPECT_TRUE(c0 == e0 && c1 == e1) << m << " rows, weights of " << 70 << " and " << second << " rows";
+    }
 }
 
 // a · B and aᵀ · B (the backward's products) go to times_b in AVX-512 even where the build has it too.

@@ -86,12 +86,13 @@ TEST(GroupedGemm, EachThreadsPackingBuffersStayWithinTheTilesTimesMaxPackedDepth
   const Index side = std::max(grouped.options.row_tile, grouped.options.column_tile);
   EXPECT_LE(workspace.bytes(), threads * sizeof(float) * std::size_t(detail::max_packed_depth * 2 * side));
   // The vector kernels pack nothing: their buffers hold the forward's slabs of Wᵀ or, with
-  // AVX-512, the turned tiles' xᵀ and cᵀ (every tile here has 33 to 128 rows, 128 a whole number
-  // of vectors).
+  // AVX-512, the turned tiles' xᵀ and the gate's and up's cᵀ beside it (every tile here has 33 to
+  // 128 rows, 128 a whole number of vectors).
   const Index columns = grouped.options.column_tile;
   const auto per_thread = [&](Index floats) { return threads * sizeof(float) * std::size_t(floats); };
   if (detail::widest_vector_bytes() == 64)
-    EXPECT_EQ(workspace.bytes(), per_thread((std::max(detail::broadcast_depth, columns) + columns) * grouped.options.row_tile));
+    EXPECT_EQ(workspace.bytes(),
+              per_thread((std::max(detail::broadcast_depth, columns) + 2 * columns) * grouped.options.row_tile));
   else if (detail::runs_wider_than_build())
     EXPECT_EQ(workspace.bytes(), per_thread(detail::broadcast_depth * columns));
   else

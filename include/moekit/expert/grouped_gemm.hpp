@@ -1,4 +1,5 @@
 #pragma once
+#include <array>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -66,12 +67,16 @@ struct GroupedGemmType {
       const auto x = rows.middleRows(t.row, t.rows);
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       auto h = hidden.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(workspace, u, x, weights[Slot::up].slice(t.expert).middleRows(t.column, t.columns).transpose());
+      const auto weight = [&](int slot) {
+        return weights[slot].slice(t.expert).middleRows(t.column, t.columns).transpose();
+      };
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
-        detail::gemm(workspace, g, x, weights[Slot::gate].slice(t.expert).middleRows(t.column, t.columns).transpose());
+        const auto gate_weight = weight(Slot::gate), up_weight = weight(Slot::up);
+        detail::gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
         detail::activate_gated<Act>(g, u, h);
       } else {
+        detail::gemm(workspace, u, x, weight(Slot::up));
         detail::activate<Act>(u, h);
       }
     });

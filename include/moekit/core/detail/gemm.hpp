@@ -17,6 +17,7 @@
 #include <Eigen/Core>
 
 #include <algorithm>
+#include <array>
 #include <cstddef>
 #include <type_traits>
 #include <vector>
@@ -152,28 +153,42 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
 /// at 256 (docs/performance.md#turned).
 inline constexpr Index turned_rows = 192;
 
-/// c += x · wᵀ for row-major c, turned: cᵀ = w · xᵀ by times_b, each row of w broadcast as it
-/// lies, so no weight is packed or transposed (Eigen packs each tile's weights for its few rows;
-/// the slabs transpose them). x is transposed instead, a block of broadcast_depth at a time, into
-/// the thread's buffer, its rows padded to whole vectors so that every row of x is summed in
-/// vector lanes alike, whatever rows are beside it; cᵀ is then transposed back and added. The
-/// sums are those of times_b over the whole of xᵀ.
-template <class Vectors, class T, class C>
-void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index m, const T* w, Index ws,
-                     Index n, Index k) {
+/// c[i] += x · w[i]ᵀ for row-major c[i], turned: c[i]ᵀ = w[i] · xᵀ by times_b, each row of w[i]
+/// broadcast as it lies, so no weight is packed or transposed (Eigen packs each tile's weights for
+/// its few rows; the slabs transpose them). x is transposed instead, a block of broadcast_depth
+/// at a time, into the thread's buffer, once for all the weights (a layer's gate and up
+/// projections, docs/performance.md#shared-x), its rows padded to whole vectors so that every
+/// row of x is summed in vector lanes alike, whatever rows are beside it; each c[i]ᵀ is then
+/// transposed back and added. The sums are those of times_b over the whole of xᵀ.
+template <class Vectors, class T, class C, std::size_t N>
+void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*, N>& c, const T* x, Index xs,
+                     Index m, const std::array<const T*, N>& w, Index ws, Index n, Index k) {
   constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
-  const Index width = (m + lanes - 1) / lanes * lanes, held = std::max(broadcast_depth, n);
-  T* slab = blocks.scratch(static_cast<std::size_t>((held + n) * width));
+  const Index width = (m + lanes - 1) / lanes * lanes, held = std::max(broadcast_depth, n), each = n * width;
+  T* slab = blocks.scratch(static_cast<std::size_t>(held * width + Index{N} * each));
   T* turned = slab + held * width;
-  std::fill_n(turned, n * width, T(0));
+  std::fill_n(turned, Index{N} * each, T(0));
   for (Index i = 0; i < std::min(broadcast_depth, k); ++i) std::fill(slab + i * width + m, slab + (i + 1) * width, T(0));
   for (Index p = 0; p < k; p += broadcast_depth) {
     const Index depth = std::min(broadcast_depth, k - p);
     Vectors::transpose(x + p, xs, m, depth, slab, width);
-    times_b(vectors, turned, width, w + p, ws, 1, n, slab, width, width, depth);
+    for (std::size_t i = 0; i < N; ++i)
+      times_b(vectors, turned + Index(i) * each, width, w[i] + p, ws, 1, n, slab, width, width, depth);
   }
-  Vectors::transpose(turned, width, n, m, slab, n);
-  c.noalias() += Eigen::Map<const Matrix<T>>(slab, m, n);
+  for (std::size_t i = 0; i < N; ++i) {
+    Vectors::transpose(turned + Index(i) * each, width, n, m, slab, n);
+    c[i]->noalias() += Eigen::Map<const Matrix<T>>(slab, m, n);
+  }
+}
+
+/// Whether x · wᵀ into c, of m rows, runs turned: past few_rows and up to turned_rows, where the
+/// CPU runs AVX-512.
+template <class C, class X, class Wt>
+bool runs_turned(Index m) {
+  if constexpr (X::IsRowMajor && !Wt::IsRowMajor && C::IsRowMajor)
+    return m > few_rows && m <= turned_rows && widest_vector_bytes() == 64;
+  else
+    return false;
 }
 
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
@@ -193,9 +208,10 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   const bool wider = runs_wider_than_build();  // than Eigen's vectors: the kernels are faster
   if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {  // x · Wᵀ
     if constexpr (Out::IsRowMajor) {
-      if (m > few_rows && m <= turned_rows && widest_vector_bytes() == 64) {
+      if (runs_turned<Out, std::remove_cvref_t<A>, std::remove_cvref_t<B>>(m)) {
         with_widest_vectors([&](auto vectors) {
-          times_wt_turned(vectors, workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
+          times_wt_turned(vectors, workspace.local(), std::array{&c}, a.data(), a.outerStride(), m,
+                          std::array{b.data()}, b.outerStride(), n, k);
         });
         return;
       }
@@ -237,6 +253,30 @@ template <class T, class C, class A, class B>
 void gemm(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   c.setZero();
   gemm_add(workspace, c, a, b);
+}
+
+/// c[i] = a · b[i] for each i: products of one a with operands of one shape (a layer's gate and
+/// up projections). Where they run turned, a is transposed once for all of them
+/// (docs/performance.md#shared-x); each c[i] gets the bits gemm gives it.
+template <class T, class C, class A, class B, std::size_t N>
+void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
+  const Index m = a.rows(), k = a.cols(), n = b[0]->cols();
+  bool shared = k > 0 && n > 0 && runs_turned<C, A, B>(m);
+  for (std::size_t i = 0; i < N; ++i)
+    shared = shared && b[i]->cols() == n && b[i]->outerStride() == b[0]->outerStride();
+  if (!shared) {
+    for (std::size_t i = 0; i < N; ++i) gemm(workspace, *c[i], a, *b[i]);
+    return;
+  }
+  std::array<const T*, N> w;
+  for (std::size_t i = 0; i < N; ++i) {
+    eigen_assert(c[i]->rows() == m && c[i]->cols() == n && b[i]->rows() == k);
+    c[i]->setZero();
+    w[i] = b[i]->data();
+  }
+  with_widest_vectors([&](auto vectors) {
+    times_wt_turned(vectors, workspace.local(), c, a.data(), a.outerStride(), m, w, b[0]->outerStride(), n, k);
+  });
 }
 
 }  // namespace moekit::detail
