@@ -15,6 +15,8 @@
 // backward needs saved); decode adds x_of_bound (the median over steps of the step's time over
 // reading the weights at the bandwidth of a triad run right after it), experts_read,
 // weight_GB_per_s, triad_GB_per_s (the paired triads') and most_rows (the busiest expert's rows).
+// `triad/threads:N` is the memory's bandwidth (GB_per_s) and `fma/threads:N` the cores' own
+// multiply-add throughput (gflops): what any product can scale to over threads on this machine.
 // Timings are reported here, never asserted in tests.
 // scripts/performance_report.py turns the JSON into tables.
 #include <benchmark/benchmark.h>
@@ -26,6 +28,10 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <tbb/blocked_range.h>
 #include <tbb/global_control.h>
@@ -285,6 +291,72 @@ void BM_Triad(benchmark::State& state, int threads) {
   state.counters["GB_per_s"] = Triad::bytes / best * 1e-9;
 }
 
+/// Multiply-adds on registers alone, no memory: 12 independent chains (enough to hide an FMA's
+/// latency on two ports) in the widest vectors the CPU has. Returns the flops done, or 0 where
+/// the CPU has neither AVX-512 nor AVX2 with FMA.
+#if defined(__x86_64__)
+[[gnu::noinline, gnu::target("avx512f")]] double fma_rounds_avx512(long rounds) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(float(i));
+  const __m512 a = _mm512_set1_ps(0.999f), b = _mm512_set1_ps(0.001f);
+  for (long r = 0; r < rounds; ++r) {
+    for (auto& v : acc) v = _mm512_fmadd_ps(v, a, b);
+  }
+  alignas(64) float out[16];
+  for (auto& v : acc) {
+    _mm512_store_ps(out, v);
+    benchmark::DoNotOptimize(out);
+  }
+  return 12.0 * 16 * 2 * double(rounds);
+}
+
+[[gnu::noinline, gnu::target("avx2,fma")]] double fma_rounds_avx2(long rounds) {
+  __m256 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm256_set1_ps(float(i));
+  const __m256 a = _mm256_set1_ps(0.999f), b = _mm256_set1_ps(0.001f);
+  for (long r = 0; r < rounds; ++r) {
+    for (auto& v : acc) v = _mm256_fmadd_ps(v, a, b);
+  }
+  alignas(32) float out[8];
+  for (auto& v : acc) {
+    _mm256_store_ps(out, v);
+    benchmark::DoNotOptimize(out);
+  }
+  return 12.0 * 8 * 2 * double(rounds);
+}
+#endif
+
+double fma_rounds(long rounds) {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return fma_rounds_avx512(rounds);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return fma_rounds_avx2(rounds);
+#endif
+  return 0;
+}
+
+/// The cores' multiply-add throughput on `threads` threads of their own (std::thread, not TBB's
+/// pool: this is the machine, not the scheduler), the same total work split evenly, so its
+/// speed-up over threads is the most a compute-bound product can reach here: a CPU that lowers
+/// its clock when every core runs wide vectors, or vCPUs that share cores, show here first.
+void BM_Fma(benchmark::State& state, int threads) {
+  constexpr long total_rounds = long{1} << 26;  // 26 GFLOP in AVX-512
+  double flops = 0;
+  for (auto _ : state) {
+    std::vector<std::thread> workers;
+    std::vector<double> done(std::size_t(threads), 0.0);
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] { done[std::size_t(t)] = fma_rounds(total_rounds / threads); });
+    }
+    for (auto& worker : workers) worker.join();
+    for (const double d : done) flops += d;
+  }
+  if (flops == 0) {
+    state.SkipWithError("fma: this CPU has neither AVX-512 nor AVX2 with FMA");
+    return;
+  }
+  state.counters["gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
+}
+
 /// Decode: a few tokens, so the time is reading the activated experts' weights. Held against
 /// reading those weights once at the memory's bandwidth: each step is followed by a triad on the
 /// same threads, and x_of_bound is the median over the steps of step time / (bytes / that triad's
@@ -344,6 +416,9 @@ void register_all(const std::vector<int>& thread_counts) {
   std::set<std::string> seen;
   for (const int threads : thread_counts) {
     benchmark::RegisterBenchmark(("triad/threads:" + std::to_string(threads)).c_str(), BM_Triad, threads)->Iterations(1);
+    benchmark::RegisterBenchmark(("fma/threads:" + std::to_string(threads)).c_str(), BM_Fma, threads)
+        ->Unit(benchmark::kMillisecond)
+        ->UseRealTime();
     for (const Index tokens : {1, 4, 16, 64, 128}) {
       const Shape s{tokens, 1024, 2816, 8, 2};
       benchmark::RegisterBenchmark(("decode/" + Layer<>::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),

@@ -4,14 +4,14 @@
 #   scripts/measure.sh SECTION "the machine, in words" [BUILD]     # BUILD: build by default
 #
 # layer_benchmark at 1, 2, 4, … threads up to all the cores (the standard shape, many small
-# experts, the triad and decode), then the policy matrix (T = 512) on all the cores, then
-# scripts/performance_report.py over both. The section's markers must be in the document
-# (MEASURE_DOC, default docs/performance.md). The JSON is kept in MEASURE_OUT (default: a new
-# temporary folder), to be read again or compared.
+# experts, the triad, the cores' multiply-adds and decode), then the policy matrix (T = 512) on
+# all the cores, then scripts/performance_report.py over both. The section's markers must be in
+# the document (MEASURE_DOC, default docs/performance.md). The JSON is kept in MEASURE_OUT
+# (default: a new temporary folder), to be read again or compared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
-  sed -n 2,9p "$0" >&2
+  sed -n 2,10p "$0" >&2
   exit 2
 fi
 section=$1 machine=$2 build=${3:-build} doc=${MEASURE_DOC:-docs/performance.md}
@@ -36,7 +36,7 @@ bench_json() {
   "$bench" "$@" --benchmark_format=json > "$file"
   commands+=("$bench ${*@Q} --benchmark_format=json")
 }
-bench_json "$out/scaling.json" --benchmark_filter='T:2048|triad|decode'
+bench_json "$out/scaling.json" --benchmark_filter='T:2048|triad|fma|decode'
 bench_json "$out/matrix.json" --threads="$cores" --benchmark_filter='T:512'
 command=$(printf '%s; ' "${commands[@]}")
 command=${command%; }

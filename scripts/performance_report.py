@@ -130,10 +130,11 @@ def layer_tables(rows):
 
 
 def scaling_table(rows):
-    """Layer and limit speed-up over one thread, for every (layer, shape, pass) run at 1 thread."""
+    """Speed-up over one thread of every layer, limit (by shape and pass) and of the cores' own
+    multiply-adds (fma: the most a compute-bound product can scale to on the machine)."""
     by_key = {}
     for r in rows:
-        if r["kind"] in ("layer", "limit"):
+        if r["kind"] in ("layer", "limit", "fma"):
             key = (r["kind"], short_policies(r["policies"]), shape_name(r["shape"]), r["pass"])
             by_key.setdefault(key, {})[r["threads"]] = r["ms"]
     lines = []
@@ -142,8 +143,10 @@ def scaling_table(rows):
             continue
         for threads in sorted(times):
             speedup = times[1] / times[threads]
-            lines.append([kind, f"`{policies}`" if policies else "", f"`{shape}`", pass_, threads,
+            lines.append([kind, f"`{policies}`" if policies else "", f"`{shape}`" if shape else "", pass_ or "", threads,
                           fmt(times[threads]), fmt(speedup, 2), f"{100 * speedup / threads:.0f}%"])
+    if not lines:
+        return None
     return table(["", "layer", "shape", "pass", "threads", "ms", "speed-up", "parallel efficiency"], lines)
 
 
@@ -235,9 +238,11 @@ def report(context, rows, machine, command, plot_name):
         "The limit is SwiGLU's three GEMMs, so a GeLU or ReLU layer (two GEMMs) takes less time than "
         "the limit while its % of limit stays below 100.", "",
         f"![% of the limit per layer benchmark]({plot_name})" if plot_name else "", "",
-        "### Thread scaling", "", scaling_table(rows), "",
-        "### Decode (small batches)", "", decode_table(rows),
     ]
+    scaling = scaling_table(rows)
+    if scaling:
+        parts += ["### Thread scaling", "", scaling, ""]
+    parts += ["### Decode (small batches)", "", decode_table(rows)]
     torch = pytorch_table(rows)
     if torch:
         parts += ["", "### PyTorch on the same machine", "", torch]

@@ -50,7 +50,7 @@ class Measure(unittest.TestCase):
         calls = (self.build / "benchmarks" / "calls.log").read_text().splitlines()
         # All the cores, counted as the script counts them.
         cores = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
-        self.assertEqual(calls, ["--benchmark_filter=T:2048|triad|decode --benchmark_format=json",
+        self.assertEqual(calls, ["--benchmark_filter=T:2048|triad|fma|decode --benchmark_format=json",
                                  f"--threads={cores} --benchmark_filter=T:512 --benchmark_format=json"])
         self.assertTrue((self.out / "scaling.json").exists() and (self.out / "matrix.json").exists())
         text = self.doc.read_text()
@@ -58,7 +58,7 @@ class Measure(unittest.TestCase):
         self.assertIn("after", text)
         self.assertIn("Machine: a test machine", text)
         # The reported command is the one that ran, quoted so that it can be pasted into a shell.
-        self.assertIn(f"{self.bench} '--benchmark_filter=T:2048|triad|decode' --benchmark_format=json; "
+        self.assertIn(f"{self.bench} '--benchmark_filter=T:2048|triad|fma|decode' --benchmark_format=json; "
                       f"{self.bench} '--threads={cores}' '--benchmark_filter=T:512' --benchmark_format=json", text)
         self.assertIn("performance_limit_testcore.svg", text)
         self.assertTrue((self.doc.parent / "performance_limit_testcore.svg").exists())

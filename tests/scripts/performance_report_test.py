@@ -57,6 +57,16 @@ class PerformanceReport(unittest.TestCase):
         self.assertIn("| 4 | 2 | 7.50 | 5 | 2 | 23.0 | 41.0 | 3.40 | **not met** |", text)
         self.assertIn("| 64 | 2 | 30.00 | 8 | 26 | 9.2 | 39.5 | 4.30 | — |", text, "past T = 16 shown, not held to the target")
         self.assertIn("2 threads 40.0 GB/s", text)
+        self.assertRegex(text, r"\| fma \| +\| +\| +\| 2 \| 62.5 \| 1.60 \| 80% \|", "the cores' own multiply-adds")
+
+    def test_one_thread_count_has_no_scaling_table(self):
+        one = pathlib.Path(self.dir.name) / "one.json"
+        one.write_text('{"benchmarks": [{"name": "limit/fwd/T:8/H:4/F:4/E:2/K:1/threads:4/real_time", '
+                       '"run_type": "iteration", "real_time": 1.0, "time_unit": "ms", "gflops": 1.0}]}')
+        result = run(one, "--machine", "m", "--command", "c", "--doc", self.doc)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertNotIn("### Thread scaling", self.doc.read_text(), "no speed-up without a one-thread run")
+        self.assertIn("### Thread scaling", self.report())
 
     def test_plot(self):
         self.report()
