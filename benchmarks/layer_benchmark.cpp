@@ -17,6 +17,9 @@
 // weight_GB_per_s, triad_GB_per_s (the paired triads') and most_rows (the busiest expert's rows).
 // `triad/threads:N` is the memory's bandwidth (GB_per_s) and `fma/threads:N` the cores' own
 // multiply-add throughput (gflops): what any product can scale to over threads on this machine.
+// `scaling/...` (standard shape and E = 64, past one thread) pairs each step on N threads with one
+// on one thread: parallel_efficiency, one_thread_ms, and fma_efficiency, the multiply-adds' own
+// efficiency paired the same way.
 // Timings are reported here, never asserted in tests.
 // scripts/performance_report.py turns the JSON into tables.
 #include <benchmark/benchmark.h>
@@ -326,6 +329,14 @@ void BM_Triad(benchmark::State& state, int threads) {
 }
 #endif
 
+bool fma_supported() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512f") || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+#else
+  return false;
+#endif
+}
+
 double fma_rounds(long rounds) {
 #if defined(__x86_64__)
   if (__builtin_cpu_supports("avx512f")) return fma_rounds_avx512(rounds);
@@ -334,27 +345,73 @@ double fma_rounds(long rounds) {
   return 0;
 }
 
-/// The cores' multiply-add throughput on `threads` threads of their own (std::thread, not TBB's
-/// pool: this is the machine, not the scheduler), the same total work split evenly, so its
-/// speed-up over threads is the most a compute-bound product can reach here: a CPU that lowers
-/// its clock when every core runs wide vectors, or vCPUs that share cores, show here first.
+/// `total_rounds` of fma_rounds split evenly over `threads` threads of their own (std::thread, not
+/// TBB's pool: this is the machine, not the scheduler). Returns the flops done.
+double fma_on_threads(int threads, long total_rounds) {
+  std::vector<std::thread> workers;
+  std::vector<double> done(std::size_t(threads), 0.0);
+  for (int t = 0; t < threads; ++t) {
+    workers.emplace_back([&, t] { done[std::size_t(t)] = fma_rounds(total_rounds / threads); });
+  }
+  for (auto& worker : workers) worker.join();
+  double flops = 0;
+  for (const double d : done) flops += d;
+  return flops;
+}
+
+/// The cores' multiply-add throughput on `threads` threads, the same total work split evenly, so
+/// its speed-up over threads is the most a compute-bound product can reach here: a CPU that
+/// lowers its clock when every core runs wide vectors, or vCPUs that share cores, show here first.
 void BM_Fma(benchmark::State& state, int threads) {
   constexpr long total_rounds = long{1} << 26;  // 26 GFLOP in AVX-512
-  double flops = 0;
-  for (auto _ : state) {
-    std::vector<std::thread> workers;
-    std::vector<double> done(std::size_t(threads), 0.0);
-    for (int t = 0; t < threads; ++t) {
-      workers.emplace_back([&, t] { done[std::size_t(t)] = fma_rounds(total_rounds / threads); });
-    }
-    for (auto& worker : workers) worker.join();
-    for (const double d : done) flops += d;
-  }
-  if (flops == 0) {
+  if (!fma_supported()) {
     state.SkipWithError("fma: this CPU has neither AVX-512 nor AVX2 with FMA");
     return;
   }
+  double flops = 0;
+  for (auto _ : state) flops += fma_on_threads(threads, total_rounds);
   state.counters["gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsRate);
+}
+
+/// Parallel efficiency with the machine's drift taken out, as the limit's pairing takes it out of
+/// % of the limit: each step of the layer on `threads` threads is followed by the same step on one
+/// thread, then by the cores' multiply-adds on `threads` threads and on one. parallel_efficiency
+/// is the median over the steps of one-thread time / (threads × `threads`' time), and
+/// fma_efficiency the same of the multiply-adds: what the machine itself gave at that moment. The
+/// reported time is the many-thread steps'; one_thread_ms the mean of the one-thread steps.
+template <class L>
+void BM_Scaling(benchmark::State& state, Shape s, int threads, Pass pass) {
+  constexpr long fma_rounds_a_step = long{1} << 24;  // 6.4 GFLOP in AVX-512: 40–70 ms on one core
+  const tbb::global_control most(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  tbb::task_arena many(threads), one(1);
+  L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+  const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
+  Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
+  auto step = [&] {
+    layer.forward(x, y);
+    if (pass == Pass::forward_backward) layer.backward(dy, dx);
+    benchmark::DoNotOptimize(y.data());
+  };
+  many.execute(step);  // warm-up, and every buffer either arena's threads need
+  one.execute(step);
+  std::vector<double> layer_efficiency, fma_efficiency;
+  double many_seconds = 0, one_seconds = 0;
+  for (auto _ : state) {
+    const double on_many = seconds_of([&] { many.execute(step); });
+    const double on_one = seconds_of([&] { one.execute(step); });
+    const double fma_many = seconds_of([&] { fma_on_threads(threads, fma_rounds_a_step); });
+    const double fma_one = seconds_of([&] { fma_on_threads(1, fma_rounds_a_step); });
+    state.SetIterationTime(on_many);
+    many_seconds += on_many;
+    one_seconds += on_one;
+    layer_efficiency.push_back(on_one / (threads * on_many));
+    fma_efficiency.push_back(fma_one / (threads * fma_many));
+  }
+  const double steps = double(state.iterations());
+  state.counters["gflops"] = flops(s, pass, L::expert_type::activation::gated) * 1e-9 * steps / many_seconds;
+  state.counters["one_thread_ms"] = 1e3 * one_seconds / steps;
+  state.counters["parallel_efficiency"] = 100.0 * median(layer_efficiency);
+  if (fma_supported()) state.counters["fma_efficiency"] = 100.0 * median(fma_efficiency);
 }
 
 /// Decode: a few tokens, so the time is reading the activated experts' weights. Held against
@@ -412,6 +469,21 @@ void register_layer(const Shape& s, int threads, std::set<std::string>& seen) {
   }
 }
 
+/// Paired parallel efficiency of one shape at one thread count, for both passes.
+template <class L>
+void register_scaling(const Shape& s, int threads) {
+  for (const Pass pass : {Pass::forward, Pass::forward_backward}) {
+    const std::string name = std::string("scaling/") + pass_name(pass) + "/" + L::name() + "/" + s.name() +
+                             "/threads:" + std::to_string(threads);
+    // Five pairs: left to itself, Google Benchmark would run as many as fill half a second of
+    // the many-thread steps, each pair then costing a one-thread step ten times as long.
+    benchmark::RegisterBenchmark(name.c_str(), BM_Scaling<L>, s, threads, pass)
+        ->Unit(benchmark::kMillisecond)
+        ->UseManualTime()
+        ->Iterations(5);
+  }
+}
+
 void register_all(const std::vector<int>& thread_counts) {
   std::set<std::string> seen;
   for (const int threads : thread_counts) {
@@ -426,9 +498,12 @@ void register_all(const std::vector<int>& thread_counts) {
           ->Unit(benchmark::kMillisecond)
           ->UseManualTime();
     }
-    // The standard shape, and many small experts, with the default layer.
-    register_layer<Layer<>>({2048, 1024, 2816, 8, 2}, threads, seen);
-    register_layer<Layer<>>({2048, 1024, 256, 64, 2}, threads, seen);
+    // The standard shape, and many small experts, with the default layer; past one thread, their
+    // parallel efficiency from paired steps too.
+    for (const Shape s : {Shape{2048, 1024, 2816, 8, 2}, Shape{2048, 1024, 256, 64, 2}}) {
+      register_layer<Layer<>>(s, threads, seen);
+      if (threads > 1) register_scaling<Layer<>>(s, threads);
+    }
     // Every policy of every list, on a quarter of the standard batch.
     auto policy_shape = [](int k) { return Shape{512, 1024, 2816, 8, k}; };
     for_each_policy(Routers{}, [&]<class R>() { register_layer<Layer<R>>(policy_shape(R::top_k), threads, seen); });

@@ -58,6 +58,8 @@ class PerformanceReport(unittest.TestCase):
         self.assertIn("| 64 | 2 | 30.00 | 8 | 26 | 9.2 | 39.5 | 4.30 | — |", text, "past T = 16 shown, not held to the target")
         self.assertIn("2 threads 40.0 GB/s", text)
         self.assertRegex(text, r"\| fma \| +\| +\| +\| 2 \| 62.5 \| 1.60 \| 80% \|", "the cores' own multiply-adds")
+        self.assertIn("| `TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU` | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 1100 | 1650 "
+                      "| 75.0 | 90.0 | **not met** |", text, "parallel efficiency from paired steps")
 
     def test_one_thread_count_has_no_scaling_table(self):
         one = pathlib.Path(self.dir.name) / "one.json"
