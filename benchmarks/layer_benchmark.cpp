@@ -205,6 +205,28 @@ double saved_bytes(const L& layer, const Shape& s) {
   return sizeof(float) * (double(s.tokens) * double(s.hidden + s.experts) + rows * (2.0 * double(s.hidden) + ffn_saved * double(s.ffn)));
 }
 
+/// A layer of shape s on random input and output gradient; () runs one step of the pass.
+template <class L>
+struct LayerStep {
+  LayerStep(const Shape& s, Pass pass)
+      : layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts}),
+        x(Matrix::Random(s.tokens, s.hidden)),
+        dy(Matrix::Random(s.tokens, s.hidden)),
+        y(s.tokens, s.hidden),
+        dx(s.tokens, s.hidden),
+        pass(pass) {}
+  LayerStep(const LayerStep&) = delete;  // a layer and its batch: run in place, never copied
+  LayerStep& operator=(const LayerStep&) = delete;
+  void operator()() {
+    layer.forward(x, y);
+    if (pass == Pass::forward_backward) layer.backward(dy, dx);
+    benchmark::DoNotOptimize(y.data());
+  }
+  L layer;
+  Matrix x, dy, y, dx;
+  Pass pass;
+};
+
 /// The layer, each step followed by a step of the limit on the same threads: a shared machine's
 /// speed drifts over seconds, so pct_of_limit is the median over the steps of limit time / layer
 /// time, each pair a few hundred milliseconds apart. The reported time is the layer's steps
@@ -212,15 +234,8 @@ double saved_bytes(const L& layer, const Shape& s) {
 template <class L>
 void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
   on_threads(threads, [&] {
-    L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+    LayerStep<L> step(s, pass);
     LimitGemms limit(s);
-    const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
-    Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
-    auto step = [&] {
-      layer.forward(x, y);
-      if (pass == Pass::forward_backward) layer.backward(dy, dx);
-      benchmark::DoNotOptimize(y.data());
-    };
     double peak = 0;
     {
       const heap::Watch watch;  // the first step allocates every buffer: its peak is the step's
@@ -232,7 +247,7 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
     limit_over_layer.reserve(std::size_t(state.max_iterations));
     double layer_seconds = 0, limit_seconds = 0;
     for (auto _ : state) {
-      const double layer_step = seconds_of(step);
+      const double layer_step = seconds_of([&] { step(); });
       const double limit_step = seconds_of([&] { run_limit(limit, threads, pass); });
       state.SetIterationTime(layer_step);
       layer_seconds += layer_step;
@@ -249,7 +264,7 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
     }
     if (pass == Pass::forward_backward) {
       state.counters["peak_MiB"] = peak / double(1 << 20);
-      state.counters["peak_over_saved"] = peak / saved_bytes(layer, s);
+      state.counters["peak_over_saved"] = peak / saved_bytes(step.layer, s);
     }
   });
 }
@@ -384,14 +399,7 @@ void BM_Scaling(benchmark::State& state, Shape s, int threads, Pass pass) {
   constexpr long fma_rounds_a_step = long{1} << 24;  // 6.4 GFLOP in AVX-512: 40–70 ms on one core
   const tbb::global_control most(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
   tbb::task_arena many(threads), one(1);
-  L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
-  const Matrix x = Matrix::Random(s.tokens, s.hidden), dy = Matrix::Random(s.tokens, s.hidden);
-  Matrix y(s.tokens, s.hidden), dx(s.tokens, s.hidden);
-  auto step = [&] {
-    layer.forward(x, y);
-    if (pass == Pass::forward_backward) layer.backward(dy, dx);
-    benchmark::DoNotOptimize(y.data());
-  };
+  LayerStep<L> step(s, pass);
   many.execute(step);  // warm-up, and every buffer either arena's threads need
   one.execute(step);
   std::vector<double> layer_efficiency, fma_efficiency;
