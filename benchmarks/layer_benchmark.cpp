@@ -310,8 +310,7 @@ void BM_Triad(benchmark::State& state, int threads) {
 }
 
 /// Multiply-adds on registers alone, no memory: 12 independent chains (enough to hide an FMA's
-/// latency on two ports) in the widest vectors the CPU has. Returns the flops done, or 0 where
-/// the CPU has neither AVX-512 nor AVX2 with FMA.
+/// latency on two ports) in the vectors the layer's kernels run. Returns the flops done.
 #if defined(__x86_64__)
 [[gnu::noinline, gnu::target("avx512f")]] double fma_rounds_avx512(long rounds) {
   __m512 acc[12];
@@ -344,18 +343,22 @@ void BM_Triad(benchmark::State& state, int threads) {
 }
 #endif
 
-bool fma_supported() {
+/// Bytes of the vectors the multiply-adds run: the widest the layer's own kernels run on this CPU
+/// (moekit's choice, so the ceiling is theirs), where those have FMA; 0 where none do.
+int fma_vector_bytes() {
 #if defined(__x86_64__)
-  return __builtin_cpu_supports("avx512f") || (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
-#else
-  return false;
+  const int bytes = moekit::detail::widest_vector_bytes();
+  if (bytes >= 32 && __builtin_cpu_supports("fma")) return bytes;
 #endif
+  return 0;
 }
+
+bool fma_supported() { return fma_vector_bytes() > 0; }
 
 double fma_rounds(long rounds) {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f")) return fma_rounds_avx512(rounds);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return fma_rounds_avx2(rounds);
+  if (fma_vector_bytes() == 64) return fma_rounds_avx512(rounds);
+  if (fma_vector_bytes() == 32) return fma_rounds_avx2(rounds);
 #endif
   return 0;
 }
@@ -380,7 +383,7 @@ double fma_on_threads(int threads, long total_rounds) {
 void BM_Fma(benchmark::State& state, int threads) {
   constexpr long total_rounds = long{1} << 26;  // 26 GFLOP in AVX-512
   if (!fma_supported()) {
-    state.SkipWithError("fma: this CPU has neither AVX-512 nor AVX2 with FMA");
+    state.SkipWithError("fma: the layer's kernels run no vectors with FMA here (AVX2 or AVX-512 expected)");
     return;
   }
   double flops = 0;
