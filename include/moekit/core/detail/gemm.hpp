@@ -191,6 +191,21 @@ bool runs_turned(Index m) {
     return false;
 }
 
+/// c += a · b by Eigen's blocked GEMM kernel, packing into the calling thread's blocks: gemm_add's
+/// product wherever the vector kernels take none (and benchmarks/tile_kernel_benchmark's yardstick).
+template <class T, class C, class A, class B>
+void eigen_gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
+  using Out = std::remove_cvref_t<C>;
+  const Index m = c.rows(), n = c.cols(), k = a.cols();
+  auto& blocks = workspace.local();
+  // A row-major result is the transposed product computed column-major (as Eigen does).
+  blocks.use(Out::IsRowMajor ? GemmBlocks<T>::sizes(n, m, k) : GemmBlocks<T>::sizes(m, n, k));
+  Eigen::internal::general_matrix_matrix_product<Index, T, storage_order<A>, false, T, storage_order<B>, false,
+                                                 storage_order<Out>, 1>::run(m, n, k, a.data(), a.outerStride(),
+                                                                             b.data(), b.outerStride(), c.data(),
+                                                                             1, c.outerStride(), T(1), blocks);
+}
+
 /// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
 /// dense block with unit inner stride (a matrix, a block of one, or their transposes).
 template <class T, class C, class A, class B>
@@ -239,13 +254,7 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
       return;
     }
   }
-  auto& blocks = workspace.local();
-  // A row-major result is the transposed product computed column-major (as Eigen does).
-  blocks.use(Out::IsRowMajor ? GemmBlocks<T>::sizes(n, m, k) : GemmBlocks<T>::sizes(m, n, k));
-  Eigen::internal::general_matrix_matrix_product<Index, T, storage_order<A>, false, T, storage_order<B>, false,
-                                                 storage_order<Out>, 1>::run(m, n, k, a.data(), a.outerStride(),
-                                                                             b.data(), b.outerStride(), c.data(),
-                                                                             1, c.outerStride(), T(1), blocks);
+  eigen_gemm_add(workspace, c, a, b);
 }
 
 /// c = a · b.
