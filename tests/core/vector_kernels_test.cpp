@@ -6,7 +6,7 @@
 // MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
 // past them (from slab_rows, times_b over the transposed weights), and times_b, only where that
 // form is wider than the build's vectors, and so than Eigen's GEMM; where the CPU runs AVX-512,
-// times_b at any width, and x · Wᵀ turned (times_b over xᵀ) past a few rows up to turned_rows. Each form's transpose, which
+// times_b at any width, and x · Wᵀ turned (times_b over xᵀ) past a few rows, by blocks of turned_rows. Each form's transpose, which
 // lays out the slabs, must copy every element to its place.
 #include <gtest/gtest.h>
 
@@ -214,10 +214,12 @@ Matrix<T> turned(Matrix<T> c, const Matrix<T>& x, Index m, const Matrix<T>& w) {
 
 template <class Form, class T>
 void expect_turned_match_eigen(T tolerance) {
-  // Rows: one, a vector's and one past it, the dispatch's bounds; depth: shorter than a vector, a
-  // few blocks of broadcast_depth and a part; weight rows: fewer than a square of vectors, more.
+  // Rows: one, a vector's and one past it, the dispatch's bound, one block of turned_rows, two and
+  // three; depth: shorter than a vector, a few blocks of broadcast_depth and a part; weight rows:
+  // fewer than a square of vectors, more.
   for (Index k : {Index{3}, 2 * detail::broadcast_depth + 77})
-    for (Index m : {Index{1}, Index{16}, Index{17}, detail::few_rows + 1, detail::turned_rows})
+    for (Index m : {Index{1}, Index{16}, Index{17}, detail::few_rows + 1, detail::turned_rows, detail::turned_rows + 1,
+                    2 * detail::turned_rows + 37})
       for (Index n : {Index{5}, Index{70}}) {
         const Matrix<T> x = Matrix<T>::Random(m, k), w = Matrix<T>::Random(n, k), c = Matrix<T>::Random(m, n);
         const Matrix<T> expected = c + x * w.transpose();
@@ -231,9 +233,9 @@ TYPED_TEST(TimesWtTurned, MatchesEigen) {
 }
 
 TYPED_TEST(TimesWtTurned, GivesEachRowTheSameBitsWhateverRowsAreBesideIt) {
-  // Rows of x are columns of xᵀ here: a row must not be summed differently in another lane or
-  // past the last whole vector.
-  const Index most = detail::turned_rows;
+  // Rows of x are columns of xᵀ here: a row must not be summed differently in another lane, past
+  // the last whole vector or in another block of rows (up to three blocks of turned_rows).
+  const Index most = 2 * detail::turned_rows + 37;
   const Matrix<float> x = Matrix<float>::Random(most, 2 * detail::broadcast_depth + 77), w = Matrix<float>::Random(37, x.cols());
   const Matrix<float> all = turned<TypeParam, float>(Matrix<float>::Zero(most, 37), x, most, w);
   for (Index m = 1; m < most; ++m) {
@@ -262,7 +264,7 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
   EXPECT_EQ(detail::runs_wider_than_build(), wider);
 
   // (rows, depth): past few_rows, times_wt; from slab_rows, times_b over slabs of wᵀ, one and
-  // several; with AVX-512, times_wt_turned up to turned_rows. Where the vectors are the build's,
+  // several; with AVX-512, times_wt_turned at all of them. Where the vectors are the build's,
   // depths within one packed block: Eigen's bits.
   const bool avx512 = detail::widest_vector_bytes() == 64;
   const Index n = 70;
@@ -275,7 +277,7 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
     Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
     detail::GemmWorkspace<float> workspace;
     detail::gemm_add(workspace, c, x, w.transpose());
-    const bool turns = avx512 && m <= detail::turned_rows;
+    const bool turns = avx512;
     detail::with_widest_vectors([&](auto form) {
       if (turns) {
         kernel = turned<decltype(form), float>(kernel, x, m, w);
@@ -298,7 +300,7 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
 }
 
 TEST(VectorDispatch, GemmEachGivesEachProductTheBitsGemmGivesIt) {
-  // Rows: decode, the turned range's ends and past it; weights of one shape (turned, x shared
+  // Rows: decode, turned in one block of rows and in two; weights of one shape (turned, x shared
   // with AVX-512) and of two (each its own product).
   const Index k = 2 * detail::broadcast_depth + 77;
   for (Index m : {Index{5}, detail::few_rows + 1, Index{64}, detail::turned_rows, detail::turned_rows + 5})

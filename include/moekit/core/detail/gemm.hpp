@@ -12,8 +12,8 @@
 // own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
 // the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
 // GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
-// it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ up to
-// turned_rows rows, turned (docs/performance.md#turned).
+// it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ past
+// few_rows, turned (docs/performance.md#turned).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -147,10 +147,10 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
   });
 }
 
-/// Past few_rows and up to this many, where the CPU runs AVX-512 (whatever the build), x · Wᵀ runs
-/// turned (times_wt_turned). At a layer tile of 256 weight rows, its weights read from memory, it
-/// ran 1.07–1.37× as fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster
-/// at 256 (docs/performance.md#turned).
+/// The most rows of x a turned product (times_wt_turned) takes at once; more are cut into blocks.
+/// At a layer tile of 256 weight rows, its weights read from memory, turned ran 1.07–1.37× as
+/// fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster at 256; 256 rows
+/// as two blocks of 128 ran 1.12–1.15× as fast (docs/performance.md#turned-blocks).
 inline constexpr Index turned_rows = 192;
 
 /// c[i] += x · w[i]ᵀ for row-major c[i], turned: c[i]ᵀ = w[i] · xᵀ by times_b, each row of w[i]
@@ -159,34 +159,43 @@ inline constexpr Index turned_rows = 192;
 /// at a time, into the thread's buffer, once for all the weights (a layer's gate and up
 /// projections, docs/performance.md#shared-x), its rows padded to whole vectors so that every
 /// row of x is summed in vector lanes alike, whatever rows are beside it; each c[i]ᵀ is then
-/// transposed back and added. The sums are those of times_b over the whole of xᵀ.
+/// transposed back and added. More than turned_rows rows go in the fewest blocks of at most
+/// turned_rows, whole vectors but the last, one after another. The sums are those of times_b
+/// over the whole of xᵀ, whatever the blocks.
 template <class Vectors, class T, class C, std::size_t N>
 void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*, N>& c, const T* x, Index xs,
                      Index m, const std::array<const T*, N>& w, Index ws, Index n, Index k) {
   constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
-  const Index width = (m + lanes - 1) / lanes * lanes, held = std::max(broadcast_depth, n), each = n * width;
-  T* slab = blocks.scratch(static_cast<std::size_t>(held * width + Index{N} * each));
-  T* turned = slab + held * width;
-  std::fill_n(turned, Index{N} * each, T(0));
-  for (Index i = 0; i < std::min(broadcast_depth, k); ++i) std::fill(slab + i * width + m, slab + (i + 1) * width, T(0));
-  for (Index p = 0; p < k; p += broadcast_depth) {
-    const Index depth = std::min(broadcast_depth, k - p);
-    Vectors::transpose(x + p, xs, m, depth, slab, width);
-    for (std::size_t i = 0; i < N; ++i)
-      times_b(vectors, turned + Index(i) * each, width, w[i] + p, ws, 1, n, slab, width, width, depth);
-  }
-  for (std::size_t i = 0; i < N; ++i) {
-    Vectors::transpose(turned + Index(i) * each, width, n, m, slab, n);
-    c[i]->noalias() += Eigen::Map<const Matrix<T>>(slab, m, n);
+  const auto whole_vectors = [](Index rows) { return (rows + lanes - 1) / lanes * lanes; };
+  const Index row_blocks = (m + turned_rows - 1) / turned_rows;
+  const Index block = std::min(whole_vectors((m + row_blocks - 1) / row_blocks), m);
+  const Index held = std::max(broadcast_depth, n);
+  T* slab = blocks.scratch(static_cast<std::size_t>((held + Index{N} * n) * whole_vectors(block)));
+  for (Index first = 0; first < m; first += block) {
+    const Index rows = std::min(block, m - first), width = whole_vectors(rows), each = n * width;
+    const T* x_rows = x + first * xs;
+    T* turned = slab + held * width;
+    std::fill_n(turned, Index{N} * each, T(0));
+    for (Index i = 0; i < std::min(broadcast_depth, k); ++i)
+      std::fill(slab + i * width + rows, slab + (i + 1) * width, T(0));
+    for (Index p = 0; p < k; p += broadcast_depth) {
+      const Index depth = std::min(broadcast_depth, k - p);
+      Vectors::transpose(x_rows + p, xs, rows, depth, slab, width);
+      for (std::size_t i = 0; i < N; ++i)
+        times_b(vectors, turned + Index(i) * each, width, w[i] + p, ws, 1, n, slab, width, width, depth);
+    }
+    for (std::size_t i = 0; i < N; ++i) {
+      Vectors::transpose(turned + Index(i) * each, width, n, rows, slab, n);
+      c[i]->middleRows(first, rows).noalias() += Eigen::Map<const Matrix<T>>(slab, rows, n);
+    }
   }
 }
 
-/// Whether x · wᵀ into c, of m rows, runs turned: past few_rows and up to turned_rows, where the
-/// CPU runs AVX-512.
+/// Whether x · wᵀ into c, of m rows, runs turned: past few_rows, where the CPU runs AVX-512.
 template <class C, class X, class Wt>
 bool runs_turned(Index m) {
   if constexpr (X::IsRowMajor && !Wt::IsRowMajor && C::IsRowMajor)
-    return m > few_rows && m <= turned_rows && widest_vector_bytes() == 64;
+    return m > few_rows && widest_vector_bytes() == 64;
   else
     return false;
 }
