@@ -150,7 +150,7 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
 /// The most rows of x a turned product (times_wt_turned) takes at once; more are cut into blocks.
 /// At a layer tile of 256 weight rows, its weights read from memory, turned ran 1.07–1.37× as
 /// fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster at 256; 256 rows
-/// as two blocks of 128 ran 1.12–1.15× as fast (docs/performance.md#turned-blocks).
+/// as two blocks of 128 ran 1.12–1.14× as fast (docs/performance.md#turned-blocks).
 inline constexpr Index turned_rows = 192;
 
 /// c[i] += x · w[i]ᵀ for row-major c[i], turned: c[i]ᵀ = w[i] · xᵀ by times_b, each row of w[i]
@@ -200,8 +200,9 @@ bool runs_turned(Index m) {
     return false;
 }
 
-/// c += a · b by Eigen's blocked GEMM kernel, packing into the calling thread's blocks: gemm_add's
-/// product wherever the vector kernels take none (and benchmarks/tile_kernel_benchmark's yardstick).
+/// c += a · b, none of them empty, by Eigen's blocked GEMM kernel, packing into the calling
+/// thread's blocks: gemm_add's product wherever the vector kernels take none (and the yardstick
+/// of benchmarks/tile_kernel_benchmark).
 template <class T, class C, class A, class B>
 void eigen_gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   using Out = std::remove_cvref_t<C>;
