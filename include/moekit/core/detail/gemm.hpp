@@ -75,15 +75,23 @@ class GemmBlocks : public Eigen::internal::level3_blocking<T, T> {
     grow(0, size);
     return b_.data();
   }
+  /// At least a and b elements. What the buffers held is dead between products, so the old
+  /// buffer is freed before the new one is taken: never both at once at the heap's peak.
   void grow(std::size_t a, std::size_t b) {
-    if (a_.size() < a) a_.resize(a);
-    if (b_.size() < b) b_.resize(b);
+    const auto at_least = [](Values& v, std::size_t size) {
+      if (v.size() >= size) return;
+      v = Values();
+      v.resize(size);
+    };
+    at_least(a_, a);
+    at_least(b_, b);
   }
   std::size_t a_size() const { return a_.size(); }
   std::size_t b_size() const { return b_.size(); }
 
  private:
-  std::vector<T, Eigen::aligned_allocator<T>> a_, b_;
+  using Values = std::vector<T, Eigen::aligned_allocator<T>>;
+  Values a_, b_;
 };
 
 /// GemmBlocks for each thread of the arena. A thread grows its own blocks when a product needs
@@ -169,7 +177,8 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
   const auto whole_vectors = [](Index rows) { return (rows + lanes - 1) / lanes * lanes; };
   const Index row_blocks = (m + turned_rows - 1) / turned_rows;
   const Index block = std::min(whole_vectors((m + row_blocks - 1) / row_blocks), m);
-  const Index held = std::max(broadcast_depth, n);
+  // The slab holds a block of xᵀ (at most broadcast_depth of k deep), then a cᵀ transposed back.
+  const Index held = std::max(std::min(broadcast_depth, k), n);
   T* slab = blocks.scratch(static_cast<std::size_t>((held + Index{N} * n) * whole_vectors(block)));
   for (Index first = 0; first < m; first += block) {
     const Index rows = std::min(block, m - first), width = whole_vectors(rows), each = n * width;
