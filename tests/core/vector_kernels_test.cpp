@@ -6,8 +6,9 @@
 // MOEKIT_VECTOR_DISPATCH is 0 (this file is built both ways): times_wt at a few rows always, and
 // past them (from slab_rows, times_b over the transposed weights), and times_b, only where that
 // form is wider than the build's vectors, and so than Eigen's GEMM; where the CPU runs AVX-512,
-// times_b at any width, and x · Wᵀ turned (times_b over xᵀ) past a few rows, by blocks of turned_rows. Each form's transpose, which
-// lays out the slabs, must copy every element to its place.
+// times_b at any width, and x · Wᵀ turned (times_b over xᵀ) past a few rows, by blocks of
+// turned_rows. Each form's transpose, which lays out the slabs, must copy every element to its
+// place.
 #include <gtest/gtest.h>
 
 #include <array>
