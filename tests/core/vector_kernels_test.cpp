@@ -11,7 +11,9 @@
 // place.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <array>
+#include <limits>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -95,10 +97,10 @@ TYPED_TEST_SUITE(TimesB, Forms, FormName);
 
 /// c += a · b by times_b, a row-major or a transposed view of a row-major matrix.
 template <class Form, class T, class A>
-void times_b(Matrix<T>& c, const A& a, const Matrix<T>& b) {
+void times_b(Matrix<T>& c, const A& a, const Matrix<T>& b, T* panel_copy = nullptr) {
   constexpr bool a_rows = A::IsRowMajor;
   detail::times_b(Form{}, c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1,
-                  a_rows ? 1 : a.outerStride(), c.rows(), b.data(), b.outerStride(), c.cols(), b.rows());
+                  a_rows ? 1 : a.outerStride(), c.rows(), b.data(), b.outerStride(), c.cols(), b.rows(), panel_copy);
 }
 
 template <class Form, class T>
@@ -125,6 +127,24 @@ TYPED_TEST(TimesB, MatchEigen) {
   // n: panels of several vectors, single vectors and a few columns past them.
   expect_times_b_match_eigen<TypeParam, float>(517, 1e-4f);
   expect_times_b_match_eigen<TypeParam, double>(61, 1e-12);
+}
+
+TYPED_TEST(TimesB, GiveTheSameBitsReadingACopyOfBsPanels) {
+  // With a transposed a, every group of rows but the first reads b's panel from the copy the
+  // first made: every panel width (517 columns: whole panels, the vectors left, the last
+  // columns), depths of one block, several and a part, and rows of one group or many.
+  std::vector<float> copy(detail::panel_copy_size<float>);
+  for (Index k : {Index{3}, Index{64}, 2 * detail::broadcast_depth + 77})
+    for (Index m : {5, 7, 11, 100}) {
+      const Matrix<float> at = Matrix<float>::Random(k, m), b = Matrix<float>::Random(k, 517);
+      const Matrix<float> start = Matrix<float>::Random(m, 517);
+      Matrix<float> read = start, copied = start;
+      times_b<TypeParam>(read, at.transpose(), b);
+      std::fill(copy.begin(), copy.end(), std::numeric_limits<float>::quiet_NaN());
+      times_b<TypeParam>(copied, at.transpose(), b, copy.data());
+      EXPECT_TRUE(copied == read) << m << " rows, k = " << k;
+      EXPECT_LE((read - start - at.transpose() * b).cwiseAbs().maxCoeff(), 1e-3f) << m << " rows, k = " << k;
+    }
 }
 
 TYPED_TEST(TimesB, TakeEveryNumberOfVectorsAndGiveEachColumnTheSameBits) {

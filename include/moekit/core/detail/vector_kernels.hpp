@@ -131,6 +131,31 @@ template <int Bytes, int Rows, int Cols, class T>
     }
 }
 
+/// broadcast_block's sums, added into c; with Copying, each vector of b read is also stored in
+/// copy, in rows of Cols vectors (times_b's copy of a panel). Compiled once with the copy and once
+/// without: a test of copy in the loop cost 7% at the standard shape. A function, not a lambda:
+/// GCC 12 left a lambda here out of line, always_inline or not, and the products ran 10–20% slower.
+template <int Bytes, int Rows, int Cols, bool Copying, class T>
+[[gnu::always_inline]] inline void broadcast_sums(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
+                                                  T* c, Index cs, T* copy) {
+  constexpr Index lanes = Bytes / Index{sizeof(T)}, line = 64 / Index{sizeof(T)};
+  Vector<T, Bytes> acc[Rows][Cols] = {};
+  for (Index i = 0; i < k; ++i) {
+    if (ak == 1 && i % line == 0)
+      for (int r = 0; r < Rows; ++r) __builtin_prefetch(a + (Rows + r) * ar + i);
+    Vector<T, Bytes> bv[Cols];
+    for (int q = 0; q < Cols; ++q) bv[q] = vector_at<Bytes>(b + i * bs + q * lanes);
+    if constexpr (Copying)
+      for (int q = 0; q < Cols; ++q) vector_at<Bytes>(copy + (i * Cols + q) * lanes) = bv[q];
+    for (int r = 0; r < Rows; ++r) {
+      const T ari = a[r * ar + i * ak];
+      for (int q = 0; q < Cols; ++q) acc[r][q] += ari * bv[q];
+    }
+  }
+  for (int r = 0; r < Rows; ++r)
+    for (int q = 0; q < Cols; ++q) vector_at<Bytes>(c + r * cs + q * lanes) += acc[r][q];
+}
+
 /// c[r, vector q] += Σ_i a(r, i) · vector q of row i of b, for Rows rows and Cols vectors of
 /// columns, with a(r, i) at a[r·ar + i·ak]: a row-major a (ar its stride, ak 1) or a transposed
 /// one (ar 1, ak its stride). Each column's sum runs over i in order, from registers, whatever
@@ -142,28 +167,20 @@ template <int Bytes, int Rows, int Cols, class T>
 /// memory, Rows short rows at a time, too short for the hardware's prefetcher to reach its
 /// stride before the next block starts cold on the next rows: so each line of a read also
 /// prefetches that line of the next block's rows (the turned product of 64 rows from memory ran
-/// 13–31% faster, docs/performance.md#turned-prefetch).
+/// 13–31% faster, docs/performance.md#turned-prefetch). Given a copy, each vector of b read is
+/// also stored there, in rows of Cols vectors (times_b's copy of a panel).
 template <int Bytes, int Rows, int Cols, class T>
 [[gnu::always_inline]] inline void broadcast_block(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
-                                                   T* c, Index cs) {
-  constexpr Index lanes = Bytes / Index{sizeof(T)}, line = 64 / Index{sizeof(T)};
+                                                   T* c, Index cs, T* copy) {
+  constexpr Index lanes = Bytes / Index{sizeof(T)};
   for (int r = 0; r < Rows; ++r)
     for (int q = 0; q < Cols; ++q) __builtin_prefetch(c + r * cs + q * lanes, /*for writing*/ 1);
   if (k <= 0) return;  // so that the partial sums live only in registers: GCC 12 otherwise zeroed
                        // a copy of them on the stack (rep stos) for the loop that never ran
-  Vector<T, Bytes> acc[Rows][Cols] = {};
-  for (Index i = 0; i < k; ++i) {
-    if (ak == 1 && i % line == 0)
-      for (int r = 0; r < Rows; ++r) __builtin_prefetch(a + (Rows + r) * ar + i);
-    Vector<T, Bytes> bv[Cols];
-    for (int q = 0; q < Cols; ++q) bv[q] = vector_at<Bytes>(b + i * bs + q * lanes);
-    for (int r = 0; r < Rows; ++r) {
-      const T ari = a[r * ar + i * ak];
-      for (int q = 0; q < Cols; ++q) acc[r][q] += ari * bv[q];
-    }
-  }
-  for (int r = 0; r < Rows; ++r)
-    for (int q = 0; q < Cols; ++q) vector_at<Bytes>(c + r * cs + q * lanes) += acc[r][q];
+  if (copy)
+    broadcast_sums<Bytes, Rows, Cols, true>(a, ar, ak, b, bs, k, c, cs, copy);
+  else
+    broadcast_sums<Bytes, Rows, Cols, false>(a, ar, ak, b, bs, k, c, cs, copy);
 }
 
 /// One stage of a transpose in registers: rows x and y, `Block` rows apart, trade their
@@ -221,8 +238,8 @@ struct BuildVectors {
   }
   template <int Rows, int Cols, class T>
   [[gnu::noinline]] static void broadcast(const T* a, Index ar, Index ak, const T* b, Index bs, Index k, T* c,
-                                          Index cs) {
-    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+                                          Index cs, T* copy) {
+    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);
   }
   template <class T>
   [[gnu::noinline]] static void transpose(const T* w, Index ws, Index n, Index depth, T* slab, Index ss) {
@@ -243,8 +260,8 @@ struct Avx2Vectors {
   }
   template <int Rows, int Cols, class T>
   [[gnu::noinline, gnu::target("avx2,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
-                                                                   Index bs, Index k, T* c, Index cs) {
-    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+                                                                   Index bs, Index k, T* c, Index cs, T* copy) {
+    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);
   }
   template <class T>
   [[gnu::noinline, gnu::target("avx2,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
@@ -265,8 +282,8 @@ struct Avx512Vectors {
   }
   template <int Rows, int Cols, class T>
   [[gnu::noinline, gnu::target("avx512f,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
-                                                                      Index bs, Index k, T* c, Index cs) {
-    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs);
+                                                                      Index bs, Index k, T* c, Index cs, T* copy) {
+    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);
   }
   template <class T>
   [[gnu::noinline, gnu::target("avx512f,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
@@ -375,25 +392,50 @@ void times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n
 /// (docs/performance.md#wider-vectors).
 inline constexpr Index broadcast_depth = 256;
 
+/// Rows of a and vectors of b's columns a broadcast block takes: 6 × 4 with 32 registers, 4 × 3
+/// with 16, partial sums beside the loads of b and one broadcast (6 × 4 ran faster than 8 × 3,
+/// 12 × 2 and 4 × 4 with AVX-512, 4 × 3 faster than 6 × 2 with AVX2).
+template <class Vectors>
+inline constexpr int broadcast_rows = Vectors::registers >= 32 ? 6 : 4;
+template <class Vectors>
+inline constexpr int broadcast_vectors = Vectors::registers >= 32 ? 4 : 3;
+
+/// Elements of the copy of a panel of b that times_b keeps for a transposed a, in any form.
+template <class T>
+inline constexpr Index panel_copy_size = []<class... Form>(std::tuple<Form...>*) {
+  return std::max({broadcast_depth * broadcast_vectors<Form> * Form::bytes / Index{sizeof(T)}...});
+}(static_cast<VectorForms*>(nullptr));
+
 /// c += a · b for b [k,n] and c [m,n] with rows contiguous and a(r, i) at a[r·ar + i·ak], with the
 /// given form of the kernel: by panels of columns, each in blocks of broadcast_depth rows of b
 /// that every group of rows of a passes over. Each sum runs in a fixed order set by k alone, each
 /// block of broadcast_depth added into c in turn: times_b over consecutive blocks of k gives the
 /// same bits.
+///
+/// With a transposed a (the weight gradients, dyᵀ · x) and panel_copy (panel_copy_size elements),
+/// the first group of rows copies each block of the panel as it reads it, its rows contiguous,
+/// and the other groups read the copy. b is then an activation read down its rows, a row's
+/// length apart: at E = 64, 64 rows deep, a block's rows fell into a few sets of the L1 cache and
+/// pushed each other out, where the copy stays. Those products ran 9–23% faster on the 2-core
+/// VM, the standard shape's (512 rows deep) no slower (docs/performance.md#panel-copy). With a
+/// row-major a (the input gradients) b is a weight, read from memory once whatever is done with
+/// it: copying it ran 8–17% slower, so it is read where it lies. The copy holds the same values,
+/// so the bits are the same.
 template <class Vectors, class T>
 void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n,
-             Index k) {
-  // Rows of a by vectors of columns: 6 × 4 with 32 registers, 4 × 3 with 16, partial sums beside
-  // the loads of b and one broadcast (6 × 4 ran faster than 8 × 3, 12 × 2 and 4 × 4 with AVX-512,
-  // 4 × 3 faster than 6 × 2 with AVX2).
-  constexpr int group = Vectors::registers >= 32 ? 6 : 4, cols = Vectors::registers >= 32 ? 4 : 3;
+             Index k, T* panel_copy = nullptr) {
+  constexpr int group = broadcast_rows<Vectors>, cols = broadcast_vectors<Vectors>;
   constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
   const auto panel = [&]<int Cols>(Index j) {
+    constexpr Index width = Cols * lanes;
+    const bool copied = panel_copy && ak != 1 && bs != width && m > group;
     for (Index p = 0; p < k; p += broadcast_depth)
       for (Index i = 0; i < m; i += group)
         with_count<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
-          Vectors::template broadcast<Rows, Cols>(a + i * ar + p * ak, ar, ak, b + p * bs + j, bs,
-                                                  std::min(broadcast_depth, k - p), c + i * cs + j, cs);
+          const bool from_copy = copied && i > 0;
+          Vectors::template broadcast<Rows, Cols>(a + i * ar + p * ak, ar, ak, from_copy ? panel_copy : b + p * bs + j,
+                                                  from_copy ? width : bs, std::min(broadcast_depth, k - p),
+                                                  c + i * cs + j, cs, copied && i == 0 ? panel_copy : nullptr);
         });
   };
   // Panels of `cols` vectors, then one of the vectors left. One vector left over borrows one
@@ -424,8 +466,9 @@ void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, c
 
 /// c += a · b, with the widest form of the kernel this CPU runs.
 template <class T>
-void times_b(T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n, Index k) {
-  with_widest_vectors([&](auto vectors) { times_b(vectors, c, cs, a, ar, ak, m, b, bs, n, k); });
+void times_b(T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n, Index k,
+             T* panel_copy = nullptr) {
+  with_widest_vectors([&](auto vectors) { times_b(vectors, c, cs, a, ar, ak, m, b, bs, n, k, panel_copy); });
 }
 
 }  // namespace moekit::detail
