@@ -150,7 +150,7 @@ int main(int argc, char** argv) {
   int steps = 600;
   unsigned seed = 1;
   std::string balancer = "auxloss";
-  bool expert_parallel = false;
+  bool expert_parallel = false, understood = true;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
     const bool has_value = i + 1 < argc;
@@ -158,15 +158,17 @@ int main(int argc, char** argv) {
     else if (flag == "--steps" && has_value) steps = std::max(1, std::atoi(argv[i + 1]));
     else if (flag == "--seed" && has_value) seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
     else if (flag == "--balancer" && has_value) balancer = argv[i + 1];
-    else balancer = "?";
+    else understood = false;
   }
   auto train = [&]<class Balancer>() {
     return expert_parallel ? mixture::run_expert_parallel<Balancer>(argc, argv, steps, seed) : run<Balancer>(steps, seed);
   };
-  if (balancer == "auxloss") return train.template operator()<moekit::AuxLoss>();
-  if (balancer == "sinkhorn") return train.template operator()<moekit::Sinkhorn>();
-  if (balancer == "auxfree") return train.template operator()<moekit::AuxFree>();
-  if (balancer == "none") return train.template operator()<moekit::NoBalance>();
+  if (understood) {
+    if (balancer == "auxloss") return train.template operator()<moekit::AuxLoss>();
+    if (balancer == "sinkhorn") return train.template operator()<moekit::Sinkhorn>();
+    if (balancer == "auxfree") return train.template operator()<moekit::AuxFree>();
+    if (balancer == "none") return train.template operator()<moekit::NoBalance>();
+  }
   std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] "
                        "[--expert-parallel (under mpirun)]\n");
   return 2;
