@@ -134,7 +134,7 @@ template <int Bytes, int Rows, int Cols, class T>
 /// broadcast_block's sums, added into c; with Copying, each vector of b read is also stored in
 /// copy, in rows of Cols vectors (times_b's copy of a panel). Compiled once with the copy and once
 /// without: a test of copy in the loop cost 7% at the standard shape. A function, not a lambda:
-/// GCC 12 left a lambda here out of line, always_inline or not, and the products ran 10–20% slower.
+/// GCC 12 left a lambda here out of line, always_inline or not, and the products ran 5–20% slower.
 template <int Bytes, int Rows, int Cols, bool Copying, class T>
 [[gnu::always_inline]] inline void broadcast_sums(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
                                                   T* c, Index cs, T* copy) {
@@ -419,7 +419,7 @@ inline constexpr Index panel_copy_size = []<class... Form>(std::tuple<Form...>*)
 /// pushed each other out, where the copy stays. Those products ran 9–23% faster on the 2-core
 /// VM, the standard shape's (512 rows deep) no slower (docs/performance.md#panel-copy). With a
 /// row-major a (the input gradients) b is a weight, read from memory once whatever is done with
-/// it: copying it ran 8–17% slower, so it is read where it lies. The copy holds the same values,
+/// it: copying it ran 0–5% slower, so it is read where it lies. The copy holds the same values,
 /// so the bits are the same.
 template <class Vectors, class T>
 void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n,
