@@ -70,7 +70,8 @@ class GemmBlocks : public Eigen::internal::level3_blocking<T, T> {
     this->m_blockA = a_.data();
     this->m_blockB = b_.data();
   }
-  /// The B buffer as scratch of at least `size` elements (for times_wt_by_slabs).
+  /// The B buffer as scratch of at least `size` elements: the vector kernels' slabs, turned blocks
+  /// and copies of panels.
   T* scratch(std::size_t size) {
     grow(0, size);
     return b_.data();
