@@ -131,20 +131,24 @@ TYPED_TEST(TimesB, MatchEigen) {
 
 TYPED_TEST(TimesB, GiveTheSameBitsReadingACopyOfBsPanels) {
   // With a transposed a, every group of rows but the first reads b's panel from the copy the
-  // first made: every panel width (517 columns: whole panels, the vectors left, the last
-  // columns), depths of one block, several and a part, and rows of one group or many.
-  std::vector<float> copy(detail::panel_copy_size<float>);
-  for (Index k : {Index{3}, Index{64}, 2 * detail::broadcast_depth + 77})
-    for (Index m : {5, 7, 11, 100}) {
-      const Matrix<float> at = Matrix<float>::Random(k, m), b = Matrix<float>::Random(k, 517);
-      const Matrix<float> start = Matrix<float>::Random(m, 517);
-      Matrix<float> read = start, copied = start;
-      times_b<TypeParam>(read, at.transpose(), b);
-      std::fill(copy.begin(), copy.end(), std::numeric_limits<float>::quiet_NaN());
-      times_b<TypeParam>(copied, at.transpose(), b, copy.data());
-      EXPECT_TRUE(copied == read) << m << " rows, k = " << k;
-      EXPECT_LE((read - start - at.transpose() * b).cwiseAbs().maxCoeff(), 1e-3f) << m << " rows, k = " << k;
-    }
+  // first made: every panel width (517 floats or 61 doubles: whole panels, the vectors left, the
+  // last columns), depths of one block, several and a part, and rows of one group or many.
+  const auto expect_same_bits = [&]<class T>(Index n, T tolerance) {
+    using M = Matrix<T>;
+    std::vector<T> copy(detail::panel_copy_size<T>);
+    for (Index k : {Index{3}, Index{64}, 2 * detail::broadcast_depth + 77})
+      for (Index m : {5, 7, 11, 100}) {
+        const M at = M::Random(k, m), b = M::Random(k, n), start = M::Random(m, n);
+        M read = start, copied = start;
+        times_b<TypeParam>(read, at.transpose(), b);
+        std::fill(copy.begin(), copy.end(), std::numeric_limits<T>::quiet_NaN());
+        times_b<TypeParam>(copied, at.transpose(), b, copy.data());
+        EXPECT_TRUE(copied == read) << m << " rows, k = " << k << ", n = " << n;
+        EXPECT_LE((read - start - at.transpose() * b).cwiseAbs().maxCoeff(), tolerance) << m << " rows, k = " << k;
+      }
+  };
+  expect_same_bits.template operator()<float>(517, 1e-3f);
+  expect_same_bits.template operator()<double>(61, 1e-10);
 }
 
 TYPED_TEST(TimesB, TakeEveryNumberOfVectorsAndGiveEachColumnTheSameBits) {
