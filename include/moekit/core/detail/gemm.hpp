@@ -269,9 +269,8 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     // The backward's products: times_b ran faster than Eigen's GEMM in the same 64-byte vectors
     // too, at every tile of the layer (docs/performance.md#turned).
     if (wider || widest_vector_bytes() == 64) {
-      T* panel_copy = a_rows ? nullptr : workspace.local().scratch(panel_copy_size<T>);
       times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
-                 b.data(), b.outerStride(), n, k, panel_copy);
+                 b.data(), b.outerStride(), n, k, workspace.local().scratch(panel_copy_size<T>));
       return;
     }
   }

@@ -167,8 +167,8 @@ template <int Bytes, int Rows, int Cols, bool Copying, class T>
 /// memory, Rows short rows at a time, too short for the hardware's prefetcher to reach its
 /// stride before the next block starts cold on the next rows: so each line of a read also
 /// prefetches that line of the next block's rows (the turned product of 64 rows from memory ran
-/// 13–31% faster, docs/performance.md#turned-prefetch). Given a copy, each vector of b read is
-/// also stored there, in rows of Cols vectors (times_b's copy of a panel).
+/// 13–31% faster, docs/performance.md#turned-prefetch). Given a copy, b is copied there as it is
+/// read (broadcast_sums).
 template <int Bytes, int Rows, int Cols, class T>
 [[gnu::always_inline]] inline void broadcast_block(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
                                                    T* c, Index cs, T* copy) {
@@ -412,7 +412,7 @@ inline constexpr Index panel_copy_size = []<class... Form>(std::tuple<Form...>*)
 /// block of broadcast_depth added into c in turn: times_b over consecutive blocks of k gives the
 /// same bits.
 ///
-/// With a transposed a (the weight gradients, dyᵀ · x) and panel_copy (panel_copy_size elements),
+/// Given panel_copy (panel_copy_size elements), with a transposed a (the weight gradients, dyᵀ · x)
 /// the first group of rows copies each block of the panel as it reads it, its rows contiguous,
 /// and the other groups read the copy. b is then an activation read down its rows, a row's
 /// length apart: at E = 64, 64 rows deep, a block's rows fell into a few sets of the L1 cache and
