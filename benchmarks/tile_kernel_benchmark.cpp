@@ -98,17 +98,16 @@ bool is_weight_gradient(Product p) { return p == Product::d_down || p == Product
 /// GroupedGemm's tiles for the product: (expert, 256 of its rows, 256 output columns), or for a
 /// weight gradient (expert, 256 × 256 of the gradient) over all of the expert's rows.
 std::vector<Tile> tiles_of(Product product, const Shape& s) {
-  const Index n = s.rows_per_expert();
+  std::vector<Index> offsets;
+  for (Index e = 0; e <= s.experts; ++e) offsets.push_back(e * s.rows_per_expert());
   const Index out_rows = product == Product::d_down ? hidden : s.ffn;  // a weight gradient's rows
   const bool into_ffn = product == Product::up || product == Product::d_hidden || product == Product::d_down;
   const Index columns = into_ffn ? s.ffn : hidden;
   std::vector<Tile> made;
   if (is_weight_gradient(product))
-    moekit::detail::make_tiles(s.experts, [&](Index) { return std::pair{Index{0}, out_rows}; }, tile_size, columns,
-                               tile_size, made);
+    moekit::detail::weight_gradient_tiles(offsets, out_rows, columns, tile_size, made);
   else
-    moekit::detail::make_tiles(s.experts, [&](Index e) { return std::pair{e * n, n}; }, tile_size, columns,
-                               tile_size, made);
+    moekit::detail::row_tiles(offsets, tile_size, columns, tile_size, made);
   return made;
 }
 

@@ -62,7 +62,7 @@ struct GroupedGemmType {
     workspace.ready();
 
     // gate = x · W_gateᵀ, up = x · W_upᵀ and hidden = act(gate) ⊙ up, by blocks of F columns.
-    tiles(offsets, options.row_tile, ffn, saved.tiles);
+    tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto x = rows.middleRows(t.row, t.rows);
       auto u = up.block(t.row, t.column, t.rows, t.columns);
@@ -82,7 +82,7 @@ struct GroupedGemmType {
     });
 
     // out = hidden · W_downᵀ, by blocks of H columns.
-    tiles(offsets, options.row_tile, out.cols(), saved.tiles);
+    tiles(offsets, out.cols(), saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       detail::gemm(workspace, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
                    weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
@@ -107,14 +107,14 @@ struct GroupedGemmType {
     const Index width = d_out.cols();
     weight_tiles(offsets, width, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
-      const auto [first, n] = block_of(offsets, t.expert);
+      const auto [first, n] = detail::block_of(offsets, t.expert);
       detail::gemm_add(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                        d_out.block(first, t.row, n, t.rows).transpose(), hidden.block(first, t.column, n, t.columns));
     });
 
     // d_hidden = d_out · W_down, then through the activation: gate ← d_gate and up ← d_up in
     // place; by blocks of F columns.
-    tiles(offsets, options.row_tile, ffn, saved.tiles);
+    tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto d_hidden = hidden.block(t.row, t.column, t.rows, t.columns);
       detail::gemm(workspace, d_hidden, d_out.middleRows(t.row, t.rows),
@@ -131,7 +131,7 @@ struct GroupedGemmType {
     // d_up [F,H] = d_upᵀ · x, and d_gate likewise: the last reads of the rows.
     weight_tiles(offsets, ffn, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
-      const auto [first, n] = block_of(offsets, t.expert);
+      const auto [first, n] = detail::block_of(offsets, t.expert);
       const auto x = rows.block(first, t.column, n, t.columns);
       detail::gemm_add(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                        up.block(first, t.row, n, t.rows).transpose(), x);
@@ -141,7 +141,7 @@ struct GroupedGemmType {
     });
 
     // d_rows = d_gate · W_gate + d_up · W_up over the rows, by blocks of H columns.
-    tiles(offsets, options.row_tile, width, saved.tiles);
+    tiles(offsets, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto dx = rows.block(t.row, t.column, t.rows, t.columns);
       detail::gemm(workspace, dx, up.middleRows(t.row, t.rows),
@@ -154,24 +154,12 @@ struct GroupedGemmType {
   }
 
  private:
-  /// Tiles of (expert, `row_size` of its rows, options.column_tile of `columns` output columns)
-  /// over the experts that have rows.
-  void tiles(std::span<const Index> offsets, Index row_size, Index columns, std::vector<detail::Tile>& out) const {
-    detail::make_tiles(experts_of(offsets), [&](Index e) { return block_of(offsets, e); }, row_size, columns,
-                       options.column_tile, out);
+  /// A product's tiles over the rows, and a weight gradient's, in this layer's tile sizes.
+  void tiles(std::span<const Index> offsets, Index columns, std::vector<detail::Tile>& out) const {
+    detail::row_tiles(offsets, options.row_tile, columns, options.column_tile, out);
   }
-  /// Tiles of a [rows, columns] weight gradient, column_tile square, for the experts that have
-  /// rows; each sums over all of its expert's rows.
   void weight_tiles(std::span<const Index> offsets, Index rows, Index columns, std::vector<detail::Tile>& out) const {
-    detail::make_tiles(experts_of(offsets), [&](Index e) {
-      return std::pair{Index{0}, block_of(offsets, e).second == 0 ? 0 : rows};
-    }, options.column_tile, columns, options.column_tile, out);
-  }
-  static Index experts_of(std::span<const Index> offsets) { return static_cast<Index>(offsets.size()) - 1; }
-  /// Expert e's block of rows: (first row, row count).
-  static std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e) {
-    const auto i = static_cast<std::size_t>(e);
-    return {offsets[i], offsets[i + 1] - offsets[i]};
+    detail::weight_gradient_tiles(offsets, rows, columns, options.column_tile, out);
   }
 };
 

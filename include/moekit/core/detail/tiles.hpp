@@ -5,6 +5,8 @@
 // on 1 thread or 64.
 #include <algorithm>
 #include <cstddef>
+#include <span>
+#include <utility>
 #include <vector>
 
 #include <tbb/blocked_range.h>
@@ -83,6 +85,30 @@ void make_tiles(Index experts, RowRange row_range, Index row_size, Index columns
       for (Index c = 0; c < columns; c += column_size)
         tiles.push_back({e, first + r, std::min(row_size, count - r), c, std::min(column_size, columns - c)});
   }
+}
+
+/// Expert e's block of dispatched rows, from the offsets [E+1] of the experts' blocks: (first row,
+/// row count).
+inline std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e) {
+  const auto i = static_cast<std::size_t>(e);
+  return {offsets[i], offsets[i + 1] - offsets[i]};
+}
+
+/// Tiles of a product over the dispatched rows (offsets [E+1]) into `columns` output columns:
+/// (expert, at most row_size of its rows, at most column_size columns).
+inline void row_tiles(std::span<const Index> offsets, Index row_size, Index columns, Index column_size,
+                      std::vector<Tile>& tiles) {
+  make_tiles(static_cast<Index>(offsets.size()) - 1, [&](Index e) { return block_of(offsets, e); }, row_size,
+             columns, column_size, tiles);
+}
+
+/// Tiles of the [rows, columns] weight gradients of the experts that have rows (offsets [E+1]),
+/// at most size × size; each tile sums over all of its expert's rows.
+inline void weight_gradient_tiles(std::span<const Index> offsets, Index rows, Index columns, Index size,
+                                  std::vector<Tile>& tiles) {
+  make_tiles(static_cast<Index>(offsets.size()) - 1,
+             [&](Index e) { return std::pair{Index{0}, block_of(offsets, e).second == 0 ? 0 : rows}; }, size, columns,
+             size, tiles);
 }
 
 template <class Body>
