@@ -31,13 +31,17 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
+
+#include <tbb/global_control.h>
+#include <tbb/task_arena.h>
 
 #include <moekit/core/detail/gemm.hpp>
 #include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/tensor.hpp>
-#include <moekit/expert/grouped_gemm.hpp>
+#include <moekit/moekit.hpp>
 
 namespace {
 
@@ -95,11 +99,36 @@ enum class Product { up, down, d_down, d_hidden, d_up, d_rows };
 
 bool is_weight_gradient(Product p) { return p == Product::d_down || p == Product::d_up; }
 
+/// Experts' blocks of rows: offsets [E+1].
+using Offsets = std::vector<Index>;
+
+/// Every expert given T·K/E rows.
+Offsets even_offsets(const Shape& s) {
+  Offsets offsets;
+  for (Index e = 0; e <= s.experts; ++e) offsets.push_back(e * s.rows_per_expert());
+  return offsets;
+}
+
+/// The experts' blocks as the default layer dispatches a random batch (layer_benchmark's input):
+/// the uneven counts a step's tiles are cut from.
+const Offsets& routed_offsets(const Shape& s) {
+  static std::map<std::pair<Index, Index>, Offsets> made;
+  auto& offsets = made[{s.ffn, s.experts}];
+  if (offsets.empty()) {
+    moekit::MoELayer<moekit::TopK<top_k>, moekit::AuxLoss, moekit::Dropless, moekit::GroupedGemm> layer(
+        {.hidden = hidden, .ffn = s.ffn, .experts = s.experts});
+    const Matrix x = Matrix::Random(tokens, hidden);
+    Matrix y(tokens, hidden);
+    layer.forward(x, y);
+    offsets.push_back(0);
+    for (const Index count : layer.tokens_per_expert()) offsets.push_back(offsets.back() + count);
+  }
+  return offsets;
+}
+
 /// GroupedGemm's tiles for the product: (expert, 256 of its rows, 256 output columns), or for a
 /// weight gradient (expert, 256 × 256 of the gradient) over all of the expert's rows.
-std::vector<Tile> tiles_of(Product product, const Shape& s) {
-  std::vector<Index> offsets;
-  for (Index e = 0; e <= s.experts; ++e) offsets.push_back(e * s.rows_per_expert());
+std::vector<Tile> tiles_of(Product product, const Shape& s, const Offsets& offsets) {
   const Index out_rows = product == Product::d_down ? hidden : s.ffn;  // a weight gradient's rows
   const bool into_ffn = product == Product::up || product == Product::d_hidden || product == Product::d_down;
   const Index columns = into_ffn ? s.ffn : hidden;
@@ -111,17 +140,18 @@ std::vector<Tile> tiles_of(Product product, const Shape& s) {
   return made;
 }
 
-/// The product's depth: what each output element sums over.
-Index depth_of(Product product, const Shape& s) {
+/// The tile's multiply-adds: its elements times what each sums over.
+double multiply_adds(Product product, const Shape& s, const Offsets& offsets, const Tile& t) {
+  Index depth = 0;
   switch (product) {
     case Product::up:
-    case Product::d_hidden: return hidden;
+    case Product::d_hidden: depth = hidden; break;
     case Product::down:
-    case Product::d_rows: return s.ffn;
+    case Product::d_rows: depth = s.ffn; break;
     case Product::d_down:
-    case Product::d_up: return s.rows_per_expert();
+    case Product::d_up: depth = moekit::detail::block_of(offsets, t.expert).second; break;
   }
-  return 0;
+  return double(t.rows) * double(t.columns) * double(depth);
 }
 
 /// The matrix the product writes.
@@ -180,9 +210,10 @@ double seconds_of(auto&& f) {
 }
 
 void BM_Tiles(benchmark::State& state, Product product, Shape s) {
-  const std::vector<Tile> cut = tiles_of(product, s);
+  const Offsets offsets = even_offsets(s);
+  const std::vector<Tile> cut = tiles_of(product, s, offsets);
   double flops = 0;
-  for (const Tile& t : cut) flops += 2.0 * double(t.rows * t.columns * depth_of(product, s));
+  for (const Tile& t : cut) flops += 2.0 * multiply_adds(product, s, offsets, t);
   moekit::detail::GemmWorkspace<float> workspace;
   const auto ours = [&] {
     run_tiles(product, s, cut, [&](auto&& c, const auto& a, const auto& b) { moekit::detail::gemm_add(workspace, c, a, b); });
@@ -220,6 +251,51 @@ void BM_Tiles(benchmark::State& state, Product product, Shape s) {
   state.counters["speed_up"] = speed_up[speed_up.size() / 2];
 }
 
+/// How late a sleep of a millisecond ends on this machine: the median of 51.
+double sleep_overshoot() {
+  static const double late = [] {
+    std::vector<double> lates;
+    for (int i = 0; i < 51; ++i)
+      lates.push_back(seconds_of([] { std::this_thread::sleep_for(std::chrono::milliseconds(1)); }) - 1e-3);
+    std::sort(lates.begin(), lates.end());
+    return lates[lates.size() / 2];
+  }();
+  return late;
+}
+
+/// The product's tiles handed to `threads` threads by detail::for_each_tile, as the layer does,
+/// each tile's work a sleep as long as its multiply-adds at an even rate, so that the threads
+/// need no cores: how evenly the schedule shares a step's work, even where the machine has fewer
+/// cores than threads. Counter balance: the median over steps of an even share's time (Σ / threads,
+/// 200 ms) over the step's. A sleep ends late by tens of microseconds (sleep_overshoot), which a
+/// tile's sleep leaves out.
+void BM_Schedule(benchmark::State& state, Product product, Shape s, int threads) {
+  const Offsets& offsets = routed_offsets(s);
+  const std::vector<Tile> cut = tiles_of(product, s, offsets);
+  double total = 0;
+  for (const Tile& t : cut) total += multiply_adds(product, s, offsets, t);
+  constexpr double even_share = 0.2;
+  const double seconds_per_multiply_add = even_share * threads / total;
+  const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
+  tbb::task_arena arena(threads);
+  std::vector<double> balance;
+  arena.execute([&] {
+    for (auto _ : state) {
+      const double step = seconds_of([&] {
+        moekit::detail::for_each_tile(cut, [&](const Tile& t) {
+          std::this_thread::sleep_for(std::chrono::duration<double>(
+              seconds_per_multiply_add * multiply_adds(product, s, offsets, t) - sleep_overshoot()));
+        });
+      });
+      state.SetIterationTime(step);
+      balance.push_back(even_share / step);
+    }
+  });
+  std::sort(balance.begin(), balance.end());
+  state.counters["balance"] = balance[balance.size() / 2];
+  state.counters["tiles"] = double(cut.size());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -233,6 +309,15 @@ int main(int argc, char** argv) {
       benchmark::RegisterBenchmark(("tiles/" + std::string(name) + "/" + s.name()).c_str(), BM_Tiles, product, s)
           ->UseManualTime()
           ->Unit(benchmark::kMillisecond);
+  for (const Shape s : {Shape{2816, 8}, Shape{256, 64}})
+    for (const auto& [name, product] : products)
+      for (const int threads : {2, 4, 8, 16})
+        benchmark::RegisterBenchmark(
+            ("schedule/" + std::string(name) + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
+            BM_Schedule, product, s, threads)
+            ->UseManualTime()
+            ->Iterations(5)
+            ->Unit(benchmark::kMillisecond);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
 }
