@@ -24,6 +24,10 @@
 // milliseconds apart see the same machine, docs/performance.md). The time reported is moekit's.
 // Before timing, the two results are compared: a benchmark whose products disagree stops with
 // an error.
+//
+// schedule/<product>/<shape>/threads:N: how evenly detail::for_each_tile shares the product's
+// tiles over N threads, cut from the uneven expert blocks a random batch is routed into, each
+// tile's work a sleep as long as its multiply-adds (BM_Schedule): 16 threads measure on 2 cores.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -251,44 +255,33 @@ void BM_Tiles(benchmark::State& state, Product product, Shape s) {
   state.counters["speed_up"] = speed_up[speed_up.size() / 2];
 }
 
-/// How late a sleep of a millisecond ends on this machine: the median of 51.
-double sleep_overshoot() {
-  static const double late = [] {
-    std::vector<double> lates;
-    for (int i = 0; i < 51; ++i)
-      lates.push_back(seconds_of([] { std::this_thread::sleep_for(std::chrono::milliseconds(1)); }) - 1e-3);
-    std::sort(lates.begin(), lates.end());
-    return lates[lates.size() / 2];
-  }();
-  return late;
-}
-
 /// The product's tiles handed to `threads` threads by detail::for_each_tile, as the layer does,
 /// each tile's work a sleep as long as its multiply-adds at an even rate, so that the threads
 /// need no cores: how evenly the schedule shares a step's work, even where the machine has fewer
-/// cores than threads. Counter balance: the median over steps of an even share's time (Σ / threads,
-/// 200 ms) over the step's. A sleep ends late by tens of microseconds (sleep_overshoot), which a
-/// tile's sleep leaves out.
+/// cores than threads. Counter balance: the median over steps of the time the tiles took, summed,
+/// over threads × the step's (sleeps end late by tens of microseconds: measured, not assumed);
+/// an even share is 200 ms.
 void BM_Schedule(benchmark::State& state, Product product, Shape s, int threads) {
   const Offsets& offsets = routed_offsets(s);
   const std::vector<Tile> cut = tiles_of(product, s, offsets);
   double total = 0;
   for (const Tile& t : cut) total += multiply_adds(product, s, offsets, t);
-  constexpr double even_share = 0.2;
-  const double seconds_per_multiply_add = even_share * threads / total;
+  const double seconds_per_multiply_add = 0.2 * threads / total;
   const tbb::global_control only(tbb::global_control::max_allowed_parallelism, std::size_t(threads));
   tbb::task_arena arena(threads);
-  std::vector<double> balance;
+  std::vector<double> took(cut.size()), balance;
   arena.execute([&] {
     for (auto _ : state) {
       const double step = seconds_of([&] {
         moekit::detail::for_each_tile(cut, [&](const Tile& t) {
-          std::this_thread::sleep_for(std::chrono::duration<double>(
-              seconds_per_multiply_add * multiply_adds(product, s, offsets, t) - sleep_overshoot()));
+          const std::chrono::duration<double> work(seconds_per_multiply_add * multiply_adds(product, s, offsets, t));
+          took[std::size_t(&t - cut.data())] = seconds_of([&] { std::this_thread::sleep_for(work); });
         });
       });
       state.SetIterationTime(step);
-      balance.push_back(even_share / step);
+      double busy = 0;
+      for (const double seconds : took) busy += seconds;
+      balance.push_back(busy / (threads * step));
     }
   });
   std::sort(balance.begin(), balance.end());
