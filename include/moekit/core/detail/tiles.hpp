@@ -4,13 +4,17 @@
 // its whole sum, or sums the pieces' shares in a fixed order: results are the same bit for bit
 // on 1 thread or 64.
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <span>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <tbb/partitioner.h>
+#include <tbb/task_arena.h>
 
 #include <moekit/core/tensor.hpp>
 
@@ -95,15 +99,25 @@ inline std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e)
 }
 
 /// Tiles of a product over the dispatched rows (offsets [E+1]) into `columns` output columns:
-/// (expert, at most row_size of its rows, at most column_size columns).
+/// (expert, at most row_size of its rows, at most column_size columns), the most rows × columns
+/// first, ties in the order made (the experts', then rows, then columns), so that for_each_tile
+/// hands the smallest out last: at E = 64 (gate and up one tile an expert, of 40–84 rows) 16
+/// threads then share the product 98% evenly, against 91% when TBB split the list
+/// (docs/performance.md#tile-schedule).
 inline void row_tiles(std::span<const Index> offsets, Index row_size, Index columns, Index column_size,
                       std::vector<Tile>& tiles) {
   make_tiles(static_cast<Index>(offsets.size()) - 1, [&](Index e) { return block_of(offsets, e); }, row_size,
              columns, column_size, tiles);
+  std::sort(tiles.begin(), tiles.end(), [](const Tile& a, const Tile& b) {
+    return std::tuple(-a.rows * a.columns, a.expert, a.row, a.column) <
+           std::tuple(-b.rows * b.columns, b.expert, b.row, b.column);
+  });
 }
 
 /// Tiles of the [rows, columns] weight gradients of the experts that have rows (offsets [E+1]),
-/// at most size × size; each tile sums over all of its expert's rows.
+/// at most size × size; each tile sums over all of its expert's rows. In the experts' order, as
+/// the gradients lie in memory: ordered by work instead, E = 64's d_up ran 7% slower on one
+/// thread, and with a dozen tiles or more a thread the order hardly moves the balance.
 inline void weight_gradient_tiles(std::span<const Index> offsets, Index rows, Index columns, Index size,
                                   std::vector<Tile>& tiles) {
   make_tiles(static_cast<Index>(offsets.size()) - 1,
@@ -111,12 +125,35 @@ inline void weight_gradient_tiles(std::span<const Index> offsets, Index rows, In
              size, tiles);
 }
 
+/// body(tile) for each tile, in parallel. Threads take the tiles in the list's order, in runs: a
+/// quarter of a thread's share of the tiles left, at least one (guided self-scheduling). Early
+/// runs are long, so a thread works through neighbouring tiles, which share an operand (on two
+/// threads, tiles handed out one at a time made E = 64's backward 5–8% slower); the last tiles,
+/// the smallest where the list has the largest first, go one at a time, so the threads finish
+/// close together. Which thread computes a tile never changes a bit.
 template <class Body>
 void for_each_tile(const std::vector<Tile>& tiles, Body body) {
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, tiles.size(), 1),
-                    [&](const tbb::blocked_range<std::size_t>& r) {
-                      for (std::size_t i = r.begin(); i != r.end(); ++i) body(tiles[i]);
-                    });
+  const std::size_t count = tiles.size();
+  const auto threads = std::min(count, static_cast<std::size_t>(tbb::this_task_arena::max_concurrency()));
+  std::atomic<std::size_t> next{0};
+  // Claims the next run: its first tile in `first`, its length returned (0 once none is left).
+  const auto claim = [&](std::size_t& first) {
+    first = next.load(std::memory_order_relaxed);
+    std::size_t run = 0;
+    do {
+      if (first >= count) return std::size_t{0};
+      run = std::max<std::size_t>(1, (count - first) / (4 * threads));
+    } while (!next.compare_exchange_weak(first, first + run, std::memory_order_relaxed));
+    return run;
+  };
+  tbb::parallel_for(
+      std::size_t{0}, threads,
+      [&](std::size_t) {
+        std::size_t first = 0;
+        for (std::size_t run; (run = claim(first)) != 0;)
+          for (std::size_t i = first; i != first + run; ++i) body(tiles[i]);
+      },
+      tbb::simple_partitioner{});
 }
 
 }  // namespace moekit::detail
