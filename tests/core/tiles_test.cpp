@@ -1,5 +1,6 @@
-// The experts' tiles: each output element in exactly one tile, within the tile sizes, the most
-// work first (row tiles) or in memory order (weight gradients); and for_each_tile runs every tile once on any number of threads.
+// The experts' tiles: each output element in exactly one tile, within the tile sizes, the largest
+// first (a product over the rows) or in memory order (a weight gradient); and for_each_tile runs
+// every tile once on any number of threads.
 #include <gtest/gtest.h>
 #include <tbb/global_control.h>
 #include <tbb/task_arena.h>
