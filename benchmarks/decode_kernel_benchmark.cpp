@@ -5,7 +5,7 @@
 // reads its W from memory as a decode step does; the kernel's `/in_cache` runs take one W of
 // 64 × 1024 (256 KiB) that stays in L2, for the rate of its arithmetic alone. Counters:
 // weight_GB_per_s (W read once) and gflops. This is the measurement behind detail::few_rows and
-// the split of decode's time between memory and arithmetic (docs/performance.md#decode-kernel).
+// the split of decode's time between memory and arithmetic (docs/kernels.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
 #include <string>

@@ -3,7 +3,8 @@
 // blocked GEMM kernel over the same tiles (detail::eigen_gemm_add: packing into buffers kept
 // between calls, as the layer does where no kernel of its own takes a product; the product
 // operator would also allocate them at every tile): where a step's time goes, product by
-// product, and which of moekit's kernels loses to Eigen's on a given CPU.
+// product, and which of moekit's kernels loses to Eigen's on a given CPU
+// (docs/kernels.md#tile-kernels).
 //
 //   build/benchmarks/tile_kernel_benchmark [--benchmark_filter=d_down] [--benchmark_format=json]
 //

@@ -13,7 +13,7 @@
 // the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
 // GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
 // it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ past
-// few_rows, turned (docs/performance.md#turned).
+// few_rows, turned (docs/kernels.md#turned).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -137,7 +137,7 @@ constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
 /// transposing the weights and broadcasting ran 1.1–1.5× faster than times_wt's dot products at
 /// 192 and 256 rows (AVX-512, depth 1024 and 2816). Since the slabs are transposed in vectors, the
 /// layer's forward ran faster from 64 rows too (at T = 512, about 128 rows an expert, and at
-/// E = 64, about 64) and slower from 40 (docs/performance.md#wider-vectors).
+/// E = 64, about 64) and slower from 40 (docs/kernels.md#wider-vectors).
 inline constexpr Index slab_rows = 64;
 
 /// c += x · wᵀ for row-major c: slabs of broadcast_depth columns of w, transposed in vectors into
@@ -159,14 +159,14 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
 /// The most rows of x a turned product (times_wt_turned) takes at once; more are cut into blocks.
 /// At a layer tile of 256 weight rows, its weights read from memory, turned ran 1.07–1.37× as
 /// fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster at 256; 256 rows
-/// as two blocks of 128 ran 1.12–1.14× as fast (docs/performance.md#turned-blocks).
+/// as two blocks of 128 ran 1.12–1.14× as fast (docs/kernels.md#turned-blocks).
 inline constexpr Index turned_rows = 192;
 
 /// c[i] += x · w[i]ᵀ for row-major c[i], turned: c[i]ᵀ = w[i] · xᵀ by times_b, each row of w[i]
 /// broadcast as it lies, so no weight is packed or transposed (Eigen packs each tile's weights for
 /// its few rows; the slabs transpose them). x is transposed instead, a block of broadcast_depth
 /// at a time, into the thread's buffer, once for all the weights (a layer's gate and up
-/// projections, docs/performance.md#shared-x), its rows padded to whole vectors so that every
+/// projections, docs/kernels.md#shared-x), its rows padded to whole vectors so that every
 /// row of x is summed in vector lanes alike, whatever rows are beside it; each c[i]ᵀ is then
 /// transposed back and added. More than turned_rows rows go in the fewest blocks of at most
 /// turned_rows, whole vectors but the last, one after another. The sums are those of times_b
@@ -267,7 +267,7 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
   if constexpr (Out::IsRowMajor && std::remove_cvref_t<B>::IsRowMajor) {
     constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
     // The backward's products: times_b ran faster than Eigen's GEMM in the same 64-byte vectors
-    // too, at every tile of the layer (docs/performance.md#turned).
+    // too, at every tile of the layer (docs/kernels.md#turned).
     if (wider || widest_vector_bytes() == 64) {
       times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
                  b.data(), b.outerStride(), n, k, workspace.local().scratch(panel_copy_size<T>));
@@ -286,7 +286,7 @@ void gemm(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
 
 /// c[i] = a · b[i] for each i: products of one a with operands of one shape (a layer's gate and
 /// up projections). Where they run turned, a is transposed once for all of them
-/// (docs/performance.md#shared-x); each c[i] gets the bits gemm gives it.
+/// (docs/kernels.md#shared-x); each c[i] gets the bits gemm gives it.
 template <class T, class C, class A, class B, std::size_t N>
 void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
   const Index m = a.rows(), k = a.cols(), n = b[0]->cols();

@@ -103,7 +103,7 @@ inline std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e)
 /// first, ties in the order made (the experts', then rows, then columns), so that for_each_tile
 /// hands the smallest out last: at E = 64 (gate and up one tile an expert, of 40–84 rows) 16
 /// threads then share the product 98% evenly, against 91% when TBB split the list
-/// (docs/performance.md#tile-schedule).
+/// (docs/kernels.md#tile-schedule).
 inline void row_tiles(std::span<const Index> offsets, Index row_size, Index columns, Index column_size,
                       std::vector<Tile>& tiles) {
   make_tiles(static_cast<Index>(offsets.size()) - 1, [&](Index e) { return block_of(offsets, e); }, row_size,

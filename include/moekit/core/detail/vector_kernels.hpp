@@ -9,9 +9,9 @@
 // The kernels are written once, over the vector extensions GCC and Clang share, and compiled for
 // the build's own vectors and, on x86, for AVX2 and AVX-512 too: a build for any x86-64 CPU
 // (SSE2, Debian's default) runs the widest vectors the CPU has, chosen once at run time. With
-// SSE2 alone the arithmetic takes longer than reading the weights (docs/performance.md#decode-kernel).
+// SSE2 alone the arithmetic takes longer than reading the weights (docs/kernels.md#decode-kernel).
 // Eigen's GEMM keeps to the build's vectors, so on a CPU whose vectors are wider the kernels beat
-// it at any size, and gemm_add sends them every product they take (docs/performance.md#wider-vectors).
+// it at any size, and gemm_add sends them every product they take (docs/kernels.md#wider-vectors).
 // Define MOEKIT_VECTOR_DISPATCH to 0 to keep to the build's vectors, so that one binary gives the
 // same bits on every CPU it runs on.
 #include <Eigen/Core>
@@ -45,14 +45,14 @@ namespace moekit::detail {
 /// benchmarks/decode_kernel_benchmark finds the kernel as fast as Eigen's GEMM or faster up to 32
 /// rows, with SSE2 and AVX-512, and the layer at T = 64 (the busiest expert 19–25 rows) 6–15%
 /// faster with 32 here than with 16; past 32 rows neither measurement found a steady gain
-/// (docs/performance.md#decode-kernel).
+/// (docs/kernels.md#decode-kernel).
 inline constexpr Index few_rows = 32;
 
 /// How far ahead of its loads the kernel prefetches each row of w, in bytes. The hardware
 /// prefetcher stops at each 4 KiB page, and a row of 1024 floats is one, so each row's prefetch
 /// runs on into the row that takes its place in the next block. 2 KiB ahead streamed 20–30%
 /// faster than a whole row ahead (the next block's row at the same place), and 512 B was too
-/// close (docs/performance.md#decode-kernel).
+/// close (docs/kernels.md#decode-kernel).
 inline constexpr Index prefetch_ahead_bytes = 2048;
 
 /// Bytes / sizeof(T) lanes of T, and the same read from anywhere a T may be (unaligned, aliasing).
@@ -163,11 +163,11 @@ template <int Bytes, int Rows, int Cols, bool Copying, class T>
 /// a weight gradient lies in memory, not cache, and each block adds into it after only an
 /// expert's few rows of sums, so loading c when the sums end left each block waiting on memory
 /// (TopK1's forward + backward at T = 512 ran 15% faster with the prefetch,
-/// docs/performance.md#gradient-prefetch). A row-major a is streamed, turned, from a weight in
+/// docs/kernels.md#gradient-prefetch). A row-major a is streamed, turned, from a weight in
 /// memory, Rows short rows at a time, too short for the hardware's prefetcher to reach its
 /// stride before the next block starts cold on the next rows: so each line of a read also
 /// prefetches that line of the next block's rows (the turned product of 64 rows from memory ran
-/// 13–31% faster, docs/performance.md#turned-prefetch). Given a copy, b is copied there as it is
+/// 13–31% faster, docs/kernels.md#turned-prefetch). Given a copy, b is copied there as it is
 /// read (broadcast_sums).
 template <int Bytes, int Rows, int Cols, class T>
 [[gnu::always_inline]] inline void broadcast_block(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
@@ -315,7 +315,7 @@ decltype(auto) with_widest_vectors(F&& f) {
 /// Whether this CPU runs a wider form of the kernels than the build's vectors. Eigen's GEMM keeps
 /// to the build's vectors, so the kernels are then the faster products at any size: in a build for
 /// any x86-64 CPU, on a CPU with AVX-512, 3–5× faster at the layer's tiles
-/// (docs/performance.md#wider-vectors).
+/// (docs/kernels.md#wider-vectors).
 inline bool runs_wider_than_build() {
   return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes > BuildVectors::bytes; });
 }
@@ -338,7 +338,7 @@ void with_count(Index count, F&& f) {
 /// Rows of x the kernel takes at once, each weight it loads serving all of them. With 32 vector
 /// registers, six rows by four rows of w keep 24 partial sums beside the loads (seven or eight
 /// rows, in blocks of three or two rows of w, streamed slower than 4 + 3 and 4 + 4 with
-/// AVX-512); with 16 registers, four (docs/performance.md#decode-kernel).
+/// AVX-512); with 16 registers, four (docs/kernels.md#decode-kernel).
 template <class Vectors>
 inline constexpr int times_wt_group = Vectors::registers >= 32 ? 6 : 4;
 
@@ -389,7 +389,7 @@ void times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n
 /// Rows of b's panel a broadcast block takes before adding its sums into c: a panel of 256 rows
 /// of four 64-byte vectors (64 KiB) stays in cache while every block of rows of a passes over it.
 /// With whole panels, the backward's d_up · W_up (2816 rows) ran 25–30% slower with AVX-512
-/// (docs/performance.md#wider-vectors).
+/// (docs/kernels.md#wider-vectors).
 inline constexpr Index broadcast_depth = 256;
 
 /// Rows of a and vectors of b's columns a broadcast block takes: 6 × 4 with 32 registers, 4 × 3
@@ -417,7 +417,7 @@ inline constexpr Index panel_copy_size = []<class... Form>(std::tuple<Form...>*)
 /// and the other groups read the copy. b is then an activation read down its rows, a row's
 /// length apart: at E = 64, 64 rows deep, a block's rows fell into a few sets of the L1 cache and
 /// pushed each other out, where the copy stays. Those products ran 9–23% faster on the 2-core
-/// VM, the standard shape's (512 rows deep) no slower (docs/performance.md#panel-copy). With a
+/// VM, the standard shape's (512 rows deep) no slower (docs/kernels.md#panel-copy). With a
 /// row-major a (the input gradients) b is a weight, read from memory once whatever is done with
 /// it: copying it ran 0–5% slower, so it is read where it lies. The copy holds the same values,
 /// so the bits are the same.
@@ -441,7 +441,7 @@ void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, c
   // Panels of `cols` vectors, then one of the vectors left. One vector left over borrows one
   // from the last whole panel (4 + 1 → 3 + 2): a block a vector wide has too few partial sums to
   // hide the adds' latency, and turned, where b's columns are an expert's rows, it took a
-  // fifth of the time for a tenth of the arithmetic (docs/performance.md#panel-tail).
+  // fifth of the time for a tenth of the arithmetic (docs/kernels.md#panel-tail).
   const Index vectors = n / lanes;
   Index whole = vectors / cols;
   if (vectors % cols == 1 && whole > 0) --whole;
