@@ -1,21 +1,15 @@
 #pragma once
 // Watches every heap allocation in the process — Eigen's and TBB's included — by interposing the
-// C allocator (glibc exports the originals as __libc_*). Counts allocations, and tracks the bytes
-// in use and their peak. Defines malloc and free: include this header in ONE translation unit
-// of an executable (a test or a benchmark), never in a library.
+// C allocator (glibc exports the originals as __libc_*), or, under AddressSanitizer, which
+// replaces the allocator itself, through its hooks. Counts allocations, and tracks the bytes in
+// use and their peak. Defines malloc and free: include this header in ONE translation unit of an
+// executable (a test or a benchmark), never in a library.
 #include <malloc.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstddef>
-
-extern "C" {
-void* __libc_malloc(std::size_t);
-void* __libc_calloc(std::size_t, std::size_t);
-void* __libc_realloc(void*, std::size_t);
-void* __libc_memalign(std::size_t, std::size_t);
-void __libc_free(void*);
-}
 
 namespace heap {
 
@@ -66,7 +60,24 @@ class Watch {
 
 }  // namespace heap
 
+#if defined(__SANITIZE_ADDRESS__)
+extern "C" int __sanitizer_install_malloc_and_free_hooks(void (*)(const volatile void*, std::size_t),
+                                                         void (*)(const volatile void*));
+// (declared here: GCC does not install the sanitizers' headers)
+
+namespace heap::detail {
+inline void on_malloc(const volatile void* p, std::size_t) { allocated(const_cast<void*>(p)); }
+inline void on_free(const volatile void* p) { released(const_cast<void*>(p)); }
+[[maybe_unused]] const int hooks_installed = __sanitizer_install_malloc_and_free_hooks(on_malloc, on_free);
+}  // namespace heap::detail
+#else
 extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+void __libc_free(void*);
+
 void* malloc(std::size_t n) { return heap::detail::allocated(__libc_malloc(n)); }
 void* calloc(std::size_t n, std::size_t size) { return heap::detail::allocated(__libc_calloc(n, size)); }
 void* realloc(void* p, std::size_t n) {
@@ -81,10 +92,11 @@ void* memalign(std::size_t alignment, std::size_t n) {
 }
 int posix_memalign(void** p, std::size_t alignment, std::size_t n) {
   *p = heap::detail::allocated(__libc_memalign(alignment, n));
-  return *p ? 0 : 12;  // ENOMEM
+  return *p ? 0 : ENOMEM;
 }
 void free(void* p) {
   heap::detail::released(p);
   __libc_free(p);
 }
 }
+#endif
