@@ -2,8 +2,8 @@
 // Watches every heap allocation in the process — Eigen's and TBB's included — by interposing the
 // C allocator (glibc exports the originals as __libc_*), or, under AddressSanitizer, which
 // replaces the allocator itself, through its hooks. Counts allocations, and tracks the bytes in
-// use and their peak. Defines malloc and free: include this header in ONE translation unit of an
-// executable (a test or a benchmark), never in a library.
+// use and their peak. Defines malloc and free (or installs the hooks): include this header in ONE
+// translation unit of an executable (a test or a benchmark), never in a library.
 #include <malloc.h>
 
 #include <algorithm>
