@@ -3,11 +3,14 @@
 // the widest the CPU has) against Eigen's GEMM (the product operator, which packs W first).
 // The weights are 24 matrices of 2816 × 1024 floats (264 MiB), taken in turn, so each product
 // reads its W from memory as a decode step does; the kernel's `/in_cache` runs take one W of
-// 64 × 1024 (256 KiB) that stays in L2, for the rate of its arithmetic alone. Counters:
+// 64 × 1024 (256 KiB) that stays in L2, for the rate of its arithmetic alone, and
+// `/in_cache/k:1408` one of 64 × 1408 (352 KiB): the down product of experts with F = 1408
+// (Qwen2-MoE's and DeepSeek-V2-Lite's), where 128 KiB of W is 23 rows. Counters:
 // weight_GB_per_s (W read once) and gflops. This is the measurement behind detail::few_rows and
 // the split of decode's time between memory and arithmetic (docs/kernels.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
+#include <map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -20,30 +23,40 @@ namespace {
 using moekit::Index;
 using Matrix = moekit::Matrix<float>;
 
-constexpr Index hidden = 1024, ffn = 2816, matrices = 24, rows_in_cache = 64;
+constexpr Index hidden = 1024, ffn = 2816, matrices = 24;
 
-// `count` matrices of [n, hidden], as the layer keeps its weights: on cache-line boundaries.
-std::vector<moekit::Tensor<float>> make_weights(Index count, Index n) {
+/// Where the weights come from: (name suffix, matrices, rows n, row length k).
+struct Weights {
+  const char* suffix;
+  Index count, n, k;
+};
+constexpr Weights from_memory{"", matrices, ffn, hidden}, in_cache{"/in_cache", 1, 64, hidden},
+    short_rows_in_cache{"/in_cache/k:1408", 1, 64, 1408};
+
+// `count` matrices of [n, k], as the layer keeps its weights: on cache-line boundaries.
+std::vector<moekit::Tensor<float>> make_weights(const Weights& kind) {
   std::vector<moekit::Tensor<float>> made;
-  for (Index i = 0; i < count; ++i) {
-    made.emplace_back("w", std::vector<Index>{n, hidden});
-    made.back().matrix() = Matrix::Random(n, hidden);
+  for (Index i = 0; i < kind.count; ++i) {
+    made.emplace_back("w", std::vector<Index>{kind.n, kind.k});
+    made.back().matrix() = Matrix::Random(kind.n, kind.k);
   }
   return made;
 }
 
-const std::vector<moekit::Tensor<float>>& weights(bool in_cache) {
-  static const std::vector<moekit::Tensor<float>> from_memory = make_weights(matrices, ffn),
-                                                   cached = make_weights(1, rows_in_cache);
-  return in_cache ? cached : from_memory;
+/// The weights of a kind, made the first time they are asked for (before that run's timing).
+const std::vector<moekit::Tensor<float>>& weights(const Weights& kind) {
+  static std::map<std::string, std::vector<moekit::Tensor<float>>> made;
+  auto [at, added] = made.try_emplace(kind.suffix);
+  if (added) at->second = make_weights(kind);
+  return at->second;
 }
 
 template <class Product>
-void run(benchmark::State& state, Product product, bool in_cache = false) {
-  const Index rows = state.range(0), n = in_cache ? rows_in_cache : ffn;
-  const Matrix x = Matrix::Random(rows, hidden);
+void run(benchmark::State& state, Product product, const Weights& kind = from_memory) {
+  const Index rows = state.range(0), n = kind.n, k = kind.k;
+  const Matrix x = Matrix::Random(rows, k);
   Matrix c = Matrix::Zero(rows, n);
-  const auto& w = weights(in_cache);  // made before the timing starts
+  const auto& w = weights(kind);  // made before the timing starts
   std::size_t next = 0;
   for (auto _ : state) {
     product(c, x, w[next]);
@@ -51,21 +64,22 @@ void run(benchmark::State& state, Product product, bool in_cache = false) {
     benchmark::DoNotOptimize(c.data());
   }
   const double products = double(state.iterations());
-  state.counters["weight_GB_per_s"] = benchmark::Counter(products * double(n * hidden) * sizeof(float) * 1e-9,
+  state.counters["weight_GB_per_s"] = benchmark::Counter(products * double(n * k) * sizeof(float) * 1e-9,
                                                           benchmark::Counter::kIsRate);
-  state.counters["gflops"] = benchmark::Counter(products * 2.0 * double(rows * n * hidden) * 1e-9,
+  state.counters["gflops"] = benchmark::Counter(products * 2.0 * double(rows * n * k) * 1e-9,
                                                 benchmark::Counter::kIsRate);
 }
 
 template <class Form>
-void BM_Kernel(benchmark::State& state, bool in_cache) {
+void BM_Kernel(benchmark::State& state, Weights kind) {
   if (!Form::available()) {
     state.SkipWithError("this CPU does not run this form of the kernel");
     return;
   }
   run(state, [](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) {
-    moekit::detail::times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), hidden, w.shape()[0], hidden);
-  }, in_cache);
+    const Index k = w.shape()[1];
+    moekit::detail::times_wt(Form{}, c, x.data(), x.outerStride(), x.rows(), w.data(), k, w.shape()[0], k);
+  }, kind);
 }
 
 void BM_EigenGemm(benchmark::State& state) {
@@ -81,9 +95,9 @@ void rows(benchmark::internal::Benchmark* b) {
 /// Eigen's GEMM.
 void register_all() {
   [&]<class... Form>(std::tuple<Form...>*) {
-    for (bool in_cache : {false, true}) {
-      const auto name = [&](const char* form) { return std::string("BM_Kernel<") + form + ">" + (in_cache ? "/in_cache" : ""); };
-      (rows(benchmark::RegisterBenchmark(name(Form::name).c_str(), BM_Kernel<Form>, in_cache)), ...);
+    for (const Weights& kind : {from_memory, in_cache, short_rows_in_cache}) {
+      const auto name = [&](const char* form) { return std::string("BM_Kernel<") + form + ">" + kind.suffix; };
+      (rows(benchmark::RegisterBenchmark(name(Form::name).c_str(), BM_Kernel<Form>, kind)), ...);
     }
   }(static_cast<moekit::detail::VectorForms*>(nullptr));
   rows(benchmark::RegisterBenchmark("BM_EigenGemm", BM_EigenGemm));

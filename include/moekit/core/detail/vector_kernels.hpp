@@ -372,7 +372,9 @@ void times_wt_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws,
 template <class Vectors, class T, class C>
 void times_wt(Vectors, C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n, Index k) {
   constexpr int group = times_wt_group<Vectors>;
-  const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}));
+  // Whole blocks of w's rows (up to 8 a block): a row left over would go alone, its sum one chain
+  // of adds (docs/kernels.md#decode-slices).
+  const Index slice = std::max<Index>(16, Index{128 << 10} / (k * Index{sizeof(T)}) / 8 * 8);
   for (Index j = 0; j < n; j += slice)
     for (Index i = 0; i < m; i += group)
       with_count<group>(std::min<Index>(group, m - i), [&]<int Rows>() {
