@@ -3,7 +3,10 @@
 // measured in the same run: each step of a layer is followed by a step of its limit.
 //
 //   build/benchmarks/layer_benchmark [--threads=1,2,4] [--benchmark_format=json] [--benchmark_filter=...]
+//   build/benchmarks/layer_benchmark --shape=T,H,F,E,K [--shape=…] [--threads=…]
 //
+// --shape times the default layer (TopK<K>, K one of 1, 2, 4, 6, 8) and its limit, forward and
+// forward + backward, at the given shape instead of the built-in ones: a model's own.
 // The matrix is generated at compile time from the policy lists below. Names carry what was run:
 //   layer/fwd/<policies>/T:2048/H:1024/F:2816/E:8/K:2/threads:2
 // with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
@@ -26,10 +29,12 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <set>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -495,8 +500,23 @@ void register_scaling(const Shape& s, int threads) {
   }
 }
 
-void register_all(const std::vector<int>& thread_counts) {
+/// The router sizes --shape takes, each a TopK<K> compiled in.
+using ShapeTopKs = std::integer_sequence<int, 1, 2, 4, 6, 8>;
+
+/// The default layer with TopK<s.k> and its limit at shape s, for both passes.
+void register_shape(const Shape& s, int threads, std::set<std::string>& seen) {
+  [&]<int... K>(std::integer_sequence<int, K...>) {
+    ((s.k == K ? register_layer<Layer<moekit::TopK<K>>>(s, threads, seen) : void()), ...);
+  }(ShapeTopKs{});
+}
+
+void register_all(const std::vector<int>& thread_counts, const std::vector<Shape>& shapes) {
   std::set<std::string> seen;
+  if (!shapes.empty()) {
+    for (const int threads : thread_counts)
+      for (const Shape& s : shapes) register_shape(s, threads, seen);
+    return;
+  }
   for (const int threads : thread_counts) {
     benchmark::RegisterBenchmark(("triad/threads:" + std::to_string(threads)).c_str(), BM_Triad, threads)->Iterations(1);
     benchmark::RegisterBenchmark(("fma/threads:" + std::to_string(threads)).c_str(), BM_Fma, threads)
@@ -528,34 +548,72 @@ void register_all(const std::vector<int>& thread_counts) {
   }
 }
 
-/// --threads=1,2,4 (removed from argv); by default 1, 2, 4, … up to all hardware threads, and all.
-std::vector<int> thread_counts(int& argc, char** argv) {
-  std::vector<int> counts;
-  for (int i = 1; i < argc; ++i) {
+/// The values of every `--name=a,b,…` in argv, one list a flag, each removed from argv.
+std::vector<std::vector<long>> take_flag(int& argc, char** argv, const std::string& name) {
+  const std::string prefix = "--" + name + "=";
+  std::vector<std::vector<long>> taken;
+  for (int i = 1; i < argc;) {
     const std::string arg = argv[i];
-    if (arg.rfind("--threads=", 0) != 0) continue;
-    for (std::size_t at = 10; at < arg.size();) {
+    if (arg.rfind(prefix, 0) != 0) {
+      ++i;
+      continue;
+    }
+    auto& values = taken.emplace_back();
+    for (std::size_t at = prefix.size(); at <= arg.size();) {
       const auto comma = std::min(arg.find(',', at), arg.size());
-      counts.push_back(std::max(1, std::atoi(arg.substr(at, comma - at).c_str())));
+      const std::string value = arg.substr(at, comma - at);
+      char* end = nullptr;
+      const long number = std::strtol(value.c_str(), &end, 10);
+      if (value.empty() || *end != '\0' || number < 1) {
+        std::fprintf(stderr, "layer_benchmark: %s: \"%s\" is not a whole number >= 1\n", arg.c_str(), value.c_str());
+        std::exit(2);
+      }
+      values.push_back(number);
       at = comma + 1;
     }
     std::copy(argv + i + 1, argv + argc, argv + i);
     --argc;
-    return counts;
   }
+  return taken;
+}
+
+/// --threads=1,2,4; by default 1, 2, 4, … up to all hardware threads, and all.
+std::vector<int> thread_counts(int& argc, char** argv) {
+  std::vector<int> counts;
+  for (const auto& values : take_flag(argc, argv, "threads"))
+    for (const long n : values) counts.push_back(int(n));
+  if (!counts.empty()) return counts;
   const int all = std::max(1u, std::thread::hardware_concurrency());
   for (int n = 1; n < all; n *= 2) counts.push_back(n);
   counts.push_back(all);
   return counts;
 }
 
+/// Every --shape=T,H,F,E,K.
+std::vector<Shape> shapes(int& argc, char** argv) {
+  std::vector<Shape> taken;
+  for (const auto& v : take_flag(argc, argv, "shape")) {
+    const auto k_compiled = []<int... K>(std::integer_sequence<int, K...>, long k) { return ((k == K) || ...); };
+    if (v.size() != 5 || !k_compiled(ShapeTopKs{}, v[4]) || v[4] > v[3]) {
+      std::fprintf(stderr,
+                   "layer_benchmark: --shape takes T,H,F,E,K: five whole numbers, K one of 1, 2, 4, 6, 8 and "
+                   "at most E; got %zu number(s)%s\n",
+                   v.size(), v.size() == 5 ? (", K = " + std::to_string(v[4]) + ", E = " + std::to_string(v[3])).c_str() : "");
+      std::exit(2);
+    }
+    taken.push_back({v[0], v[1], v[2], v[3], int(v[4])});
+  }
+  return taken;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const auto counts = thread_counts(argc, argv);
+  const auto own_shapes = shapes(argc, argv);
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-  register_all(counts);
+  register_all(counts, own_shapes);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
 }
