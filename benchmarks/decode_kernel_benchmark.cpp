@@ -10,6 +10,8 @@
 // the split of decode's time between memory and arithmetic (docs/kernels.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <array>
 #include <map>
 #include <string>
 #include <tuple>
@@ -82,12 +84,39 @@ void BM_Kernel(benchmark::State& state, Weights kind) {
   }, kind);
 }
 
+/// The layer's two kernels for x · Wᵀ as it runs them, in the widest vectors the CPU has, tile by
+/// tile of 256 columns: times_wt (dot products) and, where the CPU runs AVX-512,
+/// times_wt_turned. Between them lies detail::few_rows.
+template <bool Turned>
+void BM_Tiles(benchmark::State& state, Weights kind) {
+  if (Turned && moekit::detail::widest_vector_bytes() != 64) {
+    state.SkipWithError("the turned kernel runs where the CPU has AVX-512");
+    return;
+  }
+  constexpr Index tile = 256;
+  moekit::detail::GemmBlocks<float> blocks;
+  run(state, [&](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) {
+    const Index n = w.shape()[0], k = w.shape()[1];
+    moekit::detail::with_widest_vectors([&](auto vectors) {
+      for (Index j = 0; j < n; j += tile) {
+        auto c_tile = c.middleCols(j, std::min(tile, n - j));
+        const float* w_tile = w.data() + j * k;
+        if constexpr (Turned && decltype(vectors)::bytes == 64)
+          moekit::detail::times_wt_turned(vectors, blocks, std::array{&c_tile}, x.data(), x.outerStride(), x.rows(),
+                                          std::array{w_tile}, k, c_tile.cols(), k);
+        else
+          moekit::detail::times_wt(vectors, c_tile, x.data(), x.outerStride(), x.rows(), w_tile, k, c_tile.cols(), k);
+      }
+    });
+  }, kind);
+}
+
 void BM_EigenGemm(benchmark::State& state) {
   run(state, [](Matrix& c, const Matrix& x, const moekit::Tensor<float>& w) { c.noalias() += x * w.matrix().transpose(); });
 }
 
 void rows(benchmark::internal::Benchmark* b) {
-  for (Index r : {1, 2, 4, 6, 8, 16, 32, 48, 64}) b->Arg(r);
+  for (Index r : {1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 48, 64}) b->Arg(r);
   b->Unit(benchmark::kMillisecond);
 }
 
@@ -100,6 +129,10 @@ void register_all() {
       (rows(benchmark::RegisterBenchmark(name(Form::name).c_str(), BM_Kernel<Form>, kind)), ...);
     }
   }(static_cast<moekit::detail::VectorForms*>(nullptr));
+  for (const Weights& kind : {from_memory, in_cache, short_rows_in_cache}) {
+    rows(benchmark::RegisterBenchmark((std::string("BM_Tiles/dot") + kind.suffix).c_str(), BM_Tiles<false>, kind));
+    rows(benchmark::RegisterBenchmark((std::string("BM_Tiles/turned") + kind.suffix).c_str(), BM_Tiles<true>, kind));
+  }
   rows(benchmark::RegisterBenchmark("BM_EigenGemm", BM_EigenGemm));
 }
 

@@ -3,7 +3,7 @@
 // Deeper products are packed in shorter blocks: they equal it up to rounding. (x · Wᵀ with a few
 // rows has a kernel of its own, and so do x · Wᵀ and products into rows of B where the CPU runs
 // wider vectors than the build's, and where it runs AVX-512 products into rows of B and, turned,
-// x · Wᵀ past few_rows: vector_kernels_test.cpp. This test is built to keep to the
+// x · Wᵀ past turned_past rows: vector_kernels_test.cpp. This test is built to keep to the
 // build's vectors, MOEKIT_VECTOR_DISPATCH=0: in a build for AVX-512 those go to the kernels, and
 // are held here to Eigen's result up to rounding.)
 #include <gtest/gtest.h>
@@ -27,7 +27,7 @@ TEST(Gemm, EqualsEigensProductBitForBit) {
     Matrix<float> c = Matrix<float>::Random(m, n), expected = c;  // row-major result
     detail::gemm_add(workspace, c, a, bt.transpose());
     expected.noalias() += a * bt.transpose();
-    const bool turned = detail::widest_vector_bytes() == 64 && m > detail::few_rows;
+    const bool turned = detail::widest_vector_bytes() == 64 && m > detail::turned_past;
     if (turned)
       EXPECT_TRUE(c.isApprox(expected, 1e-5f)) << m << "x" << n << "x" << k << ": row-major result, turned";
     else

@@ -243,7 +243,7 @@ void expect_turned_match_eigen(T tolerance) {
   // three; depth: shorter than a vector, a few blocks of broadcast_depth and a part; weight rows:
   // fewer than a square of vectors, more.
   for (Index k : {Index{3}, 2 * detail::broadcast_depth + 77})
-    for (Index m : {Index{1}, Index{16}, Index{17}, detail::few_rows + 1, detail::turned_rows, detail::turned_rows + 1,
+    for (Index m : {Index{1}, Index{16}, Index{17}, detail::turned_past + 1, detail::few_rows + 1, detail::turned_rows, detail::turned_rows + 1,
                     2 * detail::turned_rows + 37})
       for (Index n : {Index{5}, Index{70}}) {
         const Matrix<T> x = Matrix<T>::Random(m, k), w = Matrix<T>::Random(n, k), c = Matrix<T>::Random(m, n);
@@ -289,11 +289,14 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
   EXPECT_EQ(detail::runs_wider_than_build(), wider);
 
   // (rows, depth): past few_rows, times_wt; from slab_rows, times_b over slabs of wᵀ, one and
-  // several; with AVX-512, times_wt_turned at all of them. Where the vectors are the build's,
-  // depths within one packed block: Eigen's bits.
+  // several; with AVX-512, times_wt_turned at all of them past turned_past (up to few_rows, times_wt
+  // on any CPU). Where the vectors are the build's, depths within one packed block: Eigen's bits.
+  static_assert(detail::turned_past < detail::few_rows);
   const bool avx512 = detail::widest_vector_bytes() == 64;
   const Index n = 70;
-  const Index cases[][2] = {{detail::few_rows + 9, 200},
+  const Index cases[][2] = {{detail::turned_past, 200},
+                            {detail::turned_past + 1, 200},
+                            {detail::few_rows + 9, 200},
                             {detail::slab_rows + 5, 200},
                             {detail::slab_rows + 5, 2 * detail::broadcast_depth + 77},
                             {detail::turned_rows + 5, 200}};
@@ -302,7 +305,7 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
     Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
     detail::GemmWorkspace<float> workspace;
     detail::gemm_add(workspace, c, x, w.transpose());
-    const bool turns = avx512;
+    const bool turns = avx512 && m > detail::turned_past;
     detail::with_widest_vectors([&](auto form) {
       if (turns) {
         kernel = turned<decltype(form), float>(kernel, x, m, w);
@@ -314,7 +317,7 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
       }
     });
     eigen.noalias() += x * w.transpose();
-    if (wider || turns) {
+    if (wider || turns || m <= detail::few_rows) {
       ASSERT_FALSE(kernel == eigen) << "the test needs products whose bits tell the two apart";
       EXPECT_TRUE(c == kernel) << "gemm_add did not run the " << widest_form() << " form" << (turns ? ", turned" : "")
                                << ": " << m << " rows, k = " << k;
@@ -328,7 +331,7 @@ TEST(VectorDispatch, GemmEachGivesEachProductTheBitsGemmGivesIt) {
   // Rows: decode, turned in one block of rows and in two; weights of one shape (turned, x shared
   // with AVX-512) and of two (each its own product).
   const Index k = 2 * detail::broadcast_depth + 77;
-  for (Index m : {Index{5}, detail::few_rows + 1, Index{64}, detail::turned_rows, detail::turned_rows + 5})
+  for (Index m : {Index{5}, detail::turned_past + 1, detail::few_rows + 1, Index{64}, detail::turned_rows, detail::turned_rows + 5})
     for (Index second : {Index{70}, Index{40}}) {
       const Matrix<float> x = Matrix<float>::Random(m, k), w0 = Matrix<float>::Random(70, k),
                           w1 = Matrix<float>::Random(second, k);

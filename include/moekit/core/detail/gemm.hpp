@@ -8,12 +8,12 @@
 // heuristic, so up to a depth of max_packed_depth the arithmetic — every bit of the result — is
 // that of `C.noalias() += A·B`; deeper products are cut into shorter blocks than Eigen's, so
 // their sums are grouped differently and agree to rounding. Tiny products go coefficient by
-// coefficient; x · Wᵀ with up to few_rows rows (decode, one row included) has a kernel of its
-// own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
+// coefficient; x · Wᵀ with up to few_rows rows (decode, one row included; up to turned_past where
+// the CPU runs AVX-512) has a kernel of its own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
 // the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
 // GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
 // it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ past
-// few_rows, turned (docs/kernels.md#turned).
+// turned_past rows, turned (docs/kernels.md#turned).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -156,6 +156,12 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
   });
 }
 
+/// Past this many rows x · Wᵀ runs turned where the CPU runs AVX-512, and up to it by times_wt's
+/// dot products. Tile by tile from memory, one thread, turned ran 1.3–1.6× as fast at 28 and 32
+/// rows, as fast from 16 to 24 and slower below (docs/kernels.md#turned-past); a layer with
+/// about 34 rows an expert (Qwen2-MoE's shape) ran its forward 5–20% faster than with 32 here.
+inline constexpr Index turned_past = 24;
+
 /// The most rows of x a turned product (times_wt_turned) takes at once; more are cut into blocks.
 /// At a layer tile of 256 weight rows, its weights read from memory, turned ran 1.07–1.37× as
 /// fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster at 256; 256 rows
@@ -201,11 +207,11 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
   }
 }
 
-/// Whether x · wᵀ into c, of m rows, runs turned: past few_rows, where the CPU runs AVX-512.
+/// Whether x · wᵀ into c, of m rows, runs turned: past turned_past, where the CPU runs AVX-512.
 template <class C, class X, class Wt>
 bool runs_turned(Index m) {
   if constexpr (X::IsRowMajor && !Wt::IsRowMajor && C::IsRowMajor)
-    return m > few_rows && widest_vector_bytes() == 64;
+    return m > turned_past && widest_vector_bytes() == 64;
   else
     return false;
 }
