@@ -6,8 +6,9 @@
 // 64 × 1024 (256 KiB) that stays in L2, for the rate of its arithmetic alone, and
 // `/in_cache/k:1408` one of 64 × 1408 (352 KiB): the down product of experts with F = 1408
 // (Qwen2-MoE's and DeepSeek-V2-Lite's), where 128 KiB of W is 23 rows. Counters:
-// weight_GB_per_s (W read once) and gflops. This is the measurement behind detail::few_rows and
-// the split of decode's time between memory and arithmetic (docs/kernels.md#decode-kernel).
+// weight_GB_per_s (W read once) and gflops. `BM_Tiles` runs the layer's two kernels for x · Wᵀ
+// tile by tile. This is the measurement behind detail::few_rows and detail::turned_past, and the
+// split of decode's time between memory and arithmetic (docs/kernels.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -86,7 +87,8 @@ void BM_Kernel(benchmark::State& state, Weights kind) {
 
 /// The layer's two kernels for x · Wᵀ as it runs them, in the widest vectors the CPU has, tile by
 /// tile of 256 columns: times_wt (dot products) and, where the CPU runs AVX-512,
-/// times_wt_turned. Between them lies detail::few_rows.
+/// times_wt_turned: where one gives way to the other, detail::turned_past
+/// (docs/kernels.md#turned-past).
 template <bool Turned>
 void BM_Tiles(benchmark::State& state, Weights kind) {
   if (Turned && moekit::detail::widest_vector_bytes() != 64) {
