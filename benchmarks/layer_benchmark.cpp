@@ -503,6 +503,18 @@ void register_scaling(const Shape& s, int threads) {
 /// The router sizes --shape takes, each a TopK<K> compiled in.
 using ShapeTopKs = std::integer_sequence<int, 1, 2, 4, 6, 8>;
 
+/// Whether --shape takes K, and the sizes it takes, listed for a message.
+bool shape_takes_top_k(long k) {
+  return []<int... K>(std::integer_sequence<int, K...>, long k) { return ((k == K) || ...); }(ShapeTopKs{}, k);
+}
+std::string shape_top_ks() {
+  std::string listed;
+  [&]<int... K>(std::integer_sequence<int, K...>) {
+    ((listed += (listed.empty() ? "" : ", ") + std::to_string(K)), ...);
+  }(ShapeTopKs{});
+  return listed;
+}
+
 /// The default layer with TopK<s.k> and its limit at shape s, for both passes.
 void register_shape(const Shape& s, int threads, std::set<std::string>& seen) {
   [&]<int... K>(std::integer_sequence<int, K...>) {
@@ -593,12 +605,12 @@ std::vector<int> thread_counts(int& argc, char** argv) {
 std::vector<Shape> shapes(int& argc, char** argv) {
   std::vector<Shape> taken;
   for (const auto& v : take_flag(argc, argv, "shape")) {
-    const auto k_compiled = []<int... K>(std::integer_sequence<int, K...>, long k) { return ((k == K) || ...); };
-    if (v.size() != 5 || !k_compiled(ShapeTopKs{}, v[4]) || v[4] > v[3]) {
+    if (v.size() != 5 || !shape_takes_top_k(v[4]) || v[4] > v[3]) {
+      const std::string got = v.size() == 5 ? ", K = " + std::to_string(v[4]) + ", E = " + std::to_string(v[3]) : "";
       std::fprintf(stderr,
-                   "layer_benchmark: --shape takes T,H,F,E,K: five whole numbers, K one of 1, 2, 4, 6, 8 and "
-                   "at most E; got %zu number(s)%s\n",
-                   v.size(), v.size() == 5 ? (", K = " + std::to_string(v[4]) + ", E = " + std::to_string(v[3])).c_str() : "");
+                   "layer_benchmark: --shape takes T,H,F,E,K: five whole numbers, K one of %s and at most E; "
+                   "got %zu number(s)%s\n",
+                   shape_top_ks().c_str(), v.size(), got.c_str());
       std::exit(2);
     }
     taken.push_back({v[0], v[1], v[2], v[3], int(v[4])});

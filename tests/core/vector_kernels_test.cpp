@@ -243,8 +243,8 @@ void expect_turned_match_eigen(T tolerance) {
   // three; depth: shorter than a vector, a few blocks of broadcast_depth and a part; weight rows:
   // fewer than a square of vectors, more.
   for (Index k : {Index{3}, 2 * detail::broadcast_depth + 77})
-    for (Index m : {Index{1}, Index{16}, Index{17}, detail::turned_past + 1, detail::few_rows + 1, detail::turned_rows, detail::turned_rows + 1,
-                    2 * detail::turned_rows + 37})
+    for (Index m : {Index{1}, Index{16}, Index{17}, detail::turned_past + 1, detail::few_rows + 1, detail::turned_rows,
+                    detail::turned_rows + 1, 2 * detail::turned_rows + 37})
       for (Index n : {Index{5}, Index{70}}) {
         const Matrix<T> x = Matrix<T>::Random(m, k), w = Matrix<T>::Random(n, k), c = Matrix<T>::Random(m, n);
         const Matrix<T> expected = c + x * w.transpose();
@@ -331,7 +331,8 @@ TEST(VectorDispatch, GemmEachGivesEachProductTheBitsGemmGivesIt) {
   // Rows: decode, turned in one block of rows and in two; weights of one shape (turned, x shared
   // with AVX-512) and of two (each its own product).
   const Index k = 2 * detail::broadcast_depth + 77;
-  for (Index m : {Index{5}, detail::turned_past + 1, detail::few_rows + 1, Index{64}, detail::turned_rows, detail::turned_rows + 5})
+  for (Index m :
+       {Index{5}, detail::turned_past + 1, detail::few_rows + 1, Index{64}, detail::turned_rows, detail::turned_rows + 5})
     for (Index second : {Index{70}, Index{40}}) {
       const Matrix<float> x = Matrix<float>::Random(m, k), w0 = Matrix<float>::Random(70, k),
                           w1 = Matrix<float>::Random(second, k);

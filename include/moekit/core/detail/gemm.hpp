@@ -9,8 +9,8 @@
 // that of `C.noalias() += A·B`; deeper products are cut into shorter blocks than Eigen's, so
 // their sums are grouped differently and agree to rounding. Tiny products go coefficient by
 // coefficient; x · Wᵀ with up to few_rows rows (decode, one row included; up to turned_past where
-// the CPU runs AVX-512) has a kernel of its own (vector_kernels.hpp), and other products with one row or one column go to Eigen's GEMV, as
-// the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
+// the CPU runs AVX-512) has a kernel of its own (vector_kernels.hpp), and other products with one
+// row or one column go to Eigen's GEMV, as the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
 // GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
 // it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ past
 // turned_past rows, turned (docs/kernels.md#turned).
