@@ -7,8 +7,9 @@
 // `/in_cache/k:1408` one of 64 × 1408 (352 KiB): the down product of experts with F = 1408
 // (Qwen2-MoE's and DeepSeek-V2-Lite's), where 128 KiB of W is 23 rows. Counters:
 // weight_GB_per_s (W read once) and gflops. `BM_Tiles` runs the layer's two kernels for x · Wᵀ
-// tile by tile. This is the measurement behind detail::few_rows and detail::turned_past, and the
-// split of decode's time between memory and arithmetic (docs/kernels.md#decode-kernel).
+// tile by tile. This is the measurement behind detail::few_rows and detail::turned_past, the
+// turned kernel's rows by dot products, and the split of decode's time between memory and
+// arithmetic (docs/kernels.md#decode-kernel).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -122,18 +123,23 @@ void rows(benchmark::internal::Benchmark* b) {
   b->Unit(benchmark::kMillisecond);
 }
 
-/// BM_Kernel for every form of this build (detail::VectorForms), from memory and in cache, then
-/// Eigen's GEMM.
+/// rows, and two more for the turned kernel: 34, two rows past its last whole vector, which go by
+/// dot products, and 40, eight past it, which do not (docs/kernels.md#dot-tail).
+void tile_rows(benchmark::internal::Benchmark* b) {
+  rows(b);
+  b->Arg(34)->Arg(40);
+}
+
+/// For weights from memory and in cache: BM_Kernel for every form of this build
+/// (detail::VectorForms), and BM_Tiles; then Eigen's GEMM.
 void register_all() {
-  [&]<class... Form>(std::tuple<Form...>*) {
-    for (const Weights& kind : {from_memory, in_cache, short_rows_in_cache}) {
+  for (const Weights& kind : {from_memory, in_cache, short_rows_in_cache}) {
+    [&]<class... Form>(std::tuple<Form...>*) {
       const auto name = [&](const char* form) { return std::string("BM_Kernel<") + form + ">" + kind.suffix; };
       (rows(benchmark::RegisterBenchmark(name(Form::name).c_str(), BM_Kernel<Form>, kind)), ...);
-    }
-  }(static_cast<moekit::detail::VectorForms*>(nullptr));
-  for (const Weights& kind : {from_memory, in_cache, short_rows_in_cache}) {
-    rows(benchmark::RegisterBenchmark((std::string("BM_Tiles/dot") + kind.suffix).c_str(), BM_Tiles<false>, kind));
-    rows(benchmark::RegisterBenchmark((std::string("BM_Tiles/turned") + kind.suffix).c_str(), BM_Tiles<true>, kind));
+    }(static_cast<moekit::detail::VectorForms*>(nullptr));
+    tile_rows(benchmark::RegisterBenchmark((std::string("BM_Tiles/dot") + kind.suffix).c_str(), BM_Tiles<false>, kind));
+    tile_rows(benchmark::RegisterBenchmark((std::string("BM_Tiles/turned") + kind.suffix).c_str(), BM_Tiles<true>, kind));
   }
   rows(benchmark::RegisterBenchmark("BM_EigenGemm", BM_EigenGemm));
 }

@@ -240,11 +240,13 @@ Matrix<T> turned(Matrix<T> c, const Matrix<T>& x, Index m, const Matrix<T>& w) {
 template <class Form, class T>
 void expect_turned_match_eigen(T tolerance) {
   // Rows: one, a vector's and one past it, the dispatch's bound, one block of turned_rows, two and
-  // three; depth: shorter than a vector, a few blocks of broadcast_depth and a part; weight rows:
-  // fewer than a square of vectors, more.
+  // three; rows past the last whole vector that go by dot products (one, and a whole group of
+  // times_wt) and that do not (one more); depth: shorter than a vector, a few blocks of
+  // broadcast_depth and a part; weight rows: fewer than a square of vectors, more.
+  constexpr Index lanes = Form::bytes / Index{sizeof(T)}, group = detail::times_wt_group<Form>;
   for (Index k : {Index{3}, 2 * detail::broadcast_depth + 77})
-    for (Index m : {Index{1}, Index{16}, Index{17}, detail::turned_past + 1, detail::few_rows + 1, detail::turned_rows,
-                    detail::turned_rows + 1, 2 * detail::turned_rows + 37})
+    for (Index m : {Index{1}, Index{16}, Index{17}, detail::turned_past + 1, detail::few_rows + 1, 2 * lanes + group,
+                    2 * lanes + group + 1, detail::turned_rows, detail::turned_rows + 1, 2 * detail::turned_rows + 37})
       for (Index n : {Index{5}, Index{70}}) {
         const Matrix<T> x = Matrix<T>::Random(m, k), w = Matrix<T>::Random(n, k), c = Matrix<T>::Random(m, n);
         const Matrix<T> expected = c + x * w.transpose();
@@ -259,13 +261,23 @@ TYPED_TEST(TimesWtTurned, MatchesEigen) {
 
 TYPED_TEST(TimesWtTurned, GivesEachRowTheSameBitsWhateverRowsAreBesideIt) {
   // Rows of x are columns of xᵀ here: a row must not be summed differently in another lane, past
-  // the last whole vector or in another block of rows (up to three blocks of turned_rows).
-  const Index most = 2 * detail::turned_rows + 37;
-  const Matrix<float> x = Matrix<float>::Random(most, 2 * detail::broadcast_depth + 77), w = Matrix<float>::Random(37, x.cols());
+  // the last whole vector or in another block of rows (up to three blocks of turned_rows). The
+  // rows past the last whole vector, where they fit one group of times_wt, go by its dot products
+  // instead, over each block of broadcast_depth in turn: those bits, whatever rows are beside them.
+  constexpr Index lanes = TypeParam::bytes / Index{sizeof(float)}, group = detail::times_wt_group<TypeParam>;
+  const Index most = 2 * detail::turned_rows + 2 * lanes, depth = detail::broadcast_depth;
+  const Matrix<float> x = Matrix<float>::Random(most, 2 * depth + 77), w = Matrix<float>::Random(37, x.cols());
   const Matrix<float> all = turned<TypeParam, float>(Matrix<float>::Zero(most, 37), x, most, w);
+  ASSERT_EQ(most % lanes, 0) << "every row of `all` must be summed turned";
   for (Index m = 1; m < most; ++m) {
     const Matrix<float> some = turned<TypeParam, float>(Matrix<float>::Zero(m, 37), x, m, w);
-    EXPECT_TRUE(some == all.bottomRows(m)) << m << " rows";
+    const Index dotted = m > lanes && m % lanes <= group ? m % lanes : 0;
+    EXPECT_TRUE(some.topRows(m - dotted) == all.bottomRows(m).topRows(m - dotted)) << m << " rows";
+    Matrix<float> dots = Matrix<float>::Zero(dotted, 37);
+    for (Index p = 0; p < x.cols(); p += depth)
+      detail::times_wt(TypeParam{}, dots, x.bottomRows(dotted).data() + p, x.outerStride(), dotted, w.data() + p,
+                       w.outerStride(), w.rows(), std::min(depth, x.cols() - p));
+    EXPECT_TRUE(some.bottomRows(dotted) == dots) << m << " rows, the last " << dotted << " by dot products";
   }
 }
 

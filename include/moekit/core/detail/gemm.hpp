@@ -176,7 +176,11 @@ inline constexpr Index turned_rows = 192;
 /// row of x is summed in vector lanes alike, whatever rows are beside it; each c[i]ᵀ is then
 /// transposed back and added. More than turned_rows rows go in the fewest blocks of at most
 /// turned_rows, whole vectors but the last, one after another. The sums are those of times_b
-/// over the whole of xᵀ, whatever the blocks.
+/// over the whole of xᵀ, whatever the blocks; but the rows past the last whole vector, where they
+/// fit one group of times_wt, go by its dot products instead, over each block of w[i] right after
+/// times_b has read it (still in cache): turned, a vector of 16 lanes for one to six rows did up
+/// to sixteen times their arithmetic (docs/kernels.md#dot-tail). Their bits are those of times_wt
+/// over each block of broadcast_depth in turn, whatever rows are beside them.
 template <class Vectors, class T, class C, std::size_t N>
 void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*, N>& c, const T* x, Index xs,
                      Index m, const std::array<const T*, N>& w, Index ws, Index n, Index k) {
@@ -187,8 +191,11 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
   // The slab holds a block of xᵀ (at most broadcast_depth of k deep), then a cᵀ transposed back.
   const Index held = std::max(std::min(broadcast_depth, k), n);
   T* slab = blocks.scratch(static_cast<std::size_t>((held + Index{N} * n) * whole_vectors(block)));
+  constexpr int group = times_wt_group<Vectors>;
   for (Index first = 0; first < m; first += block) {
-    const Index rows = std::min(block, m - first), width = whole_vectors(rows), each = n * width;
+    const Index all = std::min(block, m - first);
+    const Index dotted = all > lanes && all % lanes <= group ? all % lanes : 0;  // by dot products
+    const Index rows = all - dotted, width = whole_vectors(rows), each = n * width;  // turned
     const T* x_rows = x + first * xs;
     T* turned = slab + held * width;
     std::fill_n(turned, Index{N} * each, T(0));
@@ -197,8 +204,13 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
     for (Index p = 0; p < k; p += broadcast_depth) {
       const Index depth = std::min(broadcast_depth, k - p);
       Vectors::transpose(x_rows + p, xs, rows, depth, slab, width);
-      for (std::size_t i = 0; i < N; ++i)
+      for (std::size_t i = 0; i < N; ++i) {
         times_b(vectors, turned + Index(i) * each, width, w[i] + p, ws, 1, n, slab, width, width, depth);
+        if (dotted > 0)
+          with_count<group>(dotted, [&]<int Rows>() {
+            times_wt_block<Vectors, Rows>(*c[i], first + rows, x_rows + rows * xs + p, xs, w[i] + p, ws, 0, n, depth);
+          });
+      }
     }
     for (std::size_t i = 0; i < N; ++i) {
       Vectors::transpose(turned + Index(i) * each, width, n, rows, slab, n);
