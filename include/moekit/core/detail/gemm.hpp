@@ -10,10 +10,10 @@
 // their sums are grouped differently and agree to rounding. Tiny products go coefficient by
 // coefficient; x · Wᵀ with up to few_rows rows (decode, one row included; up to turned_past where
 // the CPU runs AVX-512) has a kernel of its own (vector_kernels.hpp), and other products with one
-// row or one column go to Eigen's GEMV, as the operator sends them. Where the CPU runs wider vectors than the build's, and so than Eigen's
-// GEMM, every x · Wᵀ and every product into rows of B goes to vector_kernels.hpp instead; where
-// it runs AVX-512, whatever the build, so does every product into rows of B, and x · Wᵀ past
-// turned_past rows, turned (docs/kernels.md#turned).
+// row or one column go to Eigen's GEMV, as the operator sends them. Where the CPU runs wider
+// vectors than the build's, and so than Eigen's GEMM, every x · Wᵀ and every product into rows of
+// B goes to vector_kernels.hpp instead; where it runs AVX-512, whatever the build, so does every
+// product into rows of B, and x · Wᵀ past turned_past rows, turned (docs/kernels.md#turned).
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -191,10 +191,9 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
   // The slab holds a block of xᵀ (at most broadcast_depth of k deep), then a cᵀ transposed back.
   const Index held = std::max(std::min(broadcast_depth, k), n);
   T* slab = blocks.scratch(static_cast<std::size_t>((held + Index{N} * n) * whole_vectors(block)));
-  constexpr int group = times_wt_group<Vectors>;
   for (Index first = 0; first < m; first += block) {
     const Index all = std::min(block, m - first);
-    const Index dotted = all > lanes && all % lanes <= group ? all % lanes : 0;  // by dot products
+    const Index dotted = all > lanes && all % lanes <= times_wt_group<Vectors> ? all % lanes : 0;  // by times_wt
     const Index rows = all - dotted, width = whole_vectors(rows), each = n * width;  // turned
     const T* x_rows = x + first * xs;
     T* turned = slab + held * width;
@@ -206,10 +205,10 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
       Vectors::transpose(x_rows + p, xs, rows, depth, slab, width);
       for (std::size_t i = 0; i < N; ++i) {
         times_b(vectors, turned + Index(i) * each, width, w[i] + p, ws, 1, n, slab, width, width, depth);
-        if (dotted > 0)
-          with_count<group>(dotted, [&]<int Rows>() {
-            times_wt_block<Vectors, Rows>(*c[i], first + rows, x_rows + rows * xs + p, xs, w[i] + p, ws, 0, n, depth);
-          });
+        if (dotted > 0) {
+          auto left = c[i]->middleRows(first + rows, dotted);
+          times_wt(vectors, left, x_rows + rows * xs + p, xs, dotted, w[i] + p, ws, n, depth);
+        }
       }
     }
     for (std::size_t i = 0; i < N; ++i) {
