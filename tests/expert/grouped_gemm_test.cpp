@@ -3,7 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <random>
 
 #include <tbb/task_arena.h>
@@ -163,15 +165,39 @@ void expect_passes_match_scalar() {
 
 TEST(Activation, TilePassesMatchTheScalarFormulas) {
   static_assert(detail::PacketActivation<SwiGLU, float> && detail::PacketActivation<ReLU, double>);
-  static_assert(!detail::PacketActivation<GeLU, float>);  // element by element
+  static_assert(detail::PacketActivation<GeLU, float> && !detail::PacketActivation<GeLU, double>);
   expect_passes_match_scalar<SwiGLU>();
   expect_passes_match_scalar<ReLU>();
-  expect_passes_match_scalar<GeLU>();
 }
 
-TEST(Activation, SwiGLUsFusedFormHasTheBitsOfEachAlone) {
-  // The backward pass takes act and act' from one exp; they must be those the forward and the
-  // derivative alone give, bit for bit, so that fusing them changes no result.
+TEST(Activation, GeLUsFloatPassesAreWithinAFewRoundingsOfTheExactGeLU) {
+  // Floats go through Eigen's rational fit of erf, not std::erf: held to the exact GeLU (in
+  // double) within 4e-7 · max(1, |g|), its derivative within 4e-7 (std::erf in float: 1.3e-7).
+  using M = Matrix<float>;
+  const Index cols = 200001;
+  M g(1, cols), h(1, cols);
+  for (Index j = 0; j < cols; ++j) g(0, j) = float(-100.0 + 200.0 * double(j) / double(cols - 1));
+  M dg = g;
+  const M ones = M::Ones(1, cols);
+  detail::activate<GeLU>(g, h);
+  detail::activate_backward<GeLU>(dg, ones);
+  for (Index j = 0; j < cols; ++j) {
+    const double v = g(0, j);
+    ASSERT_LE(std::abs(h(0, j) - GeLU::apply(v)), 4e-7 * std::max(1.0, std::abs(v))) << "GeLU at " << v;
+    ASSERT_LE(std::abs(dg(0, j) - GeLU::derivative(v)), 4e-7) << "GeLU' at " << v;
+  }
+  M special(1, 3), out(1, 3);
+  special << std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(), -0.0f;
+  detail::activate<GeLU>(special, out);
+  EXPECT_TRUE(std::isnan(out(0, 0)));  // the fit's clamp to ±4 must not hide a NaN
+  EXPECT_EQ(out(0, 1), std::numeric_limits<float>::infinity());
+  EXPECT_EQ(out(0, 2), 0.0f);
+}
+
+/// The fused forms the backward pass uses (act and act' from one exp or erf) against each alone:
+/// bit for bit, so that fusing them changes no result.
+template <class Act>
+void expect_fused_form_has_the_bits_of_each_alone() {
   namespace ei = Eigen::internal;
   using Packet = ei::packet_traits<float>::type;
   constexpr int lanes = ei::packet_traits<float>::size;
@@ -179,16 +205,21 @@ TEST(Activation, SwiGLUsFusedFormHasTheBitsOfEachAlone) {
     float in[lanes], fused_act[lanes], fused_derivative[lanes], act[lanes], derivative[lanes];
     for (int l = 0; l < lanes; ++l) in[l] = first + 0.37f * float(l);
     const Packet g = ei::ploadu<Packet>(in);
-    const auto [a, da] = SwiGLU::apply_and_derivative_packet(g);
+    const auto [a, da] = Act::apply_and_derivative_packet(g);
     ei::pstoreu(fused_act, a);
     ei::pstoreu(fused_derivative, da);
-    ei::pstoreu(act, SwiGLU::apply_packet(g));
-    ei::pstoreu(derivative, SwiGLU::derivative_packet(g));
+    ei::pstoreu(act, Act::apply_packet(g));
+    ei::pstoreu(derivative, Act::derivative_packet(g));
     for (int l = 0; l < lanes; ++l) {
-      ASSERT_EQ(fused_act[l], act[l]) << "at " << in[l];
-      ASSERT_EQ(fused_derivative[l], derivative[l]) << "at " << in[l];
+      ASSERT_EQ(fused_act[l], act[l]) << Act::name << " at " << in[l];
+      ASSERT_EQ(fused_derivative[l], derivative[l]) << Act::name << " at " << in[l];
     }
   }
+}
+
+TEST(Activation, FusedFormsHaveTheBitsOfEachAlone) {
+  expect_fused_form_has_the_bits_of_each_alone<SwiGLU>();
+  expect_fused_form_has_the_bits_of_each_alone<GeLU>();
 }
 
 TEST(Activation, AnElementsResultDoesNotDependOnWhereItLies) {
@@ -200,11 +231,15 @@ TEST(Activation, AnElementsResultDoesNotDependOnWhereItLies) {
   M g(1, cols), u = M::Constant(1, cols, 1.5f), h(1, cols);
   for (Index j = 0; j < cols; ++j) g(0, j) = 0.0613f * float(j) - 12.0f;
   detail::activate_gated<SwiGLU>(g, u, h);
+  M plain(1, cols);  // GeLU's pass, which floats run in packets too
+  detail::activate<GeLU>(g, plain);
   for (Index width = 1; width <= 17; ++width)
     for (Index j = width - 1; j < cols; ++j) {
-      M part(1, width);
+      M part(1, width), plain_part(1, width);
       detail::activate_gated<SwiGLU>(g.middleCols(j + 1 - width, width), u.middleCols(j + 1 - width, width), part);
       ASSERT_EQ(part(0, width - 1), h(0, j)) << "value " << g(0, j) << " last of " << width;
+      detail::activate<GeLU>(g.middleCols(j + 1 - width, width), plain_part);
+      ASSERT_EQ(plain_part(0, width - 1), plain(0, j)) << "GeLU at " << g(0, j) << " last of " << width;
     }
 }
 
