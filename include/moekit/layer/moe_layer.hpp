@@ -148,13 +148,31 @@ class BasicMoELayer {
       expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_.front(), workspace_);
     }
 
+    // y = Σ_k weight_k · out[slot_k]: the first term written, the others added. A token's rows of
+    // out lie in its experts' blocks, where the hardware's prefetcher cannot guess them, so the
+    // next token's are fetched while this one's are summed (docs/kernels.md#combine).
+    const auto fetch = [&](Index slot) {
+      const char* line = reinterpret_cast<const char*>(out.row(slot).data());
+      for (Index b = 0; b < hidden * Index{sizeof(T)}; b += 64) __builtin_prefetch(line + b);
+    };
     detail::for_each_index(tokens, token_block, [&](Index t) {
-      y.row(t).setZero();
+      for (int k = 0; k < top_k && t + 1 < tokens; ++k)
+        if (const Index slot = plan_.slot[static_cast<std::size_t>((t + 1) * top_k + k)]; slot != Plan::no_slot)
+          fetch(slot);
+      auto row = y.row(t);
+      bool written = false;
       for (int k = 0; k < top_k; ++k) {
         const auto choice = static_cast<std::size_t>(t * top_k + k);
-        if (plan_.slot[choice] != Plan::no_slot)
-          y.row(t) += routing_.weight[choice] * out.row(plan_.slot[choice]);
+        if (plan_.slot[choice] == Plan::no_slot) continue;
+        const T weight = routing_.weight[choice];
+        const auto source = out.row(plan_.slot[choice]);
+        if (written)
+          row += weight * source;
+        else
+          row = weight * source;
+        written = true;
       }
+      if (!written) row.setZero();
     });
     have_forward_ = true;
     if (observer_) observer_(stats());
