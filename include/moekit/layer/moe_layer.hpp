@@ -148,17 +148,10 @@ class BasicMoELayer {
       expert_.template forward<T>(expert_weights(), rows, plan_.offsets, out, expert_saved_.front(), workspace_);
     }
 
-    // y = Σ_k weight_k · out[slot_k]: the first term written, the others added. A token's rows of
-    // out lie in its experts' blocks, where the hardware's prefetcher cannot guess them, so the
-    // next token's are fetched while this one's are summed (docs/kernels.md#combine).
-    const auto fetch = [&](Index slot) {
-      const char* line = reinterpret_cast<const char*>(out.row(slot).data());
-      for (Index b = 0; b < hidden * Index{sizeof(T)}; b += 64) __builtin_prefetch(line + b);
-    };
+    // y = Σ_k weight_k · out[slot_k]: the first term written, the others added; the next token's
+    // rows fetched meanwhile.
     detail::for_each_index(tokens, token_block, [&](Index t) {
-      for (int k = 0; k < top_k && t + 1 < tokens; ++k)
-        if (const Index slot = plan_.slot[static_cast<std::size_t>((t + 1) * top_k + k)]; slot != Plan::no_slot)
-          fetch(slot);
+      if (t + 1 < tokens) fetch_rows_of(t + 1, out);
       auto row = y.row(t);
       bool written = false;
       for (int k = 0; k < top_k; ++k) {
@@ -248,11 +241,13 @@ class BasicMoELayer {
     workspace_.ready();
     detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
       detail::gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
-      for (Index t = first; t < first + n; ++t)
+      for (Index t = first; t < first + n; ++t) {
+        if (t + 1 < tokens) fetch_rows_of(t + 1, d_rows);
         for (int k = 0; k < top_k; ++k) {
           const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
           if (slot != Plan::no_slot) dx.row(t) += d_rows.row(slot);
         }
+      }
     });
     // The router's gradient, d_logitsᵀ · x, by blocks of H columns: each sums over all tokens.
     auto d_router = gradients_.front().matrix();
@@ -523,6 +518,18 @@ class BasicMoELayer {
         at[d] = 0;
       }
     }
+  }
+
+  /// Prefetches the rows of m, in the experts' order, that token t's choices went to: for the loops
+  /// that sum each token's rows, which lie in its experts' blocks, where the hardware's prefetcher
+  /// cannot guess them (docs/kernels.md#combine).
+  template <class M>
+  void fetch_rows_of(Index t, const M& m) const {
+    for (int k = 0; k < top_k; ++k)
+      if (const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)]; slot != Plan::no_slot) {
+        const char* line = reinterpret_cast<const char*>(m.row(slot).data());
+        for (Index b = 0; b < m.cols() * Index{sizeof(T)}; b += 64) __builtin_prefetch(line + b);
+      }
   }
 
   /// Over ranks, for a dispatcher whose decisions depend on the whole batch (a capacity): plans
