@@ -264,14 +264,14 @@ TYPED_TEST(TimesWtTurned, GivesEachRowTheSameBitsWhateverRowsAreBesideIt) {
   // the last whole vector or in another block of rows (up to three blocks of turned_rows). The
   // rows past the last whole vector, where they fit one group of times_wt, go by its dot products
   // instead, over each block of broadcast_depth in turn: those bits, whatever rows are beside them.
-  constexpr Index lanes = TypeParam::bytes / Index{sizeof(float)}, group = detail::times_wt_group<TypeParam>;
+  constexpr Index lanes = TypeParam::bytes / Index{sizeof(float)};
   const Index most = 2 * detail::turned_rows + 2 * lanes, depth = detail::broadcast_depth;
   const Matrix<float> x = Matrix<float>::Random(most, 2 * depth + 77), w = Matrix<float>::Random(37, x.cols());
   const Matrix<float> all = turned<TypeParam, float>(Matrix<float>::Zero(most, 37), x, most, w);
   ASSERT_EQ(most % lanes, 0) << "every row of `all` must be summed turned";
   for (Index m = 1; m < most; ++m) {
     const Matrix<float> some = turned<TypeParam, float>(Matrix<float>::Zero(m, 37), x, m, w);
-    const Index dotted = m > lanes && m % lanes <= group ? m % lanes : 0;
+    const Index dotted = detail::dotted_rows<TypeParam, float>(m);
     EXPECT_TRUE(some.topRows(m - dotted) == all.bottomRows(m).topRows(m - dotted)) << m << " rows";
     Matrix<float> dots = Matrix<float>::Zero(dotted, 37);
     for (Index p = 0; p < x.cols(); p += depth)

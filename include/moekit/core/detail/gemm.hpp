@@ -168,6 +168,14 @@ inline constexpr Index turned_past = 24;
 /// as two blocks of 128 ran 1.12–1.14× as fast (docs/kernels.md#turned-blocks).
 inline constexpr Index turned_rows = 192;
 
+/// Of a turned product's block of `rows` rows, how many past its last whole vector go by
+/// times_wt's dot products: those left past more than one vector, where they fit one group.
+template <class Vectors, class T>
+constexpr Index dotted_rows(Index rows) {
+  constexpr Index lanes = Vectors::bytes / Index{sizeof(T)};
+  return rows > lanes && rows % lanes <= times_wt_group<Vectors> ? rows % lanes : 0;
+}
+
 /// c[i] += x · w[i]ᵀ for row-major c[i], turned: c[i]ᵀ = w[i] · xᵀ by times_b, each row of w[i]
 /// broadcast as it lies, so no weight is packed or transposed (Eigen packs each tile's weights for
 /// its few rows; the slabs transpose them). x is transposed instead, a block of broadcast_depth
@@ -193,7 +201,7 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
   T* slab = blocks.scratch(static_cast<std::size_t>((held + Index{N} * n) * whole_vectors(block)));
   for (Index first = 0; first < m; first += block) {
     const Index all = std::min(block, m - first);
-    const Index dotted = all > lanes && all % lanes <= times_wt_group<Vectors> ? all % lanes : 0;  // by times_wt
+    const Index dotted = dotted_rows<Vectors, T>(all);  // by times_wt
     const Index rows = all - dotted, width = whole_vectors(rows), each = n * width;  // turned
     const T* x_rows = x + first * xs;
     T* turned = slab + held * width;
