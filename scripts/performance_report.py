@@ -197,7 +197,8 @@ def pytorch_table(rows):
         k = key(r)
         lines.append([
             r["policies"], f"`{k[0]}`", k[1], k[2], fmt(r["ms"]),
-            fmt(100 * own[k]["ms"] / r["ms"]) if k in own else "—",
+            fmt(r["counters"]["pct_of_limit"]) if "pct_of_limit" in r["counters"]  # from paired steps
+            else fmt(100 * own[k]["ms"] / r["ms"]) if k in own else "—",
             fmt(100 * eigen[k]["ms"] / r["ms"]) if k in eigen else "—",
             fmt(ours[k]["ms"]) if k in ours else "—",
             f"{r['ms'] / ours[k]['ms']:.2f}×" if k in ours else "—",

@@ -3,6 +3,9 @@
 
     python3 scripts/pytorch_baseline.py --threads 1,16 > pytorch.json
 
+On Debian 12, PyTorch is `apt-get install python3-torch libopenblas0-openmp` (without OpenBLAS
+its matmuls go to the reference BLAS), run with Debian's own /usr/bin/python3.
+
 The comparison moekit's performance target is set against (docs/performance.md). Two ways
 PyTorch code writes an MoE layer:
   hf_loop  — a loop over experts with index gathers and index_add_, as Hugging Face's Mixtral
@@ -11,7 +14,9 @@ PyTorch code writes an MoE layer:
              rows, then scatter back, as Megatron-style token permutation does.
 Both use the same router (softmax over E, top-k, renormalised) and SwiGLU experts. The limit is
 PyTorch's: the same SwiGLU matmuls over T·K rows with one expert's weights and no routing.
-Backward is autograd's, with respect to the input and every weight.
+Backward is autograd's, with respect to the input and every weight. Each step of a layer is
+followed by a step of the limit, as layer_benchmark pairs moekit's: times are medians over the
+steps and pct_of_limit the median of the pairs' ratios.
 
 The output is JSON in Google Benchmark's layout (names `pytorch/<pass>/<impl>/<shape>/threads:N`
 and `pytorch_limit/<pass>/<shape>/threads:N`, counters gflops and pct_of_limit), which
@@ -20,6 +25,7 @@ never does: this script only measures the alternative.
 """
 import argparse
 import json
+import statistics
 import sys
 import time
 
@@ -87,34 +93,42 @@ def limit(w, x, s):
     return w.expert(0, rows)
 
 
-def seconds(step, repeats):
-    step()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def measure(impl, s, backward, repeats):
+def make_step(impl, s, backward):
+    """One step of impl (forward, or forward and backward) on its own weights and input."""
     w = Weights(s)
     x = torch.randn(s["T"], s["H"], requires_grad=backward)
 
     def step():
+        start = time.perf_counter()
         if backward:
             y = impl(w, x, s)
             y.backward(torch.ones_like(y))
         else:
             with torch.no_grad():
                 impl(w, x, s)
-    return seconds(step, repeats)
+        return time.perf_counter() - start
+    return step
+
+
+def paired(impl, limit_step, s, backward, pairs):
+    """impl's steps, each followed by a step of the limit, as layer_benchmark pairs moekit's: the
+    VM's speed drifts by 10-30% over minutes, and a pair sees the same machine. Returns the
+    median of impl's steps and of limit / impl over the pairs."""
+    step = make_step(impl, s, backward)
+    step(), limit_step()  # warm-up
+    times, ratios = [], []
+    for _ in range(pairs):
+        t = step()
+        times.append(t)
+        ratios.append(limit_step() / t)
+    return statistics.median(times), statistics.median(ratios)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1", help="comma-separated thread counts (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps, best kept (default: %(default)s)")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="timed steps of each layer, each followed by one of the limit (default: %(default)s)")
     args = parser.parse_args(argv)
     benchmarks = []
     for threads in (int(t) for t in args.threads.split(",")):
@@ -123,17 +137,17 @@ def main(argv=None):
             for backward in (False, True):
                 pass_ = "fwd+bwd" if backward else "fwd"
                 tail = f"{shape_name(s)}/threads:{threads}"
-                limit_s = measure(limit, s, backward, args.repeats)
-                for name, impl, t in (("limit", None, limit_s),
-                                      ("hf_loop", hf_loop, None), ("permute", permute, None)):
-                    t = t if t is not None else measure(impl, s, backward, args.repeats)
-                    gflops = flops(s, backward) * 1e-9 / t
+                limit_step = make_step(limit, s, backward)
+                limit_step()  # warm-up
+                limit_s = statistics.median(limit_step() for _ in range(args.pairs))
+                for name, impl in (("limit", None), ("hf_loop", hf_loop), ("permute", permute)):
+                    t, ratio = (limit_s, 1.0) if impl is None else paired(impl, limit_step, s, backward, args.pairs)
                     benchmarks.append({
                         "name": f"pytorch_limit/{pass_}/{tail}" if impl is None else f"pytorch/{pass_}/{name}/{tail}",
                         "run_type": "iteration", "real_time": t * 1e3, "time_unit": "ms",
-                        "gflops": gflops, "pct_of_limit": 100.0 * limit_s / t,
+                        "gflops": flops(s, backward) * 1e-9 / t, "pct_of_limit": 100.0 * ratio,
                     })
-                    print(benchmarks[-1]["name"], f"{t * 1e3:.1f} ms", f"{100.0 * limit_s / t:.0f}% of limit",
+                    print(benchmarks[-1]["name"], f"{t * 1e3:.1f} ms", f"{100.0 * ratio:.0f}% of limit",
                           file=sys.stderr)
     context = {"library": f"torch {torch.__version__}", "num_cpus": torch.get_num_threads()}
     json.dump({"context": context, "benchmarks": benchmarks}, sys.stdout, indent=1)

@@ -84,6 +84,8 @@ class PerformanceReport(unittest.TestCase):
         self.assertIn("### PyTorch on the same machine", text)
         # 1500 / 2000 of its own limit, 900 / 2000 of Eigen's, moekit's 1000 ms: 2× faster.
         self.assertIn("| hf_loop | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 2000 | 75.0 | 45.0 | 1000 | 2.00× |", text)
+        # With pct_of_limit from its paired steps, that, not the ratio of the medians.
+        self.assertIn("| permute | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 2000 | 80.0 | 45.0 | 1000 | 2.00× |", text)
         self.assertNotIn("PyTorch on the same machine", self.report(), "no PyTorch table without its JSON")
 
     def test_sections_keep_several_machines_in_one_document(self):
