@@ -7,11 +7,13 @@
 # experts, the triad, the cores' multiply-adds and decode), then the policy matrix (T = 512) on
 # all the cores, then scripts/performance_report.py over both. The section's markers must be in
 # the document (MEASURE_DOC, default docs/performance.md). The JSON is kept in MEASURE_OUT
-# (default: a new temporary folder), to be read again or compared.
+# (default: a new temporary folder), to be read again or compared. MEASURE_PYTORCH names a Python
+# that has PyTorch: scripts/pytorch_baseline.py then runs too, on one thread and all the cores,
+# and the section gets its table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ]; then
-  sed -n 2,10p "$0" >&2
+  sed -n 2,12p "$0" >&2
   exit 2
 fi
 section=$1 machine=$2 build=${3:-build} doc=${MEASURE_DOC:-docs/performance.md}
@@ -38,11 +40,17 @@ bench_json() {
 }
 bench_json "$out/scaling.json" --benchmark_filter='T:2048|triad|fma|decode'
 bench_json "$out/matrix.json" --threads="$cores" --benchmark_filter='T:512'
+jsons=("$out/scaling.json" "$out/matrix.json")
+if [ -n "${MEASURE_PYTORCH:-}" ]; then
+  "$MEASURE_PYTORCH" scripts/pytorch_baseline.py --threads "1,$cores" > "$out/pytorch.json"
+  commands+=("$MEASURE_PYTORCH scripts/pytorch_baseline.py --threads 1,$cores")
+  jsons+=("$out/pytorch.json")
+fi
 command=$(printf '%s; ' "${commands[@]}")
 command=${command%; }
 
 # 16-core → performance_limit_16core.svg, 16-core-ci-build → performance_limit_16core_ci_build.svg
 plot=performance_limit_$(echo "$section" | sed 's/-core/core/; s/-/_/g').svg
-python3 scripts/performance_report.py "$out/scaling.json" "$out/matrix.json" \
+python3 scripts/performance_report.py "${jsons[@]}" \
   --section "$section" --plot "$plot" --machine "$machine" --command "$command" --doc "$doc"
 echo "measure: section $section of $doc and $(dirname "$doc")/$plot written; JSON in $out"

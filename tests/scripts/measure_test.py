@@ -1,6 +1,6 @@
 """scripts/measure.sh with a stand-in for layer_benchmark that logs its arguments and prints a
 sample of its JSON: the two runs it makes, the section and plot it writes, the command it
-reports, and its errors."""
+reports, and its errors; and with one for a Python that has PyTorch, the baseline's run."""
 import os
 import pathlib
 import shlex
@@ -11,6 +11,7 @@ import unittest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "measure.sh"
 SAMPLE = pathlib.Path(__file__).with_name("sample_benchmark.json")
+PYTORCH_SAMPLE = pathlib.Path(__file__).with_name("sample_pytorch.json")
 
 # The standard shape, triad and decode come from the sample; the matrix run gets no benchmarks.
 FAKE_BENCHMARK = """#!/bin/sh
@@ -19,6 +20,12 @@ case "$*" in
   *T:2048*) cat {sample} ;;
   *) printf '{{"context": {{"date": "2026-01-01T00:00:00+00:00", "num_cpus": 2, "mhz_per_cpu": 2000, "caches": []}}, "benchmarks": []}}\\n' ;;
 esac
+"""
+
+# A stand-in for a Python with PyTorch: logs what it was asked to run, prints a sample of its JSON.
+FAKE_PYTORCH = """#!/bin/sh
+printf '%s\\n' "$*" >> "$(dirname "$0")/pytorch_calls.log"
+cat {sample}
 """
 
 
@@ -40,8 +47,9 @@ class Measure(unittest.TestCase):
     def tearDown(self):
         self.dir.cleanup()
 
-    def measure(self, *args):
-        env = dict(os.environ, MEASURE_DOC=str(self.doc), MEASURE_OUT=str(self.out))
+    def measure(self, *args, **env_added):
+        env = {name: value for name, value in os.environ.items() if name != "MEASURE_PYTORCH"}
+        env.update(MEASURE_DOC=str(self.doc), MEASURE_OUT=str(self.out), **env_added)
         return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env)
 
     def test_runs_both_benchmarks_and_writes_the_section_and_plot(self):
@@ -62,6 +70,27 @@ class Measure(unittest.TestCase):
                       f"{self.bench} '--threads={cores}' '--benchmark_filter=T:512' --benchmark_format=json", text)
         self.assertIn("performance_limit_testcore.svg", text)
         self.assertTrue((self.doc.parent / "performance_limit_testcore.svg").exists())
+
+    def test_pytorch_runs_where_a_python_with_it_is_named(self):
+        self.assertNotIn("PyTorch", self.doc.read_text())
+        python = self.build / "python_with_torch"
+        python.write_text(FAKE_PYTORCH.format(sample=shlex.quote(str(PYTORCH_SAMPLE))))
+        python.chmod(0o755)
+        result = self.measure("test-core", "a test machine", str(self.build), MEASURE_PYTORCH=str(python))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        cores = subprocess.run(["nproc"], capture_output=True, text=True, check=True).stdout.strip()
+        calls = (self.build / "pytorch_calls.log").read_text().splitlines()
+        self.assertEqual(calls, [f"scripts/pytorch_baseline.py --threads 1,{cores}"])
+        self.assertTrue((self.out / "pytorch.json").exists())
+        text = self.doc.read_text()
+        self.assertIn("### PyTorch on the same machine", text)
+        self.assertIn(f"{python} scripts/pytorch_baseline.py --threads 1,{cores}", text)
+
+    def test_without_a_python_named_pytorch_is_not_run(self):
+        result = self.measure("test-core", "a test machine", str(self.build))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse((self.out / "pytorch.json").exists())
+        self.assertNotIn("PyTorch", self.doc.read_text())
 
     def test_a_section_without_markers_is_refused_before_anything_runs(self):
         result = self.measure("no-such", "m", str(self.build))
