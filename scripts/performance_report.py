@@ -43,7 +43,7 @@ def parse_name(name):
             entry["shape"][key] = int(value)
         elif sep and key == "threads":
             entry["threads"] = int(value)
-        elif part in ("fwd", "fwd+bwd"):
+        elif part in ("fwd", "fwd+bwd") or (part == "decode" and parts[0] == "pytorch"):
             entry["pass"] = part
         else:
             entry["policies"] = part
@@ -193,7 +193,8 @@ def pytorch_table(rows):
     eigen = {key(r): r for r in rows if r["kind"] == "limit"}
     ours = {key(r): r for r in rows if r["kind"] == "layer" and short_policies(r["policies"]) == DEFAULT_LAYER}
     lines = []
-    for r in sorted((r for r in rows if r["kind"] == "pytorch"), key=lambda r: (key(r), r["policies"])):
+    for r in sorted((r for r in rows if r["kind"] == "pytorch" and r["pass"] != "decode"),
+                    key=lambda r: (key(r), r["policies"])):
         k = key(r)
         lines.append([
             r["policies"], f"`{k[0]}`", k[1], k[2], fmt(r["ms"]),
@@ -207,6 +208,27 @@ def pytorch_table(rows):
         return None
     return table(["PyTorch layer", "shape", "pass", "threads", "ms", "% of PyTorch's limit",
                   "% of the Eigen limit", "moekit ms", "moekit speed-up"], lines)
+
+
+def pytorch_decode_table(rows):
+    """PyTorch's layers at decode against moekit's default layer: the rate each reads its experts'
+    weights at, which compares them whatever experts their tokens chose."""
+    def key(r):
+        return (shape_name(r["shape"]), r["threads"])
+    ours = {key(r): r for r in rows if r["kind"] == "decode" and short_policies(r["policies"]) == DEFAULT_LAYER}
+    lines = []
+    for r in sorted((r for r in rows if r["kind"] == "pytorch" and r["pass"] == "decode"),
+                    key=lambda r: (r["threads"], r["shape"]["T"], r["policies"])):
+        c, o = r["counters"], ours.get(key(r))
+        rate, own_rate = c.get("weight_GB_per_s"), o["counters"].get("weight_GB_per_s") if o else None
+        lines.append([r["policies"], r["shape"]["T"], r["threads"], fmt(r["ms"], 2), fmt(c.get("experts_read"), 0),
+                      fmt(rate), fmt(o["ms"], 2) if o else "—",
+                      fmt(o["counters"].get("experts_read"), 0) if o else "—", fmt(own_rate),
+                      f"{own_rate / rate:.2f}×" if rate and own_rate else "—"])
+    if not lines:
+        return None
+    return table(["PyTorch layer", "T", "threads", "ms", "experts read", "weights GB/s", "moekit ms",
+                  "moekit experts read", "moekit weights GB/s", "moekit speed-up (GB/s)"], lines)
 
 
 def plot(rows, path):
@@ -266,9 +288,15 @@ def report(context, rows, machine, command, plot_name):
                   "the cores' multiply-adds on N threads and on one; the medians over the steps of one-thread "
                   "time / (N × N-thread time), so both see the same machine.", "", paired, ""]
     parts += ["### Decode (small batches)", "", decode_table(rows)]
-    torch = pytorch_table(rows)
+    torch, torch_decode = pytorch_table(rows), pytorch_decode_table(rows)
+    if torch or torch_decode:
+        parts += ["", "### PyTorch on the same machine", ""]
     if torch:
-        parts += ["", "### PyTorch on the same machine", "", torch]
+        parts += [torch, ""]
+    if torch_decode:
+        parts += ["At decode, each step after a copy that leaves none of the weights in cache; speed-up is "
+                  "moekit's rate of reading its experts' weights over PyTorch's, so that steps whose tokens "
+                  "chose different experts compare.", "", torch_decode]
     return "\n".join(parts).replace("\n\n\n", "\n\n").strip() + "\n"
 
 

@@ -18,6 +18,11 @@ Backward is autograd's, with respect to the input and every weight. Each step of
 followed by a step of the limit, as layer_benchmark pairs moekit's: times are medians over the
 steps and pct_of_limit the median of the pairs' ratios.
 
+At decode (T = 1, 4 and 16 with the standard shape's experts: names `pytorch/decode/<impl>/…`)
+each forward follows a copy that leaves none of the weights in cache, as layer_benchmark's
+decode steps follow a triad; counters experts_read and weight_GB_per_s (the experts' weights
+read once, over the step's median time), as layer_benchmark's.
+
 The output is JSON in Google Benchmark's layout (names `pytorch/<pass>/<impl>/<shape>/threads:N`
 and `pytorch_limit/<pass>/<shape>/threads:N`, counters gflops and pct_of_limit), which
 scripts/performance_report.py reads beside layer_benchmark's. Needs PyTorch, which moekit itself
@@ -33,6 +38,8 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [dict(T=2048, H=1024, F=2816, E=8, K=2), dict(T=2048, H=1024, F=256, E=64, K=2)]
+DECODE_TOKENS = (1, 4, 16)  # the issue's small batches, with the standard shape's experts
+EVICTION_BYTES = 384 << 20  # as layer_benchmark's triad: no expert's weights stay in cache
 
 
 def shape_name(s):
@@ -124,11 +131,34 @@ def paired(impl, limit_step, s, backward, pairs):
     return statistics.median(times), statistics.median(ratios)
 
 
+def decode(impls, s, steps):
+    """Each layer's forward on T = s["T"] tokens, steps times, each after a copy through
+    EVICTION_BYTES so that it reads the experts' weights from memory, as layer_benchmark's decode
+    steps do after their triads. Yields (name, median seconds, experts read)."""
+    w = Weights(s)
+    x = torch.randn(s["T"], s["H"])
+    source = torch.ones(EVICTION_BYTES // 8)
+    target = torch.empty_like(source)
+    experts = len(torch.unique(route(w, x, s["K"])[1]))
+    with torch.no_grad():
+        for name, impl in impls:
+            impl(w, x, s)  # warm-up
+            times = []
+            for _ in range(steps):
+                target.copy_(source)
+                start = time.perf_counter()
+                impl(w, x, s)
+                times.append(time.perf_counter() - start)
+            yield name, statistics.median(times), experts
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", default="1", help="comma-separated thread counts (default: %(default)s)")
     parser.add_argument("--pairs", type=int, default=5,
                         help="timed steps of each layer, each followed by one of the limit (default: %(default)s)")
+    parser.add_argument("--decode-steps", type=int, default=20,
+                        help="timed steps of each layer at decode (default: %(default)s)")
     args = parser.parse_args(argv)
     benchmarks = []
     for threads in (int(t) for t in args.threads.split(",")):
@@ -149,6 +179,17 @@ def main(argv=None):
                     })
                     print(benchmarks[-1]["name"], f"{t * 1e3:.1f} ms", f"{100.0 * ratio:.0f}% of limit",
                           file=sys.stderr)
+        for tokens in DECODE_TOKENS:
+            s = dict(SHAPES[0], T=tokens)
+            for name, t, experts in decode((("hf_loop", hf_loop), ("permute", permute)), s, args.decode_steps):
+                weight_bytes = experts * 3 * s["H"] * s["F"] * 4
+                benchmarks.append({
+                    "name": f"pytorch/decode/{name}/{shape_name(s)}/threads:{threads}",
+                    "run_type": "iteration", "real_time": t * 1e3, "time_unit": "ms",
+                    "experts_read": experts, "weight_GB_per_s": weight_bytes * 1e-9 / t,
+                })
+                print(benchmarks[-1]["name"], f"{t * 1e3:.2f} ms", f"{experts} experts",
+                      f"{weight_bytes * 1e-9 / t:.1f} GB/s", file=sys.stderr)
     context = {"library": f"torch {torch.__version__}", "num_cpus": torch.get_num_threads()}
     json.dump({"context": context, "benchmarks": benchmarks}, sys.stdout, indent=1)
     return 0

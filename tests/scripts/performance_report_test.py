@@ -86,6 +86,10 @@ class PerformanceReport(unittest.TestCase):
         self.assertIn("| hf_loop | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 2000 | 75.0 | 45.0 | 1000 | 2.00× |", text)
         # With pct_of_limit from its paired steps, that, not the ratio of the medians.
         self.assertIn("| permute | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 2000 | 80.0 | 45.0 | 1000 | 2.00× |", text)
+        # At decode, held to moekit's decode step of the same T and threads by the rate each reads
+        # its experts' weights (23 GB/s over 10): its five experts against PyTorch's six.
+        self.assertIn("| hf_loop | 4 | 2 | 20.00 | 6 | 10.0 | 7.50 | 5 | 23.0 | 2.30× |", text)
+        self.assertEqual(text.count("| hf_loop |"), 2, "a decode row apart from the fwd and fwd+bwd table")
         self.assertNotIn("PyTorch on the same machine", self.report(), "no PyTorch table without its JSON")
 
     def test_sections_keep_several_machines_in_one_document(self):
