@@ -154,17 +154,14 @@ class BasicMoELayer {
       if (t + 1 < tokens) fetch_rows_of(t + 1, out);
       auto row = y.row(t);
       bool written = false;
-      for (int k = 0; k < top_k; ++k) {
-        const auto choice = static_cast<std::size_t>(t * top_k + k);
-        if (plan_.slot[choice] == Plan::no_slot) continue;
+      for_each_kept_choice(t, [&](std::size_t choice, Index slot) {
         const T weight = routing_.weight[choice];
-        const auto source = out.row(plan_.slot[choice]);
         if (written)
-          row += weight * source;
+          row += weight * out.row(slot);
         else
-          row = weight * source;
+          row = weight * out.row(slot);
         written = true;
-      }
+      });
       if (!written) row.setZero();
     });
     have_forward_ = true;
@@ -243,10 +240,7 @@ class BasicMoELayer {
       detail::gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
       for (Index t = first; t < first + n; ++t) {
         if (t + 1 < tokens) fetch_rows_of(t + 1, d_rows);
-        for (int k = 0; k < top_k; ++k) {
-          const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)];
-          if (slot != Plan::no_slot) dx.row(t) += d_rows.row(slot);
-        }
+        for_each_kept_choice(t, [&](std::size_t, Index slot) { dx.row(t) += d_rows.row(slot); });
       }
     });
     // The router's gradient, d_logitsᵀ · x, by blocks of H columns: each sums over all tokens.
@@ -525,11 +519,20 @@ class BasicMoELayer {
   /// cannot guess them (docs/kernels.md#combine).
   template <class M>
   void fetch_rows_of(Index t, const M& m) const {
-    for (int k = 0; k < top_k; ++k)
-      if (const Index slot = plan_.slot[static_cast<std::size_t>(t * top_k + k)]; slot != Plan::no_slot) {
-        const char* line = reinterpret_cast<const char*>(m.row(slot).data());
-        for (Index b = 0; b < m.cols() * Index{sizeof(T)}; b += 64) __builtin_prefetch(line + b);
-      }
+    for_each_kept_choice(t, [&](std::size_t, Index slot) {
+      const char* line = reinterpret_cast<const char*>(m.row(slot).data());
+      for (Index b = 0; b < m.cols() * Index{sizeof(T)}; b += 64) __builtin_prefetch(line + b);
+    });
+  }
+
+  /// body(choice, slot) for each of token t's choices that the plan kept, in order: its index in
+  /// the routing (t·K + k) and its row in the experts' blocks.
+  template <class Body>
+  void for_each_kept_choice(Index t, Body body) const {
+    for (int k = 0; k < top_k; ++k) {
+      const auto choice = static_cast<std::size_t>(t * top_k + k);
+      if (const Index slot = plan_.slot[choice]; slot != Plan::no_slot) body(choice, slot);
+    }
   }
 
   /// Over ranks, for a dispatcher whose decisions depend on the whole batch (a capacity): plans
