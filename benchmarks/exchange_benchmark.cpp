@@ -15,7 +15,7 @@
 #include <boost/mpi/environment.hpp>
 #include <mpi.h>
 
-#include <moekit/moekit.hpp>
+#include <moekit/distributed.hpp>
 
 namespace {
 

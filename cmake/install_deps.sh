@@ -3,15 +3,18 @@
 # missing, so running it again does nothing. Needs root (or sudo).
 set -euo pipefail
 
+# The single-process layer (moekit::moekit) needs the compiler and the three libraries marked
+# "layer"; moekit::distributed adds the MPI line; the rest is for moekit's own tests and tools.
 packages=(
   g++ make cmake pkg-config
-  libeigen3-dev              # math
-  libtbb-dev                 # threads
-  libboost-dev               # Hana (compile-time composition)
-  libboost-mpi-dev libopenmpi-dev openmpi-bin   # collectives between ranks
+  libeigen3-dev              # layer: math
+  libtbb-dev                 # layer: threads
+  libboost-dev               # layer: Hana (compile-time composition)
+  libboost-mpi-dev libopenmpi-dev openmpi-bin   # distributed: collectives between ranks
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev           # benchmarks
   python3                    # scripts/performance_report.py and its test
+  git                        # the test that builds the README's first command in a fresh clone
 )
 
 missing=()

@@ -17,7 +17,7 @@
 #include <boost/mpi/environment.hpp>
 #include <mpi.h>
 
-#include <moekit/moekit.hpp>
+#include <moekit/distributed.hpp>
 
 #include "mixture_task.hpp"
 

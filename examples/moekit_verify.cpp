@@ -1,5 +1,5 @@
 // moekit-verify: rebuilds a Hugging Face MoE block from a fixture file (the layout of
-// shared/fixtures/hf), runs it forward and backward, and prints one JSON line per file with
+// tests/fixtures/hf/README.md), runs it forward and backward, and prints one JSON line per file with
 // the relative error of y, dx and each gradient (largest absolute difference over the largest
 // magnitude in the reference tensor).
 //
@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include <moekit/io/hf_fixture.hpp>
 #include <moekit/moekit.hpp>
 
 namespace {

@@ -1,5 +1,7 @@
 #pragma once
-// moekit: Mixture-of-Experts layers for CPUs. The one header users include.
+// moekit: Mixture-of-Experts layers for CPUs, in one process: the header users include. It needs
+// Eigen, oneTBB and Boost's header-only libraries, and nothing of MPI: expert parallelism over MPI
+// ranks is <moekit/distributed.hpp>.
 //
 //   using Layer = moekit::MoELayer<moekit::TopK<2>, moekit::AuxLoss, moekit::Dropless,
 //                                  moekit::GroupedGemm>;
@@ -19,6 +21,8 @@
 // The layer: MoELayer<Ps...> (core/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
 // RoutingStats and JsonLinesLogger (layer/routing_stats.hpp).
 // Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
+// Not included here: ExpertParallel and the process grid (<moekit/distributed.hpp>), and the
+// reader of Hugging Face fixture files that moekit-verify and the tests use (io/hf_fixture.hpp).
 #include <moekit/balance/aux_free.hpp>
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
@@ -34,13 +38,9 @@
 #include <moekit/expert/activation.hpp>
 #include <moekit/expert/grouped_gemm.hpp>
 #include <moekit/expert/per_expert_loop.hpp>
-#include <moekit/io/hf_fixture.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/moe_layer.hpp>
 #include <moekit/layer/routing_stats.hpp>
 #include <moekit/optim/adam.hpp>
-#include <moekit/parallel/expert_parallel.hpp>
-#include <moekit/parallel/grid.hpp>
-#include <moekit/parallel/mpi.hpp>
 #include <moekit/parallel/single_process.hpp>
 #include <moekit/router/top_k.hpp>

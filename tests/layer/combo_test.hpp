@@ -6,6 +6,7 @@
 
 #include <vector>
 
+#include <moekit/io/hf_fixture.hpp>
 #include <moekit/moekit.hpp>
 
 #include "../support/combos.hpp"

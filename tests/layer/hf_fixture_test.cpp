@@ -1,9 +1,10 @@
 // Hugging Face transformers' MixtralSparseMoeBlock, reproduced: outputs, input gradient, every
-// parameter gradient, and the routing itself (shared/fixtures/hf/mixtral.safetensors).
+// parameter gradient, and the routing itself (tests/fixtures/hf/mixtral.safetensors).
 #include <gtest/gtest.h>
 
 #include <filesystem>
 
+#include <moekit/io/hf_fixture.hpp>
 #include <moekit/moekit.hpp>
 
 namespace moekit::test {

@@ -5,7 +5,7 @@
 
 #include <boost/mpi/environment.hpp>
 
-#include <moekit/moekit.hpp>
+#include <moekit/distributed.hpp>
 
 int main(int argc, char** argv) {
   boost::mpi::environment environment(argc, argv);

@@ -7,7 +7,7 @@
 #include <boost/mpi/communicator.hpp>
 #include <mpi.h>
 
-#include <moekit/moekit.hpp>
+#include <moekit/distributed.hpp>
 
 #include "../support/random.hpp"
 

@@ -1,5 +1,5 @@
 #pragma once
-// Hugging Face MoE blocks saved as safetensors (the layout of shared/fixtures/hf): what their
+// Hugging Face MoE blocks saved as safetensors (the layout of tests/fixtures/hf): what their
 // metadata says about routing, whether moekit can build that block yet, and how close two
 // tensors are.
 #include <algorithm>
