@@ -13,7 +13,7 @@ packages=(
   libboost-mpi-dev libopenmpi-dev openmpi-bin   # distributed: collectives between ranks
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev           # benchmarks
-  python3                    # scripts/performance_report.py and its test
+  python3                    # scripts/performance_report.py, compile_cost.py and their tests
   git                        # the test that builds the README's first command in a fresh clone
 )
 

@@ -20,10 +20,10 @@
 #include <array>
 #include <cstddef>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
-#include <tbb/task_arena.h>
-
+#include <moekit/core/detail/threads.hpp>
 #include <moekit/core/detail/vector_kernels.hpp>
 #include <moekit/core/tensor.hpp>
 
@@ -103,7 +103,7 @@ template <class T>
 class GemmWorkspace {
  public:
   void ready() {
-    const auto threads = static_cast<std::size_t>(std::max(1, tbb::this_task_arena::max_concurrency()));
+    const auto threads = static_cast<std::size_t>(std::max(1, max_threads()));
     if (slots_.size() < threads) slots_.resize(threads);
     std::size_t a = 0, b = 0;
     for (const auto& slot : slots_) {
@@ -122,7 +122,7 @@ class GemmWorkspace {
   /// The calling thread's blocks (call ready() first in the arena the thread works in).
   GemmBlocks<T>& local() {
     if (slots_.empty()) ready();
-    const int i = tbb::this_task_arena::current_thread_index();
+    const int i = thread_index();
     return slots_[i >= 0 && static_cast<std::size_t>(i) < slots_.size() ? static_cast<std::size_t>(i) : 0];
   }
 
@@ -131,7 +131,37 @@ class GemmWorkspace {
 };
 
 template <class M>
-constexpr int storage_order = M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+constexpr int storage_order = std::remove_cvref_t<M>::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor;
+
+/// An operand as the products take it: a dense block with unit inner stride, by its data, size and
+/// outer stride, in storage order Order. Every block, map, reference or transpose the callers hold
+/// becomes one of these, so each product is compiled once per scalar and storage order, not once
+/// per expression type (compiled_kernels.cpp compiles them all once, for float and double).
+template <class T, int Order>
+using StridedMatrix =
+    Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Order>, Eigen::Unaligned, Eigen::OuterStride<>>;
+template <class T, int Order>
+using ConstStridedMatrix =
+    Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Order>, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+/// m as a StridedMatrix (ConstStridedMatrix where its scalars are const).
+template <class M>
+auto strided(M&& m) {
+  using Plain = std::remove_cvref_t<M>;
+  using T = typename Plain::Scalar;
+  eigen_assert(m.innerStride() == 1);
+  if constexpr (std::is_const_v<std::remove_pointer_t<decltype(m.data())>>)
+    return ConstStridedMatrix<T, storage_order<Plain>>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride()));
+  else
+    return StridedMatrix<T, storage_order<Plain>>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride()));
+}
+template <class M>
+auto const_strided(const M& m) {
+  using Plain = std::remove_cvref_t<M>;
+  eigen_assert(m.innerStride() == 1);
+  return ConstStridedMatrix<typename Plain::Scalar, storage_order<Plain>>(m.data(), m.rows(), m.cols(),
+                                                                         Eigen::OuterStride<>(m.outerStride()));
+}
 
 /// From this many rows, x · Wᵀ in vectors wider than the build's runs as x · (Wᵀ by slabs):
 /// transposing the weights and broadcasting ran 1.1–1.5× faster than times_wt's dot products at
@@ -251,13 +281,33 @@ void eigen_gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) 
                                                                              1, c.outerStride(), T(1), blocks);
 }
 
-/// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
-/// dense block with unit inner stride (a matrix, a block of one, or their transposes).
-template <class T, class C, class A, class B>
-void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
-  using Out = std::remove_cvref_t<C>;
+/// The products of one scalar and one storage order of c, a and b, all on the calling thread, packing
+/// into its blocks in `workspace`. What gemm_add, gemm and gemm_each run, once each operand is a
+/// StridedMatrix: one class per scalar and storage orders, which compiled_kernels.cpp can compile
+/// once for a whole program.
+template <class T, int COrder, int AOrder, int BOrder>
+struct Gemm {
+  using C = StridedMatrix<T, COrder>;
+  using A = ConstStridedMatrix<T, AOrder>;
+  using B = ConstStridedMatrix<T, BOrder>;
+
+  /// c += a · b.
+  static void add(GemmWorkspace<T>& workspace, C c, const A& a, const B& b);
+
+  /// c[i] = a · b[i] for each i: products of one a with operands of one shape (a layer's gate and
+  /// up projections). Where they run turned, a is transposed once for all of them
+  /// (docs/kernels.md#shared-x); each c[i] gets the bits gemm gives it.
+  template <std::size_t N>
+  static void set_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a,
+                       const std::array<const B*, N>& b);
+};
+
+// Defined outside the class, so not inline: MOEKIT_COMPILED_KERNELS's extern declarations below
+// then keep a translation unit from compiling them (GCC compiles inline ones all the same).
+
+template <class T, int COrder, int AOrder, int BOrder>
+void Gemm<T, COrder, AOrder, BOrder>::add(GemmWorkspace<T>& workspace, C c, const A& a, const B& b) {
   eigen_assert(a.rows() == c.rows() && b.cols() == c.cols() && a.cols() == b.rows());
-  eigen_assert(a.innerStride() == 1 && b.innerStride() == 1 && c.innerStride() == 1);
   const Index m = c.rows(), n = c.cols(), k = a.cols();
   if (m == 0 || n == 0 || k == 0) return;
   if (m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {  // tiny: coefficient by coefficient, as the operator
@@ -266,9 +316,9 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     return;
   }
   const bool wider = runs_wider_than_build();  // than Eigen's vectors: the kernels are faster
-  if constexpr (std::remove_cvref_t<A>::IsRowMajor && !std::remove_cvref_t<B>::IsRowMajor) {  // x · Wᵀ
-    if constexpr (Out::IsRowMajor) {
-      if (runs_turned<Out, std::remove_cvref_t<A>, std::remove_cvref_t<B>>(m)) {
+  if constexpr (AOrder == Eigen::RowMajor && BOrder == Eigen::ColMajor) {  // x · Wᵀ
+    if constexpr (COrder == Eigen::RowMajor) {
+      if (runs_turned<C, A, B>(m)) {
         with_widest_vectors([&](auto vectors) {
           times_wt_turned(vectors, workspace.local(), std::array{&c}, a.data(), a.outerStride(), m,
                           std::array{b.data()}, b.outerStride(), n, k);
@@ -289,37 +339,32 @@ void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
     c.noalias() += a * b;
     return;
   }
-  if constexpr (Out::IsRowMajor && std::remove_cvref_t<B>::IsRowMajor) {
-    constexpr bool a_rows = std::remove_cvref_t<A>::IsRowMajor;
+  if constexpr (COrder == Eigen::RowMajor && BOrder == Eigen::RowMajor) {
+    constexpr bool a_rows = AOrder == Eigen::RowMajor;
     // The backward's products: times_b ran faster than Eigen's GEMM in the same 64-byte vectors
     // too, at every tile of the layer (docs/kernels.md#turned).
     if (wider || widest_vector_bytes() == 64) {
-      times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
-                 b.data(), b.outerStride(), n, k, workspace.local().scratch(panel_copy_size<T>));
+      times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(),
+                 m, b.data(), b.outerStride(), n, k, workspace.local().scratch(panel_copy_size<T>));
       return;
     }
   }
   eigen_gemm_add(workspace, c, a, b);
 }
 
-/// c = a · b.
-template <class T, class C, class A, class B>
-void gemm(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
-  c.setZero();
-  gemm_add(workspace, c, a, b);
-}
-
-/// c[i] = a · b[i] for each i: products of one a with operands of one shape (a layer's gate and
-/// up projections). Where they run turned, a is transposed once for all of them
-/// (docs/kernels.md#shared-x); each c[i] gets the bits gemm gives it.
-template <class T, class C, class A, class B, std::size_t N>
-void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
+template <class T, int COrder, int AOrder, int BOrder>
+template <std::size_t N>
+void Gemm<T, COrder, AOrder, BOrder>::set_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a,
+                                               const std::array<const B*, N>& b) {
   const Index m = a.rows(), k = a.cols(), n = b[0]->cols();
   bool shared = k > 0 && n > 0 && runs_turned<C, A, B>(m);
   for (std::size_t i = 0; i < N; ++i)
     shared = shared && b[i]->cols() == n && b[i]->outerStride() == b[0]->outerStride();
   if (!shared) {
-    for (std::size_t i = 0; i < N; ++i) gemm(workspace, *c[i], a, *b[i]);
+    for (std::size_t i = 0; i < N; ++i) {
+      c[i]->setZero();
+      add(workspace, *c[i], a, *b[i]);
+    }
     return;
   }
   std::array<const T*, N> w;
@@ -332,5 +377,61 @@ void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A&
     times_wt_turned(vectors, workspace.local(), c, a.data(), a.outerStride(), m, w, b[0]->outerStride(), n, k);
   });
 }
+
+/// The Gemm of c, a and b's scalar and storage orders.
+template <class C, class A, class B>
+using GemmOf = Gemm<typename std::remove_cvref_t<C>::Scalar, storage_order<C>, storage_order<A>, storage_order<B>>;
+
+/// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
+/// dense block with unit inner stride (a matrix, a block of one, or their transposes).
+template <class T, class C, class A, class B>
+void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
+  GemmOf<C, A, B>::add(workspace, strided(c), const_strided(a), const_strided(b));
+}
+
+/// c = a · b.
+template <class T, class C, class A, class B>
+void gemm(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
+  c.setZero();
+  gemm_add(workspace, c, a, b);
+}
+
+/// c[i] = a · b[i] for each i (Gemm::set_each).
+template <class T, class C, class A, class B, std::size_t N>
+void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
+  using Kernel = GemmOf<C, A, B>;
+  std::array<typename Kernel::C, N> c_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
+    return std::array<typename Kernel::C, N>{strided(*c[I])...};
+  }(std::make_index_sequence<N>{});
+  std::array<typename Kernel::B, N> b_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
+    return std::array<typename Kernel::B, N>{const_strided(*b[I])...};
+  }(std::make_index_sequence<N>{});
+  std::array<typename Kernel::C*, N> c_pointers;
+  std::array<const typename Kernel::B*, N> b_pointers;
+  for (std::size_t i = 0; i < N; ++i) {
+    c_pointers[i] = &c_strided[i];
+    b_pointers[i] = &b_strided[i];
+  }
+  Kernel::set_each(workspace, c_pointers, const_strided(a), b_pointers);
+}
+
+// With MOEKIT_COMPILED_KERNELS defined, every translation unit takes the products from
+// moekit/compiled_kernels.cpp, compiled once, instead of compiling them itself (docs/getting_started.md#compile-time).
+#define MOEKIT_GEMM_INSTANCES(EXTERN, T)                                                                              \
+  EXTERN template struct Gemm<T, Eigen::RowMajor, Eigen::RowMajor, Eigen::RowMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::RowMajor, Eigen::RowMajor, Eigen::ColMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::RowMajor, Eigen::ColMajor, Eigen::RowMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::RowMajor, Eigen::ColMajor, Eigen::ColMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::ColMajor, Eigen::RowMajor, Eigen::RowMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::ColMajor, Eigen::RowMajor, Eigen::ColMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::ColMajor, Eigen::ColMajor, Eigen::RowMajor>;                               \
+  EXTERN template struct Gemm<T, Eigen::ColMajor, Eigen::ColMajor, Eigen::ColMajor>;                               \
+  EXTERN template void Gemm<T, Eigen::RowMajor, Eigen::RowMajor, Eigen::ColMajor>::set_each<2>(                    \
+      GemmWorkspace<T>&, const std::array<StridedMatrix<T, Eigen::RowMajor>*, 2>&,                                   \
+      const ConstStridedMatrix<T, Eigen::RowMajor>&, const std::array<const ConstStridedMatrix<T, Eigen::ColMajor>*, 2>&);
+#ifdef MOEKIT_COMPILED_KERNELS
+MOEKIT_GEMM_INSTANCES(extern, float)
+MOEKIT_GEMM_INSTANCES(extern, double)
+#endif
 
 }  // namespace moekit::detail

@@ -1,5 +1,5 @@
 #pragma once
-// How the layer and its policies cut their work for TBB. Every cut depends only on the sizes,
+// How the layer and its policies cut their work for threads (threads.hpp). Every cut depends only on the sizes,
 // never on the thread count, and each output element belongs to exactly one piece that computes
 // its whole sum, or sums the pieces' shares in a fixed order: results are the same bit for bit
 // on 1 thread or 64.
@@ -11,11 +11,7 @@
 #include <utility>
 #include <vector>
 
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
-#include <tbb/partitioner.h>
-#include <tbb/task_arena.h>
-
+#include <moekit/core/detail/threads.hpp>
 #include <moekit/core/tensor.hpp>
 
 namespace moekit::detail {
@@ -24,10 +20,8 @@ namespace moekit::detail {
 /// in parallel.
 template <class Body>
 void for_each_block(Index n, Index size, Body body) {
-  const Index blocks = (n + size - 1) / size;
-  tbb::parallel_for(tbb::blocked_range<Index>(0, blocks, 1), [&](const tbb::blocked_range<Index>& r) {
-    for (Index b = r.begin(); b != r.end(); ++b) body(b * size, std::min(size, n - b * size));
-  });
+  const auto block = [&](Index b) { body(b * size, std::min(size, n - b * size)); };
+  parallel_for_blocks((n + size - 1) / size, block);
 }
 
 /// body(i) for each i of [0, n), by blocks of at most `size` in parallel; each i writes only
@@ -134,7 +128,7 @@ inline void weight_gradient_tiles(std::span<const Index> offsets, Index rows, In
 template <class Body>
 void for_each_tile(const std::vector<Tile>& tiles, Body body) {
   const std::size_t count = tiles.size();
-  const auto threads = std::min(count, static_cast<std::size_t>(tbb::this_task_arena::max_concurrency()));
+  const auto threads = std::min(count, static_cast<std::size_t>(max_threads()));
   std::atomic<std::size_t> next{0};
   // Claims the next run: its first tile in `first`, its length returned (0 once none is left).
   const auto claim = [&](std::size_t& first) {
@@ -146,14 +140,12 @@ void for_each_tile(const std::vector<Tile>& tiles, Body body) {
     } while (!next.compare_exchange_weak(first, first + run, std::memory_order_relaxed));
     return run;
   };
-  tbb::parallel_for(
-      std::size_t{0}, threads,
-      [&](std::size_t) {
-        std::size_t first = 0;
-        for (std::size_t run; (run = claim(first)) != 0;)
-          for (std::size_t i = first; i != first + run; ++i) body(tiles[i]);
-      },
-      tbb::simple_partitioner{});
+  const auto runner = [&] {
+    std::size_t first = 0;
+    for (std::size_t run; (run = claim(first)) != 0;)
+      for (std::size_t i = first; i != first + run; ++i) body(tiles[i]);
+  };
+  parallel_runners(threads, runner);
 }
 
 }  // namespace moekit::detail
