@@ -18,7 +18,7 @@
 //              PerExpertLoop, PerExpertLoopType<Act>    expert/per_expert_loop.hpp
 //              SwiGLU, GeLU, ReLU                       expert/activation.hpp
 //   parallel/  SingleProcess                            parallel/single_process.hpp
-// The layer: MoELayer<Ps...> (core/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
+// The layer: MoELayer<Ps...> (layer/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
 // RoutingStats and JsonLinesLogger (layer/routing_stats.hpp).
 // Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
 // Not included here: ExpertParallel and the process grid (<moekit/distributed.hpp>), and the
@@ -27,7 +27,7 @@
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
 #include <moekit/balance/sinkhorn.hpp>
-#include <moekit/core/compose.hpp>
+#include <moekit/layer/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/core/group.hpp>

@@ -11,7 +11,7 @@
 #include <type_traits>
 #include <vector>
 
-#include <moekit/core/compose.hpp>
+#include <moekit/layer/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/detail/gemm.hpp>
 #include <moekit/core/detail/tiles.hpp>

@@ -12,7 +12,7 @@
 #include <boost/hana/type.hpp>
 
 #include <moekit/balance/aux_loss.hpp>
-#include <moekit/core/compatibility.hpp>
+#include <moekit/layer/compatibility.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/dispatch/dropless.hpp>
 #include <moekit/expert/grouped_gemm.hpp>
