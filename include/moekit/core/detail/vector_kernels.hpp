@@ -24,9 +24,6 @@
 
 #include <moekit/core/tensor.hpp>
 
-#ifdef MOEKIT_DECODE_DISPATCH
-#error "MOEKIT_DECODE_DISPATCH is now MOEKIT_VECTOR_DISPATCH: it chooses the vectors of every product, not only decode's"
-#endif
 #ifndef MOEKIT_VECTOR_DISPATCH
 #if defined(__x86_64__) || defined(__i386__)
 #define MOEKIT_VECTOR_DISPATCH 1
@@ -221,82 +218,50 @@ template <int Bytes, class T>
   }
 }
 
-// The kernels' forms. Each gives the width and number of its vector registers, whether this CPU
-// runs it, and dot_block, broadcast_block and transpose_block compiled for it. dot, broadcast and
-// transpose are never inlined: they are where the instructions change, and inlined where the depth
-// is a constant, GCC 12 kept the partial sums in memory, not registers (2.3× slower).
+/// A form of the kernels: Form's width in bytes and number of vector registers, its name, whether
+/// this CPU runs it, and dot_block, broadcast_block and transpose_block compiled with the given
+/// attributes. One macro writes every form, as GCC's target attribute takes only a string literal.
+/// dot, broadcast and transpose are never inlined: they are where the instructions change, and
+/// inlined where the depth is a constant, GCC 12 kept the partial sums in memory, not registers.
+#define MOEKIT_VECTOR_FORM(Form, Bytes, Registers, Name, Available, ...)                                         \
+  struct Form {                                                                                                  \
+    static constexpr int bytes = Bytes, registers = Registers;                                                   \
+    static constexpr const char* name = Name;                                                                    \
+    static bool available() { return Available; }                                                                \
+    template <int Rows, int Cols, class T>                                                                       \
+    [[__VA_ARGS__]] static void dot(const T* x, Index xs, const T* w, Index ws, Index k, T (&out)[Rows][Cols]) { \
+      dot_block<bytes>(x, xs, w, ws, k, out);                                                                    \
+    }                                                                                                            \
+    template <int Rows, int Cols, class T>                                                                       \
+    [[__VA_ARGS__]] static void broadcast(const T* a, Index ar, Index ak, const T* b, Index bs, Index k, T* c,    \
+                                          Index cs, T* copy) {                                                   \
+      broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);                                      \
+    }                                                                                                            \
+    template <class T>                                                                                           \
+    [[__VA_ARGS__]] static void transpose(const T* w, Index ws, Index n, Index depth, T* slab, Index ss) {       \
+      transpose_block<bytes>(w, ws, n, depth, slab, ss);                                                         \
+    }                                                                                                            \
+  }
 
 /// The build's own vectors (Eigen's packets; at least 16 bytes).
-struct BuildVectors {
-  static constexpr int bytes = std::max<int>(16, sizeof(Eigen::internal::packet_traits<float>::type));
-  static constexpr int registers = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
-  static constexpr const char* name = "build";
-  static bool available() { return true; }
-  template <int Rows, int Cols, class T>
-  [[gnu::noinline]] static void dot(const T* x, Index xs, const T* w, Index ws, Index k, T (&out)[Rows][Cols]) {
-    dot_block<bytes>(x, xs, w, ws, k, out);
-  }
-  template <int Rows, int Cols, class T>
-  [[gnu::noinline]] static void broadcast(const T* a, Index ar, Index ak, const T* b, Index bs, Index k, T* c,
-                                          Index cs, T* copy) {
-    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);
-  }
-  template <class T>
-  [[gnu::noinline]] static void transpose(const T* w, Index ws, Index n, Index depth, T* slab, Index ss) {
-    transpose_block<bytes>(w, ws, n, depth, slab, ss);
-  }
-};
+MOEKIT_VECTOR_FORM(BuildVectors, (std::max<int>(16, sizeof(Eigen::internal::packet_traits<float>::type))),
+                   EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS, "build", true, gnu::noinline);
 
 #if MOEKIT_VECTOR_DISPATCH
 /// AVX2 with FMA: 32-byte vectors, 16 registers.
-struct Avx2Vectors {
-  static constexpr int bytes = 32, registers = 16;
-  static constexpr const char* name = "avx2";
-  static bool available() { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); }
-  template <int Rows, int Cols, class T>
-  [[gnu::noinline, gnu::target("avx2,fma")]] static void dot(const T* x, Index xs, const T* w, Index ws, Index k,
-                                                             T (&out)[Rows][Cols]) {
-    dot_block<bytes>(x, xs, w, ws, k, out);
-  }
-  template <int Rows, int Cols, class T>
-  [[gnu::noinline, gnu::target("avx2,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
-                                                                   Index bs, Index k, T* c, Index cs, T* copy) {
-    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);
-  }
-  template <class T>
-  [[gnu::noinline, gnu::target("avx2,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
-                                                                   T* slab, Index ss) {
-    transpose_block<bytes>(w, ws, n, depth, slab, ss);
-  }
-};
-
+MOEKIT_VECTOR_FORM(Avx2Vectors, 32, 16, "avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"),
+                   gnu::noinline, gnu::target("avx2,fma"));
 /// AVX-512F: 64-byte vectors, 32 registers.
-struct Avx512Vectors {
-  static constexpr int bytes = 64, registers = 32;
-  static constexpr const char* name = "avx512";
-  static bool available() { return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"); }
-  template <int Rows, int Cols, class T>
-  [[gnu::noinline, gnu::target("avx512f,fma")]] static void dot(const T* x, Index xs, const T* w, Index ws,
-                                                                Index k, T (&out)[Rows][Cols]) {
-    dot_block<bytes>(x, xs, w, ws, k, out);
-  }
-  template <int Rows, int Cols, class T>
-  [[gnu::noinline, gnu::target("avx512f,fma")]] static void broadcast(const T* a, Index ar, Index ak, const T* b,
-                                                                      Index bs, Index k, T* c, Index cs, T* copy) {
-    broadcast_block<bytes, Rows, Cols>(a, ar, ak, b, bs, k, c, cs, copy);
-  }
-  template <class T>
-  [[gnu::noinline, gnu::target("avx512f,fma")]] static void transpose(const T* w, Index ws, Index n, Index depth,
-                                                                      T* slab, Index ss) {
-    transpose_block<bytes>(w, ws, n, depth, slab, ss);
-  }
-};
+MOEKIT_VECTOR_FORM(Avx512Vectors, 64, 32, "avx512",
+                   __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma"), gnu::noinline,
+                   gnu::target("avx512f,fma"));
 
 /// Every form this build has, narrowest first.
 using VectorForms = std::tuple<BuildVectors, Avx2Vectors, Avx512Vectors>;
 #else
 using VectorForms = std::tuple<BuildVectors>;
 #endif
+#undef MOEKIT_VECTOR_FORM
 
 /// Calls f with the widest form this CPU runs (found once); a form no wider than the build's
 /// vectors is never chosen over them.
