@@ -69,5 +69,32 @@ TEST(Gemm, EmptyProductsLeaveTheResult) {
   EXPECT_TRUE(c == Matrix<double>::Ones(3, 4));
 }
 
+// The table of cases in detail::choose_kernel, row by row, on any CPU: the vectors are arguments.
+TEST(Gemm, ChoosesTheKernelByTheTableOfCases) {
+  using detail::ProductKernel;
+  constexpr int R = Eigen::RowMajor, C = Eigen::ColMajor;
+  const auto x_wt = [](Index m, Index n, Index k, int bytes, bool wider) {  // row-major x · Wᵀ into rows
+    return detail::choose_kernel<R, R, C>(m, n, k, bytes, wider);
+  };
+  const Index past = detail::turned_past, slabs = detail::slab_rows, few = detail::few_rows;
+  EXPECT_EQ(x_wt(2, 3, 4, 64, true), ProductKernel::coefficients);
+  EXPECT_EQ(x_wt(past + 1, 256, 1024, 64, false), ProductKernel::turned);
+  EXPECT_EQ(x_wt(past, 256, 1024, 64, false), ProductKernel::row_dots);  // up to few_rows: dot products
+  EXPECT_EQ(x_wt(slabs, 256, 1024, 32, true), ProductKernel::slabs);
+  EXPECT_EQ(x_wt(slabs - 1, 256, 1024, 32, true), ProductKernel::row_dots);
+  EXPECT_EQ(x_wt(few, 256, 1024, 16, false), ProductKernel::row_dots);
+  EXPECT_EQ(x_wt(few + 1, 256, 1024, 16, false), ProductKernel::eigen);
+  EXPECT_EQ(x_wt(few + 1, 1, 1024, 16, false), ProductKernel::gemv);
+  // x · Wᵀ into a column-major result: never turned nor by slabs.
+  EXPECT_EQ((detail::choose_kernel<C, R, C>(past + 1, 256, 1024, 64, true)), ProductKernel::row_dots);
+  // a · B into rows of a row-major B (the backward's products), a row-major or transposed.
+  EXPECT_EQ((detail::choose_kernel<R, R, R>(256, 256, 1024, 64, false)), ProductKernel::broadcasts);
+  EXPECT_EQ((detail::choose_kernel<R, C, R>(256, 256, 1024, 32, true)), ProductKernel::broadcasts);
+  EXPECT_EQ((detail::choose_kernel<R, C, R>(256, 256, 1024, 32, false)), ProductKernel::eigen);
+  EXPECT_EQ((detail::choose_kernel<R, R, R>(1, 256, 1024, 64, false)), ProductKernel::gemv);
+  EXPECT_EQ((detail::choose_kernel<C, R, R>(256, 256, 1024, 64, true)), ProductKernel::eigen);
+}
+
 }  // namespace
 }  // namespace moekit
+

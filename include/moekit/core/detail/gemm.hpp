@@ -1,19 +1,13 @@
 #pragma once
-// C += α·A·B with Eigen's own blocked GEMM kernel, packing into buffers the caller owns and
-// keeps between calls. Eigen's product operator packs into fresh buffers (on the heap past
-// 128 KiB) at every call; the layer runs GEMMs on tiles many times a step, and a steady state
-// that allocates nothing is one of its promises (docs/performance.md#allocations).
+// The layer's products, c += a · b: gemm_add, gemm and gemm_each. Each product goes to one of
+// seven kernels, chosen by the table of cases in choose_kernel: the vector kernels of
+// vector_kernels.hpp, or Eigen's own, packing into buffers each thread keeps between calls (Eigen's
+// product operator packs into fresh ones at every call; a steady state that allocates nothing is
+// one of the layer's promises, docs/performance.md#allocations).
 //
-// This uses Eigen 3.4's internal GEMM entry point (general_matrix_matrix_product) and blocking
-// heuristic, so up to a depth of max_packed_depth the arithmetic — every bit of the result — is
-// that of `C.noalias() += A·B`; deeper products are cut into shorter blocks than Eigen's, so
-// their sums are grouped differently and agree to rounding. Tiny products go coefficient by
-// coefficient; x · Wᵀ with up to few_rows rows (decode, one row included; up to turned_past where
-// the CPU runs AVX-512) has a kernel of its own (vector_kernels.hpp), and other products with one
-// row or one column go to Eigen's GEMV, as the operator sends them. Where the CPU runs wider
-// vectors than the build's, and so than Eigen's GEMM, every x · Wᵀ and every product into rows of
-// B goes to vector_kernels.hpp instead; where it runs AVX-512, whatever the build, so does every
-// product into rows of B, and x · Wᵀ past turned_past rows, turned (docs/kernels.md#turned).
+// Eigen's GEMM is called through its internal entry point (general_matrix_matrix_product) with
+// its blocking heuristic, so up to a depth of max_packed_depth every bit of the result is that of
+// `c.noalias() += a · b`; deeper products are cut into shorter blocks and agree to rounding.
 #include <Eigen/Core>
 
 #include <algorithm>
@@ -29,12 +23,10 @@
 
 namespace moekit::detail {
 
-/// Longest run of the inner dimension packed at once. Eigen's single-threaded heuristic packs up
-/// to about 1000 (a 256-column tile of weights: ~1 MiB), sized for a GEMM that has the caches to
-/// itself; here every thread keeps its own blocks, and at 16 threads they added more than half
-/// the saved activations of a small batch. A 256-long block keeps every thread's blocks under
-/// 512 KiB for the layer's 256-square tiles at no measured cost in speed (SSE2 and AVX-512,
-/// docs/performance.md#peak-memory).
+/// Longest run of the inner dimension packed at once. Eigen's heuristic packs about 1000, sized for
+/// a GEMM that has the caches to itself; every thread here keeps its own blocks, and 256 keeps each
+/// thread's under 512 KiB for the layer's 256-square tiles at no cost in speed
+/// (docs/performance.md#peak-memory).
 inline constexpr Index max_packed_depth = 256;
 
 /// Packing buffers for one thread's GEMMs, and the blocking sizes for the current product.
@@ -144,7 +136,7 @@ template <class T, int Order>
 using ConstStridedMatrix =
     Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Order>, Eigen::Unaligned, Eigen::OuterStride<>>;
 
-/// m as a StridedMatrix (ConstStridedMatrix where its scalars are const).
+/// m as a StridedMatrix, or a ConstStridedMatrix where its scalars are const (as through a const&).
 template <class M>
 auto strided(M&& m) {
   using Plain = std::remove_cvref_t<M>;
@@ -155,19 +147,9 @@ auto strided(M&& m) {
   else
     return StridedMatrix<T, storage_order<Plain>>(m.data(), m.rows(), m.cols(), Eigen::OuterStride<>(m.outerStride()));
 }
-template <class M>
-auto const_strided(const M& m) {
-  using Plain = std::remove_cvref_t<M>;
-  eigen_assert(m.innerStride() == 1);
-  return ConstStridedMatrix<typename Plain::Scalar, storage_order<Plain>>(m.data(), m.rows(), m.cols(),
-                                                                         Eigen::OuterStride<>(m.outerStride()));
-}
 
-/// From this many rows, x · Wᵀ in vectors wider than the build's runs as x · (Wᵀ by slabs):
-/// transposing the weights and broadcasting ran 1.1–1.5× faster than times_wt's dot products at
-/// 192 and 256 rows (AVX-512, depth 1024 and 2816). Since the slabs are transposed in vectors, the
-/// layer's forward ran faster from 64 rows too (at T = 512, about 128 rows an expert, and at
-/// E = 64, about 64) and slower from 40 (docs/kernels.md#wider-vectors).
+/// From this many rows, x · Wᵀ in vectors wider than the build's runs by slabs (choose_kernel):
+/// where transposing the weights starts to pay (docs/kernels.md#wider-vectors).
 inline constexpr Index slab_rows = 64;
 
 /// c += x · wᵀ for row-major c: slabs of broadcast_depth columns of w, transposed in vectors into
@@ -187,15 +169,11 @@ void times_wt_by_slabs(GemmBlocks<T>& blocks, C& c, const T* x, Index xs, Index 
 }
 
 /// Past this many rows x · Wᵀ runs turned where the CPU runs AVX-512, and up to it by times_wt's
-/// dot products. Tile by tile from memory, one thread, turned ran 1.3–1.6× as fast at 28 and 32
-/// rows, as fast from 16 to 24 and slower below (docs/kernels.md#turned-past); a layer with
-/// about 34 rows an expert (Qwen2-MoE's shape) ran its forward 5–20% faster than with 32 here.
+/// dot products (choose_kernel): where turned becomes the faster (docs/kernels.md#turned-past).
 inline constexpr Index turned_past = 24;
 
-/// The most rows of x a turned product (times_wt_turned) takes at once; more are cut into blocks.
-/// At a layer tile of 256 weight rows, its weights read from memory, turned ran 1.07–1.37× as
-/// fast as Eigen's AVX-512 GEMM from 48 to 192 rows (most at 64) and no faster at 256; 256 rows
-/// as two blocks of 128 ran 1.12–1.14× as fast (docs/kernels.md#turned-blocks).
+/// The most rows of x a turned product (times_wt_turned) takes at once; more are cut into blocks:
+/// past it, a block's transposed x no longer stays in cache (docs/kernels.md#turned-blocks).
 inline constexpr Index turned_rows = 192;
 
 /// Of a turned product's block of `rows` rows, how many past its last whole vector go by
@@ -256,13 +234,49 @@ void times_wt_turned(Vectors vectors, GemmBlocks<T>& blocks, const std::array<C*
   }
 }
 
-/// Whether x · wᵀ into c, of m rows, runs turned: past turned_past, where the CPU runs AVX-512.
-template <class C, class X, class Wt>
-bool runs_turned(Index m) {
-  if constexpr (X::IsRowMajor && !Wt::IsRowMajor && C::IsRowMajor)
-    return m > turned_past && widest_vector_bytes() == 64;
-  else
-    return false;
+/// The ways gemm_add computes c += a · b.
+enum class ProductKernel {
+  coefficients,  // each coefficient's dot product, as Eigen's operator computes tiny products
+  turned,        // x · Wᵀ as W · xᵀ by broadcasts, x transposed once (times_wt_turned)
+  slabs,         // x · Wᵀ as x · (Wᵀ transposed in slabs) by broadcasts (times_wt_by_slabs)
+  row_dots,      // x · Wᵀ by dot products of rows of x and W (times_wt)
+  gemv,          // Eigen's matrix-vector product: one row or one column
+  broadcasts,    // a · B by broadcasts into rows of B (times_b)
+  eigen,         // Eigen's blocked GEMM, packing into the thread's kept buffers (eigen_gemm_add)
+};
+
+/// Which kernel computes an (m × k) · (k × n) product, given its storage orders and this CPU's
+/// vectors: their width in bytes, and whether they are wider than the build's (and so than
+/// Eigen's GEMM, which keeps to the build's). The first case that holds, top to bottom:
+///
+///   kernel        operands (a · b into c)       when
+///   coefficients  any                           m + n + k < Eigen's coefficient-based threshold
+///   turned        row-major x · Wᵀ into rows    more than turned_past rows, 64-byte vectors
+///   slabs         row-major x · Wᵀ into rows    slab_rows rows or more, wider vectors
+///   row_dots      row-major x · Wᵀ              few_rows rows or fewer (decode), or wider vectors
+///   gemv          any                           one row or one column
+///   broadcasts    a · row-major B into rows     wider or 64-byte vectors
+///   eigen         any                           otherwise
+///
+/// The limits (turned_past, slab_rows, few_rows) are where the measured kernels cross
+/// (docs/kernels.md).
+template <int COrder, int AOrder, int BOrder>
+constexpr ProductKernel choose_kernel(Index m, Index n, Index k, int vector_bytes, bool wider) {
+  constexpr bool x_times_wt = AOrder == Eigen::RowMajor && BOrder == Eigen::ColMajor;
+  constexpr bool into_rows = COrder == Eigen::RowMajor;
+  if (m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) return ProductKernel::coefficients;
+  if (x_times_wt && into_rows && m > turned_past && vector_bytes == 64) return ProductKernel::turned;
+  if (x_times_wt && into_rows && m >= slab_rows && wider) return ProductKernel::slabs;
+  if (x_times_wt && (m <= few_rows || wider)) return ProductKernel::row_dots;
+  if (m == 1 || n == 1) return ProductKernel::gemv;
+  if (into_rows && BOrder == Eigen::RowMajor && (wider || vector_bytes == 64)) return ProductKernel::broadcasts;
+  return ProductKernel::eigen;
+}
+
+/// choose_kernel on this CPU.
+template <int COrder, int AOrder, int BOrder>
+ProductKernel kernel_for(Index m, Index n, Index k) {
+  return choose_kernel<COrder, AOrder, BOrder>(m, n, k, widest_vector_bytes(), runs_wider_than_build());
 }
 
 /// c += a · b, none of them empty, by Eigen's blocked GEMM kernel, packing into the calling
@@ -310,46 +324,38 @@ void Gemm<T, COrder, AOrder, BOrder>::add(GemmWorkspace<T>& workspace, C c, cons
   eigen_assert(a.rows() == c.rows() && b.cols() == c.cols() && a.cols() == b.rows());
   const Index m = c.rows(), n = c.cols(), k = a.cols();
   if (m == 0 || n == 0 || k == 0) return;
-  if (m + n + k < EIGEN_GEMM_TO_COEFFBASED_THRESHOLD) {  // tiny: coefficient by coefficient, as the operator
-    Eigen::internal::call_restricted_packet_assignment_no_alias(c, a.lazyProduct(b),
-                                                               Eigen::internal::add_assign_op<T, T>());
-    return;
-  }
-  const bool wider = runs_wider_than_build();  // than Eigen's vectors: the kernels are faster
-  if constexpr (AOrder == Eigen::RowMajor && BOrder == Eigen::ColMajor) {  // x · Wᵀ
-    if constexpr (COrder == Eigen::RowMajor) {
-      if (runs_turned<C, A, B>(m)) {
+  switch (kernel_for<COrder, AOrder, BOrder>(m, n, k)) {
+    case ProductKernel::coefficients:
+      Eigen::internal::call_restricted_packet_assignment_no_alias(c, a.lazyProduct(b),
+                                                                 Eigen::internal::add_assign_op<T, T>());
+      return;
+    case ProductKernel::turned:
+      if constexpr (COrder == Eigen::RowMajor)
         with_widest_vectors([&](auto vectors) {
           times_wt_turned(vectors, workspace.local(), std::array{&c}, a.data(), a.outerStride(), m,
                           std::array{b.data()}, b.outerStride(), n, k);
         });
-        return;
-      }
-      if (wider && m >= slab_rows) {
+      return;
+    case ProductKernel::slabs:
+      if constexpr (COrder == Eigen::RowMajor)
         times_wt_by_slabs(workspace.local(), c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
-        return;
-      }
-    }
-    if (m <= few_rows || wider) {  // decode, one row included, or wider vectors
+      return;
+    case ProductKernel::row_dots:
       times_wt<T>(c, a.data(), a.outerStride(), m, b.data(), b.outerStride(), n, k);
       return;
-    }
-  }
-  if (m == 1 || n == 1) {  // a GEMV: no packing, each weight read once
-    c.noalias() += a * b;
-    return;
-  }
-  if constexpr (COrder == Eigen::RowMajor && BOrder == Eigen::RowMajor) {
-    constexpr bool a_rows = AOrder == Eigen::RowMajor;
-    // The backward's products: times_b ran faster than Eigen's GEMM in the same 64-byte vectors
-    // too, at every tile of the layer (docs/kernels.md#turned).
-    if (wider || widest_vector_bytes() == 64) {
-      times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(),
-                 m, b.data(), b.outerStride(), n, k, workspace.local().scratch(panel_copy_size<T>));
+    case ProductKernel::gemv:
+      c.noalias() += a * b;
+      return;
+    case ProductKernel::broadcasts: {
+      constexpr bool a_rows = AOrder == Eigen::RowMajor;
+      times_b<T>(c.data(), c.outerStride(), a.data(), a_rows ? a.outerStride() : 1, a_rows ? 1 : a.outerStride(), m,
+                 b.data(), b.outerStride(), n, k, workspace.local().scratch(panel_copy_size<T>));
       return;
     }
+    case ProductKernel::eigen:
+      eigen_gemm_add(workspace, c, a, b);
+      return;
   }
-  eigen_gemm_add(workspace, c, a, b);
 }
 
 template <class T, int COrder, int AOrder, int BOrder>
@@ -357,7 +363,7 @@ template <std::size_t N>
 void Gemm<T, COrder, AOrder, BOrder>::set_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a,
                                                const std::array<const B*, N>& b) {
   const Index m = a.rows(), k = a.cols(), n = b[0]->cols();
-  bool shared = k > 0 && n > 0 && runs_turned<C, A, B>(m);
+  bool shared = k > 0 && n > 0 && kernel_for<COrder, AOrder, BOrder>(m, n, k) == ProductKernel::turned;
   for (std::size_t i = 0; i < N; ++i)
     shared = shared && b[i]->cols() == n && b[i]->outerStride() == b[0]->outerStride();
   if (!shared) {
@@ -386,7 +392,7 @@ using GemmOf = Gemm<typename std::remove_cvref_t<C>::Scalar, storage_order<C>, s
 /// dense block with unit inner stride (a matrix, a block of one, or their transposes).
 template <class T, class C, class A, class B>
 void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
-  GemmOf<C, A, B>::add(workspace, strided(c), const_strided(a), const_strided(b));
+  GemmOf<C, A, B>::add(workspace, strided(c), strided(a), strided(b));
 }
 
 /// c = a · b.
@@ -404,7 +410,7 @@ void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A&
     return std::array<typename Kernel::C, N>{strided(*c[I])...};
   }(std::make_index_sequence<N>{});
   std::array<typename Kernel::B, N> b_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
-    return std::array<typename Kernel::B, N>{const_strided(*b[I])...};
+    return std::array<typename Kernel::B, N>{strided(*b[I])...};
   }(std::make_index_sequence<N>{});
   std::array<typename Kernel::C*, N> c_pointers;
   std::array<const typename Kernel::B*, N> b_pointers;
@@ -412,7 +418,7 @@ void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A&
     c_pointers[i] = &c_strided[i];
     b_pointers[i] = &b_strided[i];
   }
-  Kernel::set_each(workspace, c_pointers, const_strided(a), b_pointers);
+  Kernel::set_each(workspace, c_pointers, strided(a), b_pointers);
 }
 
 // With MOEKIT_COMPILED_KERNELS defined, every translation unit takes the products from
