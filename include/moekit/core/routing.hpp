@@ -2,6 +2,7 @@
 // What flows between the policies: the layer's shape, the router's choices (Routing) and the
 // dispatcher's row layout (Plan). Gathering rows by the plan's indices is the whole dispatch:
 // there are no one-hot [T,E,C] tensors anywhere.
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -77,6 +78,32 @@ struct Plan {
     slot.assign(static_cast<std::size_t>(t * k), no_slot);
     source.clear();
     dropped = 0;
+  }
+
+  /// offsets from counts: each expert's block starts where the one before it ends.
+  void set_offsets() {
+    for (std::size_t e = 0; e < counts.size(); ++e) offsets[e + 1] = offsets[e] + counts[e];
+  }
+
+  /// The counting sort every plan starts from: each choice c with keep(c), of expert index[c],
+  /// gets the next row of that expert's block, in choice order (experts, then tokens, then k);
+  /// the others are dropped. Sets counts, offsets, slot, source and dropped, after reset().
+  template <class Keep>
+  void place(std::span<const Index> index, Keep keep) {
+    for (std::size_t c = 0; c < index.size(); ++c) {
+      if (keep(c)) ++counts[static_cast<std::size_t>(index[c])];
+      else ++dropped;
+    }
+    set_offsets();
+    source.resize(static_cast<std::size_t>(rows()));
+    std::fill(counts.begin(), counts.end(), 0);  // each block's fill cursor, back to its count at the end
+    for (std::size_t c = 0; c < index.size(); ++c) {
+      if (!keep(c)) continue;
+      const auto e = static_cast<std::size_t>(index[c]);
+      const Index row = offsets[e] + counts[e]++;
+      slot[c] = row;
+      source[static_cast<std::size_t>(row)] = static_cast<Index>(c);
+    }
   }
 };
 

@@ -98,19 +98,10 @@ struct Capacity {
   template <Scalar T>
   void plan(const Routing<T>& routing, Index experts, Plan& plan) const {
     plan.reset(routing.tokens, experts, routing.top_k);
-    for (Index e : routing.index) ++plan.counts[static_cast<std::size_t>(e)];
+    plan.place(routing.index, [](std::size_t) { return true; });
     // plan.slot serves first as the dropless order: choices grouped by expert, in token order.
     std::vector<Index>& order = plan.slot;
-    for (Index e = 0; e < experts; ++e)
-      plan.offsets[static_cast<std::size_t>(e + 1)] =
-          plan.offsets[static_cast<std::size_t>(e)] + plan.counts[static_cast<std::size_t>(e)];
-    for (Index choice = 0; choice < routing.choices(); ++choice) {  // counting sort
-      const auto e = static_cast<std::size_t>(routing.index[static_cast<std::size_t>(choice)]);
-      order[static_cast<std::size_t>(plan.offsets[e]++)] = choice;  // offsets[e] as fill cursor
-    }
-    for (Index e = experts; e > 0; --e)  // shift back: offsets[e] = start of block e
-      plan.offsets[static_cast<std::size_t>(e)] = plan.offsets[static_cast<std::size_t>(e - 1)];
-    plan.offsets[0] = 0;
+    order.assign(plan.source.begin(), plan.source.end());
     const Index largest = experts ? *std::max_element(plan.counts.begin(), plan.counts.end()) : 0;
     const Index cap = capacity(routing.tokens, routing.top_k, experts, largest);
     detail::require(cap >= 1 || routing.tokens == 0, "moekit::Capacity: capacity = ", cap, " for ",
@@ -149,9 +140,7 @@ struct Capacity {
       plan.counts[static_cast<std::size_t>(e)] = size;
       row += size;
     }
-    for (Index e = 0; e < experts; ++e)
-      plan.offsets[static_cast<std::size_t>(e + 1)] =
-          plan.offsets[static_cast<std::size_t>(e)] + plan.counts[static_cast<std::size_t>(e)];
+    plan.set_offsets();
     std::fill(order.begin(), order.end(), Plan::no_slot);  // now the real slot table
     for (Index r = 0; r < rows; ++r)
       if (source[static_cast<std::size_t>(r)] != Plan::no_slot)

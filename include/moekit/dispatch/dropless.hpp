@@ -17,19 +17,7 @@ struct Dropless {
   template <Scalar T>
   void plan(const Routing<T>& routing, Index experts, Plan& plan) const {
     plan.reset(routing.tokens, experts, routing.top_k);
-    for (Index e : routing.index) ++plan.counts[static_cast<std::size_t>(e)];
-    for (Index e = 0; e < experts; ++e)
-      plan.offsets[static_cast<std::size_t>(e + 1)] =
-          plan.offsets[static_cast<std::size_t>(e)] + plan.counts[static_cast<std::size_t>(e)];
-    plan.source.resize(static_cast<std::size_t>(plan.rows()));
-    // Second pass: counts again serve as each block's fill cursor and end where they began.
-    std::fill(plan.counts.begin(), plan.counts.end(), 0);
-    for (Index choice = 0; choice < routing.choices(); ++choice) {
-      const auto e = static_cast<std::size_t>(routing.index[static_cast<std::size_t>(choice)]);
-      const Index row = plan.offsets[e] + plan.counts[e]++;
-      plan.slot[static_cast<std::size_t>(choice)] = row;
-      plan.source[static_cast<std::size_t>(row)] = choice;
-    }
+    plan.place(routing.index, [](std::size_t) { return true; });
   }
 };
 

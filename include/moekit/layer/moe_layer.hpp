@@ -558,19 +558,9 @@ class BasicMoELayer {
     dispatcher_.plan(batch_routing_, shape_.experts, batch_plan_);
 
     plan_.reset(routing_.tokens, shape_.experts, top_k);
-    auto kept = [&](std::size_t c) { return batch_plan_.slot[static_cast<std::size_t>(before) + c] != Plan::no_slot; };
-    for (std::size_t c = 0; c < choices; ++c)
-      if (kept(c)) ++plan_.counts[static_cast<std::size_t>(routing_.index[c])];
-      else ++plan_.dropped;
-    for (std::size_t e = 0; e < plan_.counts.size(); ++e) plan_.offsets[e + 1] = plan_.offsets[e] + plan_.counts[e];
-    plan_.source.resize(static_cast<std::size_t>(plan_.rows()));
-    std::vector<Index> next(plan_.offsets.begin(), plan_.offsets.end() - 1);
-    for (std::size_t c = 0; c < choices; ++c) {
-      if (!kept(c)) continue;
-      const Index row = next[static_cast<std::size_t>(routing_.index[c])]++;
-      plan_.slot[c] = row;
-      plan_.source[static_cast<std::size_t>(row)] = static_cast<Index>(c);
-    }
+    plan_.place(routing_.index, [&](std::size_t c) {
+      return batch_plan_.slot[static_cast<std::size_t>(before) + c] != Plan::no_slot;
+    });
   }
 
   BalanceContext balance_context() const { return {router_.score_function(), top_k, &parallel_.batch()}; }
