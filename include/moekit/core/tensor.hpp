@@ -119,18 +119,34 @@ struct ParameterSpec {
 namespace detail {
 
 /// Storage that grows to the largest size asked of it and is then reused: the workspace rule
-/// (no allocation in the steady state). One buffer backs one tensor at a time.
-template <Scalar T>
-class Buffer {
+/// (no allocation in the steady state). Untyped and aligned to a cache line, so one scratch serves
+/// any scalar; it backs one tensor or one run of bytes at a time, and keeps what it held as it grows.
+class Scratch {
  public:
+  /// At least `count` T.
+  template <class T>
+  T* data(std::size_t count) {
+    const std::size_t needed = count * sizeof(T);
+    if (bytes_.size() < needed) bytes_.resize(needed);
+    return reinterpret_cast<T*>(bytes_.data());
+  }
+  template <Scalar T>
   MatrixMap<T> matrix(Index rows, Index cols) {
-    const auto needed = static_cast<std::size_t>(rows * cols);
-    if (values_.size() < needed) values_.resize(needed);
-    return {values_.data(), rows, cols};
+    return {data<T>(static_cast<std::size_t>(rows * cols)), rows, cols};
   }
 
  private:
-  AlignedValues<T> values_;
+  AlignedValues<std::byte> bytes_;
+};
+
+/// A Scratch that holds one scalar type: the layer's and its policies' buffers.
+template <Scalar T>
+class Buffer {
+ public:
+  MatrixMap<T> matrix(Index rows, Index cols) { return scratch_.matrix<T>(rows, cols); }
+
+ private:
+  Scratch scratch_;
 };
 
 }  // namespace detail

@@ -270,7 +270,7 @@ struct ExpertParallel {
       return;
     }
     if (exchange_->hierarchical()) {  // one chunk, source-major, then regrouped
-      auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
+      auto staging = staging_.template matrix<T>(expert_rows.rows(), expert_rows.cols());
       (*exchange_)(rows.data(), send_rows_, staging.data(), recv_rows_, rows.cols());
       regroup<T>(staging, expert_rows, true);
       return;
@@ -289,7 +289,7 @@ struct ExpertParallel {
     if (groups_.expert.size() == 1) {
       rows = expert_rows;
     } else if (exchange_->hierarchical()) {
-      auto staging = staging_.matrix<T>(expert_rows.rows(), expert_rows.cols());
+      auto staging = staging_.template matrix<T>(expert_rows.rows(), expert_rows.cols());
       regroup<T>(expert_rows, staging, false);
       (*exchange_)(staging.data(), recv_rows_, rows.data(), send_rows_, rows.cols());
     } else {
@@ -435,16 +435,6 @@ struct ExpertParallel {
     return *types_;
   }
 
-  /// Untyped scratch rows, aligned for any scalar.
-  struct Staging {
-    template <Scalar T>
-    MatrixMap<T> matrix(Index rows, Index cols) {
-      storage.resize(static_cast<std::size_t>(rows * cols) * sizeof(T) / sizeof(double) + 1);
-      return {reinterpret_cast<T*>(storage.data()), rows, cols};
-    }
-    std::vector<double> storage;
-  };
-
   Groups groups_;
   bool have_groups_ = false;
   std::shared_ptr<mpi::Batch> batch_;
@@ -462,7 +452,7 @@ struct ExpertParallel {
   Index types_width_ = 0;
   std::vector<int> ones_, zeros_;
   std::shared_ptr<tbb::task_arena> arena_;  // where chunks compute while this thread drives MPI
-  Staging staging_;  // the hierarchical exchange's source-major rows
+  detail::Scratch staging_;  // the hierarchical exchange's source-major rows
 };
 
 }  // namespace moekit

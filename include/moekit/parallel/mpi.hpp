@@ -225,14 +225,14 @@ class RowExchange {
         stage1_rows_[t] += send_rows[n * local + t];
         from_local_[t] += M(t, n * local + me);
       }
-    char* a = bytes(staging_a_, total(stage1_rows_) * row_bytes);
+    char* a = staging_a_.data<char>(total(stage1_rows_) * row_bytes);
     for (std::size_t t = 0, at = 0; t < local; ++t)
       for (std::size_t n = 0; n < nodes; ++n) {
         const std::size_t p = n * local + t, size = static_cast<std::size_t>(send_rows[p]) * row_bytes;
         if (size) std::memcpy(a + at, reinterpret_cast<const char*>(send) + static_cast<std::size_t>(offset[p]) * row_bytes, size);
         at += size;
       }
-    char* b = bytes(staging_b_, total(from_local_) * row_bytes);
+    char* b = staging_b_.data<char>(total(from_local_) * row_bytes);
     alltoallv(node_, a, stage1_rows_, b, from_local_, row);
 
     // Step 2, across nodes: to node n' the rows of every local source s for (n', me), by s.
@@ -243,7 +243,7 @@ class RowExchange {
         stage2_rows_[n] += M(s, n * local + me);
         from_node_[n] += recv_rows[n * local + s];
       }
-    char* c = bytes(staging_c_, total(stage2_rows_) * row_bytes);
+    char* c = staging_c_.data<char>(total(stage2_rows_) * row_bytes);
     std::vector<std::size_t>& source_start = source_start_;
     source_start.assign(local, 0);
     for (std::size_t s = 1; s < local; ++s)
@@ -275,10 +275,6 @@ class RowExchange {
     for (Index x : v) n += x;
     return n;
   }
-  static char* bytes(std::vector<double>& storage, Index count) {  // double: aligned for any T
-    storage.resize(static_cast<std::size_t>(count) / sizeof(double) + 1);
-    return reinterpret_cast<char*>(storage.data());
-  }
 
   Communicator comm_, node_, cross_;
   int local_size_ = 0;
@@ -286,7 +282,7 @@ class RowExchange {
   std::vector<int> send_counts_, send_displacements_, recv_counts_, recv_displacements_;
   std::vector<Index> matrix_, stage1_rows_, from_local_, stage2_rows_, from_node_;
   std::vector<std::size_t> source_start_;
-  std::vector<double> staging_a_, staging_b_, staging_c_;
+  moekit::detail::Scratch staging_a_, staging_b_, staging_c_;
 };
 
 }  // namespace moekit::mpi

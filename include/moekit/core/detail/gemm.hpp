@@ -83,7 +83,7 @@ class GemmBlocks : public Eigen::internal::level3_blocking<T, T> {
   std::size_t b_size() const { return b_.size(); }
 
  private:
-  using Values = std::vector<T, Eigen::aligned_allocator<T>>;
+  using Values = AlignedValues<T>;
   Values a_, b_;
 };
 
