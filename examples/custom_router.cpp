@@ -9,7 +9,7 @@ struct FirstK {
   static constexpr std::string_view name = "FirstK";
   static constexpr int top_k = K;
   void validate(const moekit::LayerShape& s) const {
-    moekit::detail::require(K <= s.experts, "FirstK: K = ", K, "; expected K <= ", s.experts);
+    moekit::require(K <= s.experts, "FirstK: K = ", K, "; expected K <= ", s.experts);
   }
   moekit::ScoreFn score_function() const { return moekit::ScoreFn::softmax; }
   template <moekit::Scalar T> void score(moekit::MatrixRef<T>) const {}

@@ -63,7 +63,7 @@ bool verify_any_k(const moekit::io::SafeTensors& file, const moekit::io::HfBlock
                                                               : verify<Ks + 1, moekit::NoBalance>(file, b, path))
                       : false),
    ...);
-  if (!found) moekit::detail::fail("moekit-verify: topk = ", b.top_k, "; expected 1 to ", sizeof...(Ks));
+  if (!found) moekit::fail("moekit-verify: topk = ", b.top_k, "; expected 1 to ", sizeof...(Ks));
   return ok;
 }
 

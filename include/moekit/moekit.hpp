@@ -21,6 +21,8 @@
 // The layer: MoELayer<Ps...> (layer/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
 // RoutingStats and JsonLinesLogger (layer/routing_stats.hpp).
 // Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
+// For writing a policy: the concepts (core/concepts.hpp), moekit::require and moekit::fail
+// (core/error.hpp), the loops over tokens (core/token_loops.hpp).
 // Not included here: ExpertParallel and the process grid (<moekit/distributed.hpp>), and the
 // reader of Hugging Face fixture files that moekit-verify and the tests use (io/hf_fixture.hpp).
 #include <moekit/balance/aux_free.hpp>
@@ -33,6 +35,7 @@
 #include <moekit/core/group.hpp>
 #include <moekit/core/routing.hpp>
 #include <moekit/core/tensor.hpp>
+#include <moekit/core/token_loops.hpp>
 #include <moekit/dispatch/capacity.hpp>
 #include <moekit/dispatch/dropless.hpp>
 #include <moekit/expert/activation.hpp>

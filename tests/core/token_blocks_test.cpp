@@ -1,4 +1,4 @@
-// The policies' loops over tokens run by blocks of detail::policy_token_block in parallel: every
+// The policies' loops over tokens run by blocks of policy_token_block in parallel: every
 // token is visited once, in the block its number says, and the router's and balancers' results
 // are the same bits on one thread and on many, with sums over blocks that agree with the formulas.
 #include <gtest/gtest.h>
@@ -18,7 +18,7 @@ namespace moekit::test {
 namespace {
 
 // Three blocks, the last one short.
-constexpr Index tokens = 2 * detail::policy_token_block + 44, experts = 6;
+constexpr Index tokens = 2 * policy_token_block + 44, experts = 6;
 
 /// Every double f leaves in `out`, from a run held to `threads` threads.
 template <class F>
@@ -40,16 +40,16 @@ void expect_same_bits_on_one_thread_and_eight(F f) {
 void append(std::vector<double>& out, const Matrix<double>& m) { out.insert(out.end(), m.data(), m.data() + m.size()); }
 
 TEST(TokenBlocks, VisitEveryTokenOnceInItsBlock) {
-  for (Index n : {Index{0}, Index{1}, detail::policy_token_block, detail::policy_token_block + 1, tokens}) {
+  for (Index n : {Index{0}, Index{1}, policy_token_block, policy_token_block + 1, tokens}) {
     std::vector<std::atomic<int>> visits(static_cast<std::size_t>(n));
     std::atomic<Index> blocks_seen{0};
-    detail::for_each_token_block(n, [&](Index block, Index first, Index count) {
-      EXPECT_EQ(first, block * detail::policy_token_block);
-      EXPECT_LE(count, detail::policy_token_block);
+    for_each_token_block(n, [&](Index block, Index first, Index count) {
+      EXPECT_EQ(first, block * policy_token_block);
+      EXPECT_LE(count, policy_token_block);
       for (Index t = first; t < first + count; ++t) ++visits[static_cast<std::size_t>(t)];
       ++blocks_seen;
     });
-    EXPECT_EQ(blocks_seen.load(), detail::token_blocks(n)) << n << " tokens";
+    EXPECT_EQ(blocks_seen.load(), token_blocks(n)) << n << " tokens";
     for (const auto& v : visits) EXPECT_EQ(v.load(), 1) << n << " tokens";
   }
 }
@@ -57,7 +57,7 @@ TEST(TokenBlocks, VisitEveryTokenOnceInItsBlock) {
 TEST(TokenBlocks, SumOfBlocksAddsEachColumnOverTheBlocks) {
   const std::vector<float> partial{1, 2, 10, 20, 100, 200};  // three blocks of two columns
   std::vector<double> sum(2, -1.0);
-  detail::sum_of_blocks(partial, 3, sum);
+  sum_of_blocks(partial, 3, sum);
   EXPECT_EQ(sum, (std::vector<double>{111, 222}));
 }
 

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
-#include <moekit/core/detail/tiles.hpp>
+#include <moekit/core/token_loops.hpp>
 #include <moekit/core/error.hpp>
 
 namespace moekit {
@@ -37,7 +37,7 @@ struct AuxFree {
   };
 
   void validate(const LayerShape&) const {
-    detail::require(std::isfinite(options.rate) && options.rate >= 0, "moekit::AuxFree: rate = ",
+    require(std::isfinite(options.rate) && options.rate >= 0, "moekit::AuxFree: rate = ",
                     options.rate, "; expected a finite number >= 0");
   }
 
@@ -53,7 +53,7 @@ struct AuxFree {
   void select(ConstMatrixRef<T> scores, const BalanceContext&, State<T>& state,
               MatrixRef<T> selection) const {
     ensure_size(state, scores.cols());
-    detail::for_each_token(scores.rows(), [&](Index t) {
+    for_each_token(scores.rows(), [&](Index t) {
       for (Index e = 0; e < scores.cols(); ++e)
         selection(t, e) = scores(t, e) + T(state.bias[static_cast<std::size_t>(e)]);
     });

@@ -4,7 +4,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
-#include <moekit/core/detail/tiles.hpp>
+#include <moekit/core/token_loops.hpp>
 #include <moekit/core/detail/top_k.hpp>
 #include <moekit/core/error.hpp>
 
@@ -41,20 +41,20 @@ struct AuxLoss {
   };
 
   void validate(const LayerShape&) const {
-    detail::require(std::isfinite(options.coefficient) && options.coefficient >= 0,
+    require(std::isfinite(options.coefficient) && options.coefficient >= 0,
                     "moekit::AuxLoss: coefficient = ", options.coefficient,
                     "; expected a finite number >= 0");
   }
 
   template <Scalar T>
   T forward(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state) const {
-    const Index tokens = scores.rows(), experts = scores.cols(), blocks = detail::token_blocks(tokens);
+    const Index tokens = scores.rows(), experts = scores.cols(), blocks = token_blocks(tokens);
     const auto width = static_cast<std::size_t>(experts), k = static_cast<std::size_t>(context.top_k);
     state.block_counts.assign(static_cast<std::size_t>(blocks) * width, 0);
     state.block_sums.assign(static_cast<std::size_t>(blocks) * width, T(0));
     state.normalized.resize(static_cast<std::size_t>(blocks) * width);
     state.chosen.resize(static_cast<std::size_t>(blocks) * k);
-    detail::for_each_token_block(tokens, [&](Index block, Index first, Index count) {
+    for_each_token_block(tokens, [&](Index block, Index first, Index count) {
       const auto b = static_cast<std::size_t>(block);
       Index* counts = &state.block_counts[b * width];
       T* sums = &state.block_sums[b * width];
@@ -68,8 +68,8 @@ struct AuxLoss {
     });
     state.counts.resize(width);
     state.column_sum.resize(width);
-    detail::sum_of_blocks(state.block_counts, blocks, state.counts);
-    detail::sum_of_blocks(state.block_sums, blocks, state.column_sum);
+    sum_of_blocks(state.block_counts, blocks, state.counts);
+    sum_of_blocks(state.block_sums, blocks, state.column_sum);
     state.batch_tokens = tokens;
     if (context.batch->size() > 1) sum_over_batch(*context.batch, state);
     if (state.batch_tokens == 0) return T(0);
@@ -86,8 +86,8 @@ struct AuxLoss {
     if (tokens == 0) return;
     const T c = scale<T>(state.batch_tokens, experts, context) * T(context.batch->size());
     auto g = [&](Index e) { return c * T(state.counts[static_cast<std::size_t>(e)]); };  // dL/ds̃_e
-    state.normalized.resize(static_cast<std::size_t>(detail::token_blocks(tokens) * experts));
-    detail::for_each_token_block(tokens, [&](Index block, Index first, Index count) {
+    state.normalized.resize(static_cast<std::size_t>(token_blocks(tokens) * experts));
+    for_each_token_block(tokens, [&](Index block, Index first, Index count) {
       T* row = &state.normalized[static_cast<std::size_t>(block * experts)];
       for (Index t = first; t < first + count; ++t) {
         const T* s = normalized_row(scores, t, context, row);

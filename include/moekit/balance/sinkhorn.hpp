@@ -5,7 +5,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
-#include <moekit/core/detail/tiles.hpp>
+#include <moekit/core/token_loops.hpp>
 #include <moekit/core/error.hpp>
 
 namespace moekit {
@@ -40,7 +40,7 @@ struct Sinkhorn {
   };
 
   void validate(const LayerShape&) const {
-    detail::require(std::isfinite(options.tolerance) && options.tolerance > 0 && options.max_iterations >= 1,
+    require(std::isfinite(options.tolerance) && options.tolerance > 0 && options.max_iterations >= 1,
                     "moekit::Sinkhorn: tolerance = ", options.tolerance, ", max_iterations = ",
                     options.max_iterations, "; expected tolerance > 0 and max_iterations >= 1");
   }
@@ -64,7 +64,7 @@ struct Sinkhorn {
     }
     const BatchGroup& batch = *context.batch;
     const Index tokens = selection.rows(), experts = selection.cols();
-    detail::for_each_token(tokens, [&](Index t) {
+    for_each_token(tokens, [&](Index t) {
       selection.row(t).array() = (selection.row(t).array() - selection.row(t).maxCoeff()).exp();
     });
     double batch_tokens = double(tokens);
@@ -72,7 +72,7 @@ struct Sinkhorn {
     state.u.assign(static_cast<std::size_t>(tokens), T(1));
     state.v.assign(static_cast<std::size_t>(experts), T(1));
     state.column.resize(static_cast<std::size_t>(experts));
-    const Index blocks = detail::token_blocks(tokens);
+    const Index blocks = token_blocks(tokens);
     state.block_column.resize(static_cast<std::size_t>(blocks * experts));
     state.iterations = 0;
     state.converged = batch_tokens == 0;
@@ -80,7 +80,7 @@ struct Sinkhorn {
             column_target = T(1) / T(experts);
     while (!state.converged && state.iterations < options.max_iterations) {
       // u from v, token by token; each block of tokens then adds up its share of Σ_t u_t·C_te.
-      detail::for_each_token_block(tokens, [&](Index block, Index first, Index count) {
+      for_each_token_block(tokens, [&](Index block, Index first, Index count) {
         T* column = &state.block_column[static_cast<std::size_t>(block * experts)];
         std::fill(column, column + experts, T(0));
         for (Index t = first; t < first + count; ++t) {
@@ -90,7 +90,7 @@ struct Sinkhorn {
           for (Index e = 0; e < experts; ++e) column[e] += u * selection(t, e);
         }
       });
-      detail::sum_of_blocks(state.block_column, blocks, state.column);
+      sum_of_blocks(state.block_column, blocks, state.column);
       if (batch.size() > 1) batch.sum(state.column);
       state.v_previous = state.v;
       for (Index e = 0; e < experts; ++e)
@@ -101,7 +101,7 @@ struct Sinkhorn {
       ++state.iterations;
       state.converged = change / T(experts) <= T(options.tolerance);
     }
-    detail::for_each_token(tokens, [&](Index t) {
+    for_each_token(tokens, [&](Index t) {
       for (Index e = 0; e < experts; ++e)
         selection(t, e) *= state.u[static_cast<std::size_t>(t)] * state.v[static_cast<std::size_t>(e)];
     });

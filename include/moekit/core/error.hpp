@@ -13,8 +13,8 @@ class error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-namespace detail {
-
+/// Throws moekit::error with the parts written one after another: the checks of the library and
+/// of policies written for it. "moekit::FirstK: K = 9; expected K <= 8".
 template <class... Parts>
 [[noreturn]] void fail(const Parts&... parts) {
   std::ostringstream message;
@@ -22,11 +22,11 @@ template <class... Parts>
   throw error(message.str());
 }
 
-/// Throws unless `ok`. The message parts are only formatted on failure.
+/// Throws moekit::error unless `ok`, naming the value and what was expected (fail's parts). The
+/// parts are only formatted on failure.
 template <class... Parts>
 void require(bool ok, const Parts&... parts) {
   if (!ok) fail(parts...);
 }
 
-}  // namespace detail
 }  // namespace moekit

@@ -40,12 +40,12 @@ struct Capacity {
   Options options{};
 
   void validate(const LayerShape& shape) const {
-    detail::require(std::isfinite(options.capacity_factor) && options.capacity_factor >= 0,
+    require(std::isfinite(options.capacity_factor) && options.capacity_factor >= 0,
                     "moekit::Capacity: capacity_factor = ", options.capacity_factor,
                     "; expected a finite number >= 0 (0 means the largest expert count)");
-    detail::require(options.min_capacity >= 0, "moekit::Capacity: min_capacity = ",
+    require(options.min_capacity >= 0, "moekit::Capacity: min_capacity = ",
                     options.min_capacity, "; expected >= 0");
-    detail::require(!(options.renormalize && shape.top_k == 1),
+    require(!(options.renormalize && shape.top_k == 1),
                     "moekit::Capacity: renormalize = true with K = 1; every kept weight would be 1 "
                     "and the router would get no gradient; expected K > 1 or renormalize = false");
   }
@@ -104,7 +104,7 @@ struct Capacity {
     order.assign(plan.source.begin(), plan.source.end());
     const Index largest = experts ? *std::max_element(plan.counts.begin(), plan.counts.end()) : 0;
     const Index cap = capacity(routing.tokens, routing.top_k, experts, largest);
-    detail::require(cap >= 1 || routing.tokens == 0, "moekit::Capacity: capacity = ", cap, " for ",
+    require(cap >= 1 || routing.tokens == 0, "moekit::Capacity: capacity = ", cap, " for ",
                     routing.tokens, " tokens; expected at least 1 (raise capacity_factor or min_capacity)");
 
     // Trim each block to its first `cap` choices after ordering by the drop policy.

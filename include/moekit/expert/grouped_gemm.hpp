@@ -45,7 +45,7 @@ struct GroupedGemmType {
   }
 
   void validate(const LayerShape&) const {
-    detail::require(options.row_tile >= 1 && options.column_tile >= 1,
+    require(options.row_tile >= 1 && options.column_tile >= 1,
                     "moekit::GroupedGemm: row_tile = ", options.row_tile,
                     ", column_tile = ", options.column_tile, "; expected both >= 1");
   }

@@ -29,7 +29,7 @@ struct HfBlock {
   static HfBlock from(const SafeTensors& file) {
     auto number = [&](const std::string& key) {
       const std::string v = file.metadata(key, "");
-      moekit::detail::require(!v.empty(), "moekit::HfBlock: the fixture's __metadata__ has no '", key,
+      moekit::require(!v.empty(), "moekit::HfBlock: the fixture's __metadata__ has no '", key,
                       "'; expected tokens, hidden, ffn, experts and topk");
       return std::stoll(v);
     };
@@ -41,7 +41,7 @@ struct HfBlock {
     b.experts = number("experts");
     b.top_k = static_cast<int>(number("topk"));
     const std::string score = file.metadata("score", "softmax");
-    moekit::detail::require(score == "softmax" || score == "sigmoid", "moekit::HfBlock: score = '", score,
+    moekit::require(score == "softmax" || score == "sigmoid", "moekit::HfBlock: score = '", score,
                     "'; expected softmax or sigmoid");
     b.score = score == "softmax" ? ScoreFn::softmax : ScoreFn::sigmoid;
     b.normalize = file.metadata("normalize_topk", "false") == "true";
@@ -56,7 +56,7 @@ struct HfBlock {
   template <Scalar T>
   Matrix<T> activations(const SafeTensors& file, std::string_view name) const {
     const auto& info = file.info(name);
-    moekit::detail::require(info.shape == std::vector<Index>{tokens, hidden}, "moekit::HfBlock: tensor '",
+    moekit::require(info.shape == std::vector<Index>{tokens, hidden}, "moekit::HfBlock: tensor '",
                             name, "' is ", shape_string(info.shape), "; expected [", tokens, ",",
                             hidden, "] from the metadata's tokens and hidden");
     const auto values = file.values<T>(name);
@@ -76,7 +76,7 @@ struct HfBlock {
 template <std::ranges::random_access_range A, std::ranges::random_access_range B>
 double relative_error(const A& a, const B& b) {
   const auto n = static_cast<std::size_t>(std::ranges::size(a));
-  moekit::detail::require(n == static_cast<std::size_t>(std::ranges::size(b)), "moekit::relative_error: ",
+  moekit::require(n == static_cast<std::size_t>(std::ranges::size(b)), "moekit::relative_error: ",
                   n, " values against ", std::ranges::size(b), "; expected the same number");
   double diff = 0, scale = 0;
   for (std::size_t i = 0; i < n; ++i) {

@@ -182,7 +182,7 @@ class SafeTensors {
  private:
   template <class... Parts>
   static void detail_fail_if(bool bad, std::string_view where, const Parts&... parts) {
-    if (bad) moekit::detail::fail("moekit::SafeTensors: '", where, "' ", parts...);
+    if (bad) moekit::fail("moekit::SafeTensors: '", where, "' ", parts...);
   }
 
   void read_metadata(const detail::Json& value) {
@@ -201,7 +201,7 @@ class SafeTensors {
     auto member = [&](std::string_view key) -> const detail::Json& {
       for (const auto& [k, v] : value.members)
         if (k == key) return v;
-      moekit::detail::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has no '",
+      moekit::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has no '",
                            key, "'; expected dtype, shape and data_offsets");
     };
     auto integer = [&](const detail::Json& v, std::string_view what) {
@@ -221,7 +221,7 @@ class SafeTensors {
     else if (d == "I32") t.dtype = DType::i32;
     else if (d == "I64") t.dtype = DType::i64;
     else
-      moekit::detail::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has dtype '",
+      moekit::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has dtype '",
                            d, "'; expected F32, F64, I32 or I64");
     const auto& shape = member("shape");
     detail_fail_if(shape.kind != Kind::array, where_, "tensor '", name, "' has a shape that is not an array");

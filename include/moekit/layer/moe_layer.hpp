@@ -60,11 +60,11 @@ class BasicMoELayer {
     shape_ = {config.hidden, config.ffn, config.experts, top_k};
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
     parallel_.all_or_none([&] {
-      detail::require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
+      require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
                       "; expected at least 1");
-      detail::require(config.hidden >= 1, "moekit::MoELayer: hidden = ", config.hidden,
+      require(config.hidden >= 1, "moekit::MoELayer: hidden = ", config.hidden,
                       "; expected at least 1");
-      detail::require(config.ffn >= 1, "moekit::MoELayer: ffn = ", config.ffn,
+      require(config.ffn >= 1, "moekit::MoELayer: ffn = ", config.ffn,
                       "; expected at least 1");
       router_.validate(shape_);
       balancer_.validate(shape_);
@@ -84,7 +84,7 @@ class BasicMoELayer {
   void forward(ConstMatrixRef<T> x, MatrixRef<T> y) {
     parallel_.all_or_none([&] {
       check_matrix(x, "forward", "x", x.rows());
-      detail::require(y.rows() == x.rows() && y.cols() == shape_.hidden,
+      require(y.rows() == x.rows() && y.cols() == shape_.hidden,
                       "moekit::MoELayer::forward: y is [", y.rows(), ",", y.cols(),
                       "]; expected [", x.rows(), ",", shape_.hidden, "] like x");
     });
@@ -180,11 +180,11 @@ class BasicMoELayer {
   /// with gradients, so the step needs no second copy of the activations.
   void backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) {
     parallel_.all_or_none([&] {
-      detail::require(have_forward_,
+      require(have_forward_,
                       "moekit::MoELayer::backward: no forward to go back through (backward consumes "
                       "the last forward's saved activations); expected a call of forward(x) first");
       check_matrix(dy, "backward", "dy", tokens_);
-      detail::require(dx.rows() == tokens_ && dx.cols() == shape_.hidden,
+      require(dx.rows() == tokens_ && dx.cols() == shape_.hidden,
                       "moekit::MoELayer::backward: dx is [", dx.rows(), ",", dx.cols(),
                       "]; expected [", tokens_, ",", shape_.hidden, "] like x");
     });
@@ -302,10 +302,10 @@ class BasicMoELayer {
   /// names and order as parameters()): a rank keeps its own slice.
   void assign_whole(std::span<const Tensor<T>> whole) {
     const auto shapes = whole_shapes();
-    detail::require(whole.size() == parameters_.size(), "moekit::MoELayer::assign_whole: ", whole.size(),
+    require(whole.size() == parameters_.size(), "moekit::MoELayer::assign_whole: ", whole.size(),
                     " tensors; expected ", parameters_.size(), " like parameters()");
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
-      detail::require(whole[i].name() == parameters_[i].name() && whole[i].shape() == shapes[i],
+      require(whole[i].name() == parameters_[i].name() && whole[i].shape() == shapes[i],
                       "moekit::MoELayer::assign_whole: tensor ", i, " is '", whole[i].name(), "' ",
                       shape_string(whole[i].shape()), "; expected '", parameters_[i].name(), "' ",
                       shape_string(shapes[i]));
@@ -390,21 +390,21 @@ class BasicMoELayer {
     const auto whole = whole_shapes();
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       const auto& p = parameters_[i];
-      detail::require(file.contains(p.name()), "moekit::MoELayer::load: '", path.string(),
+      require(file.contains(p.name()), "moekit::MoELayer::load: '", path.string(),
                       "' has no tensor '", p.name(), "'; expected one of shape ",
                       shape_string(p.shape()));
       const auto& info = file.info(p.name());
-      detail::require(info.shape == p.shape() || info.shape == whole[i], "moekit::MoELayer::load: '",
+      require(info.shape == p.shape() || info.shape == whole[i], "moekit::MoELayer::load: '",
                       path.string(), "' tensor '", p.name(), "' is ", shape_string(info.shape),
                       "; expected ", shape_string(p.shape()),
                       whole[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole[i]) + " (the whole layer)");
-      detail::require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64,
+      require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64,
                       "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(),
                       "' is ", io::to_string(info.dtype), "; expected F32 or F64");
     }
     if constexpr (has_bias_state) {
       if (file.contains("router.bias"))
-        detail::require(file.info("router.bias").shape == std::vector<Index>{shape_.experts},
+        require(file.info("router.bias").shape == std::vector<Index>{shape_.experts},
                         "moekit::MoELayer::load: '", path.string(), "' tensor 'router.bias' is ",
                         shape_string(file.info("router.bias").shape), "; expected [", shape_.experts, "]");
     }
@@ -467,7 +467,7 @@ class BasicMoELayer {
       if (t.name() == name) return t;
     std::string known;
     for (const auto& t : tensors) known += (known.empty() ? "" : ", ") + t.name();
-    detail::fail("moekit::MoELayer: no parameter named '", name, "'; expected one of ", known);
+    fail("moekit::MoELayer: no parameter named '", name, "'; expected one of ", known);
   }
 
   const Tensor<T>& router_weight() const { return parameters_.front(); }
@@ -567,14 +567,14 @@ class BasicMoELayer {
 
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
                     Index rows) const {
-    detail::require(m.cols() == shape_.hidden && m.rows() == rows, "moekit::MoELayer::", call,
+    require(m.cols() == shape_.hidden && m.rows() == rows, "moekit::MoELayer::", call,
                     ": ", what, " is [", m.rows(), ",", m.cols(), "]; expected [", rows, ",",
                     shape_.hidden, "] (tokens × hidden)");
     if (!config_.check_finite || all_finite(m)) return;
     for (Index t = 0; t < m.rows(); ++t)
       for (Index h = 0; h < m.cols(); ++h)
         if (!std::isfinite(m(t, h)))
-          detail::fail("moekit::MoELayer::", call, ": ", what, "[", t, ",", h, "] is ", m(t, h),
+          fail("moekit::MoELayer::", call, ": ", what, "[", t, ",", h, "] is ", m(t, h),
                        "; expected finite values (LayerConfig::check_finite = false skips this check)");
   }
 

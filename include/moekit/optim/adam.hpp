@@ -22,7 +22,7 @@ class Adam {
   };
 
   explicit Adam(Options options = {}) : options_(options) {
-    detail::require(options.learning_rate > 0 && options.beta1 >= 0 && options.beta1 < 1 &&
+    require(options.learning_rate > 0 && options.beta1 >= 0 && options.beta1 < 1 &&
                         options.beta2 >= 0 && options.beta2 < 1 && options.epsilon > 0 &&
                         options.weight_decay >= 0,
                     "moekit::Adam: learning_rate = ", options.learning_rate, ", beta1 = ",
@@ -32,7 +32,7 @@ class Adam {
   }
 
   void step(std::span<Tensor<T>> parameters, std::span<const Tensor<T>> gradients) {
-    detail::require(parameters.size() == gradients.size(), "moekit::Adam::step: ",
+    require(parameters.size() == gradients.size(), "moekit::Adam::step: ",
                     parameters.size(), " parameters but ", gradients.size(),
                     " gradients; expected one gradient per parameter");
     if (first_.empty()) {
@@ -48,7 +48,7 @@ class Adam {
     for (std::size_t i = 0; i < parameters.size(); ++i) {
       auto p = parameters[i].values();
       auto g = gradients[i].values();
-      detail::require(p.size() == first_[i].size() && g.size() == p.size(), "moekit::Adam::step: ",
+      require(p.size() == first_[i].size() && g.size() == p.size(), "moekit::Adam::step: ",
                       "parameter '", parameters[i].name(), "' changed size; expected the same "
                       "parameters on every step");
       for (std::size_t j = 0; j < p.size(); ++j) {

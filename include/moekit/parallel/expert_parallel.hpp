@@ -49,7 +49,7 @@ struct ExpertParallel {
   /// the batch is the expert grid's ep-dp, the layer its tp-ep-dp (one pipeline stage).
   /// Collective over `world`: every rank calls it.
   static Groups groups(const mpi::Communicator& world, const ParallelLayout& layout) {
-    detail::require(layout.expert().world_size() == world.size(), "moekit::ExpertParallel: the layout has ",
+    require(layout.expert().world_size() == world.size(), "moekit::ExpertParallel: the layout has ",
                     layout.expert().world_size(), " ranks but the communicator ", world.size(),
                     "; expected the same");
     const ProcessGrid& grid = layout.expert();
@@ -58,7 +58,7 @@ struct ExpertParallel {
       for (std::size_t g = 0; g < all.size(); ++g)
         for (std::size_t i = 0; i < all[g].size(); ++i)
           if (all[g][i] == world.rank()) return world.split(static_cast<int>(g), static_cast<int>(i));
-      detail::fail("moekit::ExpertParallel: rank ", world.rank(), " is in no '", mask, "' group");
+      fail("moekit::ExpertParallel: rank ", world.rank(), " is in no '", mask, "' group");
     };
     Groups g;
     g.expert = split("ep");
@@ -89,17 +89,17 @@ struct ExpertParallel {
   void validate(const LayerShape& shape) {
     int initialized = 0;
     MPI_Initialized(&initialized);
-    detail::require(initialized, "moekit::ExpertParallel: MPI is not initialized; expected a "
+    require(initialized, "moekit::ExpertParallel: MPI is not initialized; expected a "
                     "boost::mpi::environment (or MPI_Init) before the layer is built");
     if (!have_groups_) groups_ = groups(mpi::Communicator());  // MPI_COMM_WORLD
     have_groups_ = true;
     const int ep = groups_.expert.size(), etp = groups_.expert_tensor.size();
     mpi::all_or_none(groups_.layer, [&] {
-      detail::require(shape.experts % ep == 0, "moekit::ExpertParallel: experts = ", shape.experts,
+      require(shape.experts % ep == 0, "moekit::ExpertParallel: experts = ", shape.experts,
                       " over ", ep, " expert-parallel ranks; expected a multiple of ", ep);
-      detail::require(shape.ffn % etp == 0, "moekit::ExpertParallel: ffn = ", shape.ffn, " over ", etp,
+      require(shape.ffn % etp == 0, "moekit::ExpertParallel: ffn = ", shape.ffn, " over ", etp,
                       " expert-tensor-parallel ranks; expected a multiple of ", etp);
-      detail::require(groups_.layer.size() == ep * etp * groups_.expert_data.size() &&
+      require(groups_.layer.size() == ep * etp * groups_.expert_data.size() &&
                           groups_.batch.size() == ep * groups_.expert_data.size(),
                       "moekit::ExpertParallel: groups of sizes layer ", groups_.layer.size(), ", ep ", ep,
                       ", etp ", etp, ", edp ", groups_.expert_data.size(), ", batch ", groups_.batch.size(),
@@ -112,20 +112,20 @@ struct ExpertParallel {
                        "MPI_Allgather");
     for (int r = 0; r < groups_.layer.size(); ++r) {
       const Index* theirs = all.data() + 4 * r;
-      detail::require(std::equal(mine, mine + 4, theirs), "moekit::ExpertParallel: rank ", r,
+      require(std::equal(mine, mine + 4, theirs), "moekit::ExpertParallel: rank ", r,
                       " builds a layer of H=", theirs[0], " F=", theirs[1], " E=", theirs[2], " K=", theirs[3],
                       ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1], " E=", mine[2],
                       " K=", mine[3], "; expected the same layer on every rank");
     }
     mpi::all_or_none(groups_.layer, [&] {
-      detail::require(options.chunks >= 1 && (options.chunks == 1 || options.ranks_per_node == 0),
+      require(options.chunks >= 1 && (options.chunks == 1 || options.ranks_per_node == 0),
                       "moekit::ExpertParallel: chunks = ", options.chunks, " with ranks_per_node = ",
                       options.ranks_per_node, "; expected chunks >= 1, and 1 with a hierarchical exchange");
     });
     if (options.chunks > 1) {
       int level = MPI_THREAD_SINGLE;
       MPI_Query_thread(&level);
-      detail::require(level >= MPI_THREAD_FUNNELED, "moekit::ExpertParallel: chunks = ", options.chunks,
+      require(level >= MPI_THREAD_FUNNELED, "moekit::ExpertParallel: chunks = ", options.chunks,
                       " with MPI initialised at thread level ", level, "; expected MPI_THREAD_FUNNELED or more "
                       "(boost::mpi::environment(argc, argv, boost::mpi::threading::funneled)): the experts "
                       "compute on TBB threads while this thread drives MPI");

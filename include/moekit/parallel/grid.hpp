@@ -28,18 +28,18 @@ class ProcessGrid {
       const std::string token(rest.substr(0, dash));
       const auto found = std::find_if(dimensions.begin(), dimensions.end(),
                                       [&](const Dimension& d) { return d.name == token; });
-      detail::require(found != dimensions.end(), "moekit::ProcessGrid: order '", order,
+      require(found != dimensions.end(), "moekit::ProcessGrid: order '", order,
                       "' names '", token, "'; expected only tp, cp, ep, dp and pp");
-      detail::require(index_of(token) < 0, "moekit::ProcessGrid: order '", order, "' names '",
+      require(index_of(token) < 0, "moekit::ProcessGrid: order '", order, "' names '",
                       token, "' twice; expected each dimension once");
       dimensions_.push_back(*found);
       rest = dash == std::string_view::npos ? std::string_view{} : rest.substr(dash + 1);
     }
     for (const auto& d : dimensions) {
-      detail::require(d.size >= 1, "moekit::ProcessGrid: ", d.name, " = ", d.size,
+      require(d.size >= 1, "moekit::ProcessGrid: ", d.name, " = ", d.size,
                       "; expected at least 1");
       if (index_of(d.name) >= 0) continue;
-      detail::require(d.size == 1, "moekit::ProcessGrid: ", d.name, " = ", d.size,
+      require(d.size == 1, "moekit::ProcessGrid: ", d.name, " = ", d.size,
                       " but the order '", order, "' does not name it; expected it in the order");
       dimensions_.push_back(d);  // a missing dimension of size 1 goes last, as Megatron-Core's
     }
@@ -100,7 +100,7 @@ class ProcessGrid {
   std::vector<int> group_of(int rank, std::string_view mask) const {
     for (auto& group : groups(mask))
       if (std::find(group.begin(), group.end(), rank) != group.end()) return group;
-    detail::fail("moekit::ProcessGrid: rank ", rank, " is outside a grid of ", world_size(),
+    fail("moekit::ProcessGrid: rank ", rank, " is outside a grid of ", world_size(),
                  " ranks; expected 0 ≤ rank < ", world_size());
   }
 
@@ -112,7 +112,7 @@ class ProcessGrid {
   }
   std::size_t checked_index(std::string_view name) const {
     const int i = index_of(name);
-    detail::require(i >= 0, "moekit::ProcessGrid: no dimension '", name,
+    require(i >= 0, "moekit::ProcessGrid: no dimension '", name,
                     "'; expected one of tp, cp, ep, dp, pp");
     return static_cast<std::size_t>(i);
   }
@@ -138,7 +138,7 @@ class ParallelLayout {
   ParallelLayout(int world_size, ParallelSizes sizes, std::string_view order = "tp-cp-ep-dp-pp")
       : dense_(order, dense_dimensions(world_size, sizes)),
         expert_(order, expert_dimensions(world_size, sizes)) {
-    detail::require(dense_.groups("pp") == expert_.groups("pp"), "moekit::ParallelLayout: order '",
+    require(dense_.groups("pp") == expert_.groups("pp"), "moekit::ParallelLayout: order '",
                     order, "' gives the dense and the expert grids different pipeline groups; "
                     "expected pp in the same place for both (put it last)");
   }
@@ -148,7 +148,7 @@ class ParallelLayout {
 
  private:
   static int quotient(int world, int divisor, std::string_view what, std::string_view product) {
-    detail::require(world >= 1 && divisor >= 1 && world % divisor == 0, "moekit::ParallelLayout: ",
+    require(world >= 1 && divisor >= 1 && world % divisor == 0, "moekit::ParallelLayout: ",
                     world, " ranks are not divisible by ", product, " = ", divisor,
                     "; expected a world size that is a multiple of it (", what, " = the quotient)");
     return world / divisor;
@@ -164,7 +164,7 @@ class ParallelLayout {
             {"dp", quotient(world, etp * s.ep * s.pp, "edp", "etp·ep·pp")}, {"pp", s.pp}};
   }
   static void check_positive(const ParallelSizes& s) {
-    detail::require(s.tp >= 1 && s.cp >= 1 && s.pp >= 1 && s.ep >= 1 && s.etp >= 0,
+    require(s.tp >= 1 && s.cp >= 1 && s.pp >= 1 && s.ep >= 1 && s.etp >= 0,
                     "moekit::ParallelLayout: tp = ", s.tp, ", cp = ", s.cp, ", pp = ", s.pp,
                     ", ep = ", s.ep, ", etp = ", s.etp,
                     "; expected each at least 1 (etp may be 0: the same as tp)");

@@ -32,7 +32,7 @@ inline void check(int code, const char* call) {
   char text[MPI_MAX_ERROR_STRING];
   int length = 0;
   MPI_Error_string(code, text, &length);
-  moekit::detail::fail("moekit: ", call, " failed: ", std::string(text, static_cast<std::size_t>(length)));
+  moekit::fail("moekit: ", call, " failed: ", std::string(text, static_cast<std::size_t>(length)));
 }
 
 template <class T>
@@ -46,7 +46,7 @@ MPI_Datatype scalar_type() {
 }
 
 inline int to_int(Index n, const char* what) {
-  moekit::detail::require(n >= 0 && n <= INT_MAX, "moekit: ", what, " = ", n,
+  moekit::require(n >= 0 && n <= INT_MAX, "moekit: ", what, " = ", n,
                           "; expected at most ", INT_MAX, " (MPI counts are int)");
   return static_cast<int>(n);
 }
@@ -183,7 +183,7 @@ class RowExchange {
  public:
   explicit RowExchange(Communicator comm, int ranks_per_node = 0) : comm_(std::move(comm)) {
     const int size = comm_.size();
-    moekit::detail::require(ranks_per_node >= 0 && (ranks_per_node == 0 || size % ranks_per_node == 0),
+    moekit::require(ranks_per_node >= 0 && (ranks_per_node == 0 || size % ranks_per_node == 0),
                             "moekit::ExpertParallel: ranks_per_node = ", ranks_per_node, " with ",
                             size, " expert-parallel ranks; expected 0 (flat) or a divisor of ", size);
     if (ranks_per_node > 0 && ranks_per_node < size) {

@@ -4,7 +4,7 @@
 #include <string_view>
 
 #include <moekit/core/concepts.hpp>
-#include <moekit/core/detail/tiles.hpp>
+#include <moekit/core/token_loops.hpp>
 #include <moekit/core/detail/top_k.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/core/routing.hpp>
@@ -32,12 +32,12 @@ struct TopK {
   Options options{};
 
   void validate(const LayerShape& shape) const {
-    detail::require(K <= shape.experts, "moekit::TopK: K = ", K, " but the layer has ",
+    require(K <= shape.experts, "moekit::TopK: K = ", K, " but the layer has ",
                     shape.experts, " experts; expected K <= experts");
-    detail::require(!(K == 1 && options.normalize),
+    require(!(K == 1 && options.normalize),
                     "moekit::TopK: K = 1 with normalize = true; every weight would be 1 and the "
                     "router would get no gradient; set normalize = false (Switch routing)");
-    detail::require(std::isfinite(options.scale) && options.scale > 0,
+    require(std::isfinite(options.scale) && options.scale > 0,
                     "moekit::TopK: scale = ", options.scale, "; expected a finite number > 0");
   }
 
@@ -46,7 +46,7 @@ struct TopK {
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>
   void score(MatrixRef<T> scores) const {
-    detail::for_each_token(scores.rows(), [&](Index t) {
+    for_each_token(scores.rows(), [&](Index t) {
       auto row = scores.row(t);
       if (options.score == ScoreFn::softmax) {
         row.array() = (row.array() - row.maxCoeff()).exp();  // max first: no overflow at any logit
@@ -63,7 +63,7 @@ struct TopK {
   void select(ConstMatrixRef<T> selection, ConstMatrixRef<T> scores, Routing<T>& out) const {
     const Index tokens = scores.rows(), experts = scores.cols();
     out.resize(tokens, K);
-    detail::for_each_token(tokens, [&](Index t) {
+    for_each_token(tokens, [&](Index t) {
       Index* index = &out.index[static_cast<std::size_t>(t * K)];
       T* weight = &out.weight[static_cast<std::size_t>(t * K)];
       detail::top_k_indices(selection.row(t).data(), experts, K, index);
@@ -80,7 +80,7 @@ struct TopK {
   template <Scalar T>
   void backward(ConstMatrixRef<T> scores, const Routing<T>& routing,
                 std::span<const T> d_weight, MatrixRef<T> d_logits) const {
-    detail::for_each_token(scores.rows(), [&](Index t) {
+    for_each_token(scores.rows(), [&](Index t) {
       const Index* index = &routing.index[static_cast<std::size_t>(t * K)];
       const T* g = &d_weight[static_cast<std::size_t>(t * K)];
       T d_score[K];  // d(loss)/d(s_k)

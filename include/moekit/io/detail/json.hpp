@@ -32,7 +32,7 @@ class JsonParser {
 
  private:
   [[noreturn]] void fail(std::string_view what) const {
-    moekit::detail::fail("moekit::SafeTensors: '", where_, "' has a malformed JSON header at byte ",
+    moekit::fail("moekit::SafeTensors: '", where_, "' has a malformed JSON header at byte ",
                          pos_, ": ", what);
   }
   void skip_space() {
