@@ -97,17 +97,18 @@ concept Expert =
     DeclaresKind<P, expert_kind> && Named<P> &&
     requires(const P& p, const LayerShape& shape, std::span<const Tensor<double>> weights,
              std::span<Tensor<double>> grads, ConstMatrixRef<double> rows,
-             std::span<const Index> offsets, MatrixRef<double> out,
-             typename P::template Saved<double>& saved, Workspace<double>& workspace) {
+             std::span<const Index> offsets, MatrixRef<double> out, MatrixRef<double> rows_then_d_rows,
+             ConstMatrixRef<double> d_out, typename P::template Saved<double>& saved,
+             Workspace<double>& workspace) {
       { P::parameters(shape, Index{}) } -> std::same_as<std::vector<ParameterSpec>>;
       p.validate(shape);
       p.forward(weights, rows, offsets, out, saved, workspace);  // rows [S,H] → out [S,H]
-      p.backward(weights, out, offsets, saved, rows, grads, workspace);  // d_out; rows → d_rows in place; adds grads
+      // d_out [S,H]; the rows forward had, overwritten with d_rows; adds the weights' gradients
+      p.backward(weights, rows_then_d_rows, offsets, saved, d_out, grads, workspace);
     };
 
 /// Where experts live and how rows travel to them. docs/policies/parallel.md
-/// A policy with `moves_rows = true` also exchanges rows (route, to_experts, to_tokens): see
-/// ExpertParallel.
+/// A policy with `moves_rows = true` must also model RowMovingParallel.
 template <class P>
 concept Parallel = DeclaresKind<P, parallel_kind> && Named<P> &&
                    requires(P& p, const P& cp, const LayerShape& shape,
@@ -120,5 +121,21 @@ concept Parallel = DeclaresKind<P, parallel_kind> && Named<P> &&
                      cp.all_or_none([] {});  // runs checks; a failure anywhere fails everywhere
                      cp.reduce_gradients(grads, grads);  // (replicated, expert) after backward
                    };
+
+/// A Parallel that sends each row to the rank of its expert and back (moves_rows = true), as
+/// ExpertParallel does. The layer calls, in each forward and backward:
+template <class P>
+concept RowMovingParallel =
+    Parallel<P> && P::moves_rows &&
+    requires(P& p, const P& cp, std::span<const Index> rows_per_expert, ConstMatrixRef<double> rows,
+             MatrixRef<double> expert_rows, MatrixRef<double> expert_out, MatrixRef<double> out) {
+      p.route(rows_per_expert);  // forward: this rank's rows per expert; agrees what goes where
+      { cp.expert_rows() } -> std::convertible_to<Index>;  // rows that arrive at this rank's experts
+      { cp.chunks() } -> std::convertible_to<int>;         // pieces the exchange overlaps compute in
+      // rows → expert_rows on the experts' ranks; compute(chunk, first_row, offsets) fills those
+      // rows of expert_out; they come back into out, in rows' order
+      p.template through_experts<double>(rows, expert_rows, expert_out, out,
+                                         [](int, Index, std::span<const Index>) {});
+    };
 
 }  // namespace moekit

@@ -134,6 +134,8 @@ class BasicMoELayer {
     });
     auto out = expert_out_.matrix(plan_.rows(), hidden);
     if constexpr (P::moves_rows) {  // to the experts' ranks and back, chunk by chunk
+      static_assert(RowMovingParallel<P>, "moekit::MoELayer: a Parallel with moves_rows = true must model "
+                                          "moekit::RowMovingParallel; see docs/policies/parallel.md");
       parallel_.route(plan_.counts);
       auto remote = remote_rows_.matrix(parallel_.expert_rows(), hidden);
       auto remote_out = remote_out_.matrix(parallel_.expert_rows(), hidden);

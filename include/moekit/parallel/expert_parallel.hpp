@@ -455,4 +455,6 @@ struct ExpertParallel {
   detail::Scratch staging_;  // the hierarchical exchange's source-major rows
 };
 
+static_assert(RowMovingParallel<ExpertParallel>);
+
 }  // namespace moekit
