@@ -38,7 +38,7 @@ struct AuxFree {
 
   void validate(const LayerShape&) const {
     require(std::isfinite(options.rate) && options.rate >= 0, "moekit::AuxFree: rate = ",
-                    options.rate, "; expected a finite number >= 0");
+            options.rate, "; expected a finite number >= 0");
   }
 
   template <Scalar T>

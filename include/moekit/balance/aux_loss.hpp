@@ -42,8 +42,8 @@ struct AuxLoss {
 
   void validate(const LayerShape&) const {
     require(std::isfinite(options.coefficient) && options.coefficient >= 0,
-                    "moekit::AuxLoss: coefficient = ", options.coefficient,
-                    "; expected a finite number >= 0");
+            "moekit::AuxLoss: coefficient = ", options.coefficient,
+            "; expected a finite number >= 0");
   }
 
   template <Scalar T>

@@ -41,8 +41,8 @@ struct Sinkhorn {
 
   void validate(const LayerShape&) const {
     require(std::isfinite(options.tolerance) && options.tolerance > 0 && options.max_iterations >= 1,
-                    "moekit::Sinkhorn: tolerance = ", options.tolerance, ", max_iterations = ",
-                    options.max_iterations, "; expected tolerance > 0 and max_iterations >= 1");
+            "moekit::Sinkhorn: tolerance = ", options.tolerance, ", max_iterations = ",
+            options.max_iterations, "; expected tolerance > 0 and max_iterations >= 1");
   }
 
   template <Scalar T>

@@ -41,13 +41,13 @@ struct Capacity {
 
   void validate(const LayerShape& shape) const {
     require(std::isfinite(options.capacity_factor) && options.capacity_factor >= 0,
-                    "moekit::Capacity: capacity_factor = ", options.capacity_factor,
-                    "; expected a finite number >= 0 (0 means the largest expert count)");
+            "moekit::Capacity: capacity_factor = ", options.capacity_factor,
+            "; expected a finite number >= 0 (0 means the largest expert count)");
     require(options.min_capacity >= 0, "moekit::Capacity: min_capacity = ",
-                    options.min_capacity, "; expected >= 0");
+            options.min_capacity, "; expected >= 0");
     require(!(options.renormalize && shape.top_k == 1),
-                    "moekit::Capacity: renormalize = true with K = 1; every kept weight would be 1 "
-                    "and the router would get no gradient; expected K > 1 or renormalize = false");
+            "moekit::Capacity: renormalize = true with K = 1; every kept weight would be 1 "
+            "and the router would get no gradient; expected K > 1 or renormalize = false");
   }
 
   /// With renormalize, after drops: w'_k = m_k·w_k / max(Σ_j m_j·w_j, ε), m = kept, ε = the
@@ -105,7 +105,7 @@ struct Capacity {
     const Index largest = experts ? *std::max_element(plan.counts.begin(), plan.counts.end()) : 0;
     const Index cap = capacity(routing.tokens, routing.top_k, experts, largest);
     require(cap >= 1 || routing.tokens == 0, "moekit::Capacity: capacity = ", cap, " for ",
-                    routing.tokens, " tokens; expected at least 1 (raise capacity_factor or min_capacity)");
+            routing.tokens, " tokens; expected at least 1 (raise capacity_factor or min_capacity)");
 
     // Trim each block to its first `cap` choices after ordering by the drop policy.
     for (Index e = 0; e < experts; ++e) {

@@ -46,8 +46,8 @@ struct GroupedGemmType {
 
   void validate(const LayerShape&) const {
     require(options.row_tile >= 1 && options.column_tile >= 1,
-                    "moekit::GroupedGemm: row_tile = ", options.row_tile,
-                    ", column_tile = ", options.column_tile, "; expected both >= 1");
+            "moekit::GroupedGemm: row_tile = ", options.row_tile,
+            ", column_tile = ", options.column_tile, "; expected both >= 1");
   }
 
   /// rows [S,H] in per-expert blocks (offsets [E+1]) → out [S,H].

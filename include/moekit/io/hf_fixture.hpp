@@ -57,8 +57,8 @@ struct HfBlock {
   Matrix<T> activations(const SafeTensors& file, std::string_view name) const {
     const auto& info = file.info(name);
     moekit::require(info.shape == std::vector<Index>{tokens, hidden}, "moekit::HfBlock: tensor '",
-                            name, "' is ", shape_string(info.shape), "; expected [", tokens, ",",
-                            hidden, "] from the metadata's tokens and hidden");
+                    name, "' is ", shape_string(info.shape), "; expected [", tokens, ",",
+                    hidden, "] from the metadata's tokens and hidden");
     const auto values = file.values<T>(name);
     return ConstMatrixMap<T>(values.data(), tokens, hidden);
   }

@@ -202,7 +202,7 @@ class SafeTensors {
       for (const auto& [k, v] : value.members)
         if (k == key) return v;
       moekit::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has no '",
-                           key, "'; expected dtype, shape and data_offsets");
+                   key, "'; expected dtype, shape and data_offsets");
     };
     auto integer = [&](const detail::Json& v, std::string_view what) {
       detail_fail_if(v.kind != Kind::number || v.text.empty() ||
@@ -222,7 +222,7 @@ class SafeTensors {
     else if (d == "I64") t.dtype = DType::i64;
     else
       moekit::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has dtype '",
-                           d, "'; expected F32, F64, I32 or I64");
+                   d, "'; expected F32, F64, I32 or I64");
     const auto& shape = member("shape");
     detail_fail_if(shape.kind != Kind::array, where_, "tensor '", name, "' has a shape that is not an array");
     for (const auto& dim : shape.items) t.shape.push_back(static_cast<Index>(integer(dim, "a dimension")));

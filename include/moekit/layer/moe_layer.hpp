@@ -61,11 +61,11 @@ class BasicMoELayer {
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
     parallel_.all_or_none([&] {
       require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
-                      "; expected at least 1");
+              "; expected at least 1");
       require(config.hidden >= 1, "moekit::MoELayer: hidden = ", config.hidden,
-                      "; expected at least 1");
+              "; expected at least 1");
       require(config.ffn >= 1, "moekit::MoELayer: ffn = ", config.ffn,
-                      "; expected at least 1");
+              "; expected at least 1");
       router_.validate(shape_);
       balancer_.validate(shape_);
       dispatcher_.validate(shape_);
@@ -85,8 +85,8 @@ class BasicMoELayer {
     parallel_.all_or_none([&] {
       check_matrix(x, "forward", "x", x.rows());
       require(y.rows() == x.rows() && y.cols() == shape_.hidden,
-                      "moekit::MoELayer::forward: y is [", y.rows(), ",", y.cols(),
-                      "]; expected [", x.rows(), ",", shape_.hidden, "] like x");
+              "moekit::MoELayer::forward: y is [", y.rows(), ",", y.cols(),
+              "]; expected [", x.rows(), ",", shape_.hidden, "] like x");
     });
     const Index tokens = x.rows(), hidden = shape_.hidden;
     have_forward_ = false;
@@ -183,12 +183,12 @@ class BasicMoELayer {
   void backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) {
     parallel_.all_or_none([&] {
       require(have_forward_,
-                      "moekit::MoELayer::backward: no forward to go back through (backward consumes "
-                      "the last forward's saved activations); expected a call of forward(x) first");
+              "moekit::MoELayer::backward: no forward to go back through (backward consumes "
+              "the last forward's saved activations); expected a call of forward(x) first");
       check_matrix(dy, "backward", "dy", tokens_);
       require(dx.rows() == tokens_ && dx.cols() == shape_.hidden,
-                      "moekit::MoELayer::backward: dx is [", dx.rows(), ",", dx.cols(),
-                      "]; expected [", tokens_, ",", shape_.hidden, "] like x");
+              "moekit::MoELayer::backward: dx is [", dx.rows(), ",", dx.cols(),
+              "]; expected [", tokens_, ",", shape_.hidden, "] like x");
     });
     const Index tokens = tokens_, hidden = shape_.hidden, count = plan_.rows();
     const auto input = input_.matrix(tokens, hidden);
@@ -305,12 +305,12 @@ class BasicMoELayer {
   void assign_whole(std::span<const Tensor<T>> whole) {
     const auto shapes = whole_shapes();
     require(whole.size() == parameters_.size(), "moekit::MoELayer::assign_whole: ", whole.size(),
-                    " tensors; expected ", parameters_.size(), " like parameters()");
+            " tensors; expected ", parameters_.size(), " like parameters()");
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       require(whole[i].name() == parameters_[i].name() && whole[i].shape() == shapes[i],
-                      "moekit::MoELayer::assign_whole: tensor ", i, " is '", whole[i].name(), "' ",
-                      shape_string(whole[i].shape()), "; expected '", parameters_[i].name(), "' ",
-                      shape_string(shapes[i]));
+              "moekit::MoELayer::assign_whole: tensor ", i, " is '", whole[i].name(), "' ",
+              shape_string(whole[i].shape()), "; expected '", parameters_[i].name(), "' ",
+              shape_string(shapes[i]));
       take_slice(whole[i].values(), shapes[i], parameters_[i]);
     }
   }
@@ -393,22 +393,22 @@ class BasicMoELayer {
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       const auto& p = parameters_[i];
       require(file.contains(p.name()), "moekit::MoELayer::load: '", path.string(),
-                      "' has no tensor '", p.name(), "'; expected one of shape ",
-                      shape_string(p.shape()));
+              "' has no tensor '", p.name(), "'; expected one of shape ",
+              shape_string(p.shape()));
       const auto& info = file.info(p.name());
       require(info.shape == p.shape() || info.shape == whole[i], "moekit::MoELayer::load: '",
-                      path.string(), "' tensor '", p.name(), "' is ", shape_string(info.shape),
-                      "; expected ", shape_string(p.shape()),
-                      whole[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole[i]) + " (the whole layer)");
+              path.string(), "' tensor '", p.name(), "' is ", shape_string(info.shape),
+              "; expected ", shape_string(p.shape()),
+              whole[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole[i]) + " (the whole layer)");
       require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64,
-                      "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(),
-                      "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+              "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(),
+              "' is ", io::to_string(info.dtype), "; expected F32 or F64");
     }
     if constexpr (has_bias_state) {
       if (file.contains("router.bias"))
         require(file.info("router.bias").shape == std::vector<Index>{shape_.experts},
-                        "moekit::MoELayer::load: '", path.string(), "' tensor 'router.bias' is ",
-                        shape_string(file.info("router.bias").shape), "; expected [", shape_.experts, "]");
+                "moekit::MoELayer::load: '", path.string(), "' tensor 'router.bias' is ",
+                shape_string(file.info("router.bias").shape), "; expected [", shape_.experts, "]");
     }
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       auto& p = parameters_[i];
@@ -570,14 +570,14 @@ class BasicMoELayer {
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
                     Index rows) const {
     require(m.cols() == shape_.hidden && m.rows() == rows, "moekit::MoELayer::", call,
-                    ": ", what, " is [", m.rows(), ",", m.cols(), "]; expected [", rows, ",",
-                    shape_.hidden, "] (tokens × hidden)");
+            ": ", what, " is [", m.rows(), ",", m.cols(), "]; expected [", rows, ",",
+            shape_.hidden, "] (tokens × hidden)");
     if (!config_.check_finite || all_finite(m)) return;
     for (Index t = 0; t < m.rows(); ++t)
       for (Index h = 0; h < m.cols(); ++h)
         if (!std::isfinite(m(t, h)))
           fail("moekit::MoELayer::", call, ": ", what, "[", t, ",", h, "] is ", m(t, h),
-                       "; expected finite values (LayerConfig::check_finite = false skips this check)");
+               "; expected finite values (LayerConfig::check_finite = false skips this check)");
   }
 
   /// Whether every element is finite. 0·v is 0 for finite v and NaN otherwise, and a sum with a

@@ -25,16 +25,16 @@ class Adam {
     require(options.learning_rate > 0 && options.beta1 >= 0 && options.beta1 < 1 &&
                         options.beta2 >= 0 && options.beta2 < 1 && options.epsilon > 0 &&
                         options.weight_decay >= 0,
-                    "moekit::Adam: learning_rate = ", options.learning_rate, ", beta1 = ",
-                    options.beta1, ", beta2 = ", options.beta2, ", epsilon = ", options.epsilon,
-                    ", weight_decay = ", options.weight_decay,
-                    "; expected learning_rate > 0, betas in [0,1), epsilon > 0, weight_decay >= 0");
+            "moekit::Adam: learning_rate = ", options.learning_rate, ", beta1 = ",
+            options.beta1, ", beta2 = ", options.beta2, ", epsilon = ", options.epsilon,
+            ", weight_decay = ", options.weight_decay,
+            "; expected learning_rate > 0, betas in [0,1), epsilon > 0, weight_decay >= 0");
   }
 
   void step(std::span<Tensor<T>> parameters, std::span<const Tensor<T>> gradients) {
     require(parameters.size() == gradients.size(), "moekit::Adam::step: ",
-                    parameters.size(), " parameters but ", gradients.size(),
-                    " gradients; expected one gradient per parameter");
+            parameters.size(), " parameters but ", gradients.size(),
+            " gradients; expected one gradient per parameter");
     if (first_.empty()) {
       for (const auto& p : parameters) {
         first_.emplace_back(static_cast<std::size_t>(p.size()), T(0));
@@ -49,8 +49,8 @@ class Adam {
       auto p = parameters[i].values();
       auto g = gradients[i].values();
       require(p.size() == first_[i].size() && g.size() == p.size(), "moekit::Adam::step: ",
-                      "parameter '", parameters[i].name(), "' changed size; expected the same "
-                      "parameters on every step");
+              "parameter '", parameters[i].name(), "' changed size; expected the same "
+              "parameters on every step");
       for (std::size_t j = 0; j < p.size(); ++j) {
         T& m = first_[i][j];
         T& v = second_[i][j];

@@ -50,8 +50,8 @@ struct ExpertParallel {
   /// Collective over `world`: every rank calls it.
   static Groups groups(const mpi::Communicator& world, const ParallelLayout& layout) {
     require(layout.expert().world_size() == world.size(), "moekit::ExpertParallel: the layout has ",
-                    layout.expert().world_size(), " ranks but the communicator ", world.size(),
-                    "; expected the same");
+            layout.expert().world_size(), " ranks but the communicator ", world.size(),
+            "; expected the same");
     const ProcessGrid& grid = layout.expert();
     auto split = [&](std::string_view mask) {
       const auto all = grid.groups(mask);
@@ -90,20 +90,20 @@ struct ExpertParallel {
     int initialized = 0;
     MPI_Initialized(&initialized);
     require(initialized, "moekit::ExpertParallel: MPI is not initialized; expected a "
-                    "boost::mpi::environment (or MPI_Init) before the layer is built");
+            "boost::mpi::environment (or MPI_Init) before the layer is built");
     if (!have_groups_) groups_ = groups(mpi::Communicator());  // MPI_COMM_WORLD
     have_groups_ = true;
     const int ep = groups_.expert.size(), etp = groups_.expert_tensor.size();
     mpi::all_or_none(groups_.layer, [&] {
       require(shape.experts % ep == 0, "moekit::ExpertParallel: experts = ", shape.experts,
-                      " over ", ep, " expert-parallel ranks; expected a multiple of ", ep);
+              " over ", ep, " expert-parallel ranks; expected a multiple of ", ep);
       require(shape.ffn % etp == 0, "moekit::ExpertParallel: ffn = ", shape.ffn, " over ", etp,
-                      " expert-tensor-parallel ranks; expected a multiple of ", etp);
+              " expert-tensor-parallel ranks; expected a multiple of ", etp);
       require(groups_.layer.size() == ep * etp * groups_.expert_data.size() &&
                           groups_.batch.size() == ep * groups_.expert_data.size(),
-                      "moekit::ExpertParallel: groups of sizes layer ", groups_.layer.size(), ", ep ", ep,
-                      ", etp ", etp, ", edp ", groups_.expert_data.size(), ", batch ", groups_.batch.size(),
-                      "; expected layer = ep·etp·edp and batch = ep·edp");
+              "moekit::ExpertParallel: groups of sizes layer ", groups_.layer.size(), ", ep ", ep,
+              ", etp ", etp, ", edp ", groups_.expert_data.size(), ", batch ", groups_.batch.size(),
+              "; expected layer = ep·etp·edp and batch = ep·edp");
     });
     // Every rank must build the same layer: a mismatch would hang the first exchange.
     const Index mine[4] = {shape.hidden, shape.ffn, shape.experts, shape.top_k};
@@ -113,22 +113,22 @@ struct ExpertParallel {
     for (int r = 0; r < groups_.layer.size(); ++r) {
       const Index* theirs = all.data() + 4 * r;
       require(std::equal(mine, mine + 4, theirs), "moekit::ExpertParallel: rank ", r,
-                      " builds a layer of H=", theirs[0], " F=", theirs[1], " E=", theirs[2], " K=", theirs[3],
-                      ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1], " E=", mine[2],
-                      " K=", mine[3], "; expected the same layer on every rank");
+              " builds a layer of H=", theirs[0], " F=", theirs[1], " E=", theirs[2], " K=", theirs[3],
+              ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1], " E=", mine[2],
+              " K=", mine[3], "; expected the same layer on every rank");
     }
     mpi::all_or_none(groups_.layer, [&] {
       require(options.chunks >= 1 && (options.chunks == 1 || options.ranks_per_node == 0),
-                      "moekit::ExpertParallel: chunks = ", options.chunks, " with ranks_per_node = ",
-                      options.ranks_per_node, "; expected chunks >= 1, and 1 with a hierarchical exchange");
+              "moekit::ExpertParallel: chunks = ", options.chunks, " with ranks_per_node = ",
+              options.ranks_per_node, "; expected chunks >= 1, and 1 with a hierarchical exchange");
     });
     if (options.chunks > 1) {
       int level = MPI_THREAD_SINGLE;
       MPI_Query_thread(&level);
       require(level >= MPI_THREAD_FUNNELED, "moekit::ExpertParallel: chunks = ", options.chunks,
-                      " with MPI initialised at thread level ", level, "; expected MPI_THREAD_FUNNELED or more "
-                      "(boost::mpi::environment(argc, argv, boost::mpi::threading::funneled)): the experts "
-                      "compute on TBB threads while this thread drives MPI");
+              " with MPI initialised at thread level ", level, "; expected MPI_THREAD_FUNNELED or more "
+              "(boost::mpi::environment(argc, argv, boost::mpi::threading::funneled)): the experts "
+              "compute on TBB threads while this thread drives MPI");
     }
     if (options.chunks > 1 && !arena_)  // every core but this thread's, which drives MPI
       arena_ = std::make_shared<tbb::task_arena>(std::max(1, tbb::info::default_concurrency() - 1), 0);

@@ -29,18 +29,18 @@ class ProcessGrid {
       const auto found = std::find_if(dimensions.begin(), dimensions.end(),
                                       [&](const Dimension& d) { return d.name == token; });
       require(found != dimensions.end(), "moekit::ProcessGrid: order '", order,
-                      "' names '", token, "'; expected only tp, cp, ep, dp and pp");
+              "' names '", token, "'; expected only tp, cp, ep, dp and pp");
       require(index_of(token) < 0, "moekit::ProcessGrid: order '", order, "' names '",
-                      token, "' twice; expected each dimension once");
+              token, "' twice; expected each dimension once");
       dimensions_.push_back(*found);
       rest = dash == std::string_view::npos ? std::string_view{} : rest.substr(dash + 1);
     }
     for (const auto& d : dimensions) {
       require(d.size >= 1, "moekit::ProcessGrid: ", d.name, " = ", d.size,
-                      "; expected at least 1");
+              "; expected at least 1");
       if (index_of(d.name) >= 0) continue;
       require(d.size == 1, "moekit::ProcessGrid: ", d.name, " = ", d.size,
-                      " but the order '", order, "' does not name it; expected it in the order");
+              " but the order '", order, "' does not name it; expected it in the order");
       dimensions_.push_back(d);  // a missing dimension of size 1 goes last, as Megatron-Core's
     }
   }
@@ -101,7 +101,7 @@ class ProcessGrid {
     for (auto& group : groups(mask))
       if (std::find(group.begin(), group.end(), rank) != group.end()) return group;
     fail("moekit::ProcessGrid: rank ", rank, " is outside a grid of ", world_size(),
-                 " ranks; expected 0 ≤ rank < ", world_size());
+         " ranks; expected 0 ≤ rank < ", world_size());
   }
 
  private:
@@ -113,7 +113,7 @@ class ProcessGrid {
   std::size_t checked_index(std::string_view name) const {
     const int i = index_of(name);
     require(i >= 0, "moekit::ProcessGrid: no dimension '", name,
-                    "'; expected one of tp, cp, ep, dp, pp");
+            "'; expected one of tp, cp, ep, dp, pp");
     return static_cast<std::size_t>(i);
   }
 
@@ -139,8 +139,8 @@ class ParallelLayout {
       : dense_(order, dense_dimensions(world_size, sizes)),
         expert_(order, expert_dimensions(world_size, sizes)) {
     require(dense_.groups("pp") == expert_.groups("pp"), "moekit::ParallelLayout: order '",
-                    order, "' gives the dense and the expert grids different pipeline groups; "
-                    "expected pp in the same place for both (put it last)");
+            order, "' gives the dense and the expert grids different pipeline groups; "
+            "expected pp in the same place for both (put it last)");
   }
 
   const ProcessGrid& dense() const { return dense_; }
@@ -149,8 +149,8 @@ class ParallelLayout {
  private:
   static int quotient(int world, int divisor, std::string_view what, std::string_view product) {
     require(world >= 1 && divisor >= 1 && world % divisor == 0, "moekit::ParallelLayout: ",
-                    world, " ranks are not divisible by ", product, " = ", divisor,
-                    "; expected a world size that is a multiple of it (", what, " = the quotient)");
+            world, " ranks are not divisible by ", product, " = ", divisor,
+            "; expected a world size that is a multiple of it (", what, " = the quotient)");
     return world / divisor;
   }
   static std::vector<ProcessGrid::Dimension> dense_dimensions(int world, ParallelSizes s) {
@@ -165,9 +165,9 @@ class ParallelLayout {
   }
   static void check_positive(const ParallelSizes& s) {
     require(s.tp >= 1 && s.cp >= 1 && s.pp >= 1 && s.ep >= 1 && s.etp >= 0,
-                    "moekit::ParallelLayout: tp = ", s.tp, ", cp = ", s.cp, ", pp = ", s.pp,
-                    ", ep = ", s.ep, ", etp = ", s.etp,
-                    "; expected each at least 1 (etp may be 0: the same as tp)");
+            "moekit::ParallelLayout: tp = ", s.tp, ", cp = ", s.cp, ", pp = ", s.pp,
+            ", ep = ", s.ep, ", etp = ", s.etp,
+            "; expected each at least 1 (etp may be 0: the same as tp)");
   }
 
   ProcessGrid dense_, expert_;

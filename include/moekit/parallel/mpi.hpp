@@ -47,7 +47,7 @@ MPI_Datatype scalar_type() {
 
 inline int to_int(Index n, const char* what) {
   moekit::require(n >= 0 && n <= INT_MAX, "moekit: ", what, " = ", n,
-                          "; expected at most ", INT_MAX, " (MPI counts are int)");
+                  "; expected at most ", INT_MAX, " (MPI counts are int)");
   return static_cast<int>(n);
 }
 
@@ -184,8 +184,8 @@ class RowExchange {
   explicit RowExchange(Communicator comm, int ranks_per_node = 0) : comm_(std::move(comm)) {
     const int size = comm_.size();
     moekit::require(ranks_per_node >= 0 && (ranks_per_node == 0 || size % ranks_per_node == 0),
-                            "moekit::ExpertParallel: ranks_per_node = ", ranks_per_node, " with ",
-                            size, " expert-parallel ranks; expected 0 (flat) or a divisor of ", size);
+                    "moekit::ExpertParallel: ranks_per_node = ", ranks_per_node, " with ",
+                    size, " expert-parallel ranks; expected 0 (flat) or a divisor of ", size);
     if (ranks_per_node > 0 && ranks_per_node < size) {
       local_size_ = ranks_per_node;
       node_ = comm_.split(comm_.rank() / local_size_, comm_.rank() % local_size_);

@@ -33,12 +33,12 @@ struct TopK {
 
   void validate(const LayerShape& shape) const {
     require(K <= shape.experts, "moekit::TopK: K = ", K, " but the layer has ",
-                    shape.experts, " experts; expected K <= experts");
+            shape.experts, " experts; expected K <= experts");
     require(!(K == 1 && options.normalize),
-                    "moekit::TopK: K = 1 with normalize = true; every weight would be 1 and the "
-                    "router would get no gradient; set normalize = false (Switch routing)");
+            "moekit::TopK: K = 1 with normalize = true; every weight would be 1 and the "
+            "router would get no gradient; set normalize = false (Switch routing)");
     require(std::isfinite(options.scale) && options.scale > 0,
-                    "moekit::TopK: scale = ", options.scale, "; expected a finite number > 0");
+            "moekit::TopK: scale = ", options.scale, "; expected a finite number > 0");
   }
 
   ScoreFn score_function() const { return options.score; }

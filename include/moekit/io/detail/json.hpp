@@ -33,7 +33,7 @@ class JsonParser {
  private:
   [[noreturn]] void fail(std::string_view what) const {
     moekit::fail("moekit::SafeTensors: '", where_, "' has a malformed JSON header at byte ",
-                         pos_, ": ", what);
+                 pos_, ": ", what);
   }
   void skip_space() {
     while (pos_ < text_.size() && (text_[pos_] == ' ' || text_[pos_] == '\n' ||
