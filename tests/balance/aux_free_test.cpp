@@ -58,6 +58,34 @@ TEST(AuxFree, BiasSteersSelectionButNotTheWeights) {
   std::filesystem::remove(path);
 }
 
+// The layer saves and loads a balancer's state through the SavesState hook, under the name the
+// balancer gives: here AuxFree's bias under another name, and no "router.bias".
+struct RenamedAuxFree : AuxFree {
+  static constexpr std::string_view name = "RenamedAuxFree";
+  static constexpr std::string_view saved_name = "balance.renamed_bias";
+};
+
+TEST(AuxFree, TheLayerSavesABalancersStateUnderTheNameItGives) {
+  static_assert(SavesState<AuxFree, float> && SavesState<RenamedAuxFree, double>);
+  static_assert(!SavesState<AuxLoss, double> && !SavesState<NoBalance, double>);
+  using Renamed = MoELayer<TopK<2>, RenamedAuxFree, double>;
+  const auto path = std::filesystem::temp_directory_path() / "moekit_renamed_aux_free.safetensors";
+  Renamed layer({.hidden = 6, .ffn = 5, .experts = 4, .seed = 2});
+  layer.forward(random_matrix(16, 6, 5));
+  layer.end_step();  // the bias moves off zero
+  ASSERT_NE(layer.balance_state().bias, std::vector<double>(4, 0.0));
+  layer.save(path);
+  const auto file = io::SafeTensors::read(path);
+  EXPECT_FALSE(file.contains("router.bias"));
+  EXPECT_EQ(file.values<double>("balance.renamed_bias"), layer.balance_state().bias);
+
+  Renamed loaded({.hidden = 6, .ffn = 5, .experts = 4, .seed = 9});
+  loaded.load(path);
+  EXPECT_EQ(loaded.balance_state().bias, layer.balance_state().bias);
+  EXPECT_EQ(loaded.balance_state().counts, std::vector<Index>(4, 0));
+  std::filesystem::remove(path);
+}
+
 TEST(AuxFree, EvensASkewedLoadOverSteps) {
   Layer layer({.hidden = 8, .ffn = 4, .experts = 4, .seed = 5}, deepseek_style, AuxFree{{.rate = 0.01}});
   layer.parameter("router.weight").matrix().row(0).setConstant(0.4);  // expert 0 scores high on every token

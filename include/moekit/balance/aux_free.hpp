@@ -2,6 +2,7 @@
 #include <cmath>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
@@ -19,7 +20,7 @@ namespace moekit {
 ///
 ///   b_i ← b_i + rate · sign(mean load − load_i)     (sign(0) = 0)
 ///
-/// and the counts restart. b is the layer's saved state "router.bias" (the fixtures' name).
+/// and the counts restart. b saves and loads with the layer as "router.bias" (saved, restore).
 struct AuxFree {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "AuxFree";
@@ -64,6 +65,20 @@ struct AuxFree {
   void routed(std::span<const Index> load, State<T>& state) const {
     ensure_size(state, static_cast<Index>(load.size()));
     for (std::size_t e = 0; e < load.size(); ++e) state.counts[e] += load[e];
+  }
+
+  /// The state that saves and loads with the layer's parameters: b, as "router.bias" [E] (the
+  /// name in Hugging Face's DeepSeek-V3 files); nothing before the first forward.
+  static constexpr std::string_view saved_name = "router.bias";
+  template <Scalar T>
+  std::span<const double> saved(const State<T>& state) const {
+    return state.bias;
+  }
+  /// b from a file, checked to be [E] by the layer; the counts restart.
+  template <Scalar T>
+  void restore(std::vector<double> bias, State<T>& state) const {
+    state.counts.assign(bias.size(), 0);
+    state.bias = std::move(bias);
   }
 
   /// The step boundary: move the bias toward even load, then restart the counts. The load is

@@ -5,6 +5,7 @@
 #include <concepts>
 #include <span>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <moekit/core/group.hpp>
@@ -81,6 +82,16 @@ concept Balancer =
       { p.forward(scores, context, state) } -> std::convertible_to<double>;  // the loss
       p.backward(scores, context, state, d_logits);  // adds d(loss)/d(logits)
     };
+
+/// A balancer whose state saves and loads with the layer's parameters (AuxFree's bias): one
+/// double tensor [E] under `saved_name`, empty until there is something to save.
+template <class P, class T>
+concept SavesState = Balancer<P> && requires(const P& p, const typename P::template State<T>& saved_state,
+                                             typename P::template State<T>& state, std::vector<double> values) {
+  { P::saved_name } -> std::convertible_to<std::string_view>;
+  { p.saved(saved_state) } -> std::convertible_to<std::span<const double>>;
+  p.restore(std::move(values), state);  // values [E], checked by the layer
+};
 
 /// Decides which (token, expert) pairs are kept and where their rows go. docs/policies/dispatch.md
 template <class P>

@@ -377,9 +377,9 @@ class BasicMoELayer {
                        {"experts", std::to_string(shape_.experts)},
                        {"topk", std::to_string(top_k)}};
     for (const auto& p : parameters_) file.add(p.name(), p.shape(), p.values());
-    if constexpr (has_bias_state) {
-      if (!balance_state_.bias.empty())
-        file.add<double>("router.bias", {shape_.experts}, balance_state_.bias);
+    if constexpr (SavesState<B, T>) {
+      if (const auto state = balancer_.saved(balance_state_); !state.empty())
+        file.add<double>(std::string(B::saved_name), {shape_.experts}, state);
     }
     file.write(path);
   }
@@ -404,11 +404,12 @@ class BasicMoELayer {
               "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(),
               "' is ", io::to_string(info.dtype), "; expected F32 or F64");
     }
-    if constexpr (has_bias_state) {
-      if (file.contains("router.bias"))
-        require(file.info("router.bias").shape == std::vector<Index>{shape_.experts},
-                "moekit::MoELayer::load: '", path.string(), "' tensor 'router.bias' is ",
-                shape_string(file.info("router.bias").shape), "; expected [", shape_.experts, "]");
+    if constexpr (SavesState<B, T>) {
+      const std::string name(B::saved_name);
+      if (file.contains(name))
+        require(file.info(name).shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '",
+                path.string(), "' tensor '", name, "' is ", shape_string(file.info(name).shape), "; expected [",
+                shape_.experts, "]");
     }
     for (std::size_t i = 0; i < parameters_.size(); ++i) {
       auto& p = parameters_[i];
@@ -418,11 +419,9 @@ class BasicMoELayer {
       else
         take_slice(values, whole[i], p);
     }
-    if constexpr (has_bias_state) {
-      if (file.contains("router.bias")) {
-        balance_state_.bias = file.values<double>("router.bias");
-        balance_state_.counts.assign(static_cast<std::size_t>(shape_.experts), 0);
-      }
+    if constexpr (SavesState<B, T>) {
+      if (file.contains(std::string(B::saved_name)))
+        balancer_.restore(file.values<double>(std::string(B::saved_name)), balance_state_);
     }
   }
 
@@ -450,8 +449,6 @@ class BasicMoELayer {
     if constexpr (requires { D::decides_each_choice_alone; }) return D::decides_each_choice_alone;
     else return false;
   }();
-  static constexpr bool has_bias_state =
-      requires(typename B::template State<T>& state) { state.bias; };
 
   void set_policy(const R& r) { router_ = r; }
   void set_policy(const B& b) { balancer_ = b; }
