@@ -38,6 +38,11 @@ struct GroupedGemmType {
   struct Saved {
     detail::Buffer<T> gate, up, hidden;  // [S,F] gate·x, up·x, and act(gate·x) ⊙ up·x (or act(up·x))
     std::vector<detail::Tile> tiles;
+
+    /// gate (no rows without a gate), up and hidden for `count` rows of `ffn` columns.
+    std::array<MatrixMap<T>, 3> matrices(Index count, Index ffn) {
+      return {gate.matrix(Act::gated ? count : 0, ffn), up.matrix(count, ffn), hidden.matrix(count, ffn)};
+    }
   };
 
   static std::vector<ParameterSpec> parameters(const LayerShape& s, Index local_experts) {
@@ -55,10 +60,8 @@ struct GroupedGemmType {
   void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows, std::span<const Index> offsets,
                MatrixRef<T> out, Saved<T>& saved, Workspace<T>& workspace) const {
     using Slot = detail::FfnSlots<Act>;
-    const Index count = rows.rows(), ffn = weights[Slot::up].shape()[1];
-    auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
-    auto up = saved.up.matrix(count, ffn);
-    auto hidden = saved.hidden.matrix(count, ffn);
+    const Index ffn = weights[Slot::up].shape()[1];
+    auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     workspace.ready();
 
     // gate = x · W_gateᵀ, up = x · W_upᵀ and hidden = act(gate) ⊙ up, by blocks of F columns.
@@ -97,10 +100,8 @@ struct GroupedGemmType {
                 Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads,
                 Workspace<T>& workspace) const {
     using Slot = detail::FfnSlots<Act>;
-    const Index count = rows.rows(), ffn = weights[Slot::up].shape()[1];
-    auto gate = saved.gate.matrix(Act::gated ? count : 0, ffn);
-    auto up = saved.up.matrix(count, ffn);
-    auto hidden = saved.hidden.matrix(count, ffn);
+    const Index ffn = weights[Slot::up].shape()[1];
+    auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     workspace.ready();
 
     // d_down [H,F] = d_outᵀ · hidden, before hidden's buffer is reused below.
