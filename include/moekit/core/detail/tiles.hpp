@@ -1,8 +1,8 @@
 #pragma once
-// How the layer and its policies cut their work for threads (threads.hpp). Every cut depends only on the sizes,
-// never on the thread count, and each output element belongs to exactly one piece that computes
-// its whole sum, or sums the pieces' shares in a fixed order: results are the same bit for bit
-// on 1 thread or 64.
+// How the layer and its policies cut their work for threads (threads.hpp). Every cut depends
+// only on the sizes, never on the thread count, and each output element belongs to exactly one
+// piece that computes its whole sum, or sums the pieces' shares in a fixed order: results are the
+// same bit for bit on 1 thread or 64.
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
