@@ -43,7 +43,7 @@
 #include <tbb/global_control.h>
 #include <tbb/task_arena.h>
 
-#include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/gemm.hpp>
 #include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/tensor.hpp>
 #include <moekit/moekit.hpp>
@@ -221,7 +221,7 @@ void BM_Tiles(benchmark::State& state, Product product, Shape s) {
   for (const Tile& t : cut) flops += 2.0 * multiply_adds(product, s, offsets, t);
   moekit::detail::GemmWorkspace<float> workspace;
   const auto ours = [&] {
-    run_tiles(product, s, cut, [&](auto&& c, const auto& a, const auto& b) { moekit::detail::gemm_add(workspace, c, a, b); });
+    run_tiles(product, s, cut, [&](auto&& c, const auto& a, const auto& b) { moekit::gemm_add(workspace, c, a, b); });
   };
   const auto eigen = [&] {
     run_tiles(product, s, cut,

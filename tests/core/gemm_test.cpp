@@ -8,7 +8,7 @@
 // are held here to Eigen's result up to rounding.)
 #include <gtest/gtest.h>
 
-#include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/gemm.hpp>
 
 namespace moekit {
 namespace {
@@ -25,7 +25,7 @@ TEST(Gemm, EqualsEigensProductBitForBit) {
     const Matrix<float> a = Matrix<float>::Random(m, k);          // row-major
     const ColMatrix bt = ColMatrix::Random(n, k);                 // b = btᵀ, a transposed view
     Matrix<float> c = Matrix<float>::Random(m, n), expected = c;  // row-major result
-    detail::gemm_add(workspace, c, a, bt.transpose());
+    gemm_add(workspace, c, a, bt.transpose());
     expected.noalias() += a * bt.transpose();
     const bool turned = detail::widest_vector_bytes() == 64 && m > detail::turned_past;
     if (turned)
@@ -35,7 +35,7 @@ TEST(Gemm, EqualsEigensProductBitForBit) {
 
     ColMatrix cc(m, n), expected_cc(m, n);  // column-major result, of blocks of larger matrices
     const Matrix<float> wide = Matrix<float>::Random(m + 2, k + 3);
-    detail::gemm(workspace, cc, wide.block(1, 2, m, k), bt.transpose());
+    gemm(workspace, cc, wide.block(1, 2, m, k), bt.transpose());
     expected_cc.noalias() = wide.block(1, 2, m, k) * bt.transpose();
     EXPECT_TRUE(cc == expected_cc) << m << "x" << n << "x" << k << ": column-major result of a block";
   }
@@ -49,7 +49,7 @@ TEST(Gemm, DeepProductsMatchEigenAndPackAtMostMaxPackedDepth) {
     const Matrix<float> a = Matrix<float>::Random(m, k);
     const ColMatrix bt = ColMatrix::Random(n, k);
     Matrix<float> c = Matrix<float>::Random(m, n), expected = c;
-    detail::gemm_add(workspace, c, a, bt.transpose());
+    gemm_add(workspace, c, a, bt.transpose());
     expected.noalias() += a * bt.transpose();
     // Sums of k products of numbers in [-1, 1]: rounding grows like √k · ε · (size of the sum).
     EXPECT_LE((c - expected).cwiseAbs().maxCoeff(), 1e-5f * float(k)) << "k = " << k;
@@ -65,7 +65,7 @@ TEST(Gemm, DeepProductsMatchEigenAndPackAtMostMaxPackedDepth) {
 TEST(Gemm, EmptyProductsLeaveTheResult) {
   detail::GemmWorkspace<double> workspace;
   Matrix<double> c = Matrix<double>::Ones(3, 4);
-  detail::gemm_add(workspace, c, Matrix<double>(3, 0), Matrix<double>(0, 4));
+  gemm_add(workspace, c, Matrix<double>(3, 0), Matrix<double>(0, 4));
   EXPECT_TRUE(c == Matrix<double>::Ones(3, 4));
 }
 

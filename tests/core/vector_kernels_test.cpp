@@ -20,7 +20,7 @@
 #include <utility>
 #include <vector>
 
-#include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/gemm.hpp>
 
 namespace moekit {
 namespace {
@@ -290,7 +290,7 @@ TEST(VectorDispatch, GemmAddRunsTheWidestFormThisCpuRuns) {
     const Matrix<float> x = Matrix<float>::Random(5, 300), w = Matrix<float>::Random(70, 300);
     Matrix<float> c = Matrix<float>::Zero(5, 70), expected = c;
     detail::GemmWorkspace<float> workspace;
-    detail::gemm_add(workspace, c, x, w.transpose());
+    gemm_add(workspace, c, x, w.transpose());
     detail::times_wt(form, expected, x.data(), x.outerStride(), 5, w.data(), w.outerStride(), 70, 300);
     EXPECT_TRUE(c == expected) << "gemm_add and the " << decltype(form)::name << " form disagree";
   });
@@ -316,7 +316,7 @@ TEST(VectorDispatch, PastAFewRowsGemmAddRunsTheKernelsOnlyWhereTheirVectorsAreWi
     const Matrix<float> x = Matrix<float>::Random(m, k), w = Matrix<float>::Random(n, k);
     Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
     detail::GemmWorkspace<float> workspace;
-    detail::gemm_add(workspace, c, x, w.transpose());
+    gemm_add(workspace, c, x, w.transpose());
     const bool turns = avx512 && m > detail::turned_past;
     detail::with_widest_vectors([&](auto form) {
       if (turns) {
@@ -351,9 +351,9 @@ TEST(VectorDispatch, GemmEachGivesEachProductTheBitsGemmGivesIt) {
       Matrix<float> c0 = Matrix<float>::Random(m, 70), c1 = Matrix<float>::Random(m, second), e0(m, 70), e1(m, second);
       detail::GemmWorkspace<float> workspace;
       const auto w0t = w0.transpose(), w1t = w1.transpose();
-      detail::gemm_each(workspace, std::array{&c0, &c1}, x, std::array{&w0t, &w1t});
-      detail::gemm(workspace, e0, x, w0t);
-      detail::gemm(workspace, e1, x, w1t);
+      gemm_each(workspace, std::array{&c0, &c1}, x, std::array{&w0t, &w1t});
+      gemm(workspace, e0, x, w0t);
+      gemm(workspace, e1, x, w1t);
       EXPECT_TRUE(c0 == e0 && c1 == e1) << m << " rows, weights of " << 70 << " and " << second << " rows";
     }
 }
@@ -369,11 +369,11 @@ TEST(VectorDispatch, GemmAddRunsTimesBWhereItsVectorsAreWiderThanTheBuildsOrAreA
   for (bool transposed : {false, true}) {
     Matrix<float> c = Matrix<float>::Zero(m, n), kernel = c, eigen = c;
     if (transposed) {
-      detail::gemm_add(workspace, c, at.transpose(), b);
+      gemm_add(workspace, c, at.transpose(), b);
       detail::with_widest_vectors([&](auto form) { times_b<decltype(form)>(kernel, at.transpose(), b); });
       eigen.noalias() += at.transpose() * b;
     } else {
-      detail::gemm_add(workspace, c, a, b);
+      gemm_add(workspace, c, a, b);
       detail::with_widest_vectors([&](auto form) { times_b<decltype(form)>(kernel, a, b); });
       eigen.noalias() += a * b;
     }

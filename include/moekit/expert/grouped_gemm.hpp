@@ -6,7 +6,7 @@
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
-#include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/gemm.hpp>
 #include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/expert/activation.hpp>
@@ -76,10 +76,10 @@ struct GroupedGemmType {
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
         const auto gate_weight = weight(Slot::gate), up_weight = weight(Slot::up);
-        detail::gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
+        gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
         detail::activate_gated<Act>(g, u, h);
       } else {
-        detail::gemm(workspace, u, x, weight(Slot::up));
+        gemm(workspace, u, x, weight(Slot::up));
         detail::activate<Act>(u, h);
       }
     });
@@ -87,7 +87,7 @@ struct GroupedGemmType {
     // out = hidden · W_downᵀ, by blocks of H columns.
     tiles(offsets, out.cols(), saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
-      detail::gemm(workspace, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
+      gemm(workspace, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
                    weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
     });
     workspace.ready();  // every thread now has room for every product of this step
@@ -109,7 +109,7 @@ struct GroupedGemmType {
     weight_tiles(offsets, width, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = detail::block_of(offsets, t.expert);
-      detail::gemm_add(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+      gemm_add(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                        d_out.block(first, t.row, n, t.rows).transpose(), hidden.block(first, t.column, n, t.columns));
     });
 
@@ -118,7 +118,7 @@ struct GroupedGemmType {
     tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto d_hidden = hidden.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(workspace, d_hidden, d_out.middleRows(t.row, t.rows),
+      gemm(workspace, d_hidden, d_out.middleRows(t.row, t.rows),
                    weights[Slot::down].slice(t.expert).middleCols(t.column, t.columns));
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       if constexpr (Act::gated) {
@@ -134,10 +134,10 @@ struct GroupedGemmType {
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = detail::block_of(offsets, t.expert);
       const auto x = rows.block(first, t.column, n, t.columns);
-      detail::gemm_add(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+      gemm_add(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                        up.block(first, t.row, n, t.rows).transpose(), x);
       if constexpr (Act::gated)
-        detail::gemm_add(workspace, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+        gemm_add(workspace, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                          gate.block(first, t.row, n, t.rows).transpose(), x);
     });
 
@@ -145,10 +145,10 @@ struct GroupedGemmType {
     tiles(offsets, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto dx = rows.block(t.row, t.column, t.rows, t.columns);
-      detail::gemm(workspace, dx, up.middleRows(t.row, t.rows),
+      gemm(workspace, dx, up.middleRows(t.row, t.rows),
                    weights[Slot::up].slice(t.expert).middleCols(t.column, t.columns));
       if constexpr (Act::gated)
-        detail::gemm_add(workspace, dx, gate.middleRows(t.row, t.rows),
+        gemm_add(workspace, dx, gate.middleRows(t.row, t.rows),
                          weights[Slot::gate].slice(t.expert).middleCols(t.column, t.columns));
     });
     workspace.ready();  // every thread now has room for every product of this step

@@ -13,7 +13,7 @@
 
 #include <moekit/layer/compose.hpp>
 #include <moekit/core/concepts.hpp>
-#include <moekit/core/detail/gemm.hpp>
+#include <moekit/core/gemm.hpp>
 #include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/io/safetensors.hpp>
@@ -96,7 +96,7 @@ class BasicMoELayer {
     workspace_.ready();
     detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
       input.middleRows(first, n) = x.middleRows(first, n);  // kept for backward; also lets y alias x
-      detail::gemm(workspace_, scores.middleRows(first, n), input.middleRows(first, n),
+      gemm(workspace_, scores.middleRows(first, n), input.middleRows(first, n),
                    router_weight().matrix().transpose());
     });
     workspace_.ready();
@@ -239,7 +239,7 @@ class BasicMoELayer {
     // dy is read for the last time above, so dx may alias it.
     workspace_.ready();
     detail::for_each_block(tokens, token_block, [&](Index first, Index n) {
-      detail::gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
+      gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n), router_weight().matrix());
       for (Index t = first; t < first + n; ++t) {
         if (t + 1 < tokens) fetch_rows_of(t + 1, d_rows);
         for_each_kept_choice(t, [&](std::size_t, Index slot) { dx.row(t) += d_rows.row(slot); });
@@ -248,7 +248,7 @@ class BasicMoELayer {
     // The router's gradient, d_logitsᵀ · x, by blocks of H columns: each sums over all tokens.
     auto d_router = gradients_.front().matrix();
     detail::for_each_block(hidden, hidden_block, [&](Index first, Index n) {
-      detail::gemm_add(workspace_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
+      gemm_add(workspace_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
     });
     workspace_.ready();
     have_forward_ = false;  // the saved activations now hold gradients

@@ -1,5 +1,5 @@
 #pragma once
-// The layer's products, c += a · b: gemm_add, gemm and gemm_each. Each product goes to one of
+// The kernels behind moekit::gemm_add, gemm and gemm_each (core/gemm.hpp). Each product goes to one of
 // seven kernels, chosen by the table of cases in choose_kernel: the vector kernels of
 // vector_kernels.hpp, or Eigen's own, packing into buffers each thread keeps between calls (Eigen's
 // product operator packs into fresh ones at every call; a steady state that allocates nothing is
@@ -387,39 +387,6 @@ void Gemm<T, COrder, AOrder, BOrder>::set_each(GemmWorkspace<T>& workspace, cons
 /// The Gemm of c, a and b's scalar and storage orders.
 template <class C, class A, class B>
 using GemmOf = Gemm<typename std::remove_cvref_t<C>::Scalar, storage_order<C>, storage_order<A>, storage_order<B>>;
-
-/// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
-/// dense block with unit inner stride (a matrix, a block of one, or their transposes).
-template <class T, class C, class A, class B>
-void gemm_add(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
-  GemmOf<C, A, B>::add(workspace, strided(c), strided(a), strided(b));
-}
-
-/// c = a · b.
-template <class T, class C, class A, class B>
-void gemm(GemmWorkspace<T>& workspace, C&& c, const A& a, const B& b) {
-  c.setZero();
-  gemm_add(workspace, c, a, b);
-}
-
-/// c[i] = a · b[i] for each i (Gemm::set_each).
-template <class T, class C, class A, class B, std::size_t N>
-void gemm_each(GemmWorkspace<T>& workspace, const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
-  using Kernel = GemmOf<C, A, B>;
-  std::array<typename Kernel::C, N> c_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
-    return std::array<typename Kernel::C, N>{strided(*c[I])...};
-  }(std::make_index_sequence<N>{});
-  std::array<typename Kernel::B, N> b_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
-    return std::array<typename Kernel::B, N>{strided(*b[I])...};
-  }(std::make_index_sequence<N>{});
-  std::array<typename Kernel::C*, N> c_pointers;
-  std::array<const typename Kernel::B*, N> b_pointers;
-  for (std::size_t i = 0; i < N; ++i) {
-    c_pointers[i] = &c_strided[i];
-    b_pointers[i] = &b_strided[i];
-  }
-  Kernel::set_each(workspace, c_pointers, strided(a), b_pointers);
-}
 
 // With MOEKIT_COMPILED_KERNELS defined, every translation unit takes the products from
 // moekit/compiled_kernels.cpp, compiled once, instead of compiling them itself (docs/getting_started.md#compile-time).

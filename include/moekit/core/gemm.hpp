@@ -1,0 +1,50 @@
+#pragma once
+// The products an expert's author calls, as the project's experts and the router do: c = a·b,
+// c += a·b, and c[i] = a·b[i] sharing one pass over a. Each runs on the calling thread (run them
+// inside a parallel loop over tiles, as GroupedGemm does), packs into the calling thread's
+// buffers in the layer's Workspace, and takes the kernel that detail::choose_kernel's table of
+// cases gives for its shape and storage orders (docs/kernels.md#choice). Results do not depend
+// on the number of threads.
+#include <array>
+#include <cstddef>
+#include <utility>
+
+#include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/gemm.hpp>
+
+namespace moekit {
+
+/// c += a · b, on the calling thread, packing into its blocks in `workspace`. Each operand is a
+/// dense block with unit inner stride (a matrix, a block of one, or their transposes).
+template <class T, class C, class A, class B>
+void gemm_add(Workspace<T>& workspace, C&& c, const A& a, const B& b) {
+  detail::GemmOf<C, A, B>::add(workspace, detail::strided(c), detail::strided(a), detail::strided(b));
+}
+
+/// c = a · b.
+template <class T, class C, class A, class B>
+void gemm(Workspace<T>& workspace, C&& c, const A& a, const B& b) {
+  c.setZero();
+  gemm_add(workspace, c, a, b);
+}
+
+/// c[i] = a · b[i] for each i (Gemm::set_each).
+template <class T, class C, class A, class B, std::size_t N>
+void gemm_each(Workspace<T>& workspace, const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
+  using Kernel = detail::GemmOf<C, A, B>;
+  std::array<typename Kernel::C, N> c_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
+    return std::array<typename Kernel::C, N>{detail::strided(*c[I])...};
+  }(std::make_index_sequence<N>{});
+  std::array<typename Kernel::B, N> b_strided = [&]<std::size_t... I>(std::index_sequence<I...>) {
+    return std::array<typename Kernel::B, N>{detail::strided(*b[I])...};
+  }(std::make_index_sequence<N>{});
+  std::array<typename Kernel::C*, N> c_pointers;
+  std::array<const typename Kernel::B*, N> b_pointers;
+  for (std::size_t i = 0; i < N; ++i) {
+    c_pointers[i] = &c_strided[i];
+    b_pointers[i] = &b_strided[i];
+  }
+  Kernel::set_each(workspace, c_pointers, detail::strided(a), b_pointers);
+}
+
+}  // namespace moekit
