@@ -1,7 +1,8 @@
 #pragma once
 // The five policy kinds. A policy first declares its kind (`using policy_kind = router_kind;`),
-// then models that kind's concept below: the members the layer calls. This file is the minimal
-// complete definition of each kind; docs/policies/<kind>.md explains every member.
+// then models that kind's concept below: the members the layer calls. This file is the complete
+// definition of each kind: the members every policy of the kind has, and the optional hooks
+// (named concepts) the layer calls where a policy has them. docs/policies/<kind>.md explains each.
 #include <concepts>
 #include <span>
 #include <string_view>
@@ -20,7 +21,7 @@ class GemmWorkspace;
 }
 /// Scratch a layer lends its expert at each call: per-thread GEMM packing buffers, grown as
 /// products need and kept between calls, one set for all of the layer's GEMMs (router and
-/// experts). Nothing in it is meant to outlive a call. core/detail/gemm.hpp
+/// experts). Nothing in it is meant to outlive a call. core/gemm.hpp
 template <class T>
 using Workspace = detail::GemmWorkspace<T>;
 
@@ -83,6 +84,32 @@ concept Balancer =
       p.backward(scores, context, state, d_logits);  // adds d(loss)/d(logits)
     };
 
+// A balancer's optional hooks: the layer calls each one the balancer has, at the stage named.
+
+/// Shapes what the router selects on, never the combine weights (Sinkhorn's plan, AuxFree's bias).
+/// Called before the router's select, which then picks on `selection` and weighs by `scores`.
+template <class P, class T>
+concept BalancerSelects =
+    Balancer<P> && requires(const P& p, ConstMatrixRef<T> scores, const BalanceContext& context,
+                            typename P::template State<T>& state, MatrixRef<T> selection) {
+      p.template select<T>(scores, context, state, selection);  // selection: the logits on entry [T,E]
+    };
+
+/// Is told, after the plan, how many choices each expert kept (AuxFree counts them).
+template <class P, class T>
+concept BalancerCountsLoad =
+    Balancer<P> && requires(const P& p, std::span<const Index> kept_per_expert,
+                            typename P::template State<T>& state) {
+      p.template routed<T>(kept_per_expert, state);  // [E]
+    };
+
+/// Updates its state at the layer's end_step(), after the optimizer's step (AuxFree's bias).
+template <class P, class T>
+concept BalancerSteps =
+    Balancer<P> && requires(const P& p, const BalanceContext& context, typename P::template State<T>& state) {
+      p.template step<T>(context, state);
+    };
+
 /// A balancer whose state saves and loads with the layer's parameters (AuxFree's bias): one
 /// double tensor [E] under `saved_name`, empty until there is something to save.
 template <class P, class T>
@@ -101,6 +128,26 @@ concept Dispatcher = DeclaresKind<P, dispatcher_kind> && Named<P> &&
                        p.validate(shape);
                        p.plan(routing, experts, plan);  // choices → rows
                      };
+
+// A dispatcher's optional hooks.
+
+/// Changes the combine weights after the plan (Capacity's renormalize), and takes the weights'
+/// gradient back through the change.
+template <class P, class T>
+concept DispatcherAdjustsWeights =
+    Dispatcher<P> && requires(const P& p, const Plan& plan, Routing<T>& routing,
+                              std::span<const T> weight_before, std::span<T> d_weight) {
+      p.template adjust_weights<T>(plan, routing);
+      p.template adjust_weights_backward<T>(plan, weight_before, d_weight);  // d(w') → d(w), in place
+    };
+
+/// Keeps or drops each choice by itself (Dropless: `decides_each_choice_alone = true`), so that
+/// over ranks each plans its own tokens; any other dispatcher plans the whole batch group's
+/// routing at once (dispatch/batch_plan.hpp).
+template <class P>
+concept DispatcherDecidesEachChoiceAlone = Dispatcher<P> && requires {
+  requires bool(P::decides_each_choice_alone);
+};
 
 /// The expert network, run over contiguous per-expert row blocks. docs/policies/expert.md
 template <class P>

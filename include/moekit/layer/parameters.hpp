@@ -1,0 +1,159 @@
+#pragma once
+// The layer's parameters and their gradients: named tensors, the router's weight first and then
+// the expert's, each with its shape in the whole layer and this rank's slice of it. Initialising,
+// assigning the whole layer's values and reading or writing a safetensors file all go through the
+// slice, so a layer split over ranks starts from, and loads, what one process would.
+#include <cmath>
+#include <cstdint>
+#include <filesystem>
+#include <random>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <moekit/core/error.hpp>
+#include <moekit/core/routing.hpp>
+#include <moekit/core/tensor.hpp>
+#include <moekit/io/safetensors.hpp>
+
+namespace moekit {
+
+template <Scalar T>
+class LayerParameters {
+ public:
+  LayerParameters() = default;
+  /// This rank's parameters and their shapes in the whole layer (one process), in the same
+  /// order; an axis where they differ is this rank's experts (the first axis) or its slice of F
+  /// (any other), starting at `experts.first` and `ffn.first`.
+  LayerParameters(std::vector<ParameterSpec> local, std::vector<std::vector<Index>> whole_shapes,
+                  ExpertRange experts, ExpertRange ffn)
+      : whole_(std::move(whole_shapes)), first_expert_(experts.first), first_ffn_(ffn.first) {
+    for (auto& spec : local) {
+      values_.emplace_back(spec.name, spec.shape);
+      gradients_.emplace_back(std::move(spec.name), std::move(spec.shape));
+    }
+  }
+
+  std::span<Tensor<T>> values() { return values_; }
+  std::span<const Tensor<T>> values() const { return values_; }
+  std::span<Tensor<T>> gradients() { return gradients_; }
+  std::span<const Tensor<T>> gradients() const { return gradients_; }
+  Tensor<T>& value(std::string_view name) { return find(values_, name); }
+  const Tensor<T>& value(std::string_view name) const { return find(values_, name); }
+  Tensor<T>& gradient(std::string_view name) { return find(gradients_, name); }
+  const Tensor<T>& gradient(std::string_view name) const { return find(gradients_, name); }
+
+  const Tensor<T>& router_weight() const { return values_.front(); }
+  Tensor<T>& router_gradient() { return gradients_.front(); }
+  std::span<const Tensor<T>> expert_weights() const { return std::span<const Tensor<T>>(values_).subspan(1); }
+  std::span<Tensor<T>> expert_gradients() { return std::span<Tensor<T>>(gradients_).subspan(1); }
+
+  void zero_grad() {
+    for (auto& g : gradients_) g.set_zero();
+  }
+
+  /// Fresh values, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim, drawn for
+  /// the whole layer in order; this rank keeps its slice. Gradients are zeroed.
+  void initialize(std::uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    std::vector<T> values;
+    for (std::size_t i = 0; i < values_.size(); ++i) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(whole_[i].back()));
+      std::uniform_real_distribution<double> draw(-bound, bound);
+      values.resize(static_cast<std::size_t>(element_count(whole_[i])));
+      for (T& v : values) v = static_cast<T>(draw(rng));
+      take_slice(values, i);
+    }
+    zero_grad();
+  }
+
+  /// Sets every value from the whole layer's tensors (same names and order): this rank keeps
+  /// its slice.
+  void assign_whole(std::span<const Tensor<T>> whole) {
+    require(whole.size() == values_.size(), "moekit::MoELayer::assign_whole: ", whole.size(),
+            " tensors; expected ", values_.size(), " like parameters()");
+    for (std::size_t i = 0; i < values_.size(); ++i) {
+      require(whole[i].name() == values_[i].name() && whole[i].shape() == whole_[i],
+              "moekit::MoELayer::assign_whole: tensor ", i, " is '", whole[i].name(), "' ",
+              shape_string(whole[i].shape()), "; expected '", values_[i].name(), "' ",
+              shape_string(whole_[i]));
+      take_slice(whole[i].values(), i);
+    }
+  }
+
+  /// Adds every value to `file` under its name, as this rank holds it.
+  void write_to(io::SafeTensors& file) const {
+    for (const auto& p : values_) file.add(p.name(), p.shape(), p.values());
+  }
+
+  /// Checks that `file` (read from `path`) holds every parameter, F32 or F64, in this rank's
+  /// shape or the whole layer's; changes nothing.
+  void check(const io::SafeTensors& file, const std::filesystem::path& path) const {
+    for (std::size_t i = 0; i < values_.size(); ++i) {
+      const auto& p = values_[i];
+      require(file.contains(p.name()), "moekit::MoELayer::load: '", path.string(), "' has no tensor '", p.name(),
+              "'; expected one of shape ", shape_string(p.shape()));
+      const auto& info = file.info(p.name());
+      require(info.shape == p.shape() || info.shape == whole_[i], "moekit::MoELayer::load: '", path.string(),
+              "' tensor '", p.name(), "' is ", shape_string(info.shape), "; expected ", shape_string(p.shape()),
+              whole_[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole_[i]) + " (the whole layer)");
+      require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
+              path.string(), "' tensor '", p.name(), "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+    }
+  }
+
+  /// Sets every value from a file that passed check(): a whole-layer tensor gives this rank its slice.
+  void read_from(const io::SafeTensors& file) {
+    for (std::size_t i = 0; i < values_.size(); ++i) {
+      auto& p = values_[i];
+      const auto values = file.values<T>(p.name());
+      if (file.info(p.name()).shape == p.shape())
+        std::copy(values.begin(), values.end(), p.values().begin());
+      else
+        take_slice(values, i);
+    }
+  }
+
+ private:
+  static auto& find(auto& tensors, std::string_view name) {
+    for (auto& t : tensors)
+      if (t.name() == name) return t;
+    std::string known;
+    for (const auto& t : tensors) known += (known.empty() ? "" : ", ") + t.name();
+    fail("moekit::MoELayer: no parameter named '", name, "'; expected one of ", known);
+  }
+
+  static Index element_count(const std::vector<Index>& shape) {
+    Index n = 1;
+    for (Index d : shape) n *= d;
+    return n;
+  }
+
+  /// values_[i] = this rank's slice of `whole`, a tensor of shape whole_[i].
+  void take_slice(std::span<const T> whole, std::size_t i) {
+    const auto& whole_shape = whole_[i];
+    const auto& shape = values_[i].shape();
+    std::vector<Index> first(shape.size(), 0);
+    for (std::size_t d = 0; d < shape.size(); ++d)
+      if (shape[d] != whole_shape[d]) first[d] = d == 0 ? first_expert_ : first_ffn_;
+    auto values = values_[i].values();
+    std::vector<Index> at(shape.size(), 0);
+    for (std::size_t v = 0; v < values.size(); ++v) {
+      Index flat = 0;
+      for (std::size_t d = 0; d < shape.size(); ++d) flat = flat * whole_shape[d] + first[d] + at[d];
+      values[v] = whole[static_cast<std::size_t>(flat)];
+      for (std::size_t d = shape.size(); d-- > 0;) {  // next index, last axis fastest
+        if (++at[d] < shape[d]) break;
+        at[d] = 0;
+      }
+    }
+  }
+
+  std::vector<Tensor<T>> values_;  // router.weight, then the expert's
+  std::vector<Tensor<T>> gradients_;
+  std::vector<std::vector<Index>> whole_;
+  Index first_expert_ = 0, first_ffn_ = 0;
+};
+
+}  // namespace moekit
