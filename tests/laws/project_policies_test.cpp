@@ -1,0 +1,64 @@
+// Every policy the project ships, with the options that change its behaviour, through the law
+// suites of its kind. A new policy is one line in one of these lists.
+#include <moekit/moekit.hpp>
+
+#include "balancer_laws.hpp"
+#include "dispatcher_laws.hpp"
+#include "expert_laws.hpp"
+#include "router_laws.hpp"
+
+namespace moekit::laws {
+namespace {
+
+struct QwenTopK {  // softmax, not normalised
+  static constexpr std::string_view label = "QwenTopK";
+  static TopK<2> make() { return {{.normalize = false}}; }
+};
+struct DeepSeekTopK {  // sigmoid, normalised, scaled
+  static constexpr std::string_view label = "DeepSeekTopK";
+  static TopK<4> make() { return {{.score = ScoreFn::sigmoid, .normalize = true, .scale = 2.5}}; }
+};
+struct SigmoidSwitch {
+  static constexpr std::string_view label = "SigmoidSwitch";
+  static TopK<1> make() { return {{.score = ScoreFn::sigmoid}}; }
+};
+struct InactiveSinkhorn {
+  static constexpr std::string_view label = "InactiveSinkhorn";
+  static Sinkhorn make() { return {{.active = false}}; }
+};
+struct DroppingCapacity {
+  static constexpr std::string_view label = "DroppingCapacity";
+  static Capacity make() { return {{.capacity_factor = 0.5}}; }
+};
+struct PaddedByPosition {
+  static constexpr std::string_view label = "PaddedByPosition";
+  static Capacity make() { return {{.capacity_factor = 0.75, .drop = DropPolicy::position, .pad = true}}; }
+};
+struct LargestCount {  // Tutel's capacity_factor = 0
+  static constexpr std::string_view label = "LargestCount";
+  static Capacity make() { return {{.capacity_factor = 0}}; }
+};
+struct Renormalized {  // DeepSpeed's
+  static constexpr std::string_view label = "Renormalized";
+  static Capacity make() { return {{.capacity_factor = 0.5, .min_capacity = 1, .renormalize = true}}; }
+};
+struct SmallTiles {  // every block cut into several tiles
+  static constexpr std::string_view label = "SmallTiles";
+  static GroupedGemm make() { return {{.row_tile = 2, .column_tile = 3}}; }
+};
+
+using Routers = ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch>;
+INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
+
+using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, InactiveSinkhorn, NoBalance>;
+INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, BalancerLaws, Balancers, CaseName);
+
+using Dispatchers = ::testing::Types<Dropless, Capacity, DroppingCapacity, PaddedByPosition, LargestCount, Renormalized>;
+INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, DispatcherLaws, Dispatchers, CaseName);
+
+using Experts = ::testing::Types<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>, SmallTiles, PerExpertLoop,
+                                 PerExpertLoopType<GeLU>, PerExpertLoopType<ReLU>>;
+INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, ExpertLaws, Experts, CaseName);
+
+}  // namespace
+}  // namespace moekit::laws

@@ -1,0 +1,132 @@
+#pragma once
+// The laws every Router keeps. Instantiate for your own router in two lines:
+//
+//   using MyRouters = ::testing::Types<MyRouter, MyRouterWithOptions>;
+//   INSTANTIATE_TYPED_TEST_SUITE_P(Mine, RouterLaws, MyRouters, moekit::laws::CaseName);
+//
+// A case is the router type (default-constructed) or a struct whose static make() returns one.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <set>
+#include <vector>
+
+#include <moekit/core/concepts.hpp>
+#include <moekit/core/error.hpp>
+
+#include "../support/grad_check.hpp"
+#include "../support/random.hpp"
+#include "policy_case.hpp"
+
+namespace moekit::laws {
+
+template <class Case>
+class RouterLaws : public ::testing::Test {
+ public:
+  using R = policy_of<Case>;
+  static_assert(Router<R>, "a router law case must make a type that models moekit::Router");
+  static constexpr int K = R::top_k;
+  const R router = make_policy<Case>();
+
+  LayerShape shape(Index experts) const { return {.hidden = 4, .ffn = 4, .experts = experts, .top_k = K}; }
+
+  /// score then select, picking on the scores themselves. logits [T,E] → scores, in place.
+  Routing<double> route(Matrix<double>& logits_then_scores) const {
+    router.score(MatrixRef<double>(logits_then_scores));
+    Routing<double> routing;
+    router.select(ConstMatrixRef<double>(logits_then_scores), ConstMatrixRef<double>(logits_then_scores), routing);
+    return routing;
+  }
+};
+
+TYPED_TEST_SUITE_P(RouterLaws);
+
+// K distinct experts of [0, E) per token, finite weights, on random logits, ties and huge logits.
+TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
+  constexpr int K = TestFixture::K;
+  for (const Index experts : {Index{K}, Index{K + 3}, Index{2 * K + 5}}) {
+    this->router.validate(this->shape(experts));
+    for (const Index tokens : {0, 1, 37, 300}) {
+      Matrix<double> scores = test::random_matrix(tokens, experts, static_cast<unsigned>(tokens + experts), 2.0);
+      if (tokens > 2) {
+        scores.row(0).setConstant(0.5);  // every expert ties
+        scores.row(1).setConstant(-1e4);
+        scores(1, experts - 1) = 1e4;
+      }
+      const Routing<double> routing = this->route(scores);
+      ASSERT_EQ(routing.tokens, tokens);
+      ASSERT_EQ(routing.top_k, K);
+      ASSERT_EQ(routing.index.size(), static_cast<std::size_t>(tokens * K));
+      ASSERT_EQ(routing.weight.size(), static_cast<std::size_t>(tokens * K));
+      for (Index t = 0; t < tokens; ++t) {
+        std::set<Index> chosen;
+        for (int k = 0; k < K; ++k) {
+          const auto c = static_cast<std::size_t>(t * K + k);
+          EXPECT_GE(routing.index[c], 0) << "token " << t;
+          EXPECT_LT(routing.index[c], experts) << "token " << t;
+          EXPECT_TRUE(std::isfinite(routing.weight[c])) << "token " << t << ", choice " << k;
+          chosen.insert(routing.index[c]);
+        }
+        EXPECT_EQ(chosen.size(), static_cast<std::size_t>(K)) << "token " << t << " chose an expert twice";
+      }
+    }
+  }
+}
+
+// d_logits from backward equals the central differences of L = Σ g ⊙ weight(logits), the choices
+// held (random logits leave no choice within the step of a tie).
+TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
+  constexpr int K = TestFixture::K;
+  const Index tokens = 6, experts = K + 3;
+  Matrix<double> logits = test::random_matrix(tokens, experts, 5, 2.0);
+  const Matrix<double> g = test::random_matrix(tokens, K, 6);
+  auto loss = [&] {
+    Matrix<double> scores = logits;
+    const auto routing = this->route(scores);
+    double sum = 0;
+    for (std::size_t c = 0; c < routing.weight.size(); ++c) sum += g.data()[c] * routing.weight[c];
+    return sum;
+  };
+  Matrix<double> scores = logits;
+  const Routing<double> routing = this->route(scores);
+  Matrix<double> d_logits = Matrix<double>::Constant(tokens, experts, 99.0);  // backward writes every entry
+  this->router.backward(ConstMatrixRef<double>(scores), routing, std::span<const double>(g.data(), g.size()),
+                        MatrixRef<double>(d_logits));
+  std::span<double> values(logits.data(), static_cast<std::size_t>(logits.size()));
+  const auto numeric = test::numeric_gradient(values, loss);
+  EXPECT_LT(test::compare(std::vector<double>(d_logits.data(), d_logits.data() + d_logits.size()), numeric), 1e-7);
+}
+
+// The same choices, weights and gradient, bit for bit, on one thread and on four.
+TYPED_TEST_P(RouterLaws, SameBitsOnAnyThreadCount) {
+  constexpr int K = TestFixture::K;
+  const Index tokens = 1000, experts = 2 * K + 5;
+  const Matrix<double> logits = test::random_matrix(tokens, experts, 7, 2.0);
+  const Matrix<double> g = test::random_matrix(tokens, K, 8);
+  auto run = [&] {
+    Matrix<double> scores = logits;
+    Routing<double> routing = this->route(scores);
+    Matrix<double> d_logits(tokens, experts);
+    this->router.backward(ConstMatrixRef<double>(scores), routing, std::span<const double>(g.data(), g.size()),
+                          MatrixRef<double>(d_logits));
+    return std::tuple(routing.index, routing.weight, d_logits);
+  };
+  const auto one = on_threads(1, run), four = on_threads(4, run);
+  EXPECT_EQ(std::get<0>(one), std::get<0>(four));
+  EXPECT_EQ(std::get<1>(one), std::get<1>(four));
+  EXPECT_TRUE(std::get<2>(one) == std::get<2>(four));
+}
+
+// More choices than experts is refused by name, before any token is routed.
+TYPED_TEST_P(RouterLaws, RefusesMoreChoicesThanExperts) {
+  constexpr int K = TestFixture::K;
+  if constexpr (K > 1) {
+    EXPECT_THROW(this->router.validate(this->shape(K - 1)), error);
+  }
+  EXPECT_NO_THROW(this->router.validate(this->shape(K)));
+}
+
+REGISTER_TYPED_TEST_SUITE_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights, BackwardMatchesCentralDifferences,
+                            SameBitsOnAnyThreadCount, RefusesMoreChoicesThanExperts);
+
+}  // namespace moekit::laws
