@@ -27,7 +27,7 @@ class LayerCombo : public ::testing::Test {
 
   static LayerConfig config() { return {.hidden = 6, .ffn = 5, .experts = K > 2 ? 6 : 4, .seed = 11}; }
 
-  /// The router settings the card names, all valid for this K.
+  /// The router settings of the models moekit follows, all valid for this K.
   static std::vector<typename R::Options> router_variants() {
     using O = typename R::Options;
     if constexpr (K == 1)

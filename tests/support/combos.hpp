@@ -1,54 +1,94 @@
 #pragma once
-// The typed-test matrix: for one router, every balancer × expert × scalar, as ::testing::Types,
-// named by the layer ("TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32").
+// The typed-test matrix of the layer tests, from one list per kind: for one router, every
+// balancer × expert × scalar, and the selection-shaping pairs, as ::testing::Types named by the
+// layer ("TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32").
 #include <gtest/gtest.h>
 
 #include <string>
-#include <tuple>
-#include <utility>
 
 #include <moekit/moekit.hpp>
 
 namespace moekit::test {
 
-template <class R, class B, class X>
-using per_scalar = std::tuple<MoELayer<R, B, X, float>, MoELayer<R, B, X, double>>;
-
-template <class R, class B>
-using per_expert = decltype(std::tuple_cat(
-    std::declval<per_scalar<R, B, GroupedGemm>>(), std::declval<per_scalar<R, B, GroupedGemmType<GeLU>>>(),
-    std::declval<per_scalar<R, B, GroupedGemmType<ReLU>>>(), std::declval<per_scalar<R, B, PerExpertLoop>>()));
-
-template <class R>
-using per_router = decltype(std::tuple_cat(std::declval<per_expert<R, AuxLoss>>(),
-                                           std::declval<per_expert<R, NoBalance>>()));
-
-template <class Tuple>
-struct as_gtest_types;
-
-/// The balancers and dispatchers that shape selection or drop, with the default and the
-/// reference expert: Sinkhorn and AuxFree with Dropless; AuxLoss, NoBalance and AuxFree with
-/// Capacity (Sinkhorn with Capacity does not compile).
-template <class R, class B, class D>
-using per_scalar_d = std::tuple<MoELayer<R, B, D, GroupedGemm, float>, MoELayer<R, B, D, GroupedGemm, double>,
-                                MoELayer<R, B, D, PerExpertLoop, float>, MoELayer<R, B, D, PerExpertLoop, double>>;
-template <class R>
-using per_router_selection = decltype(std::tuple_cat(
-    std::declval<per_scalar_d<R, Sinkhorn, Dropless>>(), std::declval<per_scalar_d<R, AuxFree, Dropless>>(),
-    std::declval<per_scalar_d<R, AuxLoss, Capacity>>(), std::declval<per_scalar_d<R, NoBalance, Capacity>>(),
-    std::declval<per_scalar_d<R, AuxFree, Capacity>>()));
 template <class... Ts>
-struct as_gtest_types<std::tuple<Ts...>> {
+struct List {};
+
+// ---- the layer tests' matrix: a new policy is one line in one of these lists -------------------
+
+/// Balancers run with Dropless, with every expert and scalar.
+using Balancers = List<AuxLoss, NoBalance>;
+/// Experts run with every balancer above and every scalar.
+using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>, PerExpertLoop>;
+using Scalars = List<float, double>;
+/// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
+/// run with SelectionExperts (Sinkhorn with Capacity does not compile).
+using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<AuxLoss, Capacity>,
+                            List<NoBalance, Capacity>, List<AuxFree, Capacity>>;
+/// The default expert and the reference one.
+using SelectionExperts = List<GroupedGemm, PerExpertLoop>;
+
+// ---- the products of the lists ----------------------------------------------------------------
+
+template <class... Lists>
+struct concat;
+template <>
+struct concat<> {
+  using type = List<>;
+};
+template <class... A>
+struct concat<List<A...>> {
+  using type = List<A...>;
+};
+template <class... A, class... B, class... Rest>
+struct concat<List<A...>, List<B...>, Rest...> : concat<List<A..., B...>, Rest...> {};
+
+/// MoELayer<R, Ps..., X, S>.
+template <class R, class Ps, class X, class S>
+struct layer_of;
+template <class R, class... Ps, class X, class S>
+struct layer_of<R, List<Ps...>, X, S> {
+  using type = MoELayer<R, Ps..., X, S>;
+};
+
+/// The layer of R, Ps and X with every scalar S.
+template <class R, class Ps, class X, class Ss>
+struct every_scalar;
+template <class R, class Ps, class X, class... S>
+struct every_scalar<R, Ps, X, List<S...>> {
+  using type = List<typename layer_of<R, Ps, X, S>::type...>;
+};
+
+/// The layer of R and Ps with every expert X and scalar S.
+template <class R, class Ps, class Xs = Experts, class Ss = Scalars>
+struct every_expert_and_scalar;
+template <class R, class Ps, class... X, class Ss>
+struct every_expert_and_scalar<R, Ps, List<X...>, Ss> : concat<typename every_scalar<R, Ps, X, Ss>::type...> {};
+
+template <class R, class Bs>
+struct every_balancer;
+template <class R, class... B>
+struct every_balancer<R, List<B...>> : concat<typename every_expert_and_scalar<R, List<B>>::type...> {};
+
+template <class R, class Pairs>
+struct every_pair;
+template <class R, class... Pair>
+struct every_pair<R, List<Pair...>>
+    : concat<typename every_expert_and_scalar<R, Pair, SelectionExperts>::type...> {};
+
+template <class L>
+struct as_gtest_types;
+template <class... Ts>
+struct as_gtest_types<List<Ts...>> {
   using type = ::testing::Types<Ts...>;
 };
 
-/// Every combination of the policies shipped so far with router R, in float and double.
+/// Every balancer × expert × scalar with router R.
 template <class R>
-using Combos = typename as_gtest_types<per_router<R>>::type;
+using Combos = typename as_gtest_types<typename every_balancer<R, Balancers>::type>::type;
 
-/// The selection-shaping and dropping policies with router R.
+/// The selection-shaping and dropping pairs with router R.
 template <class R>
-using SelectionCombos = typename as_gtest_types<per_router_selection<R>>::type;
+using SelectionCombos = typename as_gtest_types<typename every_pair<R, SelectionPairs>::type>::type;
 
 struct ComboName {
   template <class Layer>
