@@ -39,7 +39,7 @@ namespace detail {
 
 /// Allocates on cache-line (64-byte) boundaries, whatever vectors the build has: Eigen aligns to
 /// its own packets (16 bytes with SSE2), and the decode kernel's 64-byte loads of a weight row
-/// that straddle two lines streamed 15–25% slower (docs/kernels.md#decode-kernel).
+/// must not straddle two lines (docs/kernels.md#decode-kernel).
 template <class T>
 struct CacheLineAllocator {
   using value_type = T;

@@ -31,7 +31,7 @@ struct SwiGLU {
     return s * (T(1) + g * (T(1) - s));
   }
   // The same in Eigen's packets, for GroupedGemm's passes over its tiles. Eigen's pexp is as
-  // accurate as std::exp and, with AVX2 or AVX-512, 3-8x faster than a call per element.
+  // accurate as std::exp and, with AVX2 or AVX-512, several times faster than a call per element.
   template <class Packet>
   static Packet apply_packet(const Packet& g) {
     return Eigen::internal::pdiv(g, one_plus_exp_minus(g));
@@ -78,10 +78,9 @@ struct GeLU {
   template <Scalar T>
   static T derivative(T g) { return cdf(g) + g * pdf(g); }
   // The same in packets of float, for GroupedGemm's passes over its tiles, through Eigen's
-  // vectorised erf (a rational fit, within 3.4e-7 of erf where std::erf in float is within 5e-8):
-  // a tile's pass ran 24–88× as fast as std::erf element by element with AVX-512, 3–14× with
-  // SSE2 (docs/kernels.md#gelu-packets). Doubles keep std::erf: Eigen's packet erf is the float
-  // fit whatever the lanes hold.
+  // vectorised erf (a rational fit, within 3.4e-7 of erf where std::erf in float is within 5e-8),
+  // many times faster than std::erf element by element (docs/kernels.md#gelu-packets). Doubles
+  // keep std::erf: Eigen's packet erf is the float fit whatever the lanes hold.
   template <detail::FloatPacket Packet>
   static Packet apply_packet(const Packet& g) {
     return Eigen::internal::pmul(g, cdf(g));

@@ -63,9 +63,7 @@ inline std::pair<Index, Index> block_of(std::span<const Index> offsets, Index e)
 /// Tiles of a product over the dispatched rows (offsets [E+1]) into `columns` output columns:
 /// (expert, at most row_size of its rows, at most column_size columns), the most rows × columns
 /// first, ties in the order made (the experts', then rows, then columns), so that for_each_tile
-/// hands the smallest out last: at E = 64 (gate and up one tile an expert, of 40–84 rows) 16
-/// threads then share the product 98% evenly, against 91% when TBB split the list
-/// (docs/kernels.md#tile-schedule).
+/// hands the smallest out last and the threads finish together (docs/kernels.md#tile-schedule).
 inline void row_tiles(std::span<const Index> offsets, Index row_size, Index columns, Index column_size,
                       std::vector<Tile>& tiles) {
   make_tiles(static_cast<Index>(offsets.size()) - 1, [&](Index e) { return block_of(offsets, e); }, row_size,
@@ -78,8 +76,8 @@ inline void row_tiles(std::span<const Index> offsets, Index row_size, Index colu
 
 /// Tiles of the [rows, columns] weight gradients of the experts that have rows (offsets [E+1]),
 /// at most size × size; each tile sums over all of its expert's rows. In the experts' order, as
-/// the gradients lie in memory: ordered by work instead, E = 64's d_up ran 7% slower on one
-/// thread, and with a dozen tiles or more a thread the order hardly moves the balance.
+/// the gradients lie in memory: ordered by work instead they ran slower, and with a dozen tiles or
+/// more a thread the order hardly moves the balance (docs/kernels.md#tile-schedule).
 inline void weight_gradient_tiles(std::span<const Index> offsets, Index rows, Index columns, Index size,
                                   std::vector<Tile>& tiles) {
   make_tiles(static_cast<Index>(offsets.size()) - 1,
@@ -89,8 +87,7 @@ inline void weight_gradient_tiles(std::span<const Index> offsets, Index rows, In
 
 /// body(tile) for each tile, in parallel. Threads take the tiles in the list's order, in runs: a
 /// quarter of a thread's share of the tiles left, at least one (guided self-scheduling). Early
-/// runs are long, so a thread works through neighbouring tiles, which share an operand (on two
-/// threads, tiles handed out one at a time made E = 64's backward 5–8% slower); the last tiles,
+/// runs are long, so a thread works through neighbouring tiles, which share an operand; the last tiles,
 /// the smallest where the list has the largest first, go one at a time, so the threads finish
 /// close together. Which thread computes a tile never changes a bit.
 template <class Body>

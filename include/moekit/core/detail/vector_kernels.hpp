@@ -38,18 +38,14 @@
 namespace moekit::detail {
 
 /// Up to this many rows, a product of row-major rows with a transposed row-major matrix (the
-/// experts' x · Wᵀ at decode) goes to times_wt, not to a GEMM.
-/// benchmarks/decode_kernel_benchmark finds the kernel as fast as Eigen's GEMM or faster up to 32
-/// rows, with SSE2 and AVX-512, and the layer at T = 64 (the busiest expert 19–25 rows) 6–15%
-/// faster with 32 here than with 16; past 32 rows neither measurement found a steady gain
-/// (docs/kernels.md#decode-kernel).
+/// experts' x · Wᵀ at decode) goes to times_wt, not to a GEMM: up to here the kernel is the
+/// faster in every build measured (docs/kernels.md#decode-kernel).
 inline constexpr Index few_rows = 32;
 
 /// How far ahead of its loads the kernel prefetches each row of w, in bytes. The hardware
 /// prefetcher stops at each 4 KiB page, and a row of 1024 floats is one, so each row's prefetch
-/// runs on into the row that takes its place in the next block. 2 KiB ahead streamed 20–30%
-/// faster than a whole row ahead (the next block's row at the same place), and 512 B was too
-/// close (docs/kernels.md#decode-kernel).
+/// runs on into the row that takes its place in the next block; 2 KiB is the distance that
+/// streamed fastest (docs/kernels.md#decode-kernel).
 inline constexpr Index prefetch_ahead_bytes = 2048;
 
 /// Bytes / sizeof(T) lanes of T, and the same read from anywhere a T may be (unaligned, aliasing).
@@ -130,8 +126,8 @@ template <int Bytes, int Rows, int Cols, class T>
 
 /// broadcast_block's sums, added into c; with Copying, each vector of b read is also stored in
 /// copy, in rows of Cols vectors (times_b's copy of a panel). Compiled once with the copy and once
-/// without: a test of copy in the loop cost 7% at the standard shape. A function, not a lambda:
-/// GCC 12 left a lambda here out of line, always_inline or not, and the products ran 5–20% slower.
+/// without, so that the loop without it tests nothing. A function, not a lambda: GCC 12 left a
+/// lambda here out of line, always_inline or not, and the products slowed.
 template <int Bytes, int Rows, int Cols, bool Copying, class T>
 [[gnu::always_inline]] inline void broadcast_sums(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
                                                   T* c, Index cs, T* copy) {
@@ -159,12 +155,11 @@ template <int Bytes, int Rows, int Cols, bool Copying, class T>
 /// the other rows and columns are. The block's lines of c are prefetched before its sums start:
 /// a weight gradient lies in memory, not cache, and each block adds into it after only an
 /// expert's few rows of sums, so loading c when the sums end left each block waiting on memory
-/// (TopK1's forward + backward at T = 512 ran 15% faster with the prefetch,
-/// docs/kernels.md#gradient-prefetch). A row-major a is streamed, turned, from a weight in
+/// (docs/kernels.md#gradient-prefetch). A row-major a is streamed, turned, from a weight in
 /// memory, Rows short rows at a time, too short for the hardware's prefetcher to reach its
 /// stride before the next block starts cold on the next rows: so each line of a read also
-/// prefetches that line of the next block's rows (the turned product of 64 rows from memory ran
-/// 13–31% faster, docs/kernels.md#turned-prefetch). Given a copy, b is copied there as it is
+/// prefetches that line of the next block's rows (docs/kernels.md#turned-prefetch). Given a
+/// copy, b is copied there as it is
 /// read (broadcast_sums).
 template <int Bytes, int Rows, int Cols, class T>
 [[gnu::always_inline]] inline void broadcast_block(const T* a, Index ar, Index ak, const T* b, Index bs, Index k,
@@ -278,8 +273,7 @@ decltype(auto) with_widest_vectors(F&& f) {
 }
 
 /// Whether this CPU runs a wider form of the kernels than the build's vectors. Eigen's GEMM keeps
-/// to the build's vectors, so the kernels are then the faster products at any size: in a build for
-/// any x86-64 CPU, on a CPU with AVX-512, 3–5× faster at the layer's tiles
+/// to the build's vectors, so the kernels are then the faster products at any size
 /// (docs/kernels.md#wider-vectors).
 inline bool runs_wider_than_build() {
   return with_widest_vectors([](auto vectors) { return decltype(vectors)::bytes > BuildVectors::bytes; });
@@ -312,9 +306,8 @@ template <class Vectors, int Rows, class T, class C>
 void times_wt_block(C& c, Index row, const T* x, Index xs, const T* w, Index ws, Index first, Index width, Index k) {
   // Rows of w a block takes: eight partial sums or more to hide the latency of the adds, no more
   // than the registers hold beside the loads. One or two rows of x take four rows of w with 16
-  // registers and eight with 32: with AVX-512, eight streamed 10-15% faster than four at one and
-  // two rows. More rows of x take two and four (four stream faster than two, three or eight with
-  // 32 registers). A row's sums are the same whichever block it is in.
+  // registers and eight with 32, more rows of x two and four: the counts that streamed fastest
+  // (docs/kernels.md#decode-kernel). A row's sums are the same whichever block it is in.
   constexpr bool many_registers = Vectors::registers >= 32;
   constexpr int cols = Rows <= 2 ? (many_registers ? 8 : 4) : (many_registers ? 4 : 2);
   Index j = first;
@@ -354,14 +347,13 @@ void times_wt(C& c, const T* x, Index xs, Index m, const T* w, Index ws, Index n
 }
 
 /// Rows of b's panel a broadcast block takes before adding its sums into c: a panel of 256 rows
-/// of four 64-byte vectors (64 KiB) stays in cache while every block of rows of a passes over it.
-/// With whole panels, the backward's d_up · W_up (2816 rows) ran 25–30% slower with AVX-512
-/// (docs/kernels.md#wider-vectors).
+/// of four 64-byte vectors (64 KiB) stays in cache while every block of rows of a passes over it,
+/// where a whole panel of a deep product does not (docs/kernels.md#wider-vectors).
 inline constexpr Index broadcast_depth = 256;
 
 /// Rows of a and vectors of b's columns a broadcast block takes: 6 × 4 with 32 registers, 4 × 3
-/// with 16, partial sums beside the loads of b and one broadcast (6 × 4 ran faster than 8 × 3,
-/// 12 × 2 and 4 × 4 with AVX-512, 4 × 3 faster than 6 × 2 with AVX2).
+/// with 16, partial sums beside the loads of b and one broadcast: the shapes that ran fastest of
+/// those that fit (docs/kernels.md#wider-vectors).
 template <class Vectors>
 inline constexpr int broadcast_rows = Vectors::registers >= 32 ? 6 : 4;
 template <class Vectors>
@@ -383,10 +375,9 @@ inline constexpr Index panel_copy_size = []<class... Form>(std::tuple<Form...>*)
 /// the first group of rows copies each block of the panel as it reads it, its rows contiguous,
 /// and the other groups read the copy. b is then an activation read down its rows, a row's
 /// length apart: at E = 64, 64 rows deep, a block's rows fell into a few sets of the L1 cache and
-/// pushed each other out, where the copy stays. Those products ran 9–23% faster on the 2-core
-/// VM, the standard shape's (512 rows deep) no slower (docs/kernels.md#panel-copy). With a
-/// row-major a (the input gradients) b is a weight, read from memory once whatever is done with
-/// it: copying it ran 0–5% slower, so it is read where it lies. The copy holds the same values,
+/// pushed each other out, where the copy stays (docs/kernels.md#panel-copy). With a row-major a
+/// (the input gradients) b is a weight, read from memory once whatever is done with it, so it is
+/// read where it lies. The copy holds the same values,
 /// so the bits are the same.
 template <class Vectors, class T>
 void times_b(Vectors, T* c, Index cs, const T* a, Index ar, Index ak, Index m, const T* b, Index bs, Index n,
