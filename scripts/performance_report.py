@@ -26,10 +26,10 @@ def markers(section):
     name = f"report:{section}:" if section else "report:"
     return f"<!-- {name}begin -->", f"<!-- {name}end -->"
 
-TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the limit (issue targets)
-EFFICIENCY_TARGET = 80.0  # parallel efficiency, percent (the issue's, at 16 threads)
+TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the limit (the targets of docs/performance.md)
+EFFICIENCY_TARGET = 80.0  # parallel efficiency, percent (the target at 16 threads)
 DECODE_TARGET = 1.5  # x_of_bound
-DECODE_MAX_TOKENS = 16  # the issue's decode: T = 1 … 16
+DECODE_MAX_TOKENS = 16  # the decode target: T = 1 … 16
 DEFAULT_LAYER = "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU"
 
 

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [dict(T=2048, H=1024, F=2816, E=8, K=2), dict(T=2048, H=1024, F=256, E=64, K=2)]
-DECODE_TOKENS = (1, 4, 16)  # the small batches, with the standard shape's experts
+DECODE_TOKENS = (1, 4, 16)  # the decode target's small batches, with the standard shape's experts
 EVICTION_BYTES = 384 << 20  # as layer_benchmark's triad: no expert's weights stay in cache
 
 
