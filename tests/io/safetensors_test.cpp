@@ -1,9 +1,12 @@
 // Safetensors: round trips, the fixtures' headers, and malformed files refused by name.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include <moekit/moekit.hpp>
 
@@ -94,6 +97,190 @@ TEST(SafeTensors, RefusesMalformedFilesByName) {
   EXPECT_NE(message_of_parse(file_bytes(R"({"__metadata__":{"a":1}})", 0)).find("'a' that is not a string"),
             std::string::npos);
   EXPECT_THROW(io::SafeTensors::read("/nonexistent/file.safetensors"), error);
+}
+
+/// The bytes of a small file the library writes: two tensors and metadata.
+std::vector<char> library_file() {
+  io::SafeTensors file;
+  file.metadata()["format"] = "moekit";
+  const std::vector<float> a{1.5f, -2.0f, 3.25f, 0.0f, 7.0f, 8.0f};
+  const std::vector<double> b{4.0, 5.0};
+  file.add<float>("a", {2, 3}, a);
+  file.add<double>("b", {2}, b);
+  const auto path = std::filesystem::temp_directory_path() / "moekit_library_file.safetensors";
+  file.write(path);
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::filesystem::remove(path);
+  return bytes;
+}
+
+std::uint64_t header_length(const std::vector<char>& bytes) {
+  std::uint64_t n = 0;
+  std::memcpy(&n, bytes.data(), 8);
+  return n;
+}
+
+void set_header_length(std::vector<char>& bytes, std::uint64_t n) { std::memcpy(bytes.data(), &n, 8); }
+
+// A header length short of the real one (into its trailing spaces), or a byte inserted into the
+// header, shifts every tensor by a few bytes; the tensors then no longer cover the data section.
+TEST(SafeTensors, RefusesAShiftedDataSection) {
+  auto bytes = library_file();
+  ASSERT_EQ(bytes[8 + header_length(bytes) - 1], ' ') << "the written header ends in padding";
+  auto short_header = bytes;
+  set_header_length(short_header, header_length(bytes) - 1);
+  EXPECT_NE(message_of_parse(short_header).find("after the last tensor"), std::string::npos)
+      << message_of_parse(short_header);
+  auto inserted = bytes;
+  inserted.insert(inserted.begin() + 9, ' ');  // after the opening brace: the JSON still parses
+  EXPECT_NE(message_of_parse(inserted).find("after the last tensor"), std::string::npos) << message_of_parse(inserted);
+}
+
+TEST(SafeTensors, RefusesRangesThatOverlapLeaveGapsOrLeaveBytesOver) {
+  EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                                        R"("y":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})",
+                                        4))
+                .find("has data_offsets [0,4]; expected it to begin at byte 4"),
+            std::string::npos);
+  EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8))
+                .find("tensor 'x' has data_offsets [4,8]; expected it to begin at byte 0"),
+            std::string::npos);
+  EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 6))
+                .find("2 bytes after the last tensor"),
+            std::string::npos);
+}
+
+TEST(SafeTensors, RefusesDuplicateNamesAndFields) {
+  EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},)"
+                                        R"("x":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                                        8))
+                .find("duplicate member 'x'"),
+            std::string::npos);
+  EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F32","dtype":"F64","shape":[1],"data_offsets":[0,4]}})", 4))
+                .find("duplicate member 'dtype'"),
+            std::string::npos);
+}
+
+TEST(SafeTensors, RefusesShapesWhoseSizeOverflows) {
+  const auto wraps_to_one = file_bytes(R"({"x":{"dtype":"F32","shape":[274177,67280421310721],"data_offsets":[0,4]}})", 4);
+  EXPECT_NE(message_of_parse(wraps_to_one).find("tensor 'x' has shape [274177,67280421310721], whose size overflows"),
+            std::string::npos)
+      << message_of_parse(wraps_to_one);
+  EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F64","shape":[2147483648,2147483648],"data_offsets":[0,0]}})", 0))
+                .find("whose size overflows"),
+            std::string::npos);
+}
+
+TEST(SafeTensors, RefusesBadEscapesAndControlCharactersAsItsOwnError) {
+  EXPECT_NE(message_of_parse(file_bytes(R"({"\uZZZZ":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4))
+                .find("malformed JSON header"),
+            std::string::npos);
+  EXPECT_NE(message_of_parse(file_bytes(R"({"\q":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})", 4))
+                .find("malformed JSON header"),
+            std::string::npos);
+  EXPECT_NE(message_of_parse(file_bytes("{\"a\tb\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4))
+                .find("malformed JSON header"),
+            std::string::npos);
+}
+
+TEST(SafeTensors, RefusesWhatIsNotARegularFile) {
+  const auto folder = std::filesystem::temp_directory_path() / "moekit_a_folder.safetensors";
+  std::filesystem::create_directories(folder);
+  try {
+    io::SafeTensors::read(folder);
+    ADD_FAILURE() << "a folder was read";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("is not a regular file"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove(folder);
+  if (std::filesystem::exists("/dev/zero")) {
+    EXPECT_THROW(io::SafeTensors::read("/dev/zero"), error);  // would read for ever
+  }
+}
+
+/// Every file in `folder`, by name.
+std::vector<std::string> files_in(const std::filesystem::path& folder) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(folder)) names.push_back(entry.path().filename());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::filesystem::path fresh_folder(const std::string& name) {
+  const auto folder = std::filesystem::temp_directory_path() / name;
+  std::filesystem::remove_all(folder);
+  std::filesystem::create_directories(folder);
+  return folder;
+}
+
+TEST(SafeTensors, AFailedSaveSaysWhyAndLeavesNothingBehind) {
+  const auto folder = fresh_folder("moekit_failed_save");
+  std::filesystem::create_directories(folder / "target.safetensors");  // a folder where the file would go
+  io::SafeTensors file;
+  file.add<float>("a", {1}, std::vector<float>{1.0f});
+  try {
+    file.write(folder / "target.safetensors");
+    ADD_FAILURE() << "saved over a folder";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("Is a directory"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(files_in(folder), std::vector<std::string>{"target.safetensors"});
+  try {
+    file.write(folder / "no_such_folder" / "x.safetensors");
+    ADD_FAILURE() << "saved into a missing folder";
+  } catch (const error& e) {
+    EXPECT_NE(std::string(e.what()).find("No such file or directory"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove_all(folder);
+}
+
+TEST(SafeTensors, SavesToOnePathFromManyThreadsAtOnce) {
+  const auto folder = fresh_folder("moekit_concurrent_save");
+  const auto path = folder / "shared.safetensors";
+  std::atomic<int> failures{0};
+  std::vector<std::thread> savers;
+  for (int s = 0; s < 4; ++s)
+    savers.emplace_back([&, s] {
+      io::SafeTensors file;
+      file.add<float>("a", {1}, std::vector<float>{float(s)});
+      for (int i = 0; i < 25; ++i) {
+        try {
+          file.write(path);
+        } catch (const error&) {
+          ++failures;
+        }
+      }
+    });
+  for (auto& saver : savers) saver.join();
+  EXPECT_EQ(failures, 0);
+  EXPECT_EQ(files_in(folder), std::vector<std::string>{"shared.safetensors"});
+  const float a = io::SafeTensors::read(path).values<float>("a").front();
+  EXPECT_TRUE(a == 0.0f || a == 1.0f || a == 2.0f || a == 3.0f);
+  std::filesystem::remove_all(folder);
+}
+
+TEST(SafeTensors, SavingKeepsTheTargetsPermissionsAndWritesThroughASymlink) {
+  namespace fs = std::filesystem;
+  const auto folder = fresh_folder("moekit_save_target");
+  io::SafeTensors file;
+  file.add<float>("a", {1}, std::vector<float>{2.0f});
+  const auto read_only = folder / "read_only.safetensors";
+  file.write(read_only);
+  fs::permissions(read_only, fs::perms::owner_read | fs::perms::group_read);
+  file.write(read_only);
+  EXPECT_EQ(fs::status(read_only).permissions() & fs::perms::all, fs::perms::owner_read | fs::perms::group_read);
+
+  const auto target = folder / "real.safetensors", link = folder / "link.safetensors";
+  file.write(target);
+  fs::create_symlink("real.safetensors", link);
+  io::SafeTensors other;
+  other.add<float>("a", {1}, std::vector<float>{5.0f});
+  other.write(link);
+  EXPECT_TRUE(fs::is_symlink(link)) << "the link was replaced by a file";
+  EXPECT_EQ(io::SafeTensors::read(target).values<float>("a").front(), 5.0f);
+  fs::permissions(read_only, fs::perms::owner_all);
+  fs::remove_all(folder);
 }
 
 }  // namespace

@@ -1,16 +1,27 @@
 #pragma once
 // The safetensors format: 8-byte little-endian header length, a JSON header naming each
-// tensor's dtype, shape and byte range, then the raw little-endian data. Reads and writes the
-// fixtures' layout; everything a file says is checked before it is believed.
+// tensor's dtype, shape and byte range, then the raw little-endian data. Read as strictly as the
+// reference implementation: everything a file says is checked before it is believed, and a file
+// loads exactly or not at all. Written atomically and durably. docs/errors.md#files
+#include <algorithm>
+#include <atomic>
 #include <bit>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <random>
 #include <span>
 #include <string>
+#include <system_error>
+#include <tuple>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <moekit/core/error.hpp>
 #include <moekit/core/tensor.hpp>
@@ -58,10 +69,23 @@ class SafeTensors {
  public:
   SafeTensors() = default;
 
+  /// The largest header a file may declare: the reference implementation's limit.
+  static constexpr std::uint64_t max_header_bytes = 100'000'000;
+
   static SafeTensors read(const std::filesystem::path& path) {
+    std::error_code error;
+    const auto status = std::filesystem::status(path, error);
+    detail_fail_if(!std::filesystem::exists(status), path.string(), "cannot be opened (",
+                   error ? error.message() : "no such file", "); expected a readable safetensors file");
+    detail_fail_if(!std::filesystem::is_regular_file(status), path.string(),
+                   "is not a regular file; expected a safetensors file");
+    const auto size = std::filesystem::file_size(path, error);
     std::ifstream in(path, std::ios::binary);
-    detail_fail_if(!in, path.string(), "cannot be opened; expected a readable safetensors file");
-    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    detail_fail_if(error || !in, path.string(), "cannot be opened; expected a readable safetensors file");
+    std::vector<char> bytes(static_cast<std::size_t>(size));
+    in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    detail_fail_if(static_cast<std::uintmax_t>(in.gcount()) != size, path.string(), "could not be read whole (",
+                   in.gcount(), " of ", size, " bytes)");
     return parse(bytes, path.string());
   }
 
@@ -75,6 +99,8 @@ class SafeTensors {
     std::memcpy(&header_size, bytes.data(), 8);
     detail_fail_if(header_size > bytes.size() - 8, where, "declares a ", header_size,
                    "-byte header but has only ", bytes.size() - 8, " bytes after the length");
+    detail_fail_if(header_size > max_header_bytes, where, "declares a ", header_size,
+                   "-byte header; expected at most ", max_header_bytes);
     const std::string_view header(bytes.data() + 8, static_cast<std::size_t>(header_size));
     const std::size_t data_size = bytes.size() - 8 - static_cast<std::size_t>(header_size);
     const detail::Json root = detail::JsonParser(header, where).parse();
@@ -87,44 +113,70 @@ class SafeTensors {
       }
       file.tensors_[name] = file.read_info(name, value, data_size);
     }
+    file.check_coverage(data_size);
     file.data_.assign(bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_size), bytes.end());
     return file;
   }
 
-  /// Writes to a temporary file beside `path`, then renames it: a reader never sees half a file.
+  /// Writes the file so that a reader of `path` sees the old file or the new one, never half of
+  /// either, and the new one survives a power loss once this returns: to a temporary file of a
+  /// name no other writer uses, in the same folder, synced, renamed over the target, and the
+  /// folder synced. The new file keeps the permissions of the one it replaces; a symbolic link
+  /// is written through, to its target. On failure the temporary file is removed and the error
+  /// says why.
   void write(const std::filesystem::path& path) const {
-    std::string header = "{";
-    if (!metadata_.empty()) {
-      header += "\"__metadata__\":{";
-      for (const auto& [k, v] : metadata_) {
-        if (header.back() != '{') header += ',';
-        header += detail::json_quote(k);
-        header += ':';
-        header += detail::json_quote(v);
-      }
-      header += "}";
-    }
-    for (const auto& [name, info] : tensors_) {
-      if (header.size() > 1) header += ",";
-      header += detail::json_quote(name) + ":{\"dtype\":\"" + std::string(to_string(info.dtype)) +
-                "\",\"shape\":" + shape_string(info.shape) + ",\"data_offsets\":[" +
-                std::to_string(info.begin) + "," + std::to_string(info.end) + "]}";
-    }
-    header += "}";
-    header.append((8 - header.size() % 8) % 8, ' ');
+    const std::string header = header_text();
     const std::uint64_t header_size = header.size();
+    const std::filesystem::path target = link_target(path);
+    std::filesystem::path folder = target.parent_path();
+    if (folder.empty()) folder = ".";
 
-    const auto temporary = std::filesystem::path(path.string() + ".tmp");
-    {
-      std::ofstream out(temporary, std::ios::binary | std::ios::trunc);
-      detail_fail_if(!out, temporary.string(), "cannot be created; expected a writable folder");
-      out.write(reinterpret_cast<const char*>(&header_size), 8);
-      out.write(header.data(), static_cast<std::streamsize>(header.size()));
-      out.write(data_.data(), static_cast<std::streamsize>(data_.size()));
-      out.flush();
-      detail_fail_if(!out, temporary.string(), "could not be written completely");
+    static std::atomic<unsigned> counter{0};
+    std::filesystem::path temporary;
+    int fd = -1;
+    for (int attempt = 0; fd < 0; ++attempt) {
+      temporary = target;
+      temporary += ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++) + "." +
+                   std::to_string(std::random_device{}());
+      fd = ::open(temporary.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);  // the umask applies
+      if (fd < 0 && (errno != EEXIST || attempt == 100))
+        fail_saving(path, "cannot create a temporary file in '" + folder.string() + "'", errno);
     }
-    std::filesystem::rename(temporary, path);
+    auto give_up = [&](const std::string& what, int code) {
+      ::close(fd);
+      ::unlink(temporary.c_str());
+      fail_saving(path, what, code);
+    };
+    struct stat old {};
+    if (::stat(target.c_str(), &old) == 0 && S_ISREG(old.st_mode) && ::fchmod(fd, old.st_mode & 07777) != 0)
+      give_up("cannot give the new file the old one's permissions", errno);
+    const auto* length = reinterpret_cast<const char*>(&header_size);
+    for (const std::span<const char> part : {std::span<const char>(length, 8), std::span<const char>(header),
+                                             std::span<const char>(data_)}) {
+      for (std::size_t done = 0; done < part.size();) {
+        const ssize_t n = ::write(fd, part.data() + done, part.size() - done);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) give_up("could not be written completely", n < 0 ? errno : EIO);
+        done += static_cast<std::size_t>(n);
+      }
+    }
+    if (::fsync(fd) != 0) give_up("could not be synced to disk", errno);
+    if (::close(fd) != 0) {
+      const int code = errno;
+      ::unlink(temporary.c_str());
+      fail_saving(path, "could not be written completely", code);
+    }
+    if (::rename(temporary.c_str(), target.c_str()) != 0) {
+      const int code = errno;
+      ::unlink(temporary.c_str());
+      fail_saving(path, "cannot replace '" + target.string() + "'", code);
+    }
+    if (const int dir = ::open(folder.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dir >= 0) {
+      const bool synced = ::fsync(dir) == 0;
+      const int code = errno;
+      ::close(dir);
+      if (!synced) fail_saving(path, "was written, but its folder could not be synced to disk", code);
+    }
   }
 
   std::map<std::string, std::string>& metadata() { return metadata_; }
@@ -185,6 +237,63 @@ class SafeTensors {
     if (bad) moekit::fail("moekit::SafeTensors: '", where, "' ", parts...);
   }
 
+  [[noreturn]] static void fail_saving(const std::filesystem::path& path, const std::string& what, int code) {
+    moekit::fail("moekit::SafeTensors: saving '", path.string(), "': ", what, " (", std::strerror(code),
+                 "); nothing was changed at '", path.string(), "'");
+  }
+
+  /// Where writing `path` goes: through symbolic links to the file they name.
+  static std::filesystem::path link_target(std::filesystem::path path) {
+    std::error_code error;
+    for (int hops = 0; hops < 40 && std::filesystem::is_symlink(std::filesystem::symlink_status(path, error)); ++hops) {
+      const auto next = std::filesystem::read_symlink(path, error);
+      if (error) break;
+      path = next.is_absolute() ? next : path.parent_path() / next;
+    }
+    return path;
+  }
+
+  std::string header_text() const {
+    std::string header = "{";
+    if (!metadata_.empty()) {
+      header += "\"__metadata__\":{";
+      for (const auto& [k, v] : metadata_) {
+        if (header.back() != '{') header += ',';
+        header += detail::json_quote(k);
+        header += ':';
+        header += detail::json_quote(v);
+      }
+      header += "}";
+    }
+    for (const auto& [name, info] : tensors_) {
+      if (header.size() > 1) header += ",";
+      header += detail::json_quote(name) + ":{\"dtype\":\"" + std::string(to_string(info.dtype)) +
+                "\",\"shape\":" + shape_string(info.shape) + ",\"data_offsets\":[" +
+                std::to_string(info.begin) + "," + std::to_string(info.end) + "]}";
+    }
+    header += "}";
+    header.append((8 - header.size() % 8) % 8, ' ');
+    return header;
+  }
+
+  /// The tensors' byte ranges, in order, cover the data section exactly: no overlap, no gap, no
+  /// bytes after the last (a shifted header shows here).
+  void check_coverage(std::size_t data_size) const {
+    std::vector<std::tuple<std::size_t, std::size_t, std::string_view>> ranges;
+    for (const auto& [name, t] : tensors_) ranges.emplace_back(t.begin, t.end, name);
+    std::sort(ranges.begin(), ranges.end());
+    std::size_t covered = 0;
+    for (const auto& [begin, end, name] : ranges) {
+      detail_fail_if(begin != covered, where_, "tensor '", name, "' has data_offsets [", begin, ",", end,
+                     "]; expected it to begin at byte ", covered,
+                     " (the tensors cover the data section in order, with no gap or overlap)");
+      covered = end;
+    }
+    detail_fail_if(covered != data_size, where_, "has ", data_size - covered,
+                   " bytes after the last tensor; expected the tensors to cover the data section exactly "
+                   "(a header length that is off shifts every tensor)");
+  }
+
   void read_metadata(const detail::Json& value) {
     detail_fail_if(value.kind != detail::Json::Kind::object, where_,
                    "has __metadata__ that is not an object of strings");
@@ -207,7 +316,7 @@ class SafeTensors {
     auto integer = [&](const detail::Json& v, std::string_view what) {
       detail_fail_if(v.kind != Kind::number || v.text.empty() ||
                          v.text.find_first_not_of("0123456789") != std::string::npos ||
-                         v.text.size() > 18,
+                         v.text.size() > 18 || (v.text.size() > 1 && v.text[0] == '0'),
                      where_, "tensor '", name, "' has ", what, " '", v.text,
                      "'; expected a non-negative integer");
       return static_cast<std::size_t>(std::stoull(v.text));
@@ -234,7 +343,13 @@ class SafeTensors {
     detail_fail_if(t.begin > t.end || t.end > data_size, where_, "tensor '", name,
                    "' has data_offsets [", t.begin, ",", t.end, "]; expected a range inside the ",
                    data_size, " data bytes");
-    const auto expected = static_cast<std::size_t>(t.size()) * byte_size(t.dtype);
+    std::uint64_t elements = 1, expected = 0;
+    for (const Index d : t.shape)
+      detail_fail_if(__builtin_mul_overflow(elements, static_cast<std::uint64_t>(d), &elements), where_, "tensor '",
+                     name, "' has shape ", shape_string(t.shape), ", whose size overflows; expected a size below 2^63");
+    detail_fail_if(__builtin_mul_overflow(elements, byte_size(t.dtype), &expected) || expected > (std::uint64_t{1} << 62),
+                   where_, "tensor '", name, "' has shape ", shape_string(t.shape),
+                   ", whose size overflows; expected a size below 2^63");
     detail_fail_if(t.end - t.begin != expected, where_, "tensor '", name, "' has ",
                    t.end - t.begin, " bytes; expected ", expected, " for ", to_string(t.dtype),
                    " ", shape_string(t.shape));
