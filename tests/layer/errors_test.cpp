@@ -1,6 +1,7 @@
 // Bad input gets a moekit::error that names the value and what was expected.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <filesystem>
 
 #include <moekit/moekit.hpp>
@@ -105,6 +106,50 @@ TEST(Errors, MismatchedFileLeavesTheLayerAsItWas) {
             "moekit::MoELayer::load: '" + path.string() +
                 "' has no tensor 'experts.gate'; expected one of shape [4,4,4]");
   std::filesystem::remove(path);
+}
+
+TEST(Errors, AFailedLoadChangesNothingEvenWhenOnlyTheBalancerStateIsWrong) {
+  namespace fs = std::filesystem;
+  const auto path = fs::temp_directory_path() / "moekit_errors_bias.safetensors";
+  using Free = MoELayer<TopK<2>, AuxFree, double>;
+  Free saved({.hidden = 4, .ffn = 4, .experts = 4, .seed = 1});
+  io::SafeTensors file;  // every parameter right, "router.bias" of the wrong dtype
+  for (const auto& p : saved.parameters()) file.add(p.name(), p.shape(), p.values());
+  file.add<std::int64_t>("router.bias", {4}, std::vector<std::int64_t>{1, 2, 3, 4});
+  file.write(path);
+  Free layer({.hidden = 4, .ffn = 4, .experts = 4, .seed = 2});
+  const std::vector<double> before(layer.parameters()[1].values().begin(), layer.parameters()[1].values().end());
+  EXPECT_EQ(message_of([&] { layer.load(path); }),
+            "moekit::MoELayer::load: '" + path.string() + "' tensor 'router.bias' is I64; expected F32 or F64");
+  EXPECT_TRUE(std::ranges::equal(before, layer.parameters()[1].values())) << "parameters changed by a failed load";
+  fs::remove(path);
+}
+
+TEST(Errors, SizesWhoseProductOverflowsAreRefused) {
+  EXPECT_EQ(message_of([] { Layer({.hidden = Index{1} << 32, .ffn = Index{1} << 32, .experts = 4}); }),
+            "moekit::MoELayer: experts × ffn × hidden = 4 × 4294967296 × 4294967296 overflows; expected "
+            "a product below 2^62");
+}
+
+// Options changed after construction are checked at the next forward, with the constructor's
+// messages, before anything runs: none hangs, none gives a NaN or negative weight.
+TEST(Errors, OptionsChangedAfterConstructionAreCheckedAtTheNextForward) {
+  const Matrix<double> x = Matrix<double>::Ones(3, 4);
+  MoELayer<TopK<2>, Capacity, double> layer({.hidden = 4, .ffn = 4, .experts = 4});
+  layer.expert().options.row_tile = 0;
+  EXPECT_EQ(message_of([&] { layer.forward(x); }),
+            "moekit::GroupedGemm: row_tile = 0, column_tile = 256; expected both >= 1");
+  layer.expert().options.row_tile = 256;
+  layer.router().options.scale = -1;
+  EXPECT_EQ(message_of([&] { layer.forward(x); }), "moekit::TopK: scale = -1; expected a finite number > 0");
+  layer.router().options.scale = 1;
+  layer.balancer().options.coefficient = std::nan("");
+  EXPECT_NE(message_of([&] { layer.forward(x); }).find("moekit::AuxLoss: coefficient = nan"), std::string::npos);
+  layer.balancer().options.coefficient = 0.01;
+  layer.dispatcher().options.capacity_factor = -3;
+  EXPECT_NE(message_of([&] { layer.forward(x); }).find("moekit::Capacity: capacity_factor = -3"), std::string::npos);
+  layer.dispatcher().options.capacity_factor = 1;
+  EXPECT_NO_THROW(layer.forward(x));
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 // and it minimises a quadratic.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+
 #include <moekit/optim/adam.hpp>
 
 namespace moekit::test {
@@ -32,6 +34,19 @@ TEST(Adam, MinimisesAQuadratic) {
 TEST(Adam, RejectsBadOptions) {
   EXPECT_THROW(Adam<float>({.learning_rate = 0}), error);
   EXPECT_THROW(Adam<float>({.beta1 = 1.0}), error);
+}
+
+TEST(Adam, AStepRefusedForASizeMismatchChangesNothing) {
+  std::vector<Tensor<double>> p{Tensor<double>("a", {2}), Tensor<double>("b", {3})};
+  std::vector<Tensor<double>> g{Tensor<double>("a", {2}), Tensor<double>("b", {3})};
+  for (auto& t : g) std::fill(t.values().begin(), t.values().end(), 1.0);
+  Adam<double> adam({.learning_rate = 0.1});
+  adam.step(p, g);
+  const std::vector<double> a(p[0].values().begin(), p[0].values().end());
+  std::vector<Tensor<double>> wrong{Tensor<double>("a", {2}), Tensor<double>("b", {4})};
+  EXPECT_THROW(adam.step(p, wrong), error);
+  EXPECT_TRUE(std::ranges::equal(a, p[0].values())) << "'a' was updated by a refused step";
+  EXPECT_EQ(adam.steps(), 1) << "a refused step was counted";
 }
 
 }  // namespace

@@ -68,10 +68,12 @@ class BasicMoELayer {
               "; expected at least 1");
       require(config.ffn >= 1, "moekit::MoELayer: ffn = ", config.ffn,
               "; expected at least 1");
-      router_.validate(shape_);
-      balancer_.validate(shape_);
-      dispatcher_.validate(shape_);
-      expert_.validate(shape_);
+      Index size = 0;
+      require(!__builtin_mul_overflow(config.experts, config.ffn, &size) &&
+                  !__builtin_mul_overflow(size, config.hidden, &size) && size < (Index{1} << 62),
+              "moekit::MoELayer: experts × ffn × hidden = ", config.experts, " × ", config.ffn, " × ",
+              config.hidden, " overflows; expected a product below 2^62");
+      validate_policies();
     });
 
     parameters_ = make_parameters();
@@ -232,17 +234,21 @@ class BasicMoELayer {
   }
 
   /// Reads every parameter by name from a safetensors file (F32 or F64; other tensors in the
-  /// file are ignored). All are checked before any is changed. A tensor of the whole layer's
+  /// file are ignored). Everything is checked before anything is changed: a load that fails
+  /// leaves the layer as it was. A tensor of the whole layer's
   /// shape gives this rank its slice, so a single-process checkpoint loads at any EP degree.
   void load(const std::filesystem::path& path) {
     const auto file = io::SafeTensors::read(path);
     parameters_.check(file, path);
     if constexpr (SavesState<B, T>) {
       const std::string name(B::saved_name);
-      if (file.contains(name))
-        require(file.info(name).shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '",
-                path.string(), "' tensor '", name, "' is ", shape_string(file.info(name).shape), "; expected [",
-                shape_.experts, "]");
+      if (file.contains(name)) {
+        const auto& info = file.info(name);
+        require(info.shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '", path.string(),
+                "' tensor '", name, "' is ", shape_string(info.shape), "; expected [", shape_.experts, "]");
+        require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
+                path.string(), "' tensor '", name, "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+      }
     }
     parameters_.read_from(file);
     if constexpr (SavesState<B, T>) {
@@ -385,8 +391,18 @@ class BasicMoELayer {
 
   // ---- checks -------------------------------------------------------------------------------
 
+  /// Each policy checks its options against the shape: at construction, and again at every
+  /// forward, since options may be changed between steps.
+  void validate_policies() const {
+    router_.validate(shape_);
+    balancer_.validate(shape_);
+    dispatcher_.validate(shape_);
+    expert_.validate(shape_);
+  }
+
   void check_forward(ConstMatrixRef<T> x, MatrixRef<T> y) const {
     parallel_.all_or_none([&] {
+      validate_policies();
       check_matrix(x, "forward", "x", x.rows());
       require(y.rows() == x.rows() && y.cols() == shape_.hidden, "moekit::MoELayer::forward: y is [", y.rows(), ",",
               y.cols(), "]; expected [", x.rows(), ",", shape_.hidden, "] like x");

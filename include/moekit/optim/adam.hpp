@@ -41,6 +41,14 @@ class Adam {
         second_.emplace_back(static_cast<std::size_t>(p.size()), T(0));
       }
     }
+    for (std::size_t i = 0; i < parameters.size(); ++i)  // all checked before any is changed
+      require(i < first_.size() && parameters[i].values().size() == first_[i].size() &&
+                  gradients[i].values().size() == first_[i].size(),
+              "moekit::Adam::step: parameter '", parameters[i].name(), "' has ", parameters[i].values().size(),
+              " values and its gradient ", gradients[i].values().size(), "; expected ",
+              i < first_.size() ? first_[i].size() : 0, " for both, as on the first step");
+    require(parameters.size() == first_.size(), "moekit::Adam::step: ", parameters.size(),
+            " parameters; expected ", first_.size(), " as on the first step");
     ++steps_;
     const double lr = options_.learning_rate;
     const double correction1 = 1 - std::pow(options_.beta1, steps_);
@@ -48,9 +56,6 @@ class Adam {
     for (std::size_t i = 0; i < parameters.size(); ++i) {
       auto p = parameters[i].values();
       auto g = gradients[i].values();
-      require(p.size() == first_[i].size() && g.size() == p.size(), "moekit::Adam::step: ",
-              "parameter '", parameters[i].name(), "' changed size; expected the same "
-              "parameters on every step");
       for (std::size_t j = 0; j < p.size(); ++j) {
         T& m = first_[i][j];
         T& v = second_[i][j];
