@@ -2,6 +2,9 @@
 // runs under a CTest timeout. After an agreed error the layer still works on every rank.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <filesystem>
+
 #include "support.hpp"
 
 namespace moekit::test {
@@ -112,6 +115,60 @@ TEST(RowExchange, HierarchicalEqualsFlat) {
   b.pop_back();
   EXPECT_EQ(worst(a == expected ? 0.0 : 1.0), 0.0);
   EXPECT_EQ(worst(b == expected ? 0.0 : 1.0), 0.0);
+}
+
+TEST(ExpertParallelErrors, RanksAtDifferentStepsAreNamedNotLeftWaiting) {
+  Layer layer(config);
+  const Matrix<double> x = random_matrix<double>(3, 4, 5);
+  layer.forward(x);
+  // Rank 0 goes back through the forward; the others start another forward.
+  const auto message = error_of([&] {
+    if (world().rank() == 0)
+      layer.backward(x);
+    else
+      layer.forward(x);
+  });
+  EXPECT_TRUE(everyone_saw(message, "the ranks of a layer are at different steps (rank 0 in backward, rank 1 in forward"))
+      << message;
+}
+
+TEST(ExpertParallelErrors, ALoadThatFailsOnOneRankFailsOnEveryRankAndChangesNothing) {
+  namespace fs = std::filesystem;
+  Layer layer(config);
+  const auto path = fs::temp_directory_path() / ("moekit_mpi_load_" + std::to_string(world().rank()) + ".safetensors");
+  layer.save(path);
+  const int bad = world().size() - 1;
+  const std::vector<double> before(layer.parameters()[1].values().begin(), layer.parameters()[1].values().end());
+  const auto message = error_of([&] { layer.load(world().rank() == bad ? path.string() + ".missing" : path.string()); });
+  EXPECT_TRUE(everyone_saw(message, "rank " + std::to_string(bad) + " of " + std::to_string(world().size()) +
+                                        ": moekit::SafeTensors: '"))
+      << message;
+  EXPECT_EQ(worst(std::ranges::equal(before, layer.parameters()[1].values()) ? 0.0 : 1.0), 0.0);
+  fs::remove(path);
+}
+
+TEST(ExpertParallelErrors, RanksBuiltWithDifferentSeedsAreRefused) {
+  LayerConfig mine = config;
+  mine.seed = world().rank() == 1 ? 2 : 1;
+  const auto message = error_of([&] { Layer layer(mine); });
+  EXPECT_TRUE(everyone_saw(message, "moekit::ExpertParallel: after construction, rank 1 holds a router.weight "
+                                    "different from rank 0's"))
+      << message;
+}
+
+TEST(ExpertParallelErrors, ARankThatLoadsAnotherRanksSliceIsRefused) {
+  namespace fs = std::filesystem;
+  Layer layer(config);
+  const auto mine = fs::temp_directory_path() / ("moekit_mpi_slice_" + std::to_string(world().rank()) + ".safetensors");
+  layer.save(mine);
+  world().barrier();
+  const int other = (world().rank() + 1) % world().size();
+  const auto theirs = fs::temp_directory_path() / ("moekit_mpi_slice_" + std::to_string(other) + ".safetensors");
+  const auto message = error_of([&] { layer.load(theirs); });
+  EXPECT_TRUE(everyone_saw(message, "' holds the slice of experts [")) << message;
+  world().barrier();
+  layer.load(mine);  // its own slice loads
+  fs::remove(mine);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 // definition of each kind: the members every policy of the kind has, and the optional hooks
 // (named concepts) the layer calls where a policy has them. docs/policies/<kind>.md explains each.
 #include <concepts>
+#include <cstdint>
 #include <span>
 #include <string_view>
 #include <utility>
@@ -176,9 +177,19 @@ concept Parallel = DeclaresKind<P, parallel_kind> && Named<P> &&
                      { cp.local_experts(shape) } -> std::same_as<ExpertRange>;
                      { cp.local_ffn(shape) } -> std::same_as<ExpertRange>;  // this rank's F slice
                      { cp.batch() } -> std::convertible_to<const BatchGroup&>;
-                     cp.all_or_none([] {});  // runs checks; a failure anywhere fails everywhere
+                     cp.all_or_none("forward", [] {});  // runs a step's checks; a failure anywhere fails everywhere
                      cp.reduce_gradients(grads, grads);  // (replicated, expert) after backward
                    };
+
+/// A Parallel whose ranks hold copies of some parameters (the router's on every rank, an
+/// expert's on its expert-data-parallel ranks): after construction and after a load it checks,
+/// from each rank's hashes of its router and expert values, that the copies agree, so that a
+/// rank built with another seed or loaded from another rank's file is named, not trained on.
+template <class P>
+concept ParallelChecksReplicas =
+    Parallel<P> && requires(const P& cp, std::uint64_t router_hash, std::uint64_t expert_hash) {
+      cp.check_replicas(router_hash, expert_hash, std::string_view("load"));
+    };
 
 /// A Parallel that sends each row to the rank of its expert and back (moves_rows = true), as
 /// ExpertParallel does. The layer calls, in each forward and backward:

@@ -61,7 +61,7 @@ class BasicMoELayer {
     (set_policy(policies), ...);
     shape_ = {config.hidden, config.ffn, config.experts, top_k};
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
-    parallel_.all_or_none([&] {
+    parallel_.all_or_none("construction", [&] {
       require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
               "; expected at least 1");
       require(config.hidden >= 1, "moekit::MoELayer: hidden = ", config.hidden,
@@ -78,6 +78,7 @@ class BasicMoELayer {
 
     parameters_ = make_parameters();
     initialize(config.seed);
+    check_replicas("construction");  // over ranks: every rank drew the same values from its seed
   }
 
   // ---- data path ----------------------------------------------------------------------------
@@ -238,19 +239,30 @@ class BasicMoELayer {
   /// leaves the layer as it was. A tensor of the whole layer's
   /// shape gives this rank its slice, so a single-process checkpoint loads at any EP degree.
   void load(const std::filesystem::path& path) {
-    const auto file = io::SafeTensors::read(path);
-    parameters_.check(file, path);
-    if constexpr (SavesState<B, T>) {
-      const std::string name(B::saved_name);
-      if (file.contains(name)) {
-        const auto& info = file.info(name);
-        require(info.shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '", path.string(),
-                "' tensor '", name, "' is ", shape_string(info.shape), "; expected [", shape_.experts, "]");
-        require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
-                path.string(), "' tensor '", name, "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+    io::SafeTensors file;
+    parallel_.all_or_none("load", [&] {  // over ranks, every rank's file is checked before any changes
+      file = io::SafeTensors::read(path);
+      parameters_.check(file, path);
+      if constexpr (SavesState<B, T>) {
+        const std::string name(B::saved_name);
+        if (file.contains(name)) {
+          const auto& info = file.info(name);
+          require(info.shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '", path.string(),
+                  "' tensor '", name, "' is ", shape_string(info.shape), "; expected [", shape_.experts, "]");
+          require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
+                  path.string(), "' tensor '", name, "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+        }
       }
+    });
+    if constexpr (ParallelChecksReplicas<P>) {  // the copies must agree before any is changed
+      LayerParameters<T> loaded = parameters_;
+      loaded.read_from(file);
+      const auto [router, experts] = loaded.hashes();
+      parallel_.check_replicas(router, experts, "load");
+      parameters_ = std::move(loaded);
+    } else {
+      parameters_.read_from(file);
     }
-    parameters_.read_from(file);
     if constexpr (SavesState<B, T>) {
       if (file.contains(std::string(B::saved_name)))
         balancer_.restore(file.values<double>(std::string(B::saved_name)), balance_state_);
@@ -280,6 +292,15 @@ class BasicMoELayer {
     return LayerParameters<T>(std::move(local), std::move(whole), parallel_.local_experts(shape_),
                               parallel_.local_ffn(shape_));
   }
+
+  /// Over ranks, that the copies of replicated parameters agree (ParallelChecksReplicas).
+  void check_replicas(std::string_view step) const {
+    if constexpr (ParallelChecksReplicas<P>) {
+      const auto [router, experts] = parameters_.hashes();
+      parallel_.check_replicas(router, experts, step);
+    }
+  }
+
 
   // ---- the stages of forward and backward ---------------------------------------------------
 
@@ -401,7 +422,7 @@ class BasicMoELayer {
   }
 
   void check_forward(ConstMatrixRef<T> x, MatrixRef<T> y) const {
-    parallel_.all_or_none([&] {
+    parallel_.all_or_none("forward", [&] {
       validate_policies();
       check_matrix(x, "forward", "x", x.rows());
       require(y.rows() == x.rows() && y.cols() == shape_.hidden, "moekit::MoELayer::forward: y is [", y.rows(), ",",
@@ -410,7 +431,7 @@ class BasicMoELayer {
   }
 
   void check_backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) const {
-    parallel_.all_or_none([&] {
+    parallel_.all_or_none("backward", [&] {
       require(have_forward_,
               "moekit::MoELayer::backward: no forward to go back through (backward consumes "
               "the last forward's saved activations); expected a call of forward(x) first");

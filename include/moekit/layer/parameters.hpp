@@ -10,6 +10,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <moekit/core/error.hpp>
@@ -28,7 +29,7 @@ class LayerParameters {
   /// (any other), starting at `experts.first` and `ffn.first`.
   LayerParameters(std::vector<ParameterSpec> local, std::vector<std::vector<Index>> whole_shapes,
                   ExpertRange experts, ExpertRange ffn)
-      : whole_(std::move(whole_shapes)), first_expert_(experts.first), first_ffn_(ffn.first) {
+      : whole_(std::move(whole_shapes)), experts_(experts), ffn_(ffn) {
     for (auto& spec : local) {
       values_.emplace_back(spec.name, spec.shape);
       gradients_.emplace_back(std::move(spec.name), std::move(spec.shape));
@@ -48,6 +49,20 @@ class LayerParameters {
   Tensor<T>& router_gradient() { return gradients_.front(); }
   std::span<const Tensor<T>> expert_weights() const { return std::span<const Tensor<T>>(values_).subspan(1); }
   std::span<Tensor<T>> expert_gradients() { return std::span<Tensor<T>>(gradients_).subspan(1); }
+
+  /// A hash (FNV-1a) of the router's values, and of the expert's: ranks that hold the same
+  /// parameters give the same hashes.
+  std::pair<std::uint64_t, std::uint64_t> hashes() const {
+    auto hash = [](std::span<const Tensor<T>> tensors) {
+      std::uint64_t h = 1469598103934665603ull;
+      for (const auto& t : tensors) {
+        const auto* bytes = reinterpret_cast<const unsigned char*>(t.data());
+        for (std::size_t i = 0; i < t.values().size_bytes(); ++i) h = (h ^ bytes[i]) * 1099511628211ull;
+      }
+      return h;
+    };
+    return {hash(std::span<const Tensor<T>>(values_).first(1)), hash(expert_weights())};
+  }
 
   void zero_grad() {
     for (auto& g : gradients_) g.set_zero();
@@ -82,9 +97,14 @@ class LayerParameters {
     }
   }
 
-  /// Adds every value to `file` under its name, as this rank holds it.
+  /// Adds every value to `file` under its name, as this rank holds it; a rank that holds a slice
+  /// says which in the file's metadata, so that no other rank loads it as its own.
   void write_to(io::SafeTensors& file) const {
     for (const auto& p : values_) file.add(p.name(), p.shape(), p.values());
+    if (sliced()) {
+      file.metadata()["slice.experts"] = range_text(experts_);
+      file.metadata()["slice.ffn"] = range_text(ffn_);
+    }
   }
 
   /// Checks that `file` (read from `path`) holds every parameter, F32 or F64, in this rank's
@@ -100,7 +120,20 @@ class LayerParameters {
               whole_[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole_[i]) + " (the whole layer)");
       require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
               path.string(), "' tensor '", p.name(), "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+      if (info.shape == p.shape() && p.shape() != whole_[i]) {  // a slice: this rank's own?
+        const std::string experts = file.metadata("slice.experts", "none"), ffn = file.metadata("slice.ffn", "none");
+        require(experts == range_text(experts_) && ffn == range_text(ffn_), "moekit::MoELayer::load: '",
+                path.string(), "' holds the slice of experts ", experts, " and of F ", ffn, "; expected this rank's, ",
+                range_text(experts_), " and ", range_text(ffn_), " (or the whole layer's tensors)");
+      }
     }
+  }
+
+  /// Whether this rank holds a slice of the whole layer (over expert-parallel ranks) rather than all of it.
+  bool sliced() const {
+    for (std::size_t i = 0; i < values_.size(); ++i)
+      if (values_[i].shape() != whole_[i]) return true;
+    return false;
   }
 
   /// Sets every value from a file that passed check(): a whole-layer tensor gives this rank its slice.
@@ -124,6 +157,16 @@ class LayerParameters {
     fail("moekit::MoELayer: no parameter named '", name, "'; expected one of ", known);
   }
 
+  /// "[4,8)": the first and one past the last of a range, as slice metadata writes it.
+  static std::string range_text(ExpertRange r) {
+    std::string text = "[";  // appended, not "[" + …: GCC 12 warns falsely (-Wrestrict) on that
+    text += std::to_string(r.first);
+    text += ',';
+    text += std::to_string(r.first + r.count);
+    text += ')';
+    return text;
+  }
+
   static Index element_count(const std::vector<Index>& shape) {
     Index n = 1;
     for (Index d : shape) n *= d;
@@ -136,7 +179,7 @@ class LayerParameters {
     const auto& shape = values_[i].shape();
     std::vector<Index> first(shape.size(), 0);
     for (std::size_t d = 0; d < shape.size(); ++d)
-      if (shape[d] != whole_shape[d]) first[d] = d == 0 ? first_expert_ : first_ffn_;
+      if (shape[d] != whole_shape[d]) first[d] = d == 0 ? experts_.first : ffn_.first;
     auto values = values_[i].values();
     std::vector<Index> at(shape.size(), 0);
     for (std::size_t v = 0; v < values.size(); ++v) {
@@ -153,7 +196,7 @@ class LayerParameters {
   std::vector<Tensor<T>> values_;  // router.weight, then the expert's
   std::vector<Tensor<T>> gradients_;
   std::vector<std::vector<Index>> whole_;
-  Index first_expert_ = 0, first_ffn_ = 0;
+  ExpertRange experts_, ffn_;  // this rank's slice: its experts, and its part of F
 };
 
 }  // namespace moekit

@@ -1,5 +1,6 @@
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <exception>
 #include <memory>
@@ -43,6 +44,7 @@ struct ExpertParallel {
   struct Options {
     int ranks_per_node = 0;  // > 0: hierarchical all-to-all over nodes of this many EP ranks
     int chunks = 1;          // > 1: the exchange in chunks, overlapping the experts' compute
+    mpi::Timeout timeout = mpi::default_timeout;  // the longest a rank waits for the others in one step
   };
 
   /// This rank's groups in a Megatron-Core layout: the expert grid's ep, tp (ETP) and dp (EDP);
@@ -94,7 +96,9 @@ struct ExpertParallel {
     if (!have_groups_) groups_ = groups(mpi::Communicator());  // MPI_COMM_WORLD
     have_groups_ = true;
     const int ep = groups_.expert.size(), etp = groups_.expert_tensor.size();
-    mpi::all_or_none(groups_.layer, [&] {
+    require(options.timeout.count() > 0, "moekit::ExpertParallel: timeout = ", options.timeout.count(),
+            " ms; expected more than 0");
+    mpi::all_or_none(groups_.layer, "construction", options.timeout, [&] {
       require(shape.experts % ep == 0, "moekit::ExpertParallel: experts = ", shape.experts,
               " over ", ep, " expert-parallel ranks; expected a multiple of ", ep);
       require(shape.ffn % etp == 0, "moekit::ExpertParallel: ffn = ", shape.ffn, " over ", etp,
@@ -108,8 +112,10 @@ struct ExpertParallel {
     // Every rank must build the same layer: a mismatch would hang the first exchange.
     const Index mine[4] = {shape.hidden, shape.ffn, shape.experts, shape.top_k};
     std::vector<Index> all(4 * static_cast<std::size_t>(groups_.layer.size()));
-    mpi::detail::check(MPI_Allgather(mine, 4, MPI_INT64_T, all.data(), 4, MPI_INT64_T, groups_.layer),
-                       "MPI_Allgather");
+    MPI_Request request = MPI_REQUEST_NULL;
+    mpi::detail::check(MPI_Iallgather(mine, 4, MPI_INT64_T, all.data(), 4, MPI_INT64_T, groups_.layer, &request),
+                       "MPI_Iallgather");
+    mpi::detail::wait(request, options.timeout, "construction's comparison of the layer's shape");
     for (int r = 0; r < groups_.layer.size(); ++r) {
       const Index* theirs = all.data() + 4 * r;
       require(std::equal(mine, mine + 4, theirs), "moekit::ExpertParallel: rank ", r,
@@ -117,7 +123,7 @@ struct ExpertParallel {
               ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1], " E=", mine[2],
               " K=", mine[3], "; expected the same layer on every rank");
     }
-    mpi::all_or_none(groups_.layer, [&] {
+    mpi::all_or_none(groups_.layer, "construction", options.timeout, [&] {
       require(options.chunks >= 1 && (options.chunks == 1 || options.ranks_per_node == 0),
               "moekit::ExpertParallel: chunks = ", options.chunks, " with ranks_per_node = ",
               options.ranks_per_node, "; expected chunks >= 1, and 1 with a hierarchical exchange");
@@ -132,8 +138,8 @@ struct ExpertParallel {
     }
     if (options.chunks > 1 && !arena_)  // every core but this thread's, which drives MPI
       arena_ = std::make_shared<tbb::task_arena>(std::max(1, tbb::info::default_concurrency() - 1), 0);
-    batch_ = std::make_shared<mpi::Batch>(groups_.batch);
-    exchange_ = std::make_shared<mpi::RowExchange>(groups_.expert, options.ranks_per_node);
+    batch_ = std::make_shared<mpi::Batch>(groups_.batch, options.timeout);
+    exchange_ = std::make_shared<mpi::RowExchange>(groups_.expert, options.ranks_per_node, options.timeout);
     experts_ = shape.experts;
   }
 
@@ -149,10 +155,38 @@ struct ExpertParallel {
   const BatchGroup& batch() const { return *batch_; }
   const Groups& communicators() const { return groups_; }
 
-  /// Runs `local`; if it throws on any rank of the layer, every rank throws its message.
+  /// Runs `local` at the start of `step`; if it throws on any rank of the layer, every rank
+  /// throws its message, and if the ranks are at different steps, every rank throws naming them.
   template <class F>
-  void all_or_none(F&& local) const {
-    mpi::all_or_none(groups_.layer, std::forward<F>(local));
+  void all_or_none(std::string_view step, F&& local) const {
+    mpi::all_or_none(groups_.layer, step, options.timeout, std::forward<F>(local));
+  }
+
+  /// Every rank's hashes of its router and expert values, compared where they must agree: the
+  /// router over the whole layer, an expert's slice among the ranks that hold the same slice (the
+  /// expert-data-parallel group). Every rank sees every hash, so all throw alike.
+  void check_replicas(std::uint64_t router_hash, std::uint64_t expert_hash, std::string_view step) const {
+    const std::uint64_t mine[4] = {router_hash, expert_hash, std::uint64_t(groups_.expert.rank()),
+                                   std::uint64_t(groups_.expert_tensor.rank())};
+    const int size = groups_.layer.size();
+    std::vector<std::uint64_t> all(4 * static_cast<std::size_t>(size));
+    MPI_Request request = MPI_REQUEST_NULL;
+    mpi::detail::check(MPI_Iallgather(mine, 4, MPI_UINT64_T, all.data(), 4, MPI_UINT64_T, groups_.layer, &request),
+                       "MPI_Iallgather");
+    mpi::detail::wait(request, options.timeout, std::string(step) + "'s comparison of replicated parameters");
+    for (int r = 0; r < size; ++r) {
+      const std::uint64_t* theirs = &all[4 * static_cast<std::size_t>(r)];
+      require(theirs[0] == all[0], "moekit::ExpertParallel: after ", step, ", rank ", r,
+              " holds a router.weight different from rank 0's; expected the same on every rank of the layer "
+              "(build every rank with the same seed, and load files of the same layer)");
+      for (int q = 0; q < r; ++q) {
+        const std::uint64_t* other = &all[4 * static_cast<std::size_t>(q)];
+        require(!(other[2] == theirs[2] && other[3] == theirs[3]) || other[1] == theirs[1],
+                "moekit::ExpertParallel: after ", step, ", ranks ", q, " and ", r,
+                " hold the same experts' slice with different values; expected the same on every rank that "
+                "holds it (build every rank with the same seed, and load files of the same layer)");
+      }
+    }
   }
 
   /// Agrees the layout of the next exchanges from the rows this rank has for each expert
@@ -164,9 +198,11 @@ struct ExpertParallel {
     const auto local = local_count(), ranks = static_cast<std::size_t>(ep), d = chunk_count();
     sent_.assign(rows_per_expert.begin(), rows_per_expert.end());
     received_.resize(rows_per_expert.size());
-    mpi::detail::check(MPI_Alltoall(rows_per_expert.data(), static_cast<int>(local), MPI_INT64_T,
-                                    received_.data(), static_cast<int>(local), MPI_INT64_T, groups_.expert),
-                       "MPI_Alltoall");
+    MPI_Request request = MPI_REQUEST_NULL;
+    mpi::detail::check(MPI_Ialltoall(rows_per_expert.data(), static_cast<int>(local), MPI_INT64_T,
+                                     received_.data(), static_cast<int>(local), MPI_INT64_T, groups_.expert, &request),
+                       "MPI_Ialltoall");
+    mpi::detail::wait(request, options.timeout, "the routing of rows to the experts' ranks");
     send_rows_.assign(ranks, 0);
     recv_rows_.assign(ranks, 0);
     for (std::size_t q = 0; q < ranks; ++q)
@@ -227,7 +263,11 @@ struct ExpertParallel {
     std::atomic<std::size_t> computed{0};  // chunks run one at a time, so a count says which
     std::exception_ptr failure;
     std::size_t started = 0, posted = 0, returned = 0;
+    const auto deadline = std::chrono::steady_clock::now() + options.timeout;
     while (returned < d) {
+      // Past the deadline with no chunk computing (none holds this frame's references): give up.
+      if (started == computed.load(std::memory_order_acquire) && std::chrono::steady_clock::now() > deadline)
+        mpi::detail::timed_out(options.timeout, "the chunked exchange of rows");
       const std::size_t finished = computed.load(std::memory_order_acquire);
       for (; posted < finished; ++posted)  // a computed chunk goes home at once
         mpi::detail::check(MPI_Ialltoallw(expert_out.data(), ones_.data(), zeros_.data(), types.expert_side[posted].data(),
@@ -277,10 +317,7 @@ struct ExpertParallel {
     }
     const Chunks& types = chunk_types<T>(rows.cols());
     for (std::size_t c = 0; c < chunk_count(); ++c)
-      mpi::detail::check(MPI_Alltoallw(rows.data(), ones_.data(), zeros_.data(), types.plan_side[c].data(),
-                                       expert_rows.data(), ones_.data(), zeros_.data(), types.expert_side[c].data(),
-                                       groups_.expert),
-                         "MPI_Alltoallw");
+      alltoallw(rows.data(), types.plan_side[c], expert_rows.data(), types.expert_side[c]);
   }
 
   /// Blocking: the experts' rows → back into the plan's order; partial results summed over ETP.
@@ -295,10 +332,7 @@ struct ExpertParallel {
     } else {
       const Chunks& types = chunk_types<T>(rows.cols());
       for (std::size_t c = 0; c < chunk_count(); ++c)
-        mpi::detail::check(MPI_Alltoallw(expert_rows.data(), ones_.data(), zeros_.data(), types.expert_side[c].data(),
-                                         rows.data(), ones_.data(), zeros_.data(), types.plan_side[c].data(),
-                                         groups_.expert),
-                           "MPI_Alltoallw");
+        alltoallw(expert_rows.data(), types.expert_side[c], rows.data(), types.plan_side[c]);
     }
     sum_partials<T>(rows);
   }
@@ -313,10 +347,7 @@ struct ExpertParallel {
     auto reduce = [&](Tensor<T>& g, const mpi::Communicator& comm) {
       auto values = g.values();
       if (comm.size() > 1)
-        mpi::detail::check(MPI_Allreduce(MPI_IN_PLACE, values.data(),
-                                         mpi::detail::to_int(static_cast<Index>(values.size()), "gradient values"),
-                                         mpi::detail::scalar_type<T>(), MPI_SUM, comm),
-                           "MPI_Allreduce");
+        sum_in_place(values.data(), static_cast<Index>(values.size()), comm, "the reduction of gradients");
       for (T& v : values) v *= scale;
     };
     for (auto& g : replicated) reduce(g, groups_.batch);
@@ -340,9 +371,27 @@ struct ExpertParallel {
   template <Scalar T>
   void sum_partials(MatrixRef<T> rows) const {
     if (groups_.expert_tensor.size() > 1)
-      mpi::detail::check(MPI_Allreduce(MPI_IN_PLACE, rows.data(), mpi::detail::to_int(rows.size(), "values"),
-                                       mpi::detail::scalar_type<T>(), MPI_SUM, groups_.expert_tensor),
-                         "MPI_Allreduce");
+      sum_in_place(rows.data(), rows.size(), groups_.expert_tensor, "the sum of expert-tensor-parallel partials");
+  }
+
+  /// values[0, n) summed over comm, in place, waiting at most options.timeout.
+  template <Scalar T>
+  void sum_in_place(T* values, Index n, const mpi::Communicator& comm, std::string_view what) const {
+    MPI_Request request = MPI_REQUEST_NULL;
+    mpi::detail::check(MPI_Iallreduce(MPI_IN_PLACE, values, mpi::detail::to_int(n, "values"),
+                                      mpi::detail::scalar_type<T>(), MPI_SUM, comm, &request),
+                       "MPI_Iallreduce");
+    mpi::detail::wait(request, options.timeout, what);
+  }
+
+  /// One blocking all-to-all of rows between the plan and the experts' blocks, by datatypes.
+  void alltoallw(const void* send, const std::vector<MPI_Datatype>& send_types, void* recv,
+                 const std::vector<MPI_Datatype>& recv_types) {
+    MPI_Request request = MPI_REQUEST_NULL;
+    mpi::detail::check(MPI_Ialltoallw(send, ones_.data(), zeros_.data(), send_types.data(), recv, ones_.data(),
+                                      zeros_.data(), recv_types.data(), groups_.expert, &request),
+                       "MPI_Ialltoallw");
+    mpi::detail::wait(request, options.timeout, "the exchange of rows");
   }
 
   /// Source-major [q][l] ↔ expert-major [l][q] blocks of rows (hierarchical; one chunk).
@@ -456,5 +505,6 @@ struct ExpertParallel {
 };
 
 static_assert(RowMovingParallel<ExpertParallel>);
+static_assert(ParallelChecksReplicas<ExpertParallel>);
 
 }  // namespace moekit

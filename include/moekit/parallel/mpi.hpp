@@ -3,12 +3,15 @@
 // no variable-size all-to-all), agreement on errors, the batch group, and the all-to-all of rows
 // (flat, or hierarchical: inside a node first, then across nodes). docs/distributed.md
 #include <algorithm>
+#include <chrono>
 #include <climits>
 #include <cstring>
 #include <exception>
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -24,6 +27,13 @@ namespace moekit::mpi {
 
 using Communicator = boost::mpi::communicator;
 
+/// How long a rank waits in one collective for the other ranks of its group before it throws a
+/// moekit::error naming what it waited for: a rank that failed, exited or called another step
+/// would otherwise leave the others waiting for ever. ExpertParallel::Options::timeout sets it.
+/// After a timeout the collective is abandoned: end the job.
+using Timeout = std::chrono::milliseconds;
+inline constexpr Timeout default_timeout = std::chrono::minutes(10);
+
 namespace detail {
 
 /// Raw MPI calls return their errors (Boost.MPI sets MPI_ERRORS_RETURN): each one is checked.
@@ -33,6 +43,31 @@ inline void check(int code, const char* call) {
   int length = 0;
   MPI_Error_string(code, text, &length);
   moekit::fail("moekit: ", call, " failed: ", std::string(text, static_cast<std::size_t>(length)));
+}
+
+[[noreturn]] inline void timed_out(Timeout timeout, std::string_view what) {
+  moekit::fail("moekit: ", what, " waited ", std::chrono::duration<double>(timeout).count(),
+               " s for the other ranks of its group; expected every rank to reach the same step within "
+               "ExpertParallel::Options::timeout (a rank failed, exited, or called another step); the "
+               "collective is abandoned, end the job");
+}
+
+/// Waits for a non-blocking collective, testing it, until it completes or `timeout` passes, then
+/// throws naming `what`. The thread yields between tests, and after the first 100 µs sleeps a
+/// little: ranks that share a core (more ranks than cores) get it to make their own progress.
+inline void wait(MPI_Request& request, Timeout timeout, std::string_view what) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    int done = 0;
+    check(MPI_Test(&request, &done, MPI_STATUS_IGNORE), "MPI_Test");
+    if (done) return;
+    const auto waited = std::chrono::steady_clock::now() - start;
+    if (waited > timeout) timed_out(timeout, what);
+    if (waited < std::chrono::microseconds(100))
+      std::this_thread::yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
 }
 
 template <class T>
@@ -96,39 +131,66 @@ inline void counts_and_displacements(std::span<const Index> rows, std::vector<in
 
 }  // namespace detail
 
-/// Every rank of `comm` learns whether any failed. If one did, every rank throws the message of
-/// the lowest-numbered rank that failed, prefixed by that rank: no rank is left waiting in a
-/// collective the failed one never enters. `failure` is empty where this rank succeeded.
-inline void agree(const Communicator& comm, const std::string& failure) {
+/// Every rank of `comm` learns whether any failed, and whether all are at the same `step` (a
+/// name such as "forward"). If one failed, every rank throws the message of the lowest-numbered
+/// rank that failed, prefixed by that rank: no rank is left waiting in a collective the failed
+/// one never enters. If the ranks are at different steps, every rank throws naming them.
+/// `failure` is empty where this rank succeeded.
+inline void agree(const Communicator& comm, const std::string& failure, std::string_view step,
+                  Timeout timeout = default_timeout) {
   const int size = comm.size();
-  int mine = failure.empty() ? size : comm.rank(), first = size;
-  detail::check(MPI_Allreduce(&mine, &first, 1, MPI_INT, MPI_MIN, comm), "MPI_Allreduce");
-  if (first == size) return;
+  const int code = static_cast<int>(std::hash<std::string_view>{}(step) & 0x3FFFFFFF);
+  int mine[3] = {failure.empty() ? size : comm.rank(), code, -code}, least[3] = {0, 0, 0};
+  MPI_Request request = MPI_REQUEST_NULL;
+  detail::check(MPI_Iallreduce(mine, least, 3, MPI_INT, MPI_MIN, comm, &request), "MPI_Iallreduce");
+  detail::wait(request, timeout, std::string(step) + "'s agreement");
+  if (least[1] != -least[2]) {  // not every rank is at this step: say which ranks are where
+    constexpr int width = 32;
+    char name[width] = {};
+    std::memcpy(name, step.data(), std::min<std::size_t>(step.size(), width - 1));
+    std::vector<char> names(static_cast<std::size_t>(size) * width);
+    detail::check(MPI_Iallgather(name, width, MPI_CHAR, names.data(), width, MPI_CHAR, comm, &request),
+                  "MPI_Iallgather");
+    detail::wait(request, timeout, std::string(step) + "'s agreement");
+    std::string where;
+    for (int r = 0; r < size; ++r) {
+      where += r ? ", rank " : "rank ";
+      where += std::to_string(r);
+      where += " in ";
+      where += std::string_view(names.data() + r * width);
+    }
+    moekit::fail("moekit: the ranks of a layer are at different steps (", where,
+                 "); expected every rank to call the layer's steps in the same order");
+  }
+  if (least[0] == size) return;
+  const int first = least[0];
   std::string text = failure;
   int length = static_cast<int>(text.size());
-  detail::check(MPI_Bcast(&length, 1, MPI_INT, first, comm), "MPI_Bcast");
+  detail::check(MPI_Ibcast(&length, 1, MPI_INT, first, comm, &request), "MPI_Ibcast");
+  detail::wait(request, timeout, std::string(step) + "'s agreement");
   text.resize(static_cast<std::size_t>(length));
-  detail::check(MPI_Bcast(text.data(), length, MPI_CHAR, first, comm), "MPI_Bcast");
+  detail::check(MPI_Ibcast(text.data(), length, MPI_CHAR, first, comm, &request), "MPI_Ibcast");
+  detail::wait(request, timeout, std::string(step) + "'s agreement");
   throw error("rank " + std::to_string(first) + " of " + std::to_string(size) + ": " + text);
 }
 
 /// Runs `local` on this rank; if it throws here or on any other rank of `comm`, every rank
 /// throws (see agree).
 template <class F>
-void all_or_none(const Communicator& comm, F&& local) {
+void all_or_none(const Communicator& comm, std::string_view step, Timeout timeout, F&& local) {
   std::string failure;
   try {
     local();
   } catch (const std::exception& e) {
     failure = *e.what() ? e.what() : "an exception with no message";
   }
-  agree(comm, failure);
+  agree(comm, failure, step, timeout);
 }
 
 /// The batch group over a communicator: each of its ranks holds its own shard of the batch.
 class Batch final : public BatchGroup {
  public:
-  explicit Batch(Communicator comm) : comm_(std::move(comm)) {}
+  explicit Batch(Communicator comm, Timeout timeout = default_timeout) : comm_(std::move(comm)), timeout_(timeout) {}
 
   int size() const override { return comm_.size(); }
   int rank() const override { return comm_.rank(); }
@@ -136,8 +198,10 @@ class Batch final : public BatchGroup {
   void sum(std::span<double> values) const override {
     const int n = detail::to_int(static_cast<Index>(values.size()), "values to sum");
     scratch_.resize(values.size() * static_cast<std::size_t>(comm_.size()));
-    detail::check(MPI_Allgather(values.data(), n, MPI_DOUBLE, scratch_.data(), n, MPI_DOUBLE, comm_),
-                  "MPI_Allgather");
+    MPI_Request request = MPI_REQUEST_NULL;
+    detail::check(MPI_Iallgather(values.data(), n, MPI_DOUBLE, scratch_.data(), n, MPI_DOUBLE, comm_, &request),
+                  "MPI_Iallgather");
+    detail::wait(request, timeout_, "the batch group's sum");
     std::fill(values.begin(), values.end(), 0.0);
     for (int r = 0; r < comm_.size(); ++r)  // in rank order: the same bits on every rank
       for (std::size_t i = 0; i < values.size(); ++i)
@@ -148,7 +212,9 @@ class Batch final : public BatchGroup {
               std::vector<Index>& counts) const override {
     const int size = comm_.size(), n = detail::to_int(static_cast<Index>(mine.size()), "values to gather");
     sizes_.resize(static_cast<std::size_t>(size));
-    detail::check(MPI_Allgather(&n, 1, MPI_INT, sizes_.data(), 1, MPI_INT, comm_), "MPI_Allgather");
+    MPI_Request request = MPI_REQUEST_NULL;
+    detail::check(MPI_Iallgather(&n, 1, MPI_INT, sizes_.data(), 1, MPI_INT, comm_, &request), "MPI_Iallgather");
+    detail::wait(request, timeout_, "the batch group's gather");
     displacements_.resize(static_cast<std::size_t>(size));
     counts.resize(static_cast<std::size_t>(size));
     Index total = 0;
@@ -158,15 +224,17 @@ class Batch final : public BatchGroup {
       total += sizes_[r];
     }
     all.resize(static_cast<std::size_t>(total));
-    detail::check(MPI_Allgatherv(mine.data(), n, MPI_DOUBLE, all.data(), sizes_.data(),
-                                 displacements_.data(), MPI_DOUBLE, comm_),
-                  "MPI_Allgatherv");
+    detail::check(MPI_Iallgatherv(mine.data(), n, MPI_DOUBLE, all.data(), sizes_.data(), displacements_.data(),
+                                  MPI_DOUBLE, comm_, &request),
+                  "MPI_Iallgatherv");
+    detail::wait(request, timeout_, "the batch group's gather");
   }
 
   const Communicator& communicator() const { return comm_; }
 
  private:
   Communicator comm_;
+  Timeout timeout_;
   mutable std::vector<double> scratch_;
   mutable std::vector<int> sizes_, displacements_;
 };
@@ -181,7 +249,8 @@ class Batch final : public BatchGroup {
 /// flat exchange's, bit for bit.
 class RowExchange {
  public:
-  explicit RowExchange(Communicator comm, int ranks_per_node = 0) : comm_(std::move(comm)) {
+  explicit RowExchange(Communicator comm, int ranks_per_node = 0, Timeout timeout = default_timeout)
+      : comm_(std::move(comm)), timeout_(timeout) {
     const int size = comm_.size();
     moekit::require(ranks_per_node >= 0 && (ranks_per_node == 0 || size % ranks_per_node == 0),
                     "moekit::ExpertParallel: ranks_per_node = ", ranks_per_node, " with ",
@@ -210,9 +279,11 @@ class RowExchange {
     const std::size_t row_bytes = static_cast<std::size_t>(width) * sizeof(T);
     // M[s·W + p]: rows local rank s of this node sends to rank p.
     matrix_.resize(local * world);
-    detail::check(MPI_Allgather(send_rows.data(), static_cast<int>(world), MPI_INT64_T, matrix_.data(),
-                                static_cast<int>(world), MPI_INT64_T, node_),
-                  "MPI_Allgather");
+    MPI_Request request = MPI_REQUEST_NULL;
+    detail::check(MPI_Iallgather(send_rows.data(), static_cast<int>(world), MPI_INT64_T, matrix_.data(),
+                                 static_cast<int>(world), MPI_INT64_T, node_, &request),
+                  "MPI_Iallgather");
+    detail::wait(request, timeout_, "the exchange of rows");
     auto M = [&](std::size_t s, std::size_t p) { return matrix_[s * world + p]; };
     std::vector<Index> offset(world + 1, 0);
     for (std::size_t p = 0; p < world; ++p) offset[p + 1] = offset[p] + send_rows[p];
@@ -266,9 +337,11 @@ class RowExchange {
                  std::span<const Index> recv_rows, MPI_Datatype row) {
     detail::counts_and_displacements(send_rows, send_counts_, send_displacements_);
     detail::counts_and_displacements(recv_rows, recv_counts_, recv_displacements_);
-    detail::check(MPI_Alltoallv(send, send_counts_.data(), send_displacements_.data(), row, recv,
-                                recv_counts_.data(), recv_displacements_.data(), row, comm),
-                  "MPI_Alltoallv");
+    MPI_Request request = MPI_REQUEST_NULL;
+    detail::check(MPI_Ialltoallv(send, send_counts_.data(), send_displacements_.data(), row, recv,
+                                 recv_counts_.data(), recv_displacements_.data(), row, comm, &request),
+                  "MPI_Ialltoallv");
+    detail::wait(request, timeout_, "the exchange of rows");
   }
   static Index total(const std::vector<Index>& v) {
     Index n = 0;
@@ -277,6 +350,7 @@ class RowExchange {
   }
 
   Communicator comm_, node_, cross_;
+  Timeout timeout_;
   int local_size_ = 0;
   detail::RowType row_type_;
   std::vector<int> send_counts_, send_displacements_, recv_counts_, recv_displacements_;

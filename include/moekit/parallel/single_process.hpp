@@ -18,9 +18,9 @@ struct SingleProcess {
   ExpertRange local_ffn(const LayerShape& shape) const { return {0, shape.ffn}; }
   const BatchGroup& batch() const { return single_process_batch(); }
 
-  /// Nothing to agree with: runs the checks.
+  /// Nothing to agree with: runs the checks of `step`.
   template <class F>
-  void all_or_none(F&& local) const {
+  void all_or_none(std::string_view /*step*/, F&& local) const {
     local();
   }
 
