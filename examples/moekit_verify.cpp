@@ -24,7 +24,8 @@ template <int K, class Balancer>
 bool verify(const moekit::io::SafeTensors& file, const moekit::io::HfBlock& b, const std::string& path) {
   using Layer = moekit::MoELayer<moekit::TopK<K>, Balancer, moekit::Dropless, moekit::GroupedGemm, double>;
   Layer layer({.hidden = b.hidden, .ffn = b.ffn, .experts = b.experts},
-              moekit::TopK<K>{{.score = b.score, .normalize = b.normalize, .scale = b.scale}});
+              moekit::TopK<K>{{.score = b.score, .normalize = b.normalize, .scale = b.scale, .groups = b.groups,
+                               .groups_kept = b.groups_kept, .group_score = b.group_rule()}});
   layer.load(path);
   const moekit::Matrix<double> y = layer.forward(b.activations<double>(file, "x"));
   const moekit::Matrix<double> dx = layer.backward(b.activations<double>(file, "dy"));

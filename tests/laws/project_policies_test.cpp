@@ -1,5 +1,7 @@
 // Every policy the project ships, with the options that change its behaviour, through the law
 // suites of its kind. A new policy is one line in one of these lists.
+#include <array>
+
 #include <moekit/moekit.hpp>
 
 #include "balancer_laws.hpp"
@@ -21,6 +23,18 @@ struct DeepSeekTopK {  // sigmoid, normalised, scaled
 struct SigmoidSwitch {
   static constexpr std::string_view label = "SigmoidSwitch";
   static TopK<1> make() { return {{.score = ScoreFn::sigmoid}}; }
+};
+struct DeepSeekV3Groups {  // sigmoid, 4 groups scored by their top two, 2 kept, normalised, × 2.5
+  static constexpr std::string_view label = "DeepSeekV3Groups";
+  static constexpr std::array<Index, 2> experts{16, 32};
+  static TopK<4> make() {
+    return {{.score = ScoreFn::sigmoid, .normalize = true, .scale = 2.5, .groups = 4, .groups_kept = 2}};
+  }
+};
+struct DeepSeekV2Groups {  // softmax, 4 groups scored by their best, 3 kept
+  static constexpr std::string_view label = "DeepSeekV2Groups";
+  static constexpr std::array<Index, 2> experts{8, 24};
+  static TopK<3> make() { return {{.normalize = false, .groups = 4, .groups_kept = 3, .group_score = GroupScore::max}}; }
 };
 struct InactiveSinkhorn {
   static constexpr std::string_view label = "InactiveSinkhorn";
@@ -47,7 +61,8 @@ struct SmallTiles {  // every block cut into several tiles
   static GroupedGemm make() { return {{.row_tile = 2, .column_tile = 3}}; }
 };
 
-using Routers = ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch>;
+using Routers =
+    ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
 using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, InactiveSinkhorn, NoBalance>;

@@ -4,9 +4,12 @@
 //   using MyRouters = ::testing::Types<MyRouter, MyRouterWithOptions>;
 //   INSTANTIATE_TYPED_TEST_SUITE_P(Mine, RouterLaws, MyRouters, moekit::laws::CaseName);
 //
-// A case is the router type (default-constructed) or a struct whose static make() returns one.
+// A case is the router type (default-constructed) or a struct whose static make() returns one;
+// a case whose router needs particular expert counts (groups that divide them) lists them in
+// `static constexpr std::array experts{…}`.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <set>
 #include <vector>
@@ -30,6 +33,14 @@ class RouterLaws : public ::testing::Test {
 
   LayerShape shape(Index experts) const { return {.hidden = 4, .ffn = 4, .experts = experts, .top_k = K}; }
 
+  /// The expert counts the laws run at: the case's own, or K, K + 3 and 2K + 5.
+  static std::vector<Index> expert_counts() {
+    if constexpr (requires { Case::experts; })
+      return std::vector<Index>(Case::experts.begin(), Case::experts.end());
+    else
+      return {Index{K}, Index{K + 3}, Index{2 * K + 5}};
+  }
+
   /// score then select, picking on the scores themselves. logits [T,E] → scores, in place.
   Routing<double> route(Matrix<double>& logits_then_scores) const {
     router.score(MatrixRef<double>(logits_then_scores));
@@ -44,7 +55,7 @@ TYPED_TEST_SUITE_P(RouterLaws);
 // K distinct experts of [0, E) per token, finite weights, on random logits, ties and huge logits.
 TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
   constexpr int K = TestFixture::K;
-  for (const Index experts : {Index{K}, Index{K + 3}, Index{2 * K + 5}}) {
+  for (const Index experts : TestFixture::expert_counts()) {
     this->router.validate(this->shape(experts));
     for (const Index tokens : {0, 1, 37, 300}) {
       Matrix<double> scores = test::random_matrix(tokens, experts, static_cast<unsigned>(tokens + experts), 2.0);
@@ -77,7 +88,7 @@ TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
 // held (random logits leave no choice within the step of a tie).
 TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
   constexpr int K = TestFixture::K;
-  const Index tokens = 6, experts = K + 3;
+  const Index tokens = 6, experts = TestFixture::expert_counts()[1 % TestFixture::expert_counts().size()];
   Matrix<double> logits = test::random_matrix(tokens, experts, 5, 2.0);
   const Matrix<double> g = test::random_matrix(tokens, K, 6);
   auto loss = [&] {
@@ -100,7 +111,7 @@ TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
 // The same choices, weights and gradient, bit for bit, on one thread and on four.
 TYPED_TEST_P(RouterLaws, SameBitsOnAnyThreadCount) {
   constexpr int K = TestFixture::K;
-  const Index tokens = 1000, experts = 2 * K + 5;
+  const Index tokens = 1000, experts = TestFixture::expert_counts().back();
   const Matrix<double> logits = test::random_matrix(tokens, experts, 7, 2.0);
   const Matrix<double> g = test::random_matrix(tokens, K, 8);
   auto run = [&] {
@@ -123,7 +134,7 @@ TYPED_TEST_P(RouterLaws, RefusesMoreChoicesThanExperts) {
   if constexpr (K > 1) {
     EXPECT_THROW(this->router.validate(this->shape(K - 1)), error);
   }
-  EXPECT_NO_THROW(this->router.validate(this->shape(K)));
+  EXPECT_NO_THROW(this->router.validate(this->shape(TestFixture::expert_counts().front())));
 }
 
 REGISTER_TYPED_TEST_SUITE_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights, BackwardMatchesCentralDifferences,

@@ -60,15 +60,55 @@ TEST(HfFixture, ActivationsMustMatchTheMetadata) {
   }
 }
 
-TEST(HfFixture, OtherFamiliesNameWhatIsMissing) {
+TEST(HfFixture, OtherFamiliesNameWhatIsMissingByKeyAndValue) {
   const auto qwen = io::HfBlock::from(io::SafeTensors::read(fixtures / "qwen2_moe.safetensors"));
   ASSERT_EQ(qwen.unsupported().size(), 1u);
-  EXPECT_NE(qwen.unsupported()[0].find("shared expert"), std::string::npos);
+  EXPECT_EQ(qwen.unsupported()[0],
+            "shared_expert = 'swiglu, scaled by sigmoid(x . shared.gate_proj_weight)' (a shared expert)");
   const auto deepseek = io::HfBlock::from(io::SafeTensors::read(fixtures / "deepseek_v3.safetensors"));
-  EXPECT_EQ(deepseek.unsupported().size(), 2u);  // shared expert, group-limited top-k
-  EXPECT_TRUE(deepseek.selection_bias);           // supported: AuxFree's router.bias
+  ASSERT_EQ(deepseek.unsupported().size(), 1u);  // the shared expert; its group-limited top-k is supported
+  EXPECT_EQ(deepseek.unsupported()[0], "shared_expert = 'swiglu, unscaled' (a shared expert)");
+  EXPECT_TRUE(deepseek.selection_bias);  // supported: AuxFree's router.bias
   EXPECT_EQ(deepseek.score, ScoreFn::sigmoid);
   EXPECT_DOUBLE_EQ(deepseek.scale, 2.5);
+  io::HfBlock odd = deepseek;
+  odd.group_score = "mean score in group";
+  EXPECT_EQ(odd.unsupported().back(), "group_score = 'mean score in group'");
+}
+
+// DeepSeek-V3's routing, as transformers computes it: sigmoid scores, the selection biased by
+// router.bias (AuxFree's state), 4 groups scored by their top-2 sum, 2 kept, top-4 inside them,
+// weights from the unbiased scores, normalised, × 2.5. The block's output also has a shared
+// expert, so the routing is what is compared here.
+TEST(HfFixture, DeepSeekV3RoutingReproduced) {
+  const auto path = fixtures / "deepseek_v3.safetensors";
+  const auto file = io::SafeTensors::read(path);
+  const auto block = io::HfBlock::from(file);
+  ASSERT_EQ(block.top_k, 4);
+  ASSERT_EQ(block.groups, 4);
+  ASSERT_EQ(block.groups_kept, 2);
+  MoELayer<TopK<4>, AuxFree, double> layer(
+      {.hidden = block.hidden, .ffn = block.ffn, .experts = block.experts},
+      TopK<4>{{.score = block.score, .normalize = block.normalize, .scale = block.scale, .groups = block.groups,
+               .groups_kept = block.groups_kept, .group_score = block.group_rule()}});
+  layer.load(path);
+  layer.forward(block.activations<double>(file, "x"));
+  const auto index = file.integers("topk.index");
+  const auto weight = file.values<double>("topk.weight");
+  const auto& routing = layer.routing();
+  ASSERT_EQ(index.size(), routing.index.size());
+  for (Index t = 0; t < block.tokens; ++t)  // transformers' top-k is unsorted: match by expert
+    for (int k = 0; k < 4; ++k) {
+      const auto c = static_cast<std::size_t>(t * 4 + k);
+      bool found = false;
+      for (int j = 0; j < 4; ++j) {
+        const auto d = static_cast<std::size_t>(t * 4 + j);
+        if (routing.index[d] != index[c]) continue;
+        found = true;
+        EXPECT_NEAR(routing.weight[d], weight[c], 1e-6 * 2.5) << "token " << t << ", expert " << index[c];
+      }
+      EXPECT_TRUE(found) << "token " << t << ": expert " << index[c] << " not chosen";
+    }
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include <moekit/core/routing.hpp>
+#include <moekit/router/top_k.hpp>
 #include <moekit/io/safetensors.hpp>
 
 namespace moekit::io {
@@ -23,8 +24,13 @@ struct HfBlock {
   bool normalize = false;
   double scale = 1.0;
   std::string shared_expert = "none";
-  int groups = 1;
+  int groups = 1, groups_kept = 1;  // n_group, topk_group: group-limited top-k
+  std::string group_score = "sum of top-2 biased scores in group";
   bool selection_bias = false;  // router.bias: AuxFree's bias, loaded with the layer
+
+  /// The group scores moekit implements, by the metadata's words (TopK's GroupScore).
+  static constexpr std::string_view top2_sum_words = "sum of top-2 biased scores in group",
+                                    max_words = "max score in group";
 
   static HfBlock from(const SafeTensors& file) {
     auto number = [&](const std::string& key) {
@@ -47,7 +53,9 @@ struct HfBlock {
     b.normalize = file.metadata("normalize_topk", "false") == "true";
     b.scale = std::stod(file.metadata("routed_scaling_factor", "1"));
     b.shared_expert = file.metadata("shared_expert", "none");
-    b.groups = std::stoi(file.metadata("n_group", "1"));
+    b.groups = static_cast<int>(std::stoll(file.metadata("n_group", "1")));
+    b.groups_kept = static_cast<int>(std::stoll(file.metadata("topk_group", "1")));
+    b.group_score = file.metadata("group_score", std::string(top2_sum_words));
     b.selection_bias = file.contains("router.bias");
     return b;
   }
@@ -63,11 +71,16 @@ struct HfBlock {
     return ConstMatrixMap<T>(values.data(), tokens, hidden);
   }
 
-  /// What this block needs that moekit does not have yet; empty when it can be built.
+  /// TopK's group options for this block (group-limited top-k when groups > 1).
+  GroupScore group_rule() const { return group_score == max_words ? GroupScore::max : GroupScore::top2_sum; }
+
+  /// What this block needs that moekit does not have yet, each named by its metadata key and
+  /// value; empty when it can be built.
   std::vector<std::string> unsupported() const {
     std::vector<std::string> missing;
-    if (shared_expert != "none") missing.push_back("a shared expert (" + shared_expert + ")");
-    if (groups > 1) missing.push_back("group-limited top-k (" + std::to_string(groups) + " groups)");
+    if (shared_expert != "none") missing.push_back("shared_expert = '" + shared_expert + "' (a shared expert)");
+    if (groups > 1 && group_score != top2_sum_words && group_score != max_words)
+      missing.push_back("group_score = '" + group_score + "'");
     return missing;
   }
 };

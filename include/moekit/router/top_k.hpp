@@ -11,11 +11,24 @@
 
 namespace moekit {
 
+/// How a group of experts is scored for group-limited routing.
+enum class GroupScore {
+  top2_sum,  // the sum of its two best selection scores (DeepSeek-V3, topk_method "noaux_tc")
+  max,       // its best selection score (DeepSeek-V2, "group_limited_greedy")
+};
+
 /// Score all E experts (softmax or sigmoid) and keep the K best per token. docs/policies/router.md#topk
 ///
 /// weight_k = scale · s_k / (Σ_j s_j + 1e-20) with normalize, else scale · s_k, where s_k is the
 /// score of the k-th chosen expert. Softmax with normalize equals a softmax over the K chosen
 /// logits (Mixtral); softmax without it is Qwen2-MoE and Switch; sigmoid with it is DeepSeek-V3.
+///
+/// Group-limited (groups > 1, DeepSeek-V2/V3): the E experts form `groups` equal groups of
+/// consecutive experts; each group is scored from the selection scores (GroupScore), the
+/// `groups_kept` best groups are kept, and the K experts are the best of the masked selection
+/// scores — a kept group's expert by its selection score, any other by 0, as transformers masks
+/// them — so that with positive scores every choice lies in a kept group. Ties go to the lower
+/// index. The weights still come from the plain scores, as above.
 template <int K>
 struct TopK {
   static_assert(K >= 1, "moekit::TopK<K>: K must be at least 1 (TopK<1> is Switch routing)");
@@ -28,7 +41,11 @@ struct TopK {
     ScoreFn score = ScoreFn::softmax;
     bool normalize = K > 1;  // Mixtral, DeepSeek-V3: true; Qwen2-MoE, Switch: false
     double scale = 1.0;      // DeepSeek-V3: 2.5
+    int groups = 1;          // DeepSeek n_group: experts in this many equal groups; 1: no groups
+    int groups_kept = 1;     // DeepSeek topk_group: the groups a token's experts come from
+    GroupScore group_score = GroupScore::top2_sum;  // DeepSeek-V3's; max is DeepSeek-V2's
   };
+  static constexpr int max_groups = 64;
   Options options{};
 
   void validate(const LayerShape& shape) const {
@@ -39,6 +56,16 @@ struct TopK {
             "router would get no gradient; set normalize = false (Switch routing)");
     require(std::isfinite(options.scale) && options.scale > 0,
             "moekit::TopK: scale = ", options.scale, "; expected a finite number > 0");
+    if (options.groups == 1) return;
+    const Index groups = options.groups, kept = options.groups_kept;
+    require(groups >= 1 && groups <= max_groups && shape.experts % groups == 0, "moekit::TopK: groups = ", groups,
+            " with ", shape.experts, " experts; expected a divisor of the experts, at most ", max_groups);
+    const Index size = shape.experts / groups;
+    require(kept >= 1 && kept <= groups && K <= kept * size, "moekit::TopK: groups_kept = ", kept, " of ", groups,
+            " groups of ", size, " experts; expected 1 <= groups_kept <= groups and K = ", K,
+            " <= groups_kept × experts per group");
+    require(options.group_score != GroupScore::top2_sum || size >= 2, "moekit::TopK: group_score = top2_sum with ",
+            size, " expert per group; expected at least 2 (or group_score = max)");
   }
 
   ScoreFn score_function() const { return options.score; }
@@ -66,13 +93,35 @@ struct TopK {
     for_each_token(tokens, [&](Index t) {
       Index* index = &out.index[static_cast<std::size_t>(t * K)];
       T* weight = &out.weight[static_cast<std::size_t>(t * K)];
-      detail::top_k_indices(selection.row(t).data(), experts, K, index);
+      if (options.groups == 1)
+        detail::top_k_indices(selection.row(t).data(), experts, K, index);
+      else
+        select_in_groups(selection.row(t).data(), experts, index);
       T sum = 0;
       for (int k = 0; k < K; ++k) sum += weight[k] = scores(t, index[k]);
       const T factor = options.normalize ? T(options.scale) / (sum + T(normalize_epsilon))
                                          : T(options.scale);
       for (int k = 0; k < K; ++k) weight[k] *= factor;
     });
+  }
+
+  /// The K experts of one token's selection row under group-limited routing (see above).
+  template <Scalar T>
+  void select_in_groups(const T* selection, Index experts, Index* index) const {
+    const Index size = experts / options.groups;
+    T group_value[max_groups];
+    for (Index g = 0; g < options.groups; ++g) {
+      const T* group = selection + g * size;
+      Index best[2];
+      const int take = options.group_score == GroupScore::top2_sum ? 2 : 1;
+      detail::top_k_indices(group, size, take, best);
+      group_value[g] = take == 2 ? group[best[0]] + group[best[1]] : group[best[0]];
+    }
+    Index kept_groups[max_groups];
+    detail::top_k_indices(group_value, Index{options.groups}, options.groups_kept, kept_groups);
+    bool kept[max_groups] = {};
+    for (int g = 0; g < options.groups_kept; ++g) kept[kept_groups[g]] = true;
+    detail::top_k_by(experts, K, [&](Index e) { return kept[e / size] ? selection[e] : T(0); }, index);
   }
 
   /// d(loss)/d(weight) → d(loss)/d(logits), overwriting d_logits. Only the weights carry
