@@ -236,8 +236,8 @@ class BasicMoELayer {
 
   /// Reads every parameter by name from a safetensors file (F32 or F64; other tensors in the
   /// file are ignored). Everything is checked before anything is changed: a load that fails
-  /// leaves the layer as it was. A tensor of the whole layer's
-  /// shape gives this rank its slice, so a single-process checkpoint loads at any EP degree.
+  /// leaves the layer as it was. A tensor of the whole layer's shape gives this rank its slice,
+  /// so a single-process checkpoint loads at any EP degree. Over ranks, every rank loads.
   void load(const std::filesystem::path& path) {
     io::SafeTensors file;
     parallel_.all_or_none("load", [&] {  // over ranks, every rank's file is checked before any changes
