@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <numeric>
 #include <random>
 #include <set>
 
@@ -167,6 +168,37 @@ Routing<double> grouped_by_hand(const Matrix<double>& selection, const Matrix<do
     for (int j = 0; j < k; ++j) out.weight[static_cast<std::size_t>(t * k + j)] *= normalize ? scale / (sum + 1e-20) : scale;
   }
   return out;
+}
+
+// Qwen3-MoE and OLMoE route as transformers' Qwen2MoeTopKRouter does: softmax over all E, the
+// top-k, divided by their sum when norm_topk_prob (Qwen3-MoE: true; OLMoE: false). TopK with
+// normalize = norm_topk_prob is that rule (its 1e-20 guard aside, below rounding).
+TEST(TopK, Qwen3MoeAndOlmoeRoutingIsTopKWithTheirNormalisation) {
+  const Matrix<double> logits = random_logits(30, 64, 21);
+  for (const bool norm_topk_prob : {true, false}) {  // Qwen3-MoE, OLMoE (each 8 of 64 experts)
+    const TopK<8> router{{.normalize = norm_topk_prob}};
+    const auto routing = route(router, logits);
+    for (Index t = 0; t < 30; ++t) {
+      std::vector<double> p(64);
+      const double m = logits.row(t).maxCoeff();
+      double z = 0;
+      for (Index e = 0; e < 64; ++e) z += p[static_cast<std::size_t>(e)] = std::exp(logits(t, e) - m);
+      for (double& v : p) v /= z;
+      std::vector<Index> order(64);
+      std::iota(order.begin(), order.end(), 0);
+      std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) {
+        return p[static_cast<std::size_t>(a)] > p[static_cast<std::size_t>(b)];
+      });
+      double sum = 0;
+      for (int k = 0; k < 8; ++k) sum += p[static_cast<std::size_t>(order[static_cast<std::size_t>(k)])];
+      for (int k = 0; k < 8; ++k) {
+        const auto c = static_cast<std::size_t>(t * 8 + k);
+        const double expected = p[static_cast<std::size_t>(order[static_cast<std::size_t>(k)])] / (norm_topk_prob ? sum : 1.0);
+        EXPECT_EQ(routing.index[c], order[static_cast<std::size_t>(k)]);
+        EXPECT_NEAR(routing.weight[c], expected, 1e-15);
+      }
+    }
+  }
 }
 
 TEST(TopK, GroupLimitedRoutingFollowsItsRule) {
