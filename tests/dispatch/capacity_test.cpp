@@ -4,8 +4,9 @@
 
 #include <algorithm>
 #include <array>
-#include <numeric>
 #include <random>
+#include <utility>
+#include <vector>
 
 #include <moekit/dispatch/capacity.hpp>
 
@@ -78,12 +79,13 @@ TEST(Capacity, PlansHoldTheirLawsOverRandomRoutings) {
     r.resize(tokens, k);
     std::uniform_real_distribution<double> w(0, 1);
     for (Index t = 0; t < tokens; ++t) {
-      std::vector<Index> all(static_cast<std::size_t>(experts));
-      std::iota(all.begin(), all.end(), 0);
-      // Skewed: low experts far more often, so drops happen.
-      std::stable_sort(all.begin(), all.end(), [&](Index a, Index b) { return a * w(rng) < b * w(rng); });
+      // Skewed: low experts far more often, so drops happen. One key per expert, drawn first: a
+      // comparator must give the same answer each time it is asked.
+      std::vector<std::pair<double, Index>> order;
+      for (Index e = 0; e < experts; ++e) order.emplace_back(double(e) * w(rng), e);
+      std::sort(order.begin(), order.end());
       for (int j = 0; j < k; ++j) {
-        r.index[static_cast<std::size_t>(t * k + j)] = all[static_cast<std::size_t>(j)];
+        r.index[static_cast<std::size_t>(t * k + j)] = order[static_cast<std::size_t>(j)].second;
         r.weight[static_cast<std::size_t>(t * k + j)] = w(rng);
       }
     }
