@@ -24,7 +24,7 @@
 // For writing a policy: the concepts (core/concepts.hpp), moekit::require and moekit::fail
 // (core/error.hpp), the loops over tokens (core/token_loops.hpp).
 // Not included here: ExpertParallel and the process grid (<moekit/distributed.hpp>), and the
-// reader of Hugging Face fixture files that moekit-verify and the tests use (io/hf_fixture.hpp).
+// reader of Hugging Face fixture files that moekit-verify and the tests use (io/hf_block.hpp).
 #include <moekit/balance/aux_free.hpp>
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/no_balance.hpp>
@@ -41,6 +41,7 @@
 #include <moekit/expert/activation.hpp>
 #include <moekit/expert/grouped_gemm.hpp>
 #include <moekit/expert/per_expert_loop.hpp>
+#include <moekit/expert/shared.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/moe_layer.hpp>
 #include <moekit/layer/routing_stats.hpp>

@@ -12,7 +12,7 @@
 
 #include <moekit/expert/grouped_gemm.hpp>
 #include <moekit/expert/per_expert_loop.hpp>
-#include <moekit/io/hf_fixture.hpp>
+#include <moekit/io/hf_block.hpp>
 
 namespace moekit::test {
 namespace {

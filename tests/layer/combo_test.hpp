@@ -6,7 +6,7 @@
 
 #include <vector>
 
-#include <moekit/io/hf_fixture.hpp>
+#include <moekit/io/hf_block.hpp>
 #include <moekit/moekit.hpp>
 
 #include "../support/combos.hpp"

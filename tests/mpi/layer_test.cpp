@@ -43,7 +43,7 @@ const std::vector<Layout>& layouts() {
 template <class Layer>
 using OneProcess = BasicMoELayer<typename Layer::scalar_type, typename Layer::router_type,
                                  typename Layer::balancer_type, typename Layer::dispatcher_type,
-                                 typename Layer::expert_type, SingleProcess>;
+                                 typename Layer::expert_type, SingleProcess, typename Layer::shared_expert_type>;
 
 /// Builds the layer over `layout` and in one process from the same config and policies, runs
 /// two training steps on the same batch (split by batch rank into `tokens` rows each), and
@@ -144,6 +144,20 @@ TEST(ExpertParallel, AuxLossCapacityPaddedTutelFactor) {
 TEST(ExpertParallel, EmptyRanksAndIdleExperts) {
   for_both_scalars<TopK<2>, AuxLoss, Dropless, GroupedGemm>({0, 1, 0, 0});
   for_both_scalars<TopK<2>, AuxFree, Capacity, GroupedGemm>({1, 0, 0, 2}, Capacity{{.capacity_factor = 1.0}});
+}
+
+// Shared experts (DeepSeek's, and Qwen2-MoE's gated one): every rank holds one whole, runs it on
+// its own tokens, and its gradients are reduced as the router's.
+TEST(ExpertParallel, SharedExpertsReplicatedAndReduced) {
+  LayerConfig config = small;
+  config.shared_ffn = 5;
+  for (const auto& layout : layouts()) {
+    expect_same_as_one_process<MoELayer<TopK<2>, AuxFree, Dropless, GroupedGemm, Shared<>, ExpertParallel, double>>(
+        layout, config, {5, 7, 4, 6}, TopK<2>{{.score = ScoreFn::sigmoid, .normalize = true}});
+    expect_same_as_one_process<
+        MoELayer<TopK<2>, AuxLoss, Dropless, GroupedGemm, Shared<SharedGate::sigmoid>, ExpertParallel, float>>(
+        layout, config, {6, 0, 3, 5});
+  }
 }
 
 }  // namespace

@@ -112,7 +112,8 @@ struct twin_expert<PerExpertLoopType<A>> {
 template <class Layer, class T = typename Layer::scalar_type,
           class X = typename Layer::expert_type>
 using rebind = BasicMoELayer<T, typename Layer::router_type, typename Layer::balancer_type,
-                             typename Layer::dispatcher_type, X, typename Layer::parallel_type>;
+                             typename Layer::dispatcher_type, X, typename Layer::parallel_type,
+                             typename Layer::shared_expert_type>;
 
 /// Copies every parameter across scalar types.
 template <class To, class From>

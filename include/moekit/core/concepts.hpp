@@ -1,5 +1,5 @@
 #pragma once
-// The five policy kinds. A policy first declares its kind (`using policy_kind = router_kind;`),
+// The six policy kinds. A policy first declares its kind (`using policy_kind = router_kind;`),
 // then models that kind's concept below: the members the layer calls. This file is the complete
 // definition of each kind: the members every policy of the kind has, and the optional hooks
 // (named concepts) the layer calls where a policy has them. docs/policies/<kind>.md explains each.
@@ -41,16 +41,19 @@ struct expert_kind {
 struct parallel_kind {
   static constexpr std::string_view name = "Parallel";
 };
+struct shared_expert_kind {
+  static constexpr std::string_view name = "SharedExpert";
+};
 
 template <class P, class Kind>
 concept DeclaresKind = requires { typename P::policy_kind; } &&
                        std::same_as<typename P::policy_kind, Kind>;
 
-/// A type that declares one of the five kinds.
+/// A type that declares one of the six kinds.
 template <class P>
 concept Policy = DeclaresKind<P, router_kind> || DeclaresKind<P, balancer_kind> ||
                  DeclaresKind<P, dispatcher_kind> || DeclaresKind<P, expert_kind> ||
-                 DeclaresKind<P, parallel_kind>;
+                 DeclaresKind<P, parallel_kind> || DeclaresKind<P, shared_expert_kind>;
 
 template <class P>
 concept Named = requires {
@@ -165,6 +168,26 @@ concept Expert =
       // d_out [S,H]; the rows forward had, overwritten with d_rows; adds the weights' gradients
       p.backward(weights, rows_then_d_rows, offsets, saved, d_out, grads, workspace);
     };
+
+/// An always-on expert beside the routed ones (or none: `present = false`, no other member
+/// needed but its parameters, none, and validate). docs/policies/expert.md#shared-experts
+template <class P>
+concept SharedExpert =
+    DeclaresKind<P, shared_expert_kind> && Named<P> &&
+    requires(const P& p, const LayerShape& shape) {
+      { P::present } -> std::convertible_to<bool>;
+      { P::parameters(shape) } -> std::same_as<std::vector<ParameterSpec>>;
+      p.validate(shape);
+    } &&
+    (!P::present ||
+     requires(const P& p, std::span<const Tensor<double>> weights, std::span<Tensor<double>> grads,
+              ConstMatrixRef<double> x, MatrixRef<double> y, typename P::template Saved<double>& saved,
+              Workspace<double>& workspace) {
+       p.forward(weights, x, y, saved, workspace);  // y += the shared expert's output    [T,H]
+       // dy → its d_x [T,H]; adds its parameters' gradients into grads
+       { p.backward(weights, x, ConstMatrixRef<double>(y), saved, grads, workspace) }
+           -> std::convertible_to<ConstMatrixRef<double>>;
+     });
 
 /// Where experts live and how rows travel to them. docs/policies/parallel.md
 /// A policy with `moves_rows = true` must also model RowMovingParallel.

@@ -18,6 +18,7 @@ struct LayerShape {
   Index ffn = 0;      // F: hidden width of one expert
   Index experts = 0;  // E
   int top_k = 0;      // K: experts per token
+  Index shared_ffn = 0;  // F_s: hidden width of the shared expert (0: none)
 };
 
 /// Sizes and run-time settings of a layer; the policies carry their own options.
@@ -25,6 +26,7 @@ struct LayerConfig {
   Index hidden = 0;          // H
   Index ffn = 0;             // F
   Index experts = 0;         // E
+  Index shared_ffn = 0;      // F_s: the shared expert's width, with a Shared<> policy; else 0
   std::uint64_t seed = 0;    // parameter initialisation
   bool check_finite = true;  // reject NaN and ±Inf in x and dy, naming the first one found
 };

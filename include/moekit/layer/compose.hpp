@@ -16,12 +16,13 @@
 #include <moekit/core/concepts.hpp>
 #include <moekit/dispatch/dropless.hpp>
 #include <moekit/expert/grouped_gemm.hpp>
+#include <moekit/expert/shared.hpp>
 #include <moekit/parallel/single_process.hpp>
 #include <moekit/router/top_k.hpp>
 
 namespace moekit {
 
-template <Scalar T, Router R, Balancer B, Dispatcher D, Expert X, Parallel P>
+template <Scalar T, Router R, Balancer B, Dispatcher D, Expert X, Parallel P, SharedExpert S = NoSharedExpert>
 class BasicMoELayer;
 
 /// What MoELayer<Ps...> names when its arguments are wrong; the static_assert above it says why.
@@ -45,6 +46,7 @@ struct require_policy {
   static constexpr bool dispatcher_ok = !DeclaresKind<P, dispatcher_kind> || Dispatcher<P>;
   static constexpr bool expert_ok = !DeclaresKind<P, expert_kind> || Expert<P>;
   static constexpr bool parallel_ok = !DeclaresKind<P, parallel_kind> || Parallel<P>;
+  static constexpr bool shared_ok = !DeclaresKind<P, shared_expert_kind> || SharedExpert<P>;
   static_assert(known,
                 "moekit::MoELayer: this argument is not a moekit policy; expected a type that "
                 "declares a policy_kind (such as TopK<2>, AuxLoss, Dropless, GroupedGemm, "
@@ -64,8 +66,11 @@ struct require_policy {
   static_assert(parallel_ok,
                 "moekit::MoELayer: this type declares parallel_kind but does not model "
                 "moekit::Parallel; see docs/policies/parallel.md for the members it needs");
+  static_assert(shared_ok,
+                "moekit::MoELayer: this type declares shared_expert_kind but does not model "
+                "moekit::SharedExpert; see docs/policies/expert.md#shared-experts for the members it needs");
   static constexpr bool value =
-      known && router_ok && balancer_ok && dispatcher_ok && expert_ok && parallel_ok;
+      known && router_ok && balancer_ok && dispatcher_ok && expert_ok && parallel_ok && shared_ok;
 };
 
 struct scalar_kind {};
@@ -95,6 +100,7 @@ struct compose {
   using dispatcher = find_kind<dispatcher_kind, Dropless, Ps...>;
   using expert = find_kind<expert_kind, GroupedGemm, Ps...>;
   using parallel = find_kind<parallel_kind, SingleProcess, Ps...>;
+  using shared = find_kind<shared_expert_kind, NoSharedExpert, Ps...>;
   using scalar = find_kind<scalar_kind, float, Ps...>;
 
   static constexpr bool all_known = (require_policy<Ps>::value && ...);
@@ -108,6 +114,8 @@ struct compose {
                 "moekit::MoELayer: two Expert policies given; pass at most one (e.g. GroupedGemm)");
   static_assert(parallel::count <= 1,
                 "moekit::MoELayer: two Parallel policies given; pass at most one (e.g. SingleProcess)");
+  static_assert(shared::count <= 1,
+                "moekit::MoELayer: two SharedExpert policies given; pass at most one (e.g. Shared<>)");
   static_assert(scalar::count <= 1,
                 "moekit::MoELayer: two scalar types given; pass at most one of float or double");
 
@@ -116,14 +124,14 @@ struct compose {
 
   static constexpr bool valid = all_known && compatible && router::count <= 1 && balancer::count <= 1 &&
                                 dispatcher::count <= 1 && expert::count <= 1 &&
-                                parallel::count <= 1 && scalar::count <= 1;
+                                parallel::count <= 1 && shared::count <= 1 && scalar::count <= 1;
 
   // Lazy, so that a rejected list never names BasicMoELayer with arguments it cannot take.
   template <class = void>
   struct layer {
     using type = BasicMoELayer<typename scalar::type, typename router::type,
                                typename balancer::type, typename dispatcher::type,
-                               typename expert::type, typename parallel::type>;
+                               typename expert::type, typename parallel::type, typename shared::type>;
   };
   using type = typename std::conditional_t<valid, layer<>, std::type_identity<InvalidLayer>>::type;
 };
@@ -131,7 +139,7 @@ struct compose {
 }  // namespace detail
 
 /// An MoE layer from policies in any order; a kind left out gets its default (TopK<2>,
-/// AuxLoss, Dropless, GroupedGemm, SingleProcess, float). The same policies in another order
+/// AuxLoss, Dropless, GroupedGemm, SingleProcess, NoSharedExpert, float). The same policies in another order
 /// name the same type.
 template <class... Policies>
 using MoELayer = typename detail::compose<Policies...>::type;

@@ -41,7 +41,7 @@ std::string policy_label() {
 ///
 /// forward(x) routes, dispatches, runs the experts and combines; backward(dy) returns dx and
 /// adds the gradients of every parameter (and of the balancer's loss) into gradients().
-template <Scalar T, Router R, Balancer B, Dispatcher D, Expert X, Parallel P>
+template <Scalar T, Router R, Balancer B, Dispatcher D, Expert X, Parallel P, SharedExpert S>
 class BasicMoELayer {
  public:
   using scalar_type = T;
@@ -50,6 +50,7 @@ class BasicMoELayer {
   using dispatcher_type = D;
   using expert_type = X;
   using parallel_type = P;
+  using shared_expert_type = S;
   static constexpr int top_k = R::top_k;
 
   /// Policies, in any order, replace the default-constructed ones: Layer(config, TopK<2>{{...}}).
@@ -59,7 +60,7 @@ class BasicMoELayer {
                   "moekit::MoELayer: a constructor argument is not one of this layer's policy "
                   "types; pass policies of the types named in MoELayer<...>");
     (set_policy(policies), ...);
-    shape_ = {config.hidden, config.ffn, config.experts, top_k};
+    shape_ = {config.hidden, config.ffn, config.experts, top_k, config.shared_ffn};
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
     parallel_.all_or_none("construction", [&] {
       require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
@@ -73,6 +74,10 @@ class BasicMoELayer {
                   !__builtin_mul_overflow(size, config.hidden, &size) && size < (Index{1} << 62),
               "moekit::MoELayer: experts × ffn × hidden = ", config.experts, " × ", config.ffn, " × ",
               config.hidden, " overflows; expected a product below 2^62");
+      require(config.shared_ffn >= 0 && !__builtin_mul_overflow(config.shared_ffn, config.hidden, &size) &&
+                  size < (Index{1} << 62),
+              "moekit::MoELayer: shared_ffn = ", config.shared_ffn, " with hidden = ", config.hidden,
+              "; expected shared_ffn >= 0 and shared_ffn × hidden below 2^62");
       validate_policies();
     });
 
@@ -97,6 +102,8 @@ class BasicMoELayer {
     auto out = expert_out_.matrix(plan_.rows(), shape_.hidden);
     run_experts(rows, out);    // expert, wherever the parallel policy puts it         [S,H]
     combine<T>(plan_, routing_.weight, out, y);
+    if constexpr (S::present)  // y += the shared expert's output, from the kept x (y may alias x)
+      shared_.template forward<T>(parameters_.shared_weights(), input(), y, shared_saved_, workspace_);
     have_forward_ = true;
     if (observer_) observer_(stats());
   }
@@ -117,6 +124,14 @@ class BasicMoELayer {
     d_weight_.assign(static_cast<std::size_t>(routing_.choices()), T(0));
     auto d_out = expert_out_.matrix(rows, hidden);  // the experts' output, read once, becomes d_out
     combine_backward<T>(plan_, routing_.weight, dy, d_out, d_weight_);
+    // The shared expert reads dy, which dx may alias, so it goes back now; its d_x is added last.
+    const auto shared_dx = [&] {
+      if constexpr (S::present)
+        return shared_.template backward<T>(parameters_.shared_weights(), input(), dy, shared_saved_,
+                                            parameters_.shared_gradients(), workspace_);
+      else
+        return nullptr;
+    }();
     if constexpr (DispatcherAdjustsWeights<D, T>)
       dispatcher_.template adjust_weights_backward<T>(plan_, weight_before_adjust_, d_weight_);
     // The experts write d_rows over the rows they were given, which backward reads for the last
@@ -127,6 +142,9 @@ class BasicMoELayer {
     router_.template backward<T>(scores(), routing_, d_weight_, d_logits);
     balancer_.template backward<T>(scores(), balance_context(), balance_state_, d_logits);
     score_backward(d_logits, d_rows, dx);  // dx = d_logits·W + scatter(d_rows); the router's gradient
+    if constexpr (S::present)
+      detail::for_each_block(tokens_, token_block,
+                             [&](Index first, Index n) { dx.middleRows(first, n) += shared_dx.middleRows(first, n); });
     have_forward_ = false;                 // the saved activations now hold gradients
   }
 
@@ -150,11 +168,11 @@ class BasicMoELayer {
   void zero_grad() { parameters_.zero_grad(); }
 
   /// Over ranks, after the last backward of a step and before the optimizer: gradients become
-  /// those of J = (1/D)·Σ_r J_r over the D token shards of the batch group (the router's averaged,
-  /// the experts' summed over their replicas and divided by D). In one process, nothing to do.
-  /// docs/distributed.md#gradients
+  /// those of J = (1/D)·Σ_r J_r over the D token shards of the batch group (the router's and the
+  /// shared expert's averaged, the routed experts' summed over their replicas and divided by D).
+  /// In one process, nothing to do. docs/distributed.md#gradients
   void reduce_gradients() {
-    parallel_.template reduce_gradients<T>(parameters_.gradients().first(1), parameters_.expert_gradients());
+    parallel_.template reduce_gradients<T>(parameters_.replicated_gradients(), parameters_.expert_gradients());
   }
 
   /// Fresh parameters, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim. The
@@ -206,12 +224,16 @@ class BasicMoELayer {
   const X& expert() const { return expert_; }
   P& parallel() { return parallel_; }
   const P& parallel() const { return parallel_; }
+  S& shared_expert() { return shared_; }
+  const S& shared_expert() const { return shared_; }
 
-  /// "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32"
+  /// "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32" (and "_Shared" or
+  /// "_SharedSigmoidGated" before the scalar, with a shared expert)
   static std::string name() {
-    return detail::policy_label<R>() + "_" + detail::policy_label<B>() + "_" +
-           detail::policy_label<D>() + "_" + detail::policy_label<X>() + "_" +
-           detail::policy_label<P>() + "_" + std::string(scalar_name<T>);
+    std::string name = detail::policy_label<R>() + "_" + detail::policy_label<B>() + "_" +
+                       detail::policy_label<D>() + "_" + detail::policy_label<X>() + "_" + detail::policy_label<P>();
+    if constexpr (S::present) name += "_" + std::string(S::name);
+    return name + "_" + std::string(scalar_name<T>);
   }
 
   // ---- safetensors --------------------------------------------------------------------------
@@ -226,6 +248,7 @@ class BasicMoELayer {
                        {"ffn", std::to_string(shape_.ffn)},
                        {"experts", std::to_string(shape_.experts)},
                        {"topk", std::to_string(top_k)}};
+    if constexpr (S::present) file.metadata()["shared_ffn"] = std::to_string(shape_.shared_ffn);
     parameters_.write_to(file);
     if constexpr (SavesState<B, T>) {
       if (const auto state = balancer_.saved(balance_state_); !state.empty())
@@ -242,19 +265,51 @@ class BasicMoELayer {
     io::SafeTensors file;
     parallel_.all_or_none("load", [&] {  // over ranks, every rank's file is checked before any changes
       file = io::SafeTensors::read(path);
-      parameters_.check(file, path);
-      if constexpr (SavesState<B, T>) {
-        const std::string name(B::saved_name);
-        if (file.contains(name)) {
-          const auto& info = file.info(name);
-          require(info.shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '", path.string(),
-                  "' tensor '", name, "' is ", shape_string(info.shape), "; expected [", shape_.experts, "]");
-          require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
-                  path.string(), "' tensor '", name, "' is ", io::to_string(info.dtype), "; expected F32 or F64");
-        }
-      }
+      check_loadable(file, path);
     });
-    if constexpr (ParallelChecksReplicas<P>) {  // the copies must agree before any is changed
+    take_loaded(file);
+  }
+
+  /// The same from a file in memory (e.g. tensors gathered from a model folder); `source` names
+  /// it in messages.
+  void load(const io::SafeTensors& file, const std::filesystem::path& source) {
+    parallel_.all_or_none("load", [&] { check_loadable(file, source); });
+    take_loaded(file);
+  }
+
+ private:
+  template <class Q>
+  static constexpr bool is_own_policy = std::is_same_v<Q, R> || std::is_same_v<Q, B> ||
+                                        std::is_same_v<Q, D> || std::is_same_v<Q, X> ||
+                                        std::is_same_v<Q, P> || std::is_same_v<Q, S>;
+
+  void set_policy(const R& r) { router_ = r; }
+  void set_policy(const B& b) { balancer_ = b; }
+  void set_policy(const D& d) { dispatcher_ = d; }
+  void set_policy(const X& x) { expert_ = x; }
+  void set_policy(const P& p) { parallel_ = p; }
+  void set_policy(const S& s) { shared_ = s; }
+
+  /// That `file` holds every parameter, and the balancer's state if it has any, in shapes and
+  /// types this layer can take; changes nothing.
+  void check_loadable(const io::SafeTensors& file, const std::filesystem::path& path) const {
+    parameters_.check(file, path);
+    if constexpr (SavesState<B, T>) {
+      const std::string name(B::saved_name);
+      if (file.contains(name)) {
+        const auto& info = file.info(name);
+        require(info.shape == std::vector<Index>{shape_.experts}, "moekit::MoELayer::load: '", path.string(),
+                "' tensor '", name, "' is ", shape_string(info.shape), "; expected [", shape_.experts, "]");
+        require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
+                path.string(), "' tensor '", name, "' is ", io::to_string(info.dtype), "; expected F32 or F64");
+      }
+    }
+  }
+
+  /// Sets the parameters (and the balancer's state) from a file that passed check_loadable on
+  /// every rank; over ranks, the replicas' copies must agree before any is changed.
+  void take_loaded(const io::SafeTensors& file) {
+    if constexpr (ParallelChecksReplicas<P>) {
       LayerParameters<T> loaded = parameters_;
       loaded.read_from(file);
       const auto [router, experts] = loaded.hashes();
@@ -269,28 +324,20 @@ class BasicMoELayer {
     }
   }
 
- private:
-  template <class Q>
-  static constexpr bool is_own_policy = std::is_same_v<Q, R> || std::is_same_v<Q, B> ||
-                                        std::is_same_v<Q, D> || std::is_same_v<Q, X> ||
-                                        std::is_same_v<Q, P>;
-
-  void set_policy(const R& r) { router_ = r; }
-  void set_policy(const B& b) { balancer_ = b; }
-  void set_policy(const D& d) { dispatcher_ = d; }
-  void set_policy(const X& x) { expert_ = x; }
-  void set_policy(const P& p) { parallel_ = p; }
-
+  /// router.weight, the shared expert's (whole on every rank), then the routed experts'.
   LayerParameters<T> make_parameters() const {
     std::vector<ParameterSpec> local{{"router.weight", {shape_.experts, shape_.hidden}}};
+    for (auto& spec : S::parameters(shape_)) local.push_back(std::move(spec));
+    std::vector<std::vector<Index>> whole;
+    for (const auto& spec : local) whole.push_back(spec.shape);
+    const std::size_t replicated = local.size();
     LayerShape local_shape = shape_;  // the expert sizes this rank's parameters by its slice of F
     local_shape.ffn = parallel_.local_ffn(shape_).count;
     for (auto& spec : X::parameters(local_shape, parallel_.local_experts(shape_).count))
       local.push_back(std::move(spec));
-    std::vector<std::vector<Index>> whole{{shape_.experts, shape_.hidden}};
     for (auto& spec : X::parameters(shape_, shape_.experts)) whole.push_back(std::move(spec.shape));
     return LayerParameters<T>(std::move(local), std::move(whole), parallel_.local_experts(shape_),
-                              parallel_.local_ffn(shape_));
+                              parallel_.local_ffn(shape_), replicated);
   }
 
   /// Over ranks, that the copies of replicated parameters agree (ParallelChecksReplicas).
@@ -419,6 +466,7 @@ class BasicMoELayer {
     balancer_.validate(shape_);
     dispatcher_.validate(shape_);
     expert_.validate(shape_);
+    shared_.validate(shape_);
   }
 
   void check_forward(ConstMatrixRef<T> x, MatrixRef<T> y) const {
@@ -476,6 +524,7 @@ class BasicMoELayer {
   D dispatcher_{};
   X expert_{};
   P parallel_{};
+  S shared_{};
   LayerParameters<T> parameters_;
 
   // Saved by forward for backward; buffers grow to the largest batch and are reused.
@@ -485,6 +534,7 @@ class BasicMoELayer {
   Plan plan_;
   T balance_loss_ = 0;
   typename B::template State<T> balance_state_;
+  typename S::template Saved<T> shared_saved_;
   std::vector<typename X::template Saved<T>> expert_saved_ = std::vector<typename X::template Saved<T>>(1);  // one per chunk
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H] (backward: d_rows, d_out)
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on

@@ -1,8 +1,10 @@
 #pragma once
-// The layer's parameters and their gradients: named tensors, the router's weight first and then
-// the expert's, each with its shape in the whole layer and this rank's slice of it. Initialising,
+// The layer's parameters and their gradients: named tensors, the replicated ones first (the
+// router's weight, then the shared expert's) and then the routed experts', each with its shape in
+// the whole layer and this rank's slice of it. Initialising,
 // assigning the whole layer's values and reading or writing a safetensors file all go through the
 // slice, so a layer split over ranks starts from, and loads, what one process would.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -26,10 +28,11 @@ class LayerParameters {
   LayerParameters() = default;
   /// This rank's parameters and their shapes in the whole layer (one process), in the same
   /// order; an axis where they differ is this rank's experts (the first axis) or its slice of F
-  /// (any other), starting at `experts.first` and `ffn.first`.
+  /// (any other), starting at `experts.first` and `ffn.first`. The first `replicated` tensors
+  /// (router.weight and the shared expert's) are held whole on every rank.
   LayerParameters(std::vector<ParameterSpec> local, std::vector<std::vector<Index>> whole_shapes,
-                  ExpertRange experts, ExpertRange ffn)
-      : whole_(std::move(whole_shapes)), experts_(experts), ffn_(ffn) {
+                  ExpertRange experts, ExpertRange ffn, std::size_t replicated = 1)
+      : whole_(std::move(whole_shapes)), experts_(experts), ffn_(ffn), replicated_(replicated) {
     for (auto& spec : local) {
       values_.emplace_back(spec.name, spec.shape);
       gradients_.emplace_back(std::move(spec.name), std::move(spec.shape));
@@ -47,11 +50,17 @@ class LayerParameters {
 
   const Tensor<T>& router_weight() const { return values_.front(); }
   Tensor<T>& router_gradient() { return gradients_.front(); }
-  std::span<const Tensor<T>> expert_weights() const { return std::span<const Tensor<T>>(values_).subspan(1); }
-  std::span<Tensor<T>> expert_gradients() { return std::span<Tensor<T>>(gradients_).subspan(1); }
+  std::span<const Tensor<T>> shared_weights() const {
+    return std::span<const Tensor<T>>(values_).subspan(1, replicated_ - 1);
+  }
+  std::span<Tensor<T>> shared_gradients() { return std::span<Tensor<T>>(gradients_).subspan(1, replicated_ - 1); }
+  std::span<const Tensor<T>> expert_weights() const { return std::span<const Tensor<T>>(values_).subspan(replicated_); }
+  std::span<Tensor<T>> expert_gradients() { return std::span<Tensor<T>>(gradients_).subspan(replicated_); }
+  /// The router's and the shared expert's: whole on every rank.
+  std::span<Tensor<T>> replicated_gradients() { return std::span<Tensor<T>>(gradients_).first(replicated_); }
 
-  /// A hash (FNV-1a) of the router's values, and of the expert's: ranks that hold the same
-  /// parameters give the same hashes.
+  /// A hash (FNV-1a) of the replicated values (router and shared expert), and of the routed
+  /// experts': ranks that hold the same parameters give the same hashes.
   std::pair<std::uint64_t, std::uint64_t> hashes() const {
     auto hash = [](std::span<const Tensor<T>> tensors) {
       std::uint64_t h = 1469598103934665603ull;
@@ -61,7 +70,7 @@ class LayerParameters {
       }
       return h;
     };
-    return {hash(std::span<const Tensor<T>>(values_).first(1)), hash(expert_weights())};
+    return {hash(std::span<const Tensor<T>>(values_).first(replicated_)), hash(expert_weights())};
   }
 
   void zero_grad() {
@@ -108,15 +117,17 @@ class LayerParameters {
   }
 
   /// Checks that `file` (read from `path`) holds every parameter, F32 or F64, in this rank's
-  /// shape or the whole layer's; changes nothing.
+  /// shape or the whole layer's (a leading axis of 1 may be left out: the shared expert's
+  /// [1,F_s,H] as Hugging Face's [F_s,H]); changes nothing.
   void check(const io::SafeTensors& file, const std::filesystem::path& path) const {
     for (std::size_t i = 0; i < values_.size(); ++i) {
       const auto& p = values_[i];
       require(file.contains(p.name()), "moekit::MoELayer::load: '", path.string(), "' has no tensor '", p.name(),
               "'; expected one of shape ", shape_string(p.shape()));
       const auto& info = file.info(p.name());
-      require(info.shape == p.shape() || info.shape == whole_[i], "moekit::MoELayer::load: '", path.string(),
-              "' tensor '", p.name(), "' is ", shape_string(info.shape), "; expected ", shape_string(p.shape()),
+      require(info.shape == p.shape() || info.shape == whole_[i] || is_squeezed(info.shape, p.shape()),
+              "moekit::MoELayer::load: '", path.string(), "' tensor '", p.name(), "' is ", shape_string(info.shape),
+              "; expected ", shape_string(p.shape()),
               whole_[i] == p.shape() ? "" : " (this rank's slice) or " + shape_string(whole_[i]) + " (the whole layer)");
       require(info.dtype == io::DType::f32 || info.dtype == io::DType::f64, "moekit::MoELayer::load: '",
               path.string(), "' tensor '", p.name(), "' is ", io::to_string(info.dtype), "; expected F32 or F64");
@@ -141,7 +152,7 @@ class LayerParameters {
     for (std::size_t i = 0; i < values_.size(); ++i) {
       auto& p = values_[i];
       const auto values = file.values<T>(p.name());
-      if (file.info(p.name()).shape == p.shape())
+      if (const auto& shape = file.info(p.name()).shape; shape == p.shape() || is_squeezed(shape, p.shape()))
         std::copy(values.begin(), values.end(), p.values().begin());
       else
         take_slice(values, i);
@@ -155,6 +166,11 @@ class LayerParameters {
     std::string known;
     for (const auto& t : tensors) known += (known.empty() ? "" : ", ") + t.name();
     fail("moekit::MoELayer: no parameter named '", name, "'; expected one of ", known);
+  }
+
+  /// Whether `shape` is `full` without its leading axis of 1.
+  static bool is_squeezed(const std::vector<Index>& shape, const std::vector<Index>& full) {
+    return full.size() == shape.size() + 1 && full.front() == 1 && std::equal(shape.begin(), shape.end(), full.begin() + 1);
   }
 
   /// "[4,8)": the first and one past the last of a range, as slice metadata writes it.
@@ -193,10 +209,11 @@ class LayerParameters {
     }
   }
 
-  std::vector<Tensor<T>> values_;  // router.weight, then the expert's
+  std::vector<Tensor<T>> values_;  // router.weight, the shared expert's, then the routed experts'
   std::vector<Tensor<T>> gradients_;
   std::vector<std::vector<Index>> whole_;
   ExpertRange experts_, ffn_;  // this rank's slice: its experts, and its part of F
+  std::size_t replicated_ = 1;  // leading tensors held whole on every rank
 };
 
 }  // namespace moekit

@@ -110,18 +110,19 @@ struct ExpertParallel {
               "; expected layer = ep·etp·edp and batch = ep·edp");
     });
     // Every rank must build the same layer: a mismatch would hang the first exchange.
-    const Index mine[4] = {shape.hidden, shape.ffn, shape.experts, shape.top_k};
-    std::vector<Index> all(4 * static_cast<std::size_t>(groups_.layer.size()));
+    constexpr int n = 5;
+    const Index mine[n] = {shape.hidden, shape.ffn, shape.experts, shape.top_k, shape.shared_ffn};
+    std::vector<Index> all(n * static_cast<std::size_t>(groups_.layer.size()));
     MPI_Request request = MPI_REQUEST_NULL;
-    mpi::detail::check(MPI_Iallgather(mine, 4, MPI_INT64_T, all.data(), 4, MPI_INT64_T, groups_.layer, &request),
+    mpi::detail::check(MPI_Iallgather(mine, n, MPI_INT64_T, all.data(), n, MPI_INT64_T, groups_.layer, &request),
                        "MPI_Iallgather");
     mpi::detail::wait(request, options.timeout, "construction's comparison of the layer's shape");
     for (int r = 0; r < groups_.layer.size(); ++r) {
-      const Index* theirs = all.data() + 4 * r;
-      require(std::equal(mine, mine + 4, theirs), "moekit::ExpertParallel: rank ", r,
+      const Index* theirs = all.data() + n * r;
+      require(std::equal(mine, mine + n, theirs), "moekit::ExpertParallel: rank ", r,
               " builds a layer of H=", theirs[0], " F=", theirs[1], " E=", theirs[2], " K=", theirs[3],
-              ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1], " E=", mine[2],
-              " K=", mine[3], "; expected the same layer on every rank");
+              " F_s=", theirs[4], ", rank ", groups_.layer.rank(), " one of H=", mine[0], " F=", mine[1],
+              " E=", mine[2], " K=", mine[3], " F_s=", mine[4], "; expected the same layer on every rank");
     }
     mpi::all_or_none(groups_.layer, "construction", options.timeout, [&] {
       require(options.chunks >= 1 && (options.chunks == 1 || options.ranks_per_node == 0),
@@ -177,7 +178,7 @@ struct ExpertParallel {
     for (int r = 0; r < size; ++r) {
       const std::uint64_t* theirs = &all[4 * static_cast<std::size_t>(r)];
       require(theirs[0] == all[0], "moekit::ExpertParallel: after ", step, ", rank ", r,
-              " holds a router.weight different from rank 0's; expected the same on every rank of the layer "
+              " holds a router.weight or shared expert different from rank 0's; expected the same on every rank of the layer "
               "(build every rank with the same seed, and load files of the same layer)");
       for (int q = 0; q < r; ++q) {
         const std::uint64_t* other = &all[4 * static_cast<std::size_t>(q)];
