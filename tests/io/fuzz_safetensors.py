@@ -22,7 +22,8 @@ import sys
 import tempfile
 
 MAX_HEADER = 100_000_000
-DTYPE_BYTES = {"F32": 4, "F64": 8, "I32": 4, "I64": 8}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E5M2": 1, "F8_E4M3": 1, "I64": 8, "I32": 4,
+               "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1}
 
 
 class Refused(Exception):
@@ -91,7 +92,7 @@ def decode(data):
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
             raise Refused("entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_BYTES or not isinstance(shape, list) or not all(natural(d) for d in shape):
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES or not isinstance(shape, list) or not all(natural(d) for d in shape):
             raise Refused("dtype or shape")
         if not isinstance(offsets, list) or len(offsets) != 2 or not all(natural(o) for o in offsets):
             raise Refused("offsets")

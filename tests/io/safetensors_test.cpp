@@ -2,11 +2,15 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
+#include <vector>
+
+#include <unistd.h>
 
 #include <moekit/moekit.hpp>
 
@@ -20,6 +24,25 @@ std::vector<char> file_bytes(const std::string& header, std::size_t data_bytes) 
   const std::uint64_t n = header.size();
   std::memcpy(bytes.data(), &n, 8);
   std::memcpy(bytes.data() + 8, header.data(), header.size());
+  return bytes;
+}
+
+std::string message_of(auto f) {
+  try {
+    f();
+  } catch (const error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+/// The bytes `file` writes.
+std::vector<char> bytes_of(const io::SafeTensors& file) {
+  const auto path = std::filesystem::temp_directory_path() / ("moekit_bytes_" + std::to_string(::getpid()));
+  file.write(path);
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::filesystem::remove(path);
   return bytes;
 }
 
@@ -82,8 +105,9 @@ TEST(SafeTensors, RefusesMalformedFilesByName) {
   EXPECT_NE(message_of_parse(huge).find("declares a 16777218-byte header"), std::string::npos);
   EXPECT_NE(message_of_parse(file_bytes("{\"x\": ", 0)).find("malformed JSON header"), std::string::npos);
   EXPECT_NE(message_of_parse(file_bytes("[1,2]", 0)).find("not a JSON object"), std::string::npos);
-  EXPECT_EQ(message_of_parse(file_bytes(R"({"x":{"dtype":"BF16","shape":[1],"data_offsets":[0,2]}})", 2)),
-            "moekit::SafeTensors: 'test.safetensors' tensor 'x' has dtype 'BF16'; expected F32, F64, I32 or I64");
+  EXPECT_EQ(message_of_parse(file_bytes(R"({"x":{"dtype":"Q4","shape":[1],"data_offsets":[0,2]}})", 2)),
+            "moekit::SafeTensors: 'test.safetensors' tensor 'x' has dtype 'Q4'; expected one of the format's: F64, "
+            "F32, F16, BF16, F8_E5M2, F8_E4M3, I64, I32, I16, I8, U64, U32, U16, U8, BOOL");
   EXPECT_EQ(message_of_parse(file_bytes(R"({"x":{"dtype":"F64","shape":[2],"data_offsets":[0,8]}})", 8)),
             "moekit::SafeTensors: 'test.safetensors' tensor 'x' has 8 bytes; expected 16 for F64 [2]");
   EXPECT_NE(message_of_parse(file_bytes(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 4))
@@ -125,6 +149,50 @@ void set_header_length(std::vector<char>& bytes, std::uint64_t n) { std::memcpy(
 
 // A header length short of the real one (into its trailing spaces), or a byte inserted into the
 // header, shifts every tensor by a few bytes; the tensors then no longer cover the data section.
+// BF16 and F16 read exactly into float and double, and are written rounded to nearest even;
+// tensors of other dtypes are read (a model's file holds them) but give no values.
+TEST(SafeTensors, ConvertsHalfPrecisionAndReadsEveryDtype) {
+  const auto file = io::SafeTensors::read(std::filesystem::path(MOEKIT_CORPUS_DIR) / "half_and_bytes.safetensors");
+  EXPECT_EQ(file.values<double>("w_bf16"), (std::vector<double>{1, -1, 2, 0x1p-133, INFINITY, 0}));
+  EXPECT_EQ(file.values<float>("w_f16"), (std::vector<float>{1, 0x1p-24f, -65504}));
+  EXPECT_EQ(file.info("blocks_u8").dtype, io::DType::u8);
+  EXPECT_EQ(file.bytes("blocks_u8").size(), 4u);
+  EXPECT_EQ(message_of([&] { file.values<float>("blocks_u8"); }),
+            "moekit::SafeTensors: '" + (std::filesystem::path(MOEKIT_CORPUS_DIR) / "half_and_bytes.safetensors").string() +
+                "' tensor 'blocks_u8' has dtype U8; expected F32, F64, BF16 or F16");
+
+  // Rounding: to nearest, ties to even, overflow to infinity, subnormals kept.
+  const std::vector<double> in{1.0 + 0x1p-8, 1.0 + 0x1p-8 + 0x1p-20, 1.0 + 3 * 0x1p-8, 65519.0, 65520.0, 0x1p-25 * 3, -0.0};
+  io::SafeTensors out;
+  out.add_as("b", {7}, std::span<const double>(in), io::DType::bf16);
+  out.add_as("h", {7}, std::span<const double>(in), io::DType::f16);
+  const auto back = io::SafeTensors::parse(bytes_of(out), "rounded");
+  EXPECT_EQ(back.values<double>("b"), (std::vector<double>{1.0, 1.0 + 0x1p-7, 1.0 + 4 * 0x1p-8, 65536.0, 65536.0,
+                                                            0x1p-25 * 3, -0.0}));
+  EXPECT_EQ(back.values<double>("h"), (std::vector<double>{1.0 + 0x1p-8, 1.0 + 0x1p-8, 1.0 + 3 * 0x1p-8, 65504.0,
+                                                            INFINITY, 0x1p-23, -0.0}));
+}
+
+// A partial read takes the bytes of the tensors asked for and lists the others without values.
+TEST(SafeTensors, APartialReadReadsOnlyTheTensorsAskedFor) {
+  io::SafeTensors file;
+  const std::vector<float> a{1, 2, 3}, b{4, 5};
+  file.add("a", {3}, std::span<const float>(a));
+  file.add("b", {2}, std::span<const float>(b));
+  const auto path = std::filesystem::temp_directory_path() / ("moekit_partial_" + std::to_string(::getpid()));
+  file.write(path);
+  const auto part = io::SafeTensors::read(path, [](std::string_view name) { return name == "b"; });
+  EXPECT_EQ(part.names(), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(part.values<float>("b"), b);
+  EXPECT_EQ(part.info("a").shape, std::vector<Index>{3});
+  EXPECT_EQ(message_of([&] { part.values<float>("a"); }),
+            "moekit::SafeTensors: '" + path.string() +
+                "' tensor 'a' was not read (a partial read reads only the tensors asked for)");
+  EXPECT_NE(message_of([&] { part.write(path); }).find("cannot be written"), std::string::npos);
+  EXPECT_EQ(io::SafeTensors::read(path).values<float>("a"), a);  // the file is as it was
+  std::filesystem::remove(path);
+}
+
 TEST(SafeTensors, RefusesAShiftedDataSection) {
   auto bytes = library_file();
   ASSERT_EQ(bytes[8 + header_length(bytes) - 1], ' ') << "the written header ends in padding";

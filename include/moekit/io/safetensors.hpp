@@ -7,8 +7,10 @@
 #include <atomic>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -32,19 +34,59 @@ namespace moekit::io {
 static_assert(std::endian::native == std::endian::little,
               "moekit::io: safetensors data is little-endian; this reader assumes a little-endian host");
 
-enum class DType { f32, f64, i32, i64 };
+/// The format's dtypes. Every one is read (a file may hold tensors moekit does not use);
+/// values() converts F32, F64, BF16 and F16, integers() I32 and I64.
+enum class DType { f32, f64, i32, i64, bf16, f16, boolean, u8, i8, f8_e5m2, f8_e4m3, i16, u16, u32, u64 };
 
-inline std::string_view to_string(DType d) {
-  switch (d) {
-    case DType::f32: return "F32";
-    case DType::f64: return "F64";
-    case DType::i32: return "I32";
-    case DType::i64: return "I64";
-  }
-  return "?";
+namespace detail {
+struct DTypeRow {
+  DType dtype;
+  std::string_view name;
+  std::size_t bytes;
+};
+inline constexpr DTypeRow dtypes[] = {
+    {DType::f32, "F32", 4},      {DType::f64, "F64", 8},         {DType::i32, "I32", 4},
+    {DType::i64, "I64", 8},      {DType::bf16, "BF16", 2},       {DType::f16, "F16", 2},
+    {DType::boolean, "BOOL", 1}, {DType::u8, "U8", 1},           {DType::i8, "I8", 1},
+    {DType::f8_e5m2, "F8_E5M2", 1}, {DType::f8_e4m3, "F8_E4M3", 1}, {DType::i16, "I16", 2},
+    {DType::u16, "U16", 2},      {DType::u32, "U32", 4},         {DType::u64, "U64", 8},
+};
+constexpr const DTypeRow& row(DType d) { return dtypes[static_cast<std::size_t>(d)]; }
+
+/// bfloat16 and IEEE half: the bits to float (exactly), and float to the bits, rounded to nearest even.
+inline float from_bf16(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16); }
+inline std::uint16_t to_bf16(float value) {
+  const auto x = std::bit_cast<std::uint32_t>(value);
+  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40);  // NaN stays NaN
+  return static_cast<std::uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
 }
+inline float from_f16(std::uint16_t bits) {
+  const std::uint32_t sign = std::uint32_t{bits & 0x8000u} << 16, exponent = (bits >> 10) & 0x1Fu,
+                      mantissa = bits & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: mantissa · 2^-24
+    const float v = static_cast<float>(mantissa) * 0x1p-24f;
+    return sign ? -v : v;
+  }
+  if (exponent == 31) return std::bit_cast<float>(sign | 0x7F800000u | (mantissa << 13));
+  return std::bit_cast<float>(sign | ((exponent + 112) << 23) | (mantissa << 13));
+}
+inline std::uint16_t to_f16(float value) {
+  std::uint32_t x = std::bit_cast<std::uint32_t>(value);
+  const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
+  x &= 0x7FFFFFFFu;
+  if (x > 0x7F800000u) return sign | 0x7E00u;     // NaN
+  if (x >= 0x477FF000u) return sign | 0x7C00u;    // 65520 and above round to infinity
+  if (x < 0x38800000u)                            // below 2^-14: a subnormal half, mantissa = v·2^24
+    return sign | static_cast<std::uint16_t>(std::nearbyint(std::bit_cast<float>(x) * 0x1p24f));
+  std::uint32_t h = (x - 0x38000000u) >> 13;      // rebias the exponent, keep 10 mantissa bits
+  const std::uint32_t rest = x & 0x1FFFu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;
+  return static_cast<std::uint16_t>(sign | h);
+}
+}  // namespace detail
 
-inline std::size_t byte_size(DType d) { return d == DType::f32 || d == DType::i32 ? 4 : 8; }
+inline std::string_view to_string(DType d) { return detail::row(d).name; }
+inline std::size_t byte_size(DType d) { return detail::row(d).bytes; }
 
 template <class T>
 constexpr DType dtype_of = std::same_as<T, float>    ? DType::f32
@@ -56,6 +98,7 @@ struct TensorInfo {
   DType dtype = DType::f32;
   std::vector<Index> shape;
   std::size_t begin = 0, end = 0;  // byte range in the data section
+  bool read = true;                // false: listed by a partial read, its bytes not read
 
   Index size() const {
     Index n = 1;
@@ -91,30 +134,53 @@ class SafeTensors {
 
   /// Parses the bytes of a file; `where` names it in messages.
   static SafeTensors parse(std::span<const char> bytes, const std::string& where) {
-    SafeTensors file;
-    file.where_ = where;
-    detail_fail_if(bytes.size() < 8, where, "is ", bytes.size(),
-                   " bytes; expected at least 8 (the header length)");
-    std::uint64_t header_size = 0;
-    std::memcpy(&header_size, bytes.data(), 8);
-    detail_fail_if(header_size > bytes.size() - 8, where, "declares a ", header_size,
-                   "-byte header but has only ", bytes.size() - 8, " bytes after the length");
-    detail_fail_if(header_size > max_header_bytes, where, "declares a ", header_size,
-                   "-byte header; expected at most ", max_header_bytes);
-    const std::string_view header(bytes.data() + 8, static_cast<std::size_t>(header_size));
-    const std::size_t data_size = bytes.size() - 8 - static_cast<std::size_t>(header_size);
-    const detail::Json root = detail::JsonParser(header, where).parse();
-    detail_fail_if(root.kind != detail::Json::Kind::object, where,
-                   "has a header that is not a JSON object");
-    for (const auto& [name, value] : root.members) {
-      if (name == "__metadata__") {
-        file.read_metadata(value);
-        continue;
+    std::size_t data_begin = 0;
+    SafeTensors file = parse_header(bytes, bytes.size(), where, data_begin);
+    file.data_.assign(bytes.begin() + static_cast<std::ptrdiff_t>(data_begin), bytes.end());
+    return file;
+  }
+
+  /// The tensors of `path` for which `wanted(name)` is true, and no byte of the others: the
+  /// header is read and checked whole (every entry, the data section's coverage), then each
+  /// wanted tensor's bytes. The others are listed (names(), info()) but hold no values.
+  template <class Wanted>
+  static SafeTensors read(const std::filesystem::path& path, Wanted wanted) {
+    std::error_code error;
+    const auto status = std::filesystem::status(path, error);
+    detail_fail_if(!std::filesystem::exists(status), path.string(), "cannot be opened (",
+                   error ? error.message() : "no such file", "); expected a readable safetensors file");
+    detail_fail_if(!std::filesystem::is_regular_file(status), path.string(),
+                   "is not a regular file; expected a safetensors file");
+    const auto size = std::filesystem::file_size(path, error);
+    std::ifstream in(path, std::ios::binary);
+    detail_fail_if(error || !in, path.string(), "cannot be opened; expected a readable safetensors file");
+    auto read_at = [&](std::uint64_t offset, std::uint64_t count, char* out) {
+      in.seekg(static_cast<std::streamoff>(offset));
+      in.read(out, static_cast<std::streamsize>(count));
+      detail_fail_if(!in || static_cast<std::uint64_t>(in.gcount()) != count, path.string(),
+                     "could not be read (", count, " bytes at byte ", offset, " of ", size, ")");
+    };
+    std::vector<char> head(static_cast<std::size_t>(std::min<std::uintmax_t>(size, 8)));
+    read_at(0, head.size(), head.data());
+    if (head.size() == 8) {  // the header too, if the length is believable (parse_header checks it)
+      std::uint64_t header_size = 0;
+      std::memcpy(&header_size, head.data(), 8);
+      if (header_size <= size - 8 && header_size <= max_header_bytes) {
+        head.resize(8 + static_cast<std::size_t>(header_size));
+        read_at(8, header_size, head.data() + 8);
       }
-      file.tensors_[name] = file.read_info(name, value, data_size);
     }
-    file.check_coverage(data_size);
-    file.data_.assign(bytes.begin() + 8 + static_cast<std::ptrdiff_t>(header_size), bytes.end());
+    std::size_t data_begin = 0;
+    SafeTensors file = parse_header(head, static_cast<std::size_t>(size), path.string(), data_begin);
+    for (auto& [name, t] : file.tensors_) {
+      t.read = wanted(std::string_view(name));
+      if (!t.read) continue;
+      const std::size_t at = file.data_.size();
+      file.data_.resize(at + (t.end - t.begin));
+      read_at(data_begin + t.begin, t.end - t.begin, file.data_.data() + at);
+      t.end = at + (t.end - t.begin);
+      t.begin = at;
+    }
     return file;
   }
 
@@ -125,6 +191,9 @@ class SafeTensors {
   /// is written through, to its target. On failure the temporary file is removed and the error
   /// says why.
   void write(const std::filesystem::path& path) const {
+    for (const auto& [name, t] : tensors_)
+      detail_fail_if(!t.read, where_, "cannot be written to '", path.string(), "': tensor '", name,
+                     "' was not read (a partial read holds only the tensors asked for)");
     const std::string header = header_text();
     const std::uint64_t header_size = header.size();
     const std::filesystem::path target = link_target(path);
@@ -202,32 +271,73 @@ class SafeTensors {
     return it->second;
   }
 
-  /// The tensor's values as T; F32 and F64 convert into either scalar.
+  /// The tensor's values as T; F32, F64, BF16 and F16 convert into either scalar (BF16 and F16
+  /// exactly).
   template <Scalar T>
   std::vector<T> values(std::string_view name) const {
-    const TensorInfo& t = info(name);
-    detail_fail_if(t.dtype != DType::f32 && t.dtype != DType::f64, where_, "tensor '", name,
-                   "' has dtype ", to_string(t.dtype), "; expected F32 or F64");
-    return t.dtype == DType::f32 ? convert<float, T>(t) : convert<double, T>(t);
+    const TensorInfo& t = readable(name);
+    switch (t.dtype) {
+      case DType::f32: return convert<float, T>(t);
+      case DType::f64: return convert<double, T>(t);
+      case DType::bf16: return convert<std::uint16_t, T>(t, detail::from_bf16);
+      case DType::f16: return convert<std::uint16_t, T>(t, detail::from_f16);
+      default:
+        detail_fail_if(true, where_, "tensor '", name, "' has dtype ", to_string(t.dtype),
+                       "; expected F32, F64, BF16 or F16");
+    }
+    return {};
+  }
+
+  /// The tensor's bytes as stored (little-endian), whatever its dtype.
+  std::span<const char> bytes(std::string_view name) const {
+    const TensorInfo& t = readable(name);
+    return std::span<const char>(data_).subspan(t.begin, t.end - t.begin);
   }
 
   /// The tensor's values as 64-bit integers; I32 and I64 convert.
   std::vector<std::int64_t> integers(std::string_view name) const {
-    const TensorInfo& t = info(name);
+    const TensorInfo& t = readable(name);
     detail_fail_if(t.dtype != DType::i32 && t.dtype != DType::i64, where_, "tensor '", name,
                    "' has dtype ", to_string(t.dtype), "; expected I32 or I64");
     return t.dtype == DType::i32 ? convert<std::int32_t, std::int64_t>(t)
                                  : convert<std::int64_t, std::int64_t>(t);
   }
 
+  /// Adds `values` stored as dtype: F32, F64, BF16 or F16 (rounded to nearest even).
+  template <Scalar T>
+  void add_as(const std::string& name, std::vector<Index> shape, std::span<const T> values, DType dtype) {
+    switch (dtype) {
+      case DType::f32: return add(name, std::move(shape), std::span<const float>(std::vector<float>(values.begin(), values.end())));
+      case DType::f64: return add(name, std::move(shape), std::span<const double>(std::vector<double>(values.begin(), values.end())));
+      case DType::bf16:
+      case DType::f16: {
+        std::vector<std::uint16_t> bits(values.size());
+        for (std::size_t i = 0; i < bits.size(); ++i) {
+          const auto v = static_cast<float>(values[i]);
+          bits[i] = dtype == DType::bf16 ? detail::to_bf16(v) : detail::to_f16(v);
+        }
+        return add_raw(name, std::move(shape), dtype, std::as_bytes(std::span<const std::uint16_t>(bits)));
+      }
+      default:
+        detail_fail_if(true, where_, "tensor '", name, "' asked to be stored as ", to_string(dtype),
+                       "; expected F32, F64, BF16 or F16");
+    }
+  }
+
   template <class T>
   void add(const std::string& name, std::vector<Index> shape, std::span<const T> values) {
-    TensorInfo t{dtype_of<T>, std::move(shape), data_.size(), data_.size() + values.size_bytes()};
-    detail_fail_if(t.size() != static_cast<Index>(values.size()), where_, "tensor '", name,
-                   "' has ", values.size(), " values for shape ", shape_string(t.shape));
+    add_raw(name, std::move(shape), dtype_of<T>, std::as_bytes(values));
+  }
+
+  /// Adds a tensor's stored bytes as they are.
+  void add_raw(const std::string& name, std::vector<Index> shape, DType dtype, std::span<const std::byte> bytes) {
+    TensorInfo t{dtype, std::move(shape), data_.size(), data_.size() + bytes.size()};
+    detail_fail_if(t.size() * static_cast<Index>(byte_size(dtype)) != static_cast<Index>(bytes.size()), where_,
+                   "tensor '", name, "' has ", bytes.size(), " bytes for ", to_string(dtype), " ",
+                   shape_string(t.shape));
     detail_fail_if(contains(name), where_, "already has a tensor '", name, "'");
-    const auto* raw = reinterpret_cast<const char*>(values.data());
-    data_.insert(data_.end(), raw, raw + values.size_bytes());
+    const auto* raw = reinterpret_cast<const char*>(bytes.data());
+    data_.insert(data_.end(), raw, raw + bytes.size());
     tensors_[name] = std::move(t);
   }
 
@@ -324,14 +434,11 @@ class SafeTensors {
     detail_fail_if(value.kind != Kind::object, where_, "entry '", name, "' is not an object");
     TensorInfo t;
     const auto& dtype = member("dtype");
-    const std::string d = dtype.text;
-    if (d == "F32") t.dtype = DType::f32;
-    else if (d == "F64") t.dtype = DType::f64;
-    else if (d == "I32") t.dtype = DType::i32;
-    else if (d == "I64") t.dtype = DType::i64;
-    else
-      moekit::fail("moekit::SafeTensors: '", where_, "' tensor '", name, "' has dtype '",
-                   d, "'; expected F32, F64, I32 or I64");
+    const auto* row = std::ranges::find_if(detail::dtypes, [&](const auto& r) { return r.name == dtype.text; });
+    detail_fail_if(dtype.kind != Kind::string || row == std::end(detail::dtypes), where_, "tensor '", name,
+                   "' has dtype '", dtype.text, "'; expected one of the format's: F64, F32, F16, BF16, "
+                   "F8_E5M2, F8_E4M3, I64, I32, I16, I8, U64, U32, U16, U8, BOOL");
+    t.dtype = row->dtype;
     const auto& shape = member("shape");
     detail_fail_if(shape.kind != Kind::array, where_, "tensor '", name, "' has a shape that is not an array");
     for (const auto& dim : shape.items) t.shape.push_back(static_cast<Index>(integer(dim, "a dimension")));
@@ -356,13 +463,49 @@ class SafeTensors {
     return t;
   }
 
-  template <class From, class To>
-  std::vector<To> convert(const TensorInfo& t) const {
+  /// The header of a file of `file_size` bytes whose first bytes are `start` (the length and at
+  /// least the header), checked whole; `data_begin` gets where the data section starts.
+  static SafeTensors parse_header(std::span<const char> start, std::size_t file_size, const std::string& where,
+                                  std::size_t& data_begin) {
+    SafeTensors file;
+    file.where_ = where;
+    detail_fail_if(file_size < 8, where, "is ", file_size, " bytes; expected at least 8 (the header length)");
+    std::uint64_t header_size = 0;
+    std::memcpy(&header_size, start.data(), 8);
+    detail_fail_if(header_size > file_size - 8, where, "declares a ", header_size,
+                   "-byte header but has only ", file_size - 8, " bytes after the length");
+    detail_fail_if(header_size > max_header_bytes, where, "declares a ", header_size,
+                   "-byte header; expected at most ", max_header_bytes);
+    const std::string_view header(start.data() + 8, static_cast<std::size_t>(header_size));
+    const std::size_t data_size = file_size - 8 - static_cast<std::size_t>(header_size);
+    const detail::Json root = detail::JsonParser(header, where).parse();
+    detail_fail_if(root.kind != detail::Json::Kind::object, where, "has a header that is not a JSON object");
+    for (const auto& [name, value] : root.members) {
+      if (name == "__metadata__") {
+        file.read_metadata(value);
+        continue;
+      }
+      file.tensors_[name] = file.read_info(name, value, data_size);
+    }
+    file.check_coverage(data_size);
+    data_begin = 8 + static_cast<std::size_t>(header_size);
+    return file;
+  }
+
+  /// The tensor's entry, if its bytes were read.
+  const TensorInfo& readable(std::string_view name) const {
+    const TensorInfo& t = info(name);
+    detail_fail_if(!t.read, where_, "tensor '", name, "' was not read (a partial read reads only the tensors asked for)");
+    return t;
+  }
+
+  template <class From, class To, class Decode = std::identity>
+  std::vector<To> convert(const TensorInfo& t, Decode decode = {}) const {
     std::vector<To> out(static_cast<std::size_t>(t.size()));
     for (std::size_t i = 0; i < out.size(); ++i) {
       From v;
       std::memcpy(&v, data_.data() + t.begin + i * sizeof(From), sizeof(From));
-      out[i] = static_cast<To>(v);
+      out[i] = static_cast<To>(decode(v));
     }
     return out;
   }

@@ -23,7 +23,10 @@ struct Json {
 
 class JsonParser {
  public:
-  JsonParser(std::string_view text, std::string_view where) : text_(text), where_(where) {}
+  /// `reader` and `document` name what failed in messages ("moekit::SafeTensors", "JSON header").
+  JsonParser(std::string_view text, std::string_view where, std::string_view reader = "moekit::SafeTensors",
+             std::string_view document = "JSON header")
+      : text_(text), where_(where), reader_(reader), document_(document) {}
 
   Json parse() {
     check_utf8();
@@ -35,8 +38,7 @@ class JsonParser {
 
  private:
   [[noreturn]] void fail(std::string_view what) const {
-    moekit::fail("moekit::SafeTensors: '", where_, "' has a malformed JSON header at byte ",
-                 pos_, ": ", what);
+    moekit::fail(reader_, ": '", where_, "' has a malformed ", document_, " at byte ", pos_, ": ", what);
   }
   void skip_space() {
     while (pos_ < text_.size() && (text_[pos_] == ' ' || text_[pos_] == '\n' ||
@@ -234,7 +236,7 @@ class JsonParser {
   }
 
   std::string_view text_;
-  std::string_view where_;
+  std::string_view where_, reader_, document_;
   std::size_t pos_ = 0;
 };
 
