@@ -43,6 +43,7 @@
 
 #include <moekit/moekit.hpp>
 
+#include "limit_gemms.hpp"
 #include "machine_probes.hpp"
 #include "support/heap.hpp"
 
@@ -92,61 +93,6 @@ double flops(const Shape& s, Pass pass, bool gated = true) {
   return forward * (pass == Pass::forward ? 1.0 : 3.0);
 }
 
-/// The limit: SwiGLU over T·K rows with one expert's weights — no router, no gather, no combine.
-/// Each thread takes an equal panel (rows for forward and dx, FFN columns for the weight
-/// gradients): the fastest way to run Eigen's single-threaded GEMM on several threads.
-class LimitGemms {
- public:
-  explicit LimitGemms(const Shape& s)
-      : x_(Matrix::Random(s.rows(), s.hidden)), dy_(Matrix::Random(s.rows(), s.hidden)),
-        gate_(Matrix::Random(s.ffn, s.hidden)), up_(Matrix::Random(s.ffn, s.hidden)), down_(Matrix::Random(s.hidden, s.ffn)),
-        d_gate_w_(Matrix::Zero(s.ffn, s.hidden)), d_up_w_(Matrix::Zero(s.ffn, s.hidden)), d_down_w_(Matrix::Zero(s.hidden, s.ffn)),
-        g_(s.rows(), s.ffn), u_(s.rows(), s.ffn), h_(s.rows(), s.ffn), y_(s.rows(), s.hidden), dx_(s.rows(), s.hidden) {}
-
-  void forward(int threads) {
-    panels(threads, x_.rows(), [&](Index first, Index n) {
-      const auto x = x_.middleRows(first, n);
-      auto g = g_.middleRows(first, n), u = u_.middleRows(first, n), h = h_.middleRows(first, n);
-      g.noalias() = x * gate_.transpose();
-      u.noalias() = x * up_.transpose();
-      moekit::detail::activate_gated<moekit::SwiGLU>(g, u, h);  // the layer's own pass: only the GEMMs differ
-      y_.middleRows(first, n).noalias() = h * down_.transpose();
-    });
-  }
-
-  void backward(int threads) {
-    panels(threads, h_.cols(), [&](Index first, Index n) {  // d_down = dyᵀ · h
-      d_down_w_.middleCols(first, n).noalias() += dy_.transpose() * h_.middleCols(first, n);
-    });
-    panels(threads, x_.rows(), [&](Index first, Index n) {
-      auto g = g_.middleRows(first, n), u = u_.middleRows(first, n), dh = h_.middleRows(first, n);
-      dh.noalias() = dy_.middleRows(first, n) * down_;
-      moekit::detail::activate_gated_backward<moekit::SwiGLU>(g, u, dh);
-      auto dx = dx_.middleRows(first, n);
-      dx.noalias() = g * gate_;
-      dx.noalias() += u * up_;
-    });
-    panels(threads, g_.cols(), [&](Index first, Index n) {
-      d_gate_w_.middleRows(first, n).noalias() += g_.middleCols(first, n).transpose() * x_;
-      d_up_w_.middleRows(first, n).noalias() += u_.middleCols(first, n).transpose() * x_;
-    });
-    benchmark::DoNotOptimize(dx_.data());
-  }
-
- private:
-  template <class Body>
-  static void panels(int threads, Index extent, Body body) {
-    tbb::parallel_for(tbb::blocked_range<int>(0, threads, 1), [&](const tbb::blocked_range<int>& r) {
-      for (int p = r.begin(); p != r.end(); ++p) {
-        const Index first = extent * p / threads, last = extent * (p + 1) / threads;
-        if (last > first) body(first, last - first);
-      }
-    }, tbb::simple_partitioner());
-  }
-
-  Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
-};
-
 void run_limit(LimitGemms& limit, int threads, Pass pass) {
   limit.forward(threads);
   if (pass == Pass::forward_backward) limit.backward(threads);
@@ -164,7 +110,7 @@ void set_counters(benchmark::State& state, const Shape& s, Pass pass, bool gated
 void BM_Limit(benchmark::State& state, Shape s, int threads, Pass pass) {
   double seconds = 0;
   on_threads(threads, [&] {
-    LimitGemms limit(s);
+    LimitGemms limit(s.rows(), s.hidden, s.ffn);
     run_limit(limit, threads, pass);
     seconds = seconds_of([&] {
       for (auto _ : state) run_limit(limit, threads, pass);
@@ -212,7 +158,7 @@ template <class L>
 void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
   on_threads(threads, [&] {
     LayerStep<L> step(s, pass);
-    LimitGemms limit(s);
+    LimitGemms limit(s.rows(), s.hidden, s.ffn);
     double peak = 0;
     {
       const heap::Watch watch;  // the first step allocates every buffer: its peak is the step's

@@ -1,0 +1,571 @@
+// Hugging Face model folders: for each family a small folder of this test's own (config.json with
+// the family's keys, random weights under the family's names in BF16, F16 or F32, split over two
+// shards with an index, attention weights beside them), read by HfModel and run through
+// moekit-hf forward, against a plain float64 reference written from the rules in docs/models.md;
+// the fixtures written back as folders; and every error of the reader provoked.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <unistd.h>
+
+#include <moekit/io/hf_model.hpp>
+#include <moekit/moekit.hpp>
+
+namespace moekit::test {
+namespace {
+
+namespace fs = std::filesystem;
+using io::DType;
+
+// ---- a family's block, as the reference computes it ----------------------------------------
+
+struct Rule {
+  ScoreFn score = ScoreFn::softmax;
+  bool normalize = false;
+  double scale = 1;
+  int groups = 1, groups_kept = 1;
+  bool group_by_max = false;  // DeepSeek-V2: a group's best score; else DeepSeek-V3's top-2 sum
+  bool gated_shared = false;  // Qwen2-MoE: the shared expert × σ(x·w)
+};
+
+struct Weights {
+  Index hidden = 0, ffn = 0, experts = 0, shared_ffn = 0;
+  int top_k = 0;
+  std::vector<double> router = {}, bias = {};  // [E,H], [E] (DeepSeek-V3's selection bias)
+  std::vector<std::vector<double>> gate = {}, up = {}, down = {};  // per expert: [F,H], [F,H], [H,F]
+  std::vector<double> shared_gate = {}, shared_up = {}, shared_down = {}, shared_output_gate = {};  // [Fs,H] [Fs,H] [H,Fs] [H]
+};
+
+double silu(double v) { return v / (1 + std::exp(-v)); }
+
+/// down · (silu(gate·x) ⊙ up·x) for one token.
+std::vector<double> swiglu(const std::vector<double>& gate, const std::vector<double>& up,
+                           const std::vector<double>& down, Index hidden, Index width, const double* x) {
+  std::vector<double> out(static_cast<std::size_t>(hidden), 0.0);
+  for (Index f = 0; f < width; ++f) {
+    double g = 0, u = 0;
+    for (Index h = 0; h < hidden; ++h) {
+      g += gate[static_cast<std::size_t>(f * hidden + h)] * x[h];
+      u += up[static_cast<std::size_t>(f * hidden + h)] * x[h];
+    }
+    const double a = silu(g) * u;
+    for (Index h = 0; h < hidden; ++h) out[static_cast<std::size_t>(h)] += down[static_cast<std::size_t>(h * width + f)] * a;
+  }
+  return out;
+}
+
+/// The k largest of `values` (indices), largest first; ties to the lower index.
+std::vector<Index> top(const std::vector<double>& values, int k) {
+  std::vector<Index> order(values.size());
+  std::iota(order.begin(), order.end(), Index{0});
+  std::stable_sort(order.begin(), order.end(), [&](Index a, Index b) {
+    return values[static_cast<std::size_t>(a)] > values[static_cast<std::size_t>(b)];
+  });
+  order.resize(static_cast<std::size_t>(k));
+  return order;
+}
+
+/// The block's output for x [T,H], from the rules of docs/models.md.
+Matrix<double> reference(const Weights& w, const Rule& rule, const Matrix<double>& x) {
+  const Index hidden = w.hidden, experts = w.experts;
+  Matrix<double> y = Matrix<double>::Zero(x.rows(), hidden);
+  for (Index t = 0; t < x.rows(); ++t) {
+    const double* xt = x.row(t).data();
+    std::vector<double> score(static_cast<std::size_t>(experts));
+    for (Index e = 0; e < experts; ++e) {
+      double logit = 0;
+      for (Index h = 0; h < hidden; ++h) logit += w.router[static_cast<std::size_t>(e * hidden + h)] * xt[h];
+      score[static_cast<std::size_t>(e)] = logit;
+    }
+    if (rule.score == ScoreFn::softmax) {
+      const double m = *std::max_element(score.begin(), score.end());
+      double sum = 0;
+      for (double& s : score) sum += (s = std::exp(s - m));
+      for (double& s : score) s /= sum;
+    } else {
+      for (double& s : score) s = 1 / (1 + std::exp(-s));
+    }
+    std::vector<double> select = score;  // what the top-k is taken over
+    if (!w.bias.empty())
+      for (Index e = 0; e < experts; ++e) select[static_cast<std::size_t>(e)] += w.bias[static_cast<std::size_t>(e)];
+    if (rule.groups > 1) {  // keep the best groups; the others' experts count as 0
+      const Index size = experts / rule.groups;
+      std::vector<double> group_score(static_cast<std::size_t>(rule.groups));
+      for (int g = 0; g < rule.groups; ++g) {
+        std::vector<double> members(select.begin() + g * size, select.begin() + (g + 1) * size);
+        std::sort(members.rbegin(), members.rend());
+        group_score[static_cast<std::size_t>(g)] = rule.group_by_max ? members[0] : members[0] + members[1];
+      }
+      const auto kept = top(group_score, rule.groups_kept);
+      for (Index e = 0; e < experts; ++e)
+        if (std::find(kept.begin(), kept.end(), e / size) == kept.end()) select[static_cast<std::size_t>(e)] = 0;
+    }
+    const auto chosen = top(select, w.top_k);
+    std::vector<double> weight;
+    double sum = 0;
+    for (const Index e : chosen) sum += score[static_cast<std::size_t>(e)];
+    for (const Index e : chosen)
+      weight.push_back(score[static_cast<std::size_t>(e)] / (rule.normalize ? sum + (rule.score == ScoreFn::sigmoid ? 1e-20 : 0) : 1) *
+                       rule.scale);
+    for (std::size_t k = 0; k < chosen.size(); ++k) {
+      const auto e = static_cast<std::size_t>(chosen[k]);
+      const auto out = swiglu(w.gate[e], w.up[e], w.down[e], hidden, w.ffn, xt);
+      for (Index h = 0; h < hidden; ++h) y(t, h) += weight[k] * out[static_cast<std::size_t>(h)];
+    }
+    if (w.shared_ffn > 0) {
+      double g = 1;
+      if (rule.gated_shared) {
+        double a = 0;
+        for (Index h = 0; h < hidden; ++h) a += w.shared_output_gate[static_cast<std::size_t>(h)] * xt[h];
+        g = 1 / (1 + std::exp(-a));
+      }
+      const auto out = swiglu(w.shared_gate, w.shared_up, w.shared_down, hidden, w.shared_ffn, xt);
+      for (Index h = 0; h < hidden; ++h) y(t, h) += g * out[static_cast<std::size_t>(h)];
+    }
+  }
+  return y;
+}
+
+// ---- a folder of the family's own names and keys -----------------------------------------
+
+/// Values k/4096 with |k| < 256: exact in BF16 and F16, so every dtype stores the same weights.
+std::vector<double> draws(std::mt19937& rng, Index n, int range = 255) {
+  std::uniform_int_distribution<int> k(-range, range);
+  std::vector<double> v(static_cast<std::size_t>(n));
+  for (double& x : v) x = k(rng) / 4096.0;
+  return v;
+}
+
+/// The names a family stores one MoE layer under (written here from the checkpoints, not from
+/// moekit's table).
+struct Names {
+  std::string router, bias, gate, up, down, shared_gate, shared_up, shared_down, shared_output_gate;
+};
+
+struct Family {
+  std::string model_type = {};
+  std::string config = {};  // config.json's keys beyond model_type, hidden_size, num_hidden_layers
+  Names names = {};
+  Rule rule = {};
+  Index hidden = 16, ffn = 12, experts = 8, shared_ffn = 0;
+  int top_k = 2;
+  bool bias = false;
+  std::vector<Index> moe_layers = {};  // of 3
+  DType dtype = DType::bf16;
+};
+
+std::string expert_name(std::string pattern, Index layer, Index e) {
+  pattern = "model.layers." + std::to_string(layer) + "." + pattern;
+  if (const auto at = pattern.find("{e}"); at != std::string::npos) pattern.replace(at, 3, std::to_string(e));
+  return pattern;
+}
+
+const Names mlp{"mlp.gate.weight", "", "mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight",
+                "mlp.experts.{e}.down_proj.weight", "", "", "", ""};
+
+std::vector<Family> families() {
+  std::vector<Family> f;
+  f.push_back({"mixtral", R"("num_local_experts": 8, "num_experts_per_tok": 2, "intermediate_size": 12)",
+               {"block_sparse_moe.gate.weight", "", "block_sparse_moe.experts.{e}.w1.weight",
+                "block_sparse_moe.experts.{e}.w3.weight", "block_sparse_moe.experts.{e}.w2.weight", "", "", "", ""},
+               {.normalize = true}});
+  f.back().moe_layers = {0, 1, 2};
+  Names qwen2 = mlp;
+  qwen2.shared_gate = "mlp.shared_expert.gate_proj.weight";
+  qwen2.shared_up = "mlp.shared_expert.up_proj.weight";
+  qwen2.shared_down = "mlp.shared_expert.down_proj.weight";
+  qwen2.shared_output_gate = "mlp.shared_expert_gate.weight";
+  f.push_back({"qwen2_moe",
+               R"("num_experts": 8, "num_experts_per_tok": 2, "moe_intermediate_size": 12, "intermediate_size": 40,
+                  "shared_expert_intermediate_size": 20, "norm_topk_prob": false, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [0])",
+               qwen2, {.gated_shared = true}});
+  f.back().shared_ffn = 20;
+  f.back().moe_layers = {1, 2};
+  f.back().dtype = DType::f16;
+  f.push_back({"qwen3_moe",
+               R"("num_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 12, "norm_topk_prob": true,
+                  "decoder_sparse_step": 2, "mlp_only_layers": [])",
+               mlp, {.normalize = true}});
+  f.back().experts = 16;
+  f.back().top_k = 4;
+  f.back().moe_layers = {1};
+  f.push_back({"olmoe", R"("num_experts": 16, "num_experts_per_tok": 8, "intermediate_size": 12, "norm_topk_prob": false)",
+               mlp, {}});
+  f.back().experts = 16;
+  f.back().top_k = 8;
+  f.back().moe_layers = {0, 1, 2};
+  f.back().dtype = DType::f32;
+  Names deepseek = mlp;
+  deepseek.shared_gate = "mlp.shared_experts.gate_proj.weight";
+  deepseek.shared_up = "mlp.shared_experts.up_proj.weight";
+  deepseek.shared_down = "mlp.shared_experts.down_proj.weight";
+  f.push_back({"deepseek_v2",
+               R"("n_routed_experts": 12, "num_experts_per_tok": 6, "moe_intermediate_size": 12, "n_shared_experts": 2,
+                  "first_k_dense_replace": 1, "moe_layer_freq": 1, "topk_method": "group_limited_greedy",
+                  "n_group": 4, "topk_group": 2, "routed_scaling_factor": 16.0, "norm_topk_prob": false)",
+               deepseek, {.scale = 16, .groups = 4, .groups_kept = 2, .group_by_max = true}});
+  f.back().experts = 12;
+  f.back().top_k = 6;
+  f.back().shared_ffn = 24;
+  f.back().moe_layers = {1, 2};
+  Names v3 = deepseek;
+  v3.bias = "mlp.gate.e_score_correction_bias";
+  f.push_back({"deepseek_v3",
+               R"("n_routed_experts": 16, "num_experts_per_tok": 4, "moe_intermediate_size": 12, "n_shared_experts": 1,
+                  "first_k_dense_replace": 1, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5,
+                  "norm_topk_prob": true, "topk_method": "noaux_tc", "scoring_func": "sigmoid")",
+               v3, {.score = ScoreFn::sigmoid, .normalize = true, .scale = 2.5, .groups = 4, .groups_kept = 2}});
+  f.back().experts = 16;
+  f.back().top_k = 4;
+  f.back().shared_ffn = 12;
+  f.back().bias = true;
+  f.back().moe_layers = {1, 2};
+  return f;
+}
+
+/// A folder being written: its tensors, then config.json and two shards with an index.
+class Folder {
+ public:
+  explicit Folder(const std::string& name)
+      : dir_(fs::temp_directory_path() / ("moekit_hf_" + std::to_string(::getpid()) + "_" + name)) {
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  ~Folder() { fs::remove_all(dir_); }
+  const fs::path& dir() const { return dir_; }
+
+  void add(const std::string& name, std::vector<Index> shape, std::vector<double> values, DType dtype) {
+    tensors_.push_back({name, std::move(shape), std::move(values), dtype});
+  }
+
+  /// config.json, and the tensors alternately in two shards (or one model.safetensors).
+  void write(const std::string& config, bool sharded = true) const {
+    std::ofstream(dir_ / "config.json") << "{" << config << "}";
+    io::SafeTensors shards[2];
+    std::string map;
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+      const auto& t = tensors_[i];
+      const std::size_t s = sharded ? i % 2 : 0;
+      shards[s].add_as(t.name, t.shape, std::span<const double>(t.values), t.dtype);
+      map += (map.empty() ? "" : ",") + ("\"" + t.name + "\": \"" + shard_name(s, sharded) + "\"");
+    }
+    shards[0].write(dir_ / shard_name(0, sharded));
+    if (!sharded) return;
+    shards[1].write(dir_ / shard_name(1, sharded));
+    std::ofstream(dir_ / "model.safetensors.index.json") << R"({"metadata": {"total_size": 0}, "weight_map": {)" << map << "}}";
+  }
+
+ private:
+  static std::string shard_name(std::size_t s, bool sharded) {
+    return sharded ? "model-0000" + std::to_string(s + 1) + "-of-00002.safetensors" : "model.safetensors";
+  }
+  struct Stored {
+    std::string name;
+    std::vector<Index> shape;
+    std::vector<double> values;
+    DType dtype;
+  };
+  fs::path dir_;
+  std::vector<Stored> tensors_;
+};
+
+/// A folder of the family with three layers (their MoE blocks where the family has them, dense
+/// MLPs and attention weights elsewhere), and layer `layer`'s weights for the reference.
+Weights write_family(const Family& f, Folder& folder, Index layer, unsigned seed, bool sharded = true) {
+  std::mt19937 rng(seed);
+  const Index h = f.hidden, e = f.experts, ffn = f.ffn, s = f.shared_ffn;
+  Weights kept;
+  folder.add("model.embed_tokens.weight", {32, h}, draws(rng, 32 * h), DType::bf16);
+  for (Index n = 0; n < 3; ++n) {
+    folder.add(expert_name("self_attn.q_proj.weight", n, 0), {h, h}, draws(rng, h * h), DType::bf16);
+    folder.add(expert_name("input_layernorm.weight", n, 0), {h}, draws(rng, h), DType::f32);
+    if (std::find(f.moe_layers.begin(), f.moe_layers.end(), n) == f.moe_layers.end()) {
+      folder.add(expert_name("mlp.gate_proj.weight", n, 0), {40, h}, draws(rng, 40 * h), f.dtype);
+      continue;
+    }
+    Weights w{h, ffn, e, s, f.top_k};
+    w.router = draws(rng, e * h);
+    folder.add(expert_name(f.names.router, n, 0), {e, h}, w.router, f.dtype);
+    if (f.bias) {
+      w.bias = draws(rng, e, 2047);  // larger: the bias must move the selection
+      folder.add(expert_name(f.names.bias, n, 0), {e}, w.bias, DType::f32);
+    }
+    for (Index i = 0; i < e; ++i) {
+      w.gate.push_back(draws(rng, ffn * h));
+      w.up.push_back(draws(rng, ffn * h));
+      w.down.push_back(draws(rng, h * ffn));
+      folder.add(expert_name(f.names.gate, n, i), {ffn, h}, w.gate.back(), f.dtype);
+      folder.add(expert_name(f.names.up, n, i), {ffn, h}, w.up.back(), f.dtype);
+      folder.add(expert_name(f.names.down, n, i), {h, ffn}, w.down.back(), f.dtype);
+    }
+    if (s > 0) {
+      w.shared_gate = draws(rng, s * h);
+      w.shared_up = draws(rng, s * h);
+      w.shared_down = draws(rng, h * s);
+      folder.add(expert_name(f.names.shared_gate, n, 0), {s, h}, w.shared_gate, f.dtype);
+      folder.add(expert_name(f.names.shared_up, n, 0), {s, h}, w.shared_up, f.dtype);
+      folder.add(expert_name(f.names.shared_down, n, 0), {h, s}, w.shared_down, f.dtype);
+      if (!f.names.shared_output_gate.empty()) {
+        w.shared_output_gate = draws(rng, h, 2047);
+        folder.add(expert_name(f.names.shared_output_gate, n, 0), {1, h}, w.shared_output_gate, f.dtype);
+      }
+    }
+    if (n == layer) kept = w;
+  }
+  folder.write(R"("model_type": ")" + f.model_type + R"(", "hidden_size": 16, "num_hidden_layers": 3, )" + f.config,
+               sharded);
+  return kept;
+}
+
+double relative(const Matrix<float>& a, const Matrix<double>& b) {
+  return (a.cast<double>() - b).cwiseAbs().maxCoeff() / b.cwiseAbs().maxCoeff();
+}
+
+/// y of layer n by the library: the block's layer in float, loaded from the folder.
+Matrix<float> library_forward(const io::HfModel& model, Index n, const Matrix<float>& x) {
+  return model.block(n).with_layer<float>([&](auto& layer) {
+    model.load(layer, n);
+    return Matrix<float>(layer.forward(x));
+  });
+}
+
+TEST(HfModel, EveryFamilyAgreesWithTheFloat64Reference) {
+  for (const auto& f : families()) {
+    SCOPED_TRACE(f.model_type);
+    Folder folder(f.model_type);
+    const Index layer = f.moe_layers.back();
+    const Weights w = write_family(f, folder, layer, 7);
+    const auto model = io::HfModel::open(folder.dir());
+    EXPECT_EQ(model.moe_layers(), f.moe_layers);
+    const auto block = model.block(layer);
+    EXPECT_TRUE(block.unsupported().empty());
+    EXPECT_EQ(block.experts, f.experts);
+    EXPECT_EQ(block.top_k, f.top_k);
+    EXPECT_EQ(block.shared_ffn, f.shared_ffn);
+    const Matrix<float> x = Eigen::MatrixXf::Random(13, 16);
+    const Matrix<double> expected = reference(w, f.rule, x.cast<double>());
+    EXPECT_LT(relative(library_forward(model, layer, x), expected), 1e-4);
+  }
+}
+
+// moekit-hf forward: x from IN.safetensors (F32 here, BF16 for one family), y to OUT.safetensors.
+#ifdef MOEKIT_HF
+TEST(HfModel, TheToolsForwardAgreesWithTheFloat64Reference) {
+  for (const auto& f : families()) {
+    SCOPED_TRACE(f.model_type);
+    Folder folder(f.model_type + "_tool");
+    const Index layer = f.moe_layers.front();
+    const Weights w = write_family(f, folder, layer, 11);
+    const Matrix<float> x = Eigen::MatrixXf::Random(9, 16);
+    io::SafeTensors in;
+    const std::vector<float> xs(x.data(), x.data() + x.size());
+    in.add_as("x", {9, 16}, std::span<const float>(xs), f.model_type == "olmoe" ? DType::bf16 : DType::f32);
+    in.write(folder.dir() / "in.safetensors");
+    const Matrix<float> x_stored = [&] {  // BF16 rounds x: the reference takes what was stored
+      const auto v = io::SafeTensors::read(folder.dir() / "in.safetensors").values<float>("x");
+      return Matrix<float>(ConstMatrixMap<float>(v.data(), 9, 16));
+    }();
+    const std::string command = std::string(MOEKIT_HF) + " forward " + folder.dir().string() + " --layer " +
+                                std::to_string(layer) + " --input " + (folder.dir() / "in.safetensors").string() +
+                                " --output " + (folder.dir() / "out.safetensors").string() + " > /dev/null";
+    ASSERT_EQ(std::system(command.c_str()), 0) << command;
+    const auto out = io::SafeTensors::read(folder.dir() / "out.safetensors");
+    ASSERT_EQ(out.info("y").shape, (std::vector<Index>{9, 16}));
+    ASSERT_EQ(out.info("y").dtype, DType::f32);
+    const auto y = out.values<float>("y");
+    EXPECT_LT(relative(Matrix<float>(ConstMatrixMap<float>(y.data(), 9, 16)), reference(w, f.rule, x_stored.cast<double>())),
+              1e-4);
+  }
+}
+#endif
+
+TEST(HfModel, OneFileWithoutAnIndexReadsToo) {
+  const auto f = families()[1];  // Qwen2-MoE
+  Folder folder("single");
+  const Weights w = write_family(f, folder, 2, 3, false);
+  const auto model = io::HfModel::open(folder.dir());
+  const Matrix<float> x = Eigen::MatrixXf::Random(5, 16);
+  EXPECT_LT(relative(library_forward(model, 2, x), reference(w, f.rule, x.cast<double>())), 1e-4);
+}
+
+/// The fixtures written as folders under their families' names (by write_block, F64) and read
+/// back reproduce the fixtures' y.
+TEST(HfModel, FixturesWrittenAsFoldersReproduceTheirOutput) {
+  struct Case {
+    std::string file, config;
+  };
+  const std::vector<Case> cases{
+      {"mixtral", R"("model_type": "mixtral", "hidden_size": 32, "num_hidden_layers": 1, "num_local_experts": 8,
+                     "num_experts_per_tok": 2, "intermediate_size": 48)"},
+      {"qwen2_moe", R"("model_type": "qwen2_moe", "hidden_size": 32, "num_hidden_layers": 1, "num_experts": 6,
+                       "num_experts_per_tok": 2, "moe_intermediate_size": 40, "shared_expert_intermediate_size": 56,
+                       "norm_topk_prob": false)"},
+      {"deepseek_v3", R"("model_type": "deepseek_v3", "hidden_size": 32, "num_hidden_layers": 1, "n_routed_experts": 16,
+                         "num_experts_per_tok": 4, "moe_intermediate_size": 40, "n_shared_experts": 1, "n_group": 4,
+                         "topk_group": 2, "routed_scaling_factor": 2.5, "norm_topk_prob": true)"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.file);
+    const fs::path fixture = fs::path(MOEKIT_FIXTURES_DIR) / (c.file + ".safetensors");
+    const auto file = io::SafeTensors::read(fixture);
+    const auto block = io::HfBlock::from(file);
+    Folder folder(c.file + "_fixture");
+    std::ofstream(folder.dir() / "config.json") << "{" << c.config << "}";
+    block.with_layer<double>([&](auto& layer) {
+      block.load(layer, file, fixture);
+      const auto model = io::HfModel::open_config(folder.dir());
+      model.write_block(layer, 0, folder.dir() / "model.safetensors", DType::f64);
+    });
+    const auto model = io::HfModel::open(folder.dir());
+    const Matrix<double> y = model.block(0).with_layer<double>([&](auto& layer) {
+      model.load(layer, 0);
+      return Matrix<double>(layer.forward(block.activations<double>(file, "x")));
+    });
+    EXPECT_LT(io::relative_error(std::span<const double>(y.data(), y.size()), file.values<double>("y")), 1e-6);
+  }
+}
+
+// ---- errors: each names the file, the tensor and what was expected ---------------------------
+
+std::string message_of(auto f) {
+  try {
+    f();
+  } catch (const error& e) {
+    return e.what();
+  }
+  return "no error";
+}
+
+class HfModelErrors : public ::testing::Test {
+ protected:
+  void SetUp() override { write_family(family, folder, 1, 5); }
+  /// Rewrites one shard with `change` applied to its tensors.
+  void rewrite_shard(const std::string& shard, auto change) {
+    const auto path = folder.dir() / shard;
+    const auto old = io::SafeTensors::read(path);
+    io::SafeTensors updated;
+    for (const auto& name : old.names()) {
+      const auto& info = old.info(name);
+      change(updated, name, info, old);
+    }
+    updated.write(path);
+  }
+  std::string shard_of(const std::string& name) {
+    std::ifstream in(folder.dir() / "model.safetensors.index.json");
+    const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto at = text.find("\"" + name + "\": \"");
+    return text.substr(at + name.size() + 5, text.find('"', at + name.size() + 5) - (at + name.size() + 5));
+  }
+  static void copy(io::SafeTensors& to, const std::string& name, const io::TensorInfo& info, const io::SafeTensors& from) {
+    const auto bytes = from.bytes(name);
+    to.add_raw(name, info.shape, info.dtype, std::as_bytes(bytes));
+  }
+  std::string read_layer(Index n = 1) {
+    return message_of([&] { io::HfModel::open(folder.dir()).read_block<float>(n); });
+  }
+
+  Family family = families()[5];  // DeepSeek-V3: layer 0 dense, a bias, a shared expert
+  Folder folder{"errors"};
+};
+
+TEST_F(HfModelErrors, AnUnknownModelType) {
+  std::ofstream(folder.dir() / "config.json") << R"({"model_type": "llama", "hidden_size": 16})";
+  EXPECT_EQ(message_of([&] { io::HfModel::open(folder.dir()); }),
+            "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
+                "' has model_type = 'llama'; expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, "
+                "deepseek_v3 (docs/models.md)");
+}
+
+TEST_F(HfModelErrors, AFamilyMoekitCannotBuildYetIsNamed) {
+  std::ofstream(folder.dir() / "config.json") << R"({"model_type": "gpt_oss", "hidden_size": 16})";
+  EXPECT_EQ(message_of([&] { io::HfModel::open(folder.dir()); }),
+            "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
+                "' has model_type = 'gpt_oss', whose MoE block needs a router bias, per-expert biases and a clamped "
+                "SwiGLU with gate and up interleaved, which moekit does not do (docs/models.md)");
+}
+
+TEST_F(HfModelErrors, ADenseLayerAskedForAsMoE) {
+  EXPECT_EQ(read_layer(0), "moekit::HfModel: layer 0 of '" + folder.dir().string() +
+                               "' is dense (first_k_dense_replace = 1); expected an MoE layer: 1, 2");
+  EXPECT_EQ(read_layer(3), "moekit::HfModel: layer 3 of '" + folder.dir().string() +
+                               "'; expected 0 to 2 (num_hidden_layers = 3)");
+}
+
+TEST_F(HfModelErrors, AMissingTensor) {
+  const std::string name = "model.layers.1.mlp.experts.3.up_proj.weight", shard = shard_of(name);
+  rewrite_shard(shard, [&](io::SafeTensors& to, const std::string& n, const io::TensorInfo& info, const io::SafeTensors& from) {
+    if (n != name) copy(to, n, info, from);
+  });
+  EXPECT_EQ(read_layer(), "moekit::HfModel: '" + (folder.dir() / shard).string() + "' has no tensor '" + name +
+                              "'; expected an expert's up_proj there (model.safetensors.index.json places it in this file)");
+}
+
+TEST_F(HfModelErrors, AShapeThatDisagreesWithTheConfig) {
+  const std::string name = "model.layers.1.mlp.shared_experts.down_proj.weight", shard = shard_of(name);
+  rewrite_shard(shard, [&](io::SafeTensors& to, const std::string& n, const io::TensorInfo& info, const io::SafeTensors& from) {
+    if (n != name) return copy(to, n, info, from);
+    const std::vector<double> values(static_cast<std::size_t>(16 * 13), 0.0);
+    to.add(n, {16, 13}, std::span<const double>(values));
+  });
+  EXPECT_EQ(read_layer(), "moekit::HfModel: '" + (folder.dir() / shard).string() + "' tensor '" + name +
+                              "' is [16,13]; expected [16,12] (the shared expert's down_proj, from config.json's "
+                              "hidden_size and the shared expert's width)");
+}
+
+TEST_F(HfModelErrors, AnUnsupportedDtype) {
+  const std::string name = "model.layers.1.mlp.experts.0.gate_proj.weight", shard = shard_of(name);
+  rewrite_shard(shard, [&](io::SafeTensors& to, const std::string& n, const io::TensorInfo& info, const io::SafeTensors& from) {
+    if (n != name) return copy(to, n, info, from);
+    const std::vector<std::byte> fp8(static_cast<std::size_t>(12 * 16), std::byte{0x38});
+    to.add_raw(n, info.shape, DType::f8_e4m3, fp8);
+  });
+  EXPECT_EQ(read_layer(), "moekit::SafeTensors: '" + (folder.dir() / shard).string() + "' tensor '" + name +
+                              "' has dtype F8_E4M3; expected F32, F64, BF16 or F16");
+}
+
+TEST_F(HfModelErrors, QuantisedBlocksAreNamed) {
+  const std::string name = "model.layers.1.mlp.experts.2.down_proj.weight", shard = shard_of(name);
+  rewrite_shard(shard, [&](io::SafeTensors& to, const std::string& n, const io::TensorInfo& info, const io::SafeTensors& from) {
+    if (n != name) return copy(to, n, info, from);
+    const std::vector<std::byte> blocks(96, std::byte{0x11});
+    to.add_raw(n + "_blocks", {16, 6}, DType::u8, blocks);
+  });
+  EXPECT_EQ(read_layer(), "moekit::HfModel: '" + (folder.dir() / shard).string() + "' has no tensor '" + name +
+                              "' but '" + name + "_blocks' (quantised blocks, such as MXFP4, which moekit does not read: "
+                              "dequantize the model to BF16 first); expected an expert's down_proj there "
+                              "(model.safetensors.index.json places it in this file)");
+}
+
+TEST_F(HfModelErrors, AConventionMoekitDoesNotDo) {
+  std::ifstream in(folder.dir() / "config.json");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  text.replace(text.find("\"noaux_tc\""), 10, "\"greedy_v4\"");
+  std::ofstream(folder.dir() / "config.json") << text;
+  EXPECT_EQ(read_layer(), "moekit::HfModel: layer 1 of '" + folder.dir().string() +
+                              "' (deepseek_v3) needs topk_method = 'greedy_v4' (a convention moekit does not know); "
+                              "moekit does not do this (docs/models.md)");
+}
+
+TEST_F(HfModelErrors, AMissingConfigKeyAndNoWeights) {
+  std::ofstream(folder.dir() / "config.json") << R"({"model_type": "deepseek_v3", "num_hidden_layers": 3})";
+  EXPECT_EQ(read_layer(), "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
+                              "' has no hidden_size; expected it in a model of this family");
+  fs::remove(folder.dir() / "model.safetensors.index.json");
+  EXPECT_EQ(read_layer(), "moekit::HfModel: '" + folder.dir().string() +
+                              "' has neither model.safetensors nor model.safetensors.index.json; expected the weights "
+                              "in one of them");
+}
+
+}  // namespace
+}  // namespace moekit::test
