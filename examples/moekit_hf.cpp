@@ -89,6 +89,7 @@ int inspect(const moekit::io::HfModel& model) {
               std::string(moekit::to_string(b.score)).c_str(), b.normalize ? ", renormalised" : "", b.scale);
   if (b.groups > 1) std::printf(", %d groups (%d kept) by %s", b.groups, b.groups_kept, b.group_score.c_str());
   if (b.selection_bias) std::printf(", selection bias");
+  if (b.weight_at_input) std::printf(", weights scale the experts' input");
   std::printf("\nshared:  %s", b.has_shared() ? b.shared_expert.c_str() : "none");
   if (b.has_shared()) std::printf(", width %lld", static_cast<long long>(b.shared_ffn));
   std::printf("\nmoekit:  %s, float or double\n", b.layer_type().c_str());

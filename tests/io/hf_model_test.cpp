@@ -36,6 +36,7 @@ struct Rule {
   int groups = 1, groups_kept = 1;
   bool group_by_max = false;  // DeepSeek-V2: a group's best score; else DeepSeek-V3's top-2 sum
   bool gated_shared = false;  // Qwen2-MoE: the shared expert × σ(x·w)
+  bool weight_input = false;  // Llama 4: y = Σ expert(w·x)
 };
 
 struct Weights {
@@ -119,8 +120,15 @@ Matrix<double> reference(const Weights& w, const Rule& rule, const Matrix<double
                        rule.scale);
     for (std::size_t k = 0; k < chosen.size(); ++k) {
       const auto e = static_cast<std::size_t>(chosen[k]);
-      const auto out = swiglu(w.gate[e], w.up[e], w.down[e], hidden, w.ffn, xt);
-      for (Index h = 0; h < hidden; ++h) y(t, h) += weight[k] * out[static_cast<std::size_t>(h)];
+      if (rule.weight_input) {
+        std::vector<double> scaled(xt, xt + hidden);
+        for (double& v : scaled) v *= weight[k];
+        const auto out = swiglu(w.gate[e], w.up[e], w.down[e], hidden, w.ffn, scaled.data());
+        for (Index h = 0; h < hidden; ++h) y(t, h) += out[static_cast<std::size_t>(h)];
+      } else {
+        const auto out = swiglu(w.gate[e], w.up[e], w.down[e], hidden, w.ffn, xt);
+        for (Index h = 0; h < hidden; ++h) y(t, h) += weight[k] * out[static_cast<std::size_t>(h)];
+      }
     }
     if (w.shared_ffn > 0) {
       double g = 1;
@@ -162,10 +170,13 @@ struct Family {
   bool bias = false;
   std::vector<Index> moe_layers = {};  // of 3
   DType dtype = DType::bf16;
+  std::string prefix = "model.layers.";
+  bool fused = false;   // Llama 4: gate_up_proj [E,H,2F] and down_proj [E,F,H] for all experts
+  bool nested = false;  // Llama 4's multimodal config: the sizes in text_config
 };
 
-std::string expert_name(std::string pattern, Index layer, Index e) {
-  pattern = "model.layers." + std::to_string(layer) + "." + pattern;
+std::string expert_name(std::string pattern, Index layer, Index e, const std::string& prefix = "model.layers.") {
+  pattern = prefix + std::to_string(layer) + "." + pattern;
   if (const auto at = pattern.find("{e}"); at != std::string::npos) pattern.replace(at, 3, std::to_string(e));
   return pattern;
 }
@@ -231,6 +242,24 @@ std::vector<Family> families() {
   f.back().shared_ffn = 12;
   f.back().bias = true;
   f.back().moe_layers = {1, 2};
+  const Names llama4{"feed_forward.router.weight", "", "feed_forward.experts.gate_up_proj", "",
+                     "feed_forward.experts.down_proj", "feed_forward.shared_expert.gate_proj.weight",
+                     "feed_forward.shared_expert.up_proj.weight", "feed_forward.shared_expert.down_proj.weight", ""};
+  f.push_back({"llama4_text",
+               R"("num_local_experts": 8, "num_experts_per_tok": 1, "intermediate_size": 12, "intermediate_size_mlp": 40,
+                  "interleave_moe_layer_step": 2)",
+               llama4, {.score = ScoreFn::sigmoid, .weight_input = true}});
+  f.back().top_k = 1;
+  f.back().shared_ffn = 12;
+  f.back().moe_layers = {1};
+  f.back().fused = true;
+  f.push_back(f.back());
+  f.back().model_type = "llama4";
+  f.back().config = R"("num_local_experts": 8, "num_experts_per_tok": 1, "intermediate_size": 12, "moe_layers": [0, 2])";
+  f.back().moe_layers = {0, 2};
+  f.back().prefix = "language_model.model.layers.";
+  f.back().nested = true;
+  f.back().dtype = DType::f32;
   return f;
 }
 
@@ -286,44 +315,60 @@ Weights write_family(const Family& f, Folder& folder, Index layer, unsigned seed
   std::mt19937 rng(seed);
   const Index h = f.hidden, e = f.experts, ffn = f.ffn, s = f.shared_ffn;
   Weights kept;
+  auto name = [&](const std::string& pattern, Index n, Index i = 0) { return expert_name(pattern, n, i, f.prefix); };
   folder.add("model.embed_tokens.weight", {32, h}, draws(rng, 32 * h), DType::bf16);
   for (Index n = 0; n < 3; ++n) {
-    folder.add(expert_name("self_attn.q_proj.weight", n, 0), {h, h}, draws(rng, h * h), DType::bf16);
-    folder.add(expert_name("input_layernorm.weight", n, 0), {h}, draws(rng, h), DType::f32);
+    folder.add(name("self_attn.q_proj.weight", n), {h, h}, draws(rng, h * h), DType::bf16);
+    folder.add(name("input_layernorm.weight", n), {h}, draws(rng, h), DType::f32);
     if (std::find(f.moe_layers.begin(), f.moe_layers.end(), n) == f.moe_layers.end()) {
-      folder.add(expert_name("mlp.gate_proj.weight", n, 0), {40, h}, draws(rng, 40 * h), f.dtype);
+      folder.add(name("mlp.gate_proj.weight", n), {40, h}, draws(rng, 40 * h), f.dtype);
       continue;
     }
     Weights w{h, ffn, e, s, f.top_k};
     w.router = draws(rng, e * h);
-    folder.add(expert_name(f.names.router, n, 0), {e, h}, w.router, f.dtype);
+    folder.add(name(f.names.router, n), {e, h}, w.router, f.dtype);
     if (f.bias) {
       w.bias = draws(rng, e, 2047);  // larger: the bias must move the selection
-      folder.add(expert_name(f.names.bias, n, 0), {e}, w.bias, DType::f32);
+      folder.add(name(f.names.bias, n), {e}, w.bias, DType::f32);
     }
     for (Index i = 0; i < e; ++i) {
       w.gate.push_back(draws(rng, ffn * h));
       w.up.push_back(draws(rng, ffn * h));
       w.down.push_back(draws(rng, h * ffn));
-      folder.add(expert_name(f.names.gate, n, i), {ffn, h}, w.gate.back(), f.dtype);
-      folder.add(expert_name(f.names.up, n, i), {ffn, h}, w.up.back(), f.dtype);
-      folder.add(expert_name(f.names.down, n, i), {h, ffn}, w.down.back(), f.dtype);
+      if (f.fused) continue;
+      folder.add(name(f.names.gate, n, i), {ffn, h}, w.gate.back(), f.dtype);
+      folder.add(name(f.names.up, n, i), {ffn, h}, w.up.back(), f.dtype);
+      folder.add(name(f.names.down, n, i), {h, ffn}, w.down.back(), f.dtype);
+    }
+    if (f.fused) {  // x · W: gate_up_proj[e][h][j] is gate[e][j][h] for j < F, up[e][j − F][h] after
+      std::vector<double> gate_up(static_cast<std::size_t>(e * h * 2 * ffn)), down(static_cast<std::size_t>(e * ffn * h));
+      for (Index i = 0; i < e; ++i)
+        for (Index r = 0; r < h; ++r)
+          for (Index j = 0; j < ffn; ++j) {
+            const auto at = static_cast<std::size_t>(j * h + r);
+            gate_up[static_cast<std::size_t>((i * h + r) * 2 * ffn + j)] = w.gate[static_cast<std::size_t>(i)][at];
+            gate_up[static_cast<std::size_t>((i * h + r) * 2 * ffn + ffn + j)] = w.up[static_cast<std::size_t>(i)][at];
+            down[static_cast<std::size_t>((i * ffn + j) * h + r)] = w.down[static_cast<std::size_t>(i)][static_cast<std::size_t>(r * ffn + j)];
+          }
+      folder.add(name(f.names.gate, n), {e, h, 2 * ffn}, gate_up, f.dtype);
+      folder.add(name(f.names.down, n), {e, ffn, h}, down, f.dtype);
     }
     if (s > 0) {
       w.shared_gate = draws(rng, s * h);
       w.shared_up = draws(rng, s * h);
       w.shared_down = draws(rng, h * s);
-      folder.add(expert_name(f.names.shared_gate, n, 0), {s, h}, w.shared_gate, f.dtype);
-      folder.add(expert_name(f.names.shared_up, n, 0), {s, h}, w.shared_up, f.dtype);
-      folder.add(expert_name(f.names.shared_down, n, 0), {h, s}, w.shared_down, f.dtype);
+      folder.add(name(f.names.shared_gate, n), {s, h}, w.shared_gate, f.dtype);
+      folder.add(name(f.names.shared_up, n), {s, h}, w.shared_up, f.dtype);
+      folder.add(name(f.names.shared_down, n), {h, s}, w.shared_down, f.dtype);
       if (!f.names.shared_output_gate.empty()) {
         w.shared_output_gate = draws(rng, h, 2047);
-        folder.add(expert_name(f.names.shared_output_gate, n, 0), {1, h}, w.shared_output_gate, f.dtype);
+        folder.add(name(f.names.shared_output_gate, n), {1, h}, w.shared_output_gate, f.dtype);
       }
     }
     if (n == layer) kept = w;
   }
-  folder.write(R"("model_type": ")" + f.model_type + R"(", "hidden_size": 16, "num_hidden_layers": 3, )" + f.config,
+  const std::string sizes = R"("hidden_size": 16, "num_hidden_layers": 3, )" + f.config;
+  folder.write(R"("model_type": ")" + f.model_type + "\", " + (f.nested ? R"("text_config": {)" + sizes + "}" : sizes),
                sharded);
   return kept;
 }
@@ -356,6 +401,26 @@ TEST(HfModel, EveryFamilyAgreesWithTheFloat64Reference) {
     const Matrix<float> x = Eigen::MatrixXf::Random(13, 16);
     const Matrix<double> expected = reference(w, f.rule, x.cast<double>());
     EXPECT_LT(relative(library_forward(model, layer, x), expected), 1e-4);
+  }
+}
+
+// write_block writes a layer under the family's names (fused and transposed where the family
+// stores it so); read back, it gives the same layer.
+TEST(HfModel, WriteBlockRoundTripsEveryFamily) {
+  for (const auto& f : families()) {
+    SCOPED_TRACE(f.model_type);
+    Folder folder(f.model_type + "_written"), copy(f.model_type + "_copy");
+    const Index layer = f.moe_layers.back();
+    write_family(f, folder, layer, 13);
+    fs::copy_file(folder.dir() / "config.json", copy.dir() / "config.json");
+    const auto model = io::HfModel::open(folder.dir());
+    const Matrix<float> x = Eigen::MatrixXf::Random(6, 16);
+    const Matrix<float> y = model.block(layer).with_layer<float>([&](auto& l) {
+      model.load(l, layer);
+      io::HfModel::open_config(copy.dir()).write_block(l, layer, copy.dir() / "model.safetensors");
+      return Matrix<float>(l.forward(x));
+    });
+    EXPECT_EQ(library_forward(io::HfModel::open(copy.dir()), layer, x), y);
   }
 }
 
@@ -484,7 +549,7 @@ TEST_F(HfModelErrors, AnUnknownModelType) {
   EXPECT_EQ(message_of([&] { io::HfModel::open(folder.dir()); }),
             "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
                 "' has model_type = 'llama'; expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, "
-                "deepseek_v3 (docs/models.md)");
+                "deepseek_v3, llama4_text, llama4 (docs/models.md)");
 }
 
 TEST_F(HfModelErrors, AFamilyMoekitCannotBuildYetIsNamed) {

@@ -160,5 +160,16 @@ TEST(ExpertParallel, SharedExpertsReplicatedAndReduced) {
   }
 }
 
+// Llama 4's block: top-1 sigmoid weights that scale the experts' input (the rows travel
+// scaled), and a shared expert.
+TEST(ExpertParallel, WeightsThatScaleTheInput) {
+  LayerConfig config = small;
+  config.shared_ffn = 4;
+  for (const auto& layout : layouts())
+    expect_same_as_one_process<MoELayer<TopK<1>, NoBalance, Dropless, GroupedGemm, Shared<>, ExpertParallel, double>>(
+        layout, config, {5, 3, 6, 2},
+        TopK<1>{{.score = ScoreFn::sigmoid, .normalize = false, .weight_at = WeightAt::input}});
+}
+
 }  // namespace
 }  // namespace moekit::test

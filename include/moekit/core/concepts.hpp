@@ -75,6 +75,13 @@ concept Router =
       p.backward(cscores, crouting, d_weight, scores);  // scores, routing, [T,K] → d_logits [T,E]
     };
 
+/// A router whose weights may scale the experts' input rather than their output (TopK's
+/// weight_at option); a router without this hook scales the output.
+template <class P>
+concept RouterPlacesWeights = Router<P> && requires(const P& p) {
+  { p.weight_at() } -> std::same_as<WeightAt>;
+};
+
 /// Keeps expert load even: loss terms with their gradient, and/or a bias on selection.
 /// docs/policies/balance.md
 template <class P>

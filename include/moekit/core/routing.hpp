@@ -34,6 +34,10 @@ struct LayerConfig {
 /// How a router turns logits into scores.
 enum class ScoreFn { softmax, sigmoid };
 
+/// What a choice's weight multiplies: the expert's output, y = Σ_k w_k · expert_k(x) (Mixtral,
+/// DeepSeek, Qwen), or its input, y = Σ_k expert_k(w_k · x) (Llama 4).
+enum class WeightAt { output, input };
+
 inline constexpr std::string_view to_string(ScoreFn f) {
   return f == ScoreFn::softmax ? "softmax" : "sigmoid";
 }

@@ -40,21 +40,39 @@ void fetch_rows_of(const Plan& plan, Index t, const M& m) {
 
 }  // namespace detail
 
-/// rows[r] = x[token of row r]; a padding row is zero.                          [T,H] → [S,H]
+/// rows[r] = x[token of row r], times the choice's weight when `weight` is given (weights that
+/// scale the experts' input, WeightAt::input); a padding row is zero.           [T,H] → [S,H]
 template <Scalar T>
-void gather(const Plan& plan, ConstMatrixRef<T> x, MatrixRef<T> rows) {
+void gather(const Plan& plan, ConstMatrixRef<T> x, MatrixRef<T> rows, std::span<const T> weight = {}) {
   detail::for_each_index(plan.rows(), permute_block, [&](Index r) {
     const Index choice = plan.source[static_cast<std::size_t>(r)];
     if (choice == Plan::no_slot)
       rows.row(r).setZero();
-    else
+    else if (weight.empty())
       rows.row(r) = x.row(choice / plan.top_k);
+    else
+      rows.row(r) = weight[static_cast<std::size_t>(choice)] * x.row(choice / plan.top_k);
   });
 }
 
-/// y[t] = Σ_k weight[t·K + k] · out[slot of (t, k)] over t's kept choices; a token with none
-/// gets zero. The first term is written, the others added; the next token's rows are fetched
-/// meanwhile.                                                                   [S,H] → [T,H]
+/// The weights' part of gather's backward when they scaled the input: rows_r = w_c · x_t, so
+/// d_weight_c = ⟨d_rows_r, x_t⟩ and d_rows_r becomes w_c · d_rows_r, the gradient of x_t's copy
+/// (scatter_add then adds it into dx).
+template <Scalar T>
+void weighted_gather_backward(const Plan& plan, std::span<const T> weight, ConstMatrixRef<T> x,
+                              MatrixRef<T> d_rows, std::span<T> d_weight) {
+  detail::for_each_index(plan.rows(), permute_block, [&](Index r) {
+    const Index choice = plan.source[static_cast<std::size_t>(r)];
+    if (choice == Plan::no_slot) return;
+    const auto c = static_cast<std::size_t>(choice);
+    d_weight[c] = d_rows.row(r).dot(x.row(choice / plan.top_k));
+    d_rows.row(r) *= weight[c];
+  });
+}
+
+/// y[t] = Σ_k weight[t·K + k] · out[slot of (t, k)] over t's kept choices (every weight 1 when
+/// `weight` is empty: they scaled the input); a token with none gets zero. The first term is
+/// written, the others added; the next token's rows are fetched meanwhile.     [S,H] → [T,H]
 template <Scalar T>
 void combine(const Plan& plan, std::span<const T> weight, ConstMatrixRef<T> out, MatrixRef<T> y) {
   const Index tokens = plan.tokens;
@@ -63,7 +81,11 @@ void combine(const Plan& plan, std::span<const T> weight, ConstMatrixRef<T> out,
     auto row = y.row(t);
     bool written = false;
     for_each_kept_choice(plan, t, [&](std::size_t choice, Index slot) {
-      if (written)
+      if (weight.empty() && written)
+        row += out.row(slot);
+      else if (weight.empty())
+        row = out.row(slot);
+      else if (written)
         row += weight[choice] * out.row(slot);
       else
         row = weight[choice] * out.row(slot);
@@ -75,7 +97,8 @@ void combine(const Plan& plan, std::span<const T> weight, ConstMatrixRef<T> out,
 
 /// combine's backward. y_t = Σ_k w_tk · out_slot, so d_out_slot = w_tk · dy_t and
 /// d_weight_tk = ⟨dy_t, out_slot⟩. Each row of out is read once, then overwritten by its
-/// gradient; a dropped choice's d_weight stays as it was (the caller zeroes it).
+/// gradient; a dropped choice's d_weight stays as it was (the caller zeroes it). With `weight`
+/// empty (unit weights) d_out_slot = dy_t and d_weight is not touched.
 template <Scalar T>
 void combine_backward(const Plan& plan, std::span<const T> weight, ConstMatrixRef<T> dy,
                       MatrixRef<T> out_then_d_out, std::span<T> d_weight) {
@@ -86,6 +109,10 @@ void combine_backward(const Plan& plan, std::span<const T> weight, ConstMatrixRe
       return;
     }
     const auto token = dy.row(choice / plan.top_k);
+    if (weight.empty()) {
+      out_then_d_out.row(r) = token;
+      return;
+    }
     d_weight[static_cast<std::size_t>(choice)] = token.dot(out_then_d_out.row(r));
     out_then_d_out.row(r) = weight[static_cast<std::size_t>(choice)] * token;
   });

@@ -33,6 +33,7 @@ struct HfBlock {
   int groups = 1, groups_kept = 1;  // n_group, topk_group: group-limited top-k
   std::string group_score = "sum of top-2 biased scores in group";
   bool selection_bias = false;  // router.bias: AuxFree's bias, loaded with the layer
+  bool weight_at_input = false;  // Llama 4: the weights scale the experts' input
   std::vector<std::pair<std::string, std::string>> unknown;  // metadata keys of conventions moekit does not know
 
   /// The metadata's words for what moekit implements: group scores (TopK's GroupScore), shared
@@ -89,14 +90,17 @@ struct HfBlock {
   template <int K>
   TopK<K> router() const {
     return TopK<K>{{.score = score, .normalize = normalize, .scale = scale, .groups = groups,
-                    .groups_kept = groups_kept, .group_score = group_rule()}};
+                    .groups_kept = groups_kept, .group_score = group_rule(),
+                    .weight_at = weight_at_input ? WeightAt::input : WeightAt::output}};
   }
 
   /// "MoELayer<TopK<8>, AuxFree, Shared<>>": the type with_layer() builds (and its scalar).
   std::string layer_type() const {
     std::string type = "MoELayer<TopK<" + std::to_string(top_k) + ">, " + (selection_bias ? "AuxFree" : "NoBalance");
     if (has_shared()) type += shared_gate() == SharedGate::sigmoid ? ", Shared<SharedGate::sigmoid>" : ", Shared<>";
-    return type + ">";
+    type += '>';
+    if (weight_at_input) type += " with TopK's weight_at = WeightAt::input";
+    return type;
   }
 
   /// The top-k values with_layer() builds: those of the families moekit reads (Llama 4's 1,

@@ -82,9 +82,16 @@ class HfConfig {
   }
 
  private:
+  /// The key at the top, else in text_config (a multimodal model's language model: Llama 4).
   const detail::Json* find(std::string_view key) const {
-    for (const auto& [k, v] : root_.members)
+    const detail::Json* text = nullptr;
+    for (const auto& [k, v] : root_.members) {
       if (k == key) return &v;
+      if (k == "text_config" && v.kind == detail::Json::Kind::object) text = &v;
+    }
+    if (text)
+      for (const auto& [k, v] : text->members)
+        if (k == key) return &v;
     return nullptr;
   }
   /// The value of `key`; nullptr when it is absent (or null) and has a default.
@@ -104,11 +111,14 @@ class HfConfig {
   detail::Json root_;
 };
 
-/// A family's tensor names inside an MoE layer (after "model.layers.N."), "{e}" for the expert.
-/// An empty name: the family has no such tensor.
+/// A family's tensor names inside an MoE layer (after its layer prefix), "{e}" for the expert.
+/// An empty name: the family has no such tensor. With fused_gate_up, `gate` names one tensor
+/// [E,H,2F] holding every expert's gate and up (x · W: transposed), gate in the first F columns,
+/// and `down` one [E,F,H] (Llama 4).
 struct HfTensorNames {
   std::string_view router = {}, selection_bias = {}, gate = {}, up = {}, down = {}, shared_gate = {}, shared_up = {},
                    shared_down = {}, shared_output_gate = {};
+  bool fused_gate_up = false;
 };
 
 /// One family: how config.json sizes its MoE block, which layers are MoE, and its tensor names.
@@ -116,6 +126,7 @@ struct HfTensorNames {
 struct HfFamily {
   std::string_view model_type;
   HfTensorNames names;
+  std::string_view layer_prefix;  // before N: "model.layers.", or Llama 4's "language_model.model.layers."
   HfBlock (*block)(const HfConfig&);
   /// Whether layer n is MoE; else why not (the config keys that make it dense).
   std::optional<std::string> (*dense_because)(const HfConfig&, Index n);
@@ -216,6 +227,37 @@ inline HfBlock hf_deepseek_v3(const HfConfig& c) {
   return b;
 }
 
+/// Llama 4: sigmoid of the top-K logits (K = 1), each weight scaling the expert's input; a shared
+/// expert of the experts' width, unscaled. MoE layers: moe_layers, else every
+/// interleave_moe_layer_step-th.
+inline HfBlock hf_llama4(const HfConfig& c) {
+  HfBlock b = hf_sizes(c, "llama4", "num_local_experts", "intermediate_size");
+  b.score = ScoreFn::sigmoid;
+  b.weight_at_input = true;
+  b.shared_ffn = b.ffn;
+  b.shared_expert = HfBlock::shared_plain_words;
+  return b;
+}
+
+inline std::optional<std::string> hf_llama4_dense(const HfConfig& c, Index n) {
+  if (c.contains("moe_layers")) {
+    const auto layers = c.integers("moe_layers");
+    if (std::ranges::find(layers, n) == layers.end()) return "it is not in moe_layers";
+    return std::nullopt;
+  }
+  const Index step = c.integer("interleave_moe_layer_step", 1);
+  if (step < 1 || (n + 1) % step != 0) return "interleave_moe_layer_step = " + std::to_string(step);
+  return std::nullopt;
+}
+
+constexpr HfTensorNames hf_llama4_names{.router = "feed_forward.router.weight",
+                                        .gate = "feed_forward.experts.gate_up_proj",
+                                        .down = "feed_forward.experts.down_proj",
+                                        .shared_gate = "feed_forward.shared_expert.gate_proj.weight",
+                                        .shared_up = "feed_forward.shared_expert.up_proj.weight",
+                                        .shared_down = "feed_forward.shared_expert.down_proj.weight",
+                                        .fused_gate_up = true};
+
 constexpr HfTensorNames hf_mlp_names{.router = "mlp.gate.weight",
                                      .gate = "mlp.experts.{e}.gate_proj.weight",
                                      .up = "mlp.experts.{e}.up_proj.weight",
@@ -240,26 +282,29 @@ inline std::span<const HfFamily> hf_families() {
         .gate = "block_sparse_moe.experts.{e}.w1.weight",
         .up = "block_sparse_moe.experts.{e}.w3.weight",
         .down = "block_sparse_moe.experts.{e}.w2.weight"},
-       hf_mixtral, hf_every_layer},
+       "model.layers.", hf_mixtral, hf_every_layer},
       {"qwen2_moe",
        [] {
          HfTensorNames n = with_shared(hf_mlp_names, "mlp.shared_expert");
          n.shared_output_gate = "mlp.shared_expert_gate.weight";
          return n;
        }(),
-       hf_qwen2_moe, hf_qwen_dense},
-      {"qwen3_moe", hf_mlp_names, [](const HfConfig& c) { return hf_qwen(c, "qwen3_moe", "moe_intermediate_size", false); },
+       "model.layers.", hf_qwen2_moe, hf_qwen_dense},
+      {"qwen3_moe", hf_mlp_names, "model.layers.", [](const HfConfig& c) { return hf_qwen(c, "qwen3_moe", "moe_intermediate_size", false); },
        hf_qwen_dense},
-      {"olmoe", hf_mlp_names, [](const HfConfig& c) { return hf_qwen(c, "olmoe", "intermediate_size", false); },
+      {"olmoe", hf_mlp_names, "model.layers.", [](const HfConfig& c) { return hf_qwen(c, "olmoe", "intermediate_size", false); },
        hf_every_layer},
-      {"deepseek_v2", with_shared(hf_mlp_names, "mlp.shared_experts"), hf_deepseek_v2, hf_deepseek_dense},
+      {"deepseek_v2", with_shared(hf_mlp_names, "mlp.shared_experts"), "model.layers.", hf_deepseek_v2,
+       hf_deepseek_dense},
       {"deepseek_v3",
        [] {
          HfTensorNames n = with_shared(hf_mlp_names, "mlp.shared_experts");
          n.selection_bias = "mlp.gate.e_score_correction_bias";
          return n;
        }(),
-       hf_deepseek_v3, hf_deepseek_dense},
+       "model.layers.", hf_deepseek_v3, hf_deepseek_dense},
+      {"llama4_text", hf_llama4_names, "model.layers.", hf_llama4, hf_llama4_dense},
+      {"llama4", hf_llama4_names, "language_model.model.layers.", hf_llama4, hf_llama4_dense},
   };
   return families;
 }
@@ -297,8 +342,6 @@ class HfModel {
   /// Families whose MoE block moekit knows and cannot build yet, and what they need.
   static constexpr std::pair<std::string_view, std::string_view> refused_families[] = {
       {"gpt_oss", "a router bias, per-expert biases and a clamped SwiGLU with gate and up interleaved"},
-      {"llama4", "the router's weight scaling the expert's input rather than its output"},
-      {"llama4_text", "the router's weight scaling the expert's input rather than its output"},
   };
 
   const std::filesystem::path& folder() const { return folder_; }
@@ -329,7 +372,7 @@ class HfModel {
 
   /// The on-disk name of a tensor of layer n: "model.layers.N." + the family's name, with {e}.
   std::string tensor_name(Index n, std::string_view name, Index expert = -1) const {
-    std::string out = "model.layers." + std::to_string(n) + "." + std::string(name);
+    std::string out = std::string(family_->layer_prefix) + std::to_string(n) + "." + std::string(name);
     if (const auto at = out.find("{e}"); at != std::string::npos) out.replace(at, 3, std::to_string(expert));
     return out;
   }
@@ -366,6 +409,7 @@ class HfModel {
         const auto part = file.values<T>(name);
         values.insert(values.end(), part.begin(), part.end());
       }
+      if (t.layout != Layout::as_stored) values = from_stored(t, values);
       block_file.add(t.moekit, t.whole, std::span<const T>(values));
     }
     return block_file;
@@ -410,6 +454,7 @@ class HfModel {
   template <class Layer>
   void write_block(const Layer& layer, Index n, const std::filesystem::path& path, DType dtype = DType::f32) const {
     const HfBlock b = block(n);
+    std::map<std::string, std::pair<std::vector<Index>, std::vector<double>>> fused;  // tensors two moekit tensors share
     SafeTensors out;
     out.metadata()["format"] = "pt";
     for (const auto& t : tensors_of(n, b)) {
@@ -422,22 +467,55 @@ class HfModel {
         const auto& p = layer.parameter(t.moekit);
         values.assign(p.values().begin(), p.values().end());
       }
+      if (t.layout != Layout::as_stored) {
+        auto& [shape, stored] = fused[t.on_disk.front()];
+        shape = t.shape;
+        stored.resize(values.size() * (t.layout == Layout::transposed ? 1 : 2));
+        for_each_element(t, [&](std::size_t moekit, std::size_t disk) { stored[disk] = values[moekit]; });
+        continue;
+      }
       const std::size_t each = values.size() / t.on_disk.size();
       for (std::size_t i = 0; i < t.on_disk.size(); ++i)
         out.add_as(t.on_disk[i], t.shape, std::span<const double>(values).subspan(i * each, each), dtype);
     }
+    for (const auto& [name, tensor] : fused) out.add_as(name, tensor.first, std::span<const double>(tensor.second), dtype);
     out.write(path);
   }
 
  private:
-  /// One moekit tensor of a block: its whole shape, and the on-disk tensors it is made of (one
-  /// per expert, in order, or one), each of `shape`.
+  /// How a moekit tensor [E,A,B] lies on disk: as it is (one tensor, or one per expert in order),
+  /// transposed ([E,B,A]: Llama 4's down_proj), or as the first or second half of the columns
+  /// of a transposed pair ([E,B,2A]: Llama 4's gate_up_proj).
+  enum class Layout { as_stored, transposed, first_half_transposed, second_half_transposed };
+
+  /// One moekit tensor of a block: its whole shape, and the on-disk tensors it is made of, each
+  /// of `shape`.
   struct BlockTensor {
     std::string moekit;
     std::vector<Index> whole, shape;
     std::vector<std::string> on_disk;
     std::string what, sizes;
+    Layout layout = Layout::as_stored;
   };
+
+  /// f(moekit index, on-disk index) for each element of a tensor of a transposed layout.
+  template <class F>
+  static void for_each_element(const BlockTensor& t, F f) {
+    const Index experts = t.whole[0], a = t.whole[1], b = t.whole[2];
+    const Index columns = t.layout == Layout::transposed ? a : 2 * a;
+    const Index first = t.layout == Layout::second_half_transposed ? a : 0;
+    for (Index e = 0; e < experts; ++e)
+      for (Index i = 0; i < a; ++i)
+        for (Index j = 0; j < b; ++j)
+          f(static_cast<std::size_t>((e * a + i) * b + j), static_cast<std::size_t>((e * b + j) * columns + first + i));
+  }
+
+  template <class T>
+  static std::vector<T> from_stored(const BlockTensor& t, const std::vector<T>& stored) {
+    std::vector<T> out(static_cast<std::size_t>(t.whole[0] * t.whole[1] * t.whole[2]));
+    for_each_element(t, [&](std::size_t moekit, std::size_t disk) { out[moekit] = stored[disk]; });
+    return out;
+  }
 
   std::vector<BlockTensor> tensors_of(Index n, const HfBlock& b) const {
     const auto& names = family_->names;
@@ -467,9 +545,20 @@ class HfModel {
         one("shared.output_gate", names.shared_output_gate, {1, h}, {1, h}, "the shared expert's gate",
             "hidden_size");
     }
-    per_expert("experts.gate", names.gate, {f, h}, "an expert's gate_proj", ffn_h);
-    per_expert("experts.up", names.up, {f, h}, "an expert's up_proj", ffn_h);
-    per_expert("experts.down", names.down, {h, f}, "an expert's down_proj", h_ffn);
+    if (names.fused_gate_up) {
+      auto fused = [&](std::string_view moekit, std::string_view name, std::vector<Index> whole, std::vector<Index> shape,
+                       Layout layout, std::string what) {
+        one(moekit, name, std::move(whole), std::move(shape), std::move(what), "the expert count, hidden_size and the expert width");
+        out.back().layout = layout;
+      };
+      fused("experts.gate", names.gate, {e, f, h}, {e, h, 2 * f}, Layout::first_half_transposed, "the experts' gate_up_proj");
+      fused("experts.up", names.gate, {e, f, h}, {e, h, 2 * f}, Layout::second_half_transposed, "the experts' gate_up_proj");
+      fused("experts.down", names.down, {e, h, f}, {e, f, h}, Layout::transposed, "the experts' down_proj");
+    } else {
+      per_expert("experts.gate", names.gate, {f, h}, "an expert's gate_proj", ffn_h);
+      per_expert("experts.up", names.up, {f, h}, "an expert's up_proj", ffn_h);
+      per_expert("experts.down", names.down, {h, f}, "an expert's down_proj", h_ffn);
+    }
     if (b.selection_bias && !names.selection_bias.empty())
       one("router.bias", names.selection_bias, {e}, {e}, "the router's selection bias", "the expert count");
     return out;

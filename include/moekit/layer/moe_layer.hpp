@@ -98,10 +98,10 @@ class BasicMoELayer {
     balance_loss_ = balancer_.template forward<T>(scores(), balance_context(), balance_state_);
     plan_rows();               // dispatcher: each kept choice's row                   [T·K] → [S]
     auto rows = rows_.matrix(plan_.rows(), shape_.hidden);
-    gather<T>(plan_, input(), rows);
+    gather<T>(plan_, input(), rows, input_weights());  // rows, times their weights if those scale the input
     auto out = expert_out_.matrix(plan_.rows(), shape_.hidden);
     run_experts(rows, out);    // expert, wherever the parallel policy puts it         [S,H]
-    combine<T>(plan_, routing_.weight, out, y);
+    combine<T>(plan_, output_weights(), out, y);
     if constexpr (S::present)  // y += the shared expert's output, from the kept x (y may alias x)
       shared_.template forward<T>(parameters_.shared_weights(), input(), y, shared_saved_, workspace_);
     have_forward_ = true;
@@ -123,7 +123,7 @@ class BasicMoELayer {
     const Index rows = plan_.rows(), hidden = shape_.hidden;
     d_weight_.assign(static_cast<std::size_t>(routing_.choices()), T(0));
     auto d_out = expert_out_.matrix(rows, hidden);  // the experts' output, read once, becomes d_out
-    combine_backward<T>(plan_, routing_.weight, dy, d_out, d_weight_);
+    combine_backward<T>(plan_, output_weights(), dy, d_out, d_weight_);
     // The shared expert reads dy, which dx may alias, so it goes back now; its d_x is added last.
     const auto shared_dx = [&] {
       if constexpr (S::present)
@@ -132,12 +132,14 @@ class BasicMoELayer {
       else
         return nullptr;
     }();
-    if constexpr (DispatcherAdjustsWeights<D, T>)
-      dispatcher_.template adjust_weights_backward<T>(plan_, weight_before_adjust_, d_weight_);
     // The experts write d_rows over the rows they were given, which backward reads for the last
     // time there: no [S,H] buffer is added for it.
     auto d_rows = rows_.matrix(rows, hidden);
     run_experts_backward(d_out, d_rows);
+    if (!input_weights().empty())  // the weights scaled the rows: their gradient, and the rows' back to x
+      weighted_gather_backward<T>(plan_, routing_.weight, input(), d_rows, d_weight_);
+    if constexpr (DispatcherAdjustsWeights<D, T>)
+      dispatcher_.template adjust_weights_backward<T>(plan_, weight_before_adjust_, d_weight_);
     auto d_logits = d_logits_.matrix(tokens_, shape_.experts);
     router_.template backward<T>(scores(), routing_, d_weight_, d_logits);
     balancer_.template backward<T>(scores(), balance_context(), balance_state_, d_logits);
@@ -232,8 +234,8 @@ class BasicMoELayer {
   static std::string name() {
     std::string name = detail::policy_label<R>() + "_" + detail::policy_label<B>() + "_" +
                        detail::policy_label<D>() + "_" + detail::policy_label<X>() + "_" + detail::policy_label<P>();
-    if constexpr (S::present) name += "_" + std::string(S::name);
-    return name + "_" + std::string(scalar_name<T>);
+    if constexpr (S::present) (name += '_') += S::name;  // +=, not "_" + …: GCC 12 warns falsely (-Wrestrict)
+    return (name += '_') += scalar_name<T>;
   }
 
   // ---- safetensors --------------------------------------------------------------------------
@@ -352,6 +354,15 @@ class BasicMoELayer {
   // ---- the stages of forward and backward ---------------------------------------------------
 
   auto input() { return input_.matrix(tokens_, shape_.hidden); }  // x, kept for backward
+
+  /// The weights as gather and combine apply them: to the experts' input or to their output
+  /// (the other gets none).
+  bool weights_scale_input() const {
+    if constexpr (RouterPlacesWeights<R>) return router_.weight_at() == WeightAt::input;
+    return false;
+  }
+  std::span<const T> input_weights() const { return weights_scale_input() ? std::span<const T>(routing_.weight) : std::span<const T>(); }
+  std::span<const T> output_weights() const { return weights_scale_input() ? std::span<const T>() : std::span<const T>(routing_.weight); }
   auto scores() { return scores_.matrix(tokens_, shape_.experts); }
 
   /// Keeps x (which also lets y alias it), then logits = x·Wᵀ, turned into scores by the router.

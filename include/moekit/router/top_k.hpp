@@ -29,6 +29,9 @@ enum class GroupScore {
 /// scores — a kept group's expert by its selection score, any other by 0, as transformers masks
 /// them — so that with positive scores every choice lies in a kept group. Ties go to the lower
 /// index. The weights still come from the plain scores, as above.
+///
+/// weight_at = WeightAt::input applies each weight to the expert's input rather than its output:
+/// y = Σ_k expert_k(weight_k · x) (Llama 4), not Σ_k weight_k · expert_k(x).
 template <int K>
 struct TopK {
   static_assert(K >= 1, "moekit::TopK<K>: K must be at least 1 (TopK<1> is Switch routing)");
@@ -44,6 +47,7 @@ struct TopK {
     int groups = 1;          // DeepSeek n_group: experts in this many equal groups; 1: no groups
     int groups_kept = 1;     // DeepSeek topk_group: the groups a token's experts come from
     GroupScore group_score = GroupScore::top2_sum;  // DeepSeek-V3's; max is DeepSeek-V2's
+    WeightAt weight_at = WeightAt::output;  // Llama 4: input (the weight scales x into the expert)
   };
   static constexpr int max_groups = 64;
   Options options{};
@@ -69,6 +73,7 @@ struct TopK {
   }
 
   ScoreFn score_function() const { return options.score; }
+  WeightAt weight_at() const { return options.weight_at; }
 
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>
