@@ -174,7 +174,7 @@ struct ExpertParallel {
     MPI_Request request = MPI_REQUEST_NULL;
     mpi::detail::check(MPI_Iallgather(mine, 4, MPI_UINT64_T, all.data(), 4, MPI_UINT64_T, groups_.layer, &request),
                        "MPI_Iallgather");
-    mpi::detail::wait(request, options.timeout, std::string(step) + "'s comparison of replicated parameters");
+    mpi::detail::wait(request, options.timeout, step, "'s comparison of replicated parameters");
     for (int r = 0; r < size; ++r) {
       const std::uint64_t* theirs = &all[4 * static_cast<std::size_t>(r)];
       require(theirs[0] == all[0], "moekit::ExpertParallel: after ", step, ", rank ", r,
@@ -268,7 +268,7 @@ struct ExpertParallel {
     while (returned < d) {
       // Past the deadline with no chunk computing (none holds this frame's references): give up.
       if (started == computed.load(std::memory_order_acquire) && std::chrono::steady_clock::now() > deadline)
-        mpi::detail::timed_out(options.timeout, "the chunked exchange of rows");
+        mpi::detail::timed_out(options.timeout, "the chunked exchange of rows", {});
       const std::size_t finished = computed.load(std::memory_order_acquire);
       for (; posted < finished; ++posted)  // a computed chunk goes home at once
         mpi::detail::check(MPI_Ialltoallw(expert_out.data(), ones_.data(), zeros_.data(), types.expert_side[posted].data(),

@@ -45,24 +45,25 @@ inline void check(int code, const char* call) {
   moekit::fail("moekit: ", call, " failed: ", std::string(text, static_cast<std::size_t>(length)));
 }
 
-[[noreturn]] inline void timed_out(Timeout timeout, std::string_view what) {
-  moekit::fail("moekit: ", what, " waited ", std::chrono::duration<double>(timeout).count(),
+[[noreturn]] inline void timed_out(Timeout timeout, std::string_view what, std::string_view what_more) {
+  moekit::fail("moekit: ", what, what_more, " waited ", std::chrono::duration<double>(timeout).count(),
                " s for the other ranks of its group; expected every rank to reach the same step within "
                "ExpertParallel::Options::timeout (a rank failed, exited, or called another step); the "
                "collective is abandoned, end the job");
 }
 
 /// Waits for a non-blocking collective, testing it, until it completes or `timeout` passes, then
-/// throws naming `what`. The thread yields between tests, and after the first 100 µs sleeps a
-/// little: ranks that share a core (more ranks than cores) get it to make their own progress.
-inline void wait(MPI_Request& request, Timeout timeout, std::string_view what) {
+/// throws naming `what` followed by `what_more` (joined only then: no string is built per wait).
+/// The thread yields between tests, and after the first 100 µs sleeps a little: ranks that share
+/// a core (more ranks than cores) get it to make their own progress.
+inline void wait(MPI_Request& request, Timeout timeout, std::string_view what, std::string_view what_more = {}) {
   const auto start = std::chrono::steady_clock::now();
   for (;;) {
     int done = 0;
     check(MPI_Test(&request, &done, MPI_STATUS_IGNORE), "MPI_Test");
     if (done) return;
     const auto waited = std::chrono::steady_clock::now() - start;
-    if (waited > timeout) timed_out(timeout, what);
+    if (waited > timeout) timed_out(timeout, what, what_more);
     if (waited < std::chrono::microseconds(100))
       std::this_thread::yield();
     else
@@ -143,7 +144,7 @@ inline void agree(const Communicator& comm, const std::string& failure, std::str
   int mine[3] = {failure.empty() ? size : comm.rank(), code, -code}, least[3] = {0, 0, 0};
   MPI_Request request = MPI_REQUEST_NULL;
   detail::check(MPI_Iallreduce(mine, least, 3, MPI_INT, MPI_MIN, comm, &request), "MPI_Iallreduce");
-  detail::wait(request, timeout, std::string(step) + "'s agreement");
+  detail::wait(request, timeout, step, "'s agreement");
   if (least[1] != -least[2]) {  // not every rank is at this step: say which ranks are where
     constexpr int width = 32;
     char name[width] = {};
@@ -151,7 +152,7 @@ inline void agree(const Communicator& comm, const std::string& failure, std::str
     std::vector<char> names(static_cast<std::size_t>(size) * width);
     detail::check(MPI_Iallgather(name, width, MPI_CHAR, names.data(), width, MPI_CHAR, comm, &request),
                   "MPI_Iallgather");
-    detail::wait(request, timeout, std::string(step) + "'s agreement");
+    detail::wait(request, timeout, step, "'s agreement");
     std::string where;
     for (int r = 0; r < size; ++r) {
       where += r ? ", rank " : "rank ";
@@ -167,10 +168,10 @@ inline void agree(const Communicator& comm, const std::string& failure, std::str
   std::string text = failure;
   int length = static_cast<int>(text.size());
   detail::check(MPI_Ibcast(&length, 1, MPI_INT, first, comm, &request), "MPI_Ibcast");
-  detail::wait(request, timeout, std::string(step) + "'s agreement");
+  detail::wait(request, timeout, step, "'s agreement");
   text.resize(static_cast<std::size_t>(length));
   detail::check(MPI_Ibcast(text.data(), length, MPI_CHAR, first, comm, &request), "MPI_Ibcast");
-  detail::wait(request, timeout, std::string(step) + "'s agreement");
+  detail::wait(request, timeout, step, "'s agreement");
   throw error("rank " + std::to_string(first) + " of " + std::to_string(size) + ": " + text);
 }
 
