@@ -116,15 +116,8 @@ class SafeTensors {
   static constexpr std::uint64_t max_header_bytes = 100'000'000;
 
   static SafeTensors read(const std::filesystem::path& path) {
-    std::error_code error;
-    const auto status = std::filesystem::status(path, error);
-    detail_fail_if(!std::filesystem::exists(status), path.string(), "cannot be opened (",
-                   error ? error.message() : "no such file", "); expected a readable safetensors file");
-    detail_fail_if(!std::filesystem::is_regular_file(status), path.string(),
-                   "is not a regular file; expected a safetensors file");
-    const auto size = std::filesystem::file_size(path, error);
-    std::ifstream in(path, std::ios::binary);
-    detail_fail_if(error || !in, path.string(), "cannot be opened; expected a readable safetensors file");
+    std::uintmax_t size = 0;
+    std::ifstream in = open(path, size);
     std::vector<char> bytes(static_cast<std::size_t>(size));
     in.read(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     detail_fail_if(static_cast<std::uintmax_t>(in.gcount()) != size, path.string(), "could not be read whole (",
@@ -145,15 +138,8 @@ class SafeTensors {
   /// wanted tensor's bytes. The others are listed (names(), info()) but hold no values.
   template <class Wanted>
   static SafeTensors read(const std::filesystem::path& path, Wanted wanted) {
-    std::error_code error;
-    const auto status = std::filesystem::status(path, error);
-    detail_fail_if(!std::filesystem::exists(status), path.string(), "cannot be opened (",
-                   error ? error.message() : "no such file", "); expected a readable safetensors file");
-    detail_fail_if(!std::filesystem::is_regular_file(status), path.string(),
-                   "is not a regular file; expected a safetensors file");
-    const auto size = std::filesystem::file_size(path, error);
-    std::ifstream in(path, std::ios::binary);
-    detail_fail_if(error || !in, path.string(), "cannot be opened; expected a readable safetensors file");
+    std::uintmax_t size = 0;
+    std::ifstream in = open(path, size);
     auto read_at = [&](std::uint64_t offset, std::uint64_t count, char* out) {
       in.seekg(static_cast<std::streamoff>(offset));
       in.read(out, static_cast<std::streamsize>(count));
@@ -490,6 +476,20 @@ class SafeTensors {
     file.check_coverage(data_size);
     data_begin = 8 + static_cast<std::size_t>(header_size);
     return file;
+  }
+
+  /// `path` opened for reading, and its size; anything but a readable regular file is refused.
+  static std::ifstream open(const std::filesystem::path& path, std::uintmax_t& size) {
+    std::error_code error;
+    const auto status = std::filesystem::status(path, error);
+    detail_fail_if(!std::filesystem::exists(status), path.string(), "cannot be opened (",
+                   error ? error.message() : "no such file", "); expected a readable safetensors file");
+    detail_fail_if(!std::filesystem::is_regular_file(status), path.string(),
+                   "is not a regular file; expected a safetensors file");
+    size = std::filesystem::file_size(path, error);
+    std::ifstream in(path, std::ios::binary);
+    detail_fail_if(error || !in, path.string(), "cannot be opened; expected a readable safetensors file");
+    return in;
   }
 
   /// The tensor's entry, if its bytes were read.
