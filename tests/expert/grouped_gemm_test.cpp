@@ -58,6 +58,7 @@ TEST(GroupedGemm, MatchesTheReferenceLoop) {
     expect_grouped_matches_reference<SwiGLU>(rows, cols);
     expect_grouped_matches_reference<GeLU>(rows, cols);
     expect_grouped_matches_reference<ReLU>(rows, cols);
+    expect_grouped_matches_reference<ClampedSwiGLU>(rows, cols);
   }
 }
 
@@ -129,6 +130,20 @@ TEST(Activation, DerivativesMatchFiniteDifferences) {
   EXPECT_NEAR(SwiGLU::apply(1.0), 0.7310585786300049, 1e-15);  // x·σ(x)
 }
 
+// GPT-OSS's unit, on both sides of its clamps (away from the kinks at ±7).
+TEST(Activation, ClampedSwiGLUsDerivativesMatchFiniteDifferencesPastItsClamps) {
+  const double h = 1e-6;
+  for (double v = -12.05; v <= 12.0; v += 0.5) {
+    EXPECT_NEAR(ClampedSwiGLU::derivative(v), (ClampedSwiGLU::apply(v + h) - ClampedSwiGLU::apply(v - h)) / (2 * h), 1e-8)
+        << "act' at " << v;
+    EXPECT_NEAR(ClampedSwiGLU::up_derivative(v), (ClampedSwiGLU::up(v + h) - ClampedSwiGLU::up(v - h)) / (2 * h), 1e-8)
+        << "v' at " << v;
+  }
+  EXPECT_DOUBLE_EQ(ClampedSwiGLU::apply(9.0), 7.0 / (1 + std::exp(-1.702 * 7.0)));  // the gate stops at 7
+  EXPECT_DOUBLE_EQ(ClampedSwiGLU::up(-9.0), -6.0);                                   // clamp(u) + 1
+  EXPECT_DOUBLE_EQ(ClampedSwiGLU::up(9.0), 8.0);
+}
+
 /// The tile passes against the scalar apply and derivative: within a few float roundings, over
 /// values where the exponential underflows and overflows too.
 template <class Act>
@@ -149,9 +164,11 @@ void expect_passes_match_scalar() {
   for (Index i = 0; i < rows; ++i)
     for (Index j = 0; j < cols; ++j) {
       const float gv = g(i, j);
-      EXPECT_PRED2(close, h(i, j), Act::apply(gv) * u(i, j)) << Act::name << " at " << gv;
-      EXPECT_PRED2(close, dg(i, j), d(i, j) * u(i, j) * Act::derivative(gv)) << Act::name << " at " << gv;
-      EXPECT_PRED2(close, du(i, j), d(i, j) * Act::apply(gv)) << Act::name << " at " << gv;
+      const float uv = u(i, j), v = detail::gated_up<Act>(uv);
+      EXPECT_PRED2(close, h(i, j), Act::apply(gv) * v) << Act::name << " at " << gv;
+      EXPECT_PRED2(close, dg(i, j), d(i, j) * v * Act::derivative(gv)) << Act::name << " at " << gv;
+      EXPECT_PRED2(close, du(i, j), d(i, j) * Act::apply(gv) * detail::gated_up_derivative<Act>(uv))
+          << Act::name << " at " << gv;
     }
   M a(rows, cols), da = u;
   detail::activate<Act>(u, a);
@@ -168,6 +185,7 @@ TEST(Activation, TilePassesMatchTheScalarFormulas) {
   static_assert(detail::PacketActivation<GeLU, float> && !detail::PacketActivation<GeLU, double>);
   expect_passes_match_scalar<SwiGLU>();
   expect_passes_match_scalar<ReLU>();
+  expect_passes_match_scalar<ClampedSwiGLU>();
 }
 
 TEST(Activation, GeLUsFloatPassesAreWithinAFewRoundingsOfTheExactGeLU) {

@@ -211,7 +211,7 @@ std::vector<Family> families() {
   f.back().experts = 16;
   f.back().top_k = 4;
   f.back().moe_layers = {1};
-  f.push_back({"olmoe", R"("num_experts": 16, "num_experts_per_tok": 8, "intermediate_size": 12, "norm_topk_prob": false)",
+  f.push_back({"olmoe", R"("num_local_experts": 16, "num_experts_per_tok": 8, "intermediate_size": 12, "norm_topk_prob": false)",
                mlp, {}});
   f.back().experts = 16;
   f.back().top_k = 8;

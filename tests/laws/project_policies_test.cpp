@@ -71,8 +71,9 @@ INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, BalancerLaws, Balancers, CaseName);
 using Dispatchers = ::testing::Types<Dropless, Capacity, DroppingCapacity, PaddedByPosition, LargestCount, Renormalized>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, DispatcherLaws, Dispatchers, CaseName);
 
-using Experts = ::testing::Types<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>, SmallTiles, PerExpertLoop,
-                                 PerExpertLoopType<GeLU>, PerExpertLoopType<ReLU>>;
+using Experts = ::testing::Types<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
+                                 GroupedGemmType<ClampedSwiGLU>, SmallTiles, PerExpertLoop, PerExpertLoopType<GeLU>,
+                                 PerExpertLoopType<ReLU>, PerExpertLoopType<ClampedSwiGLU>>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, ExpertLaws, Experts, CaseName);
 
 }  // namespace

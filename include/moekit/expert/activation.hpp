@@ -1,6 +1,7 @@
 #pragma once
 // The expert networks' activations, and the parameters an FFN expert of each kind owns.
 //   gated (SwiGLU):   y = down · (act(gate · x) ⊙ (up · x))      experts.gate, .up [E,F,H]; .down [E,H,F]
+//   (ClampedSwiGLU also maps up · x through its own v: act(gate · x) ⊙ v(up · x))
 //   plain (GeLU, ReLU): y = down · act(up · x)                   experts.up [E,F,H]; .down [E,H,F]
 #include <Eigen/Core>
 #include <unsupported/Eigen/SpecialFunctions>  // Eigen::internal::perf: GeLU's packet form
@@ -134,6 +135,31 @@ struct ReLU {
   }
 };
 
+/// GPT-OSS's gated unit: the gate clamped from above and the up clamped both ways at ±limit,
+/// act(g) = min(g, 7) · σ(1.702 · min(g, 7)) and v(u) = clamp(u, −7, 7) + 1, hidden = act(g) ⊙ v(u).
+/// Past a clamp the derivative is 0. Element by element (no packet forms).
+struct ClampedSwiGLU {
+  static constexpr std::string_view name = "ClampedSwiGLU";
+  static constexpr bool gated = true;
+  static constexpr double alpha = 1.702, limit = 7.0;
+  template <Scalar T>
+  static T apply(T g) {
+    const T c = std::min(g, T(limit));
+    return c / (T(1) + std::exp(-T(alpha) * c));
+  }
+  template <Scalar T>
+  static T derivative(T g) {
+    if (g > T(limit)) return T(0);
+    const T s = T(1) / (T(1) + std::exp(-T(alpha) * g));
+    return s * (T(1) + T(alpha) * g * (T(1) - s));
+  }
+  /// The up projection's own map, and its derivative.
+  template <Scalar T>
+  static T up(T u) { return std::clamp(u, T(-limit), T(limit)) + T(1); }
+  template <Scalar T>
+  static T up_derivative(T u) { return u < T(-limit) || u > T(limit) ? T(0) : T(1); }
+};
+
 template <class A>
 concept Activation = requires(double g) {
   { A::name } -> std::convertible_to<std::string_view>;
@@ -143,6 +169,25 @@ concept Activation = requires(double g) {
 };
 
 namespace detail {
+
+/// A gated activation that maps the up projection too (ClampedSwiGLU): hidden = act(g) ⊙ v(u).
+template <class A>
+concept MapsUp = requires(double u) {
+  { A::up(u) } -> std::same_as<double>;
+  { A::up_derivative(u) } -> std::same_as<double>;
+};
+
+/// v(u) and v'(u) of a gated activation: u and 1 for those that do not map it.
+template <class A, class T>
+T gated_up(T u) {
+  if constexpr (MapsUp<A>) return A::up(u);
+  else return u;
+}
+template <class A, class T>
+T gated_up_derivative(T u) {
+  if constexpr (MapsUp<A>) return A::up_derivative(u);
+  else return T(1);
+}
 
 /// Positions of an FFN expert's tensors in its parameter list.
 template <Activation A>
@@ -226,13 +271,21 @@ struct Lanes {
   }
 };
 
-/// hidden = act(gate) ⊙ up, over same-shaped blocks of one expert's tile.
+/// hidden = act(gate) ⊙ up (⊙ v(up) for an activation that maps it), over same-shaped blocks of
+/// one expert's tile.
 template <Activation Act, class G, class U, class H>
 void activate_gated(const G& gate, const U& up, H&& hidden) {
   using L = Lanes<Act, typename G::Scalar>;
-  L::runs([](const auto* g, const auto* u, auto* h, Index n) {
-    L::store(h, Eigen::internal::pmul(L::apply(L::load(g, n)), L::load(u, n)), n);
-  }, gate, up, hidden);
+  if constexpr (MapsUp<Act>) {  // element by element
+    static_assert(!L::vectorised, "an activation that maps up has no packet forms");
+    L::runs([](const auto* g, const auto* u, auto* h, Index n) {
+      for (Index i = 0; i < n; ++i) h[i] = Act::apply(g[i]) * Act::up(u[i]);
+    }, gate, up, hidden);
+  } else {
+    L::runs([](const auto* g, const auto* u, auto* h, Index n) {
+      L::store(h, Eigen::internal::pmul(L::apply(L::load(g, n)), L::load(u, n)), n);
+    }, gate, up, hidden);
+  }
 }
 
 /// hidden = act(up).
@@ -248,6 +301,16 @@ template <Activation Act, class G, class U, class D>
 void activate_gated_backward(G&& gate, U&& up, const D& d_hidden) {
   using L = Lanes<Act, typename D::Scalar>;
   namespace ei = Eigen::internal;
+  if constexpr (MapsUp<Act>) {  // gate ← d ⊙ v(up) ⊙ act'(gate), up ← d ⊙ act(gate) ⊙ v'(up)
+    L::runs([](auto* g, auto* u, const auto* d, Index n) {
+      for (Index i = 0; i < n; ++i) {
+        const auto gv = g[i], uv = u[i];
+        g[i] = d[i] * Act::up(uv) * Act::derivative(gv);
+        u[i] = d[i] * Act::apply(gv) * Act::up_derivative(uv);
+      }
+    }, gate, up, d_hidden);
+    return;
+  }
   L::runs([](auto* g, auto* u, const auto* d, Index n) {
     const auto gv = L::load(g, n), uv = L::load(u, n), dh = L::load(d, n);
     const auto [act, act_derivative] = L::apply_and_derivative(gv);

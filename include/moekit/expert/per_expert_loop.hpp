@@ -58,9 +58,9 @@ struct PerExpertLoopType {
         }
         // d_hidden → d(up·x) and, for gated units, d(gate·x); stored over the forward values.
         if constexpr (Act::gated) {
-          const T g = saved.gate[f];
-          saved.gate[f] = d_hidden * saved.up[f] * Act::derivative(g);
-          saved.up[f] = d_hidden * Act::apply(g);
+          const T g = saved.gate[f], u = saved.up[f];
+          saved.gate[f] = d_hidden * detail::gated_up<Act>(u) * Act::derivative(g);
+          saved.up[f] = d_hidden * Act::apply(g) * detail::gated_up_derivative<Act>(u);
         } else {
           saved.up[f] = d_hidden * Act::derivative(saved.up[f]);
         }
@@ -103,7 +103,7 @@ struct PerExpertLoopType {
           }
           saved.up[f] = u;
           saved.gate[f] = g;
-          saved.hidden[f] = Act::gated ? Act::apply(g) * u : Act::apply(u);
+          saved.hidden[f] = Act::gated ? Act::apply(g) * detail::gated_up<Act>(u) : Act::apply(u);
         }
         body(static_cast<Index>(e), r);
       }

@@ -172,7 +172,8 @@ inline HfBlock hf_mixtral(const HfConfig& c) {
 
 /// Qwen2-MoE's, Qwen3-MoE's and OLMoE's router: softmax, top-K, renormalised if norm_topk_prob.
 inline HfBlock hf_qwen(const HfConfig& c, std::string_view family, std::string_view ffn_key, bool normalize) {
-  HfBlock b = hf_sizes(c, family, "num_experts", ffn_key);
+  // num_experts in the released configs; recent transformers saves it as num_local_experts
+  HfBlock b = hf_sizes(c, family, c.contains("num_experts") ? "num_experts" : "num_local_experts", ffn_key);
   b.normalize = c.boolean("norm_topk_prob", normalize) && b.top_k > 1;
   return b;
 }
