@@ -556,8 +556,8 @@ TEST_F(HfModelErrors, AFamilyMoekitCannotBuildYetIsNamed) {
   std::ofstream(folder.dir() / "config.json") << R"({"model_type": "gpt_oss", "hidden_size": 16})";
   EXPECT_EQ(message_of([&] { io::HfModel::open(folder.dir()); }),
             "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
-                "' has model_type = 'gpt_oss', whose MoE block needs a router bias, per-expert biases and a clamped "
-                "SwiGLU with gate and up interleaved, which moekit does not do (docs/models.md)");
+                "' has model_type = 'gpt_oss', whose MoE block needs biases on each expert's gate, up and down "
+                "projections, which moekit does not do (docs/models.md)");
 }
 
 TEST_F(HfModelErrors, ADenseLayerAskedForAsMoE) {

@@ -147,13 +147,14 @@ TEST(ExpertParallel, EmptyRanksAndIdleExperts) {
 }
 
 // Shared experts (DeepSeek's, and Qwen2-MoE's gated one): every rank holds one whole, runs it on
-// its own tokens, and its gradients are reduced as the router's.
+// its own tokens, and its gradients are reduced as the router's (with the router's logit bias in
+// the first case, likewise replicated).
 TEST(ExpertParallel, SharedExpertsReplicatedAndReduced) {
   LayerConfig config = small;
   config.shared_ffn = 5;
   for (const auto& layout : layouts()) {
     expect_same_as_one_process<MoELayer<TopK<2>, AuxFree, Dropless, GroupedGemm, Shared<>, ExpertParallel, double>>(
-        layout, config, {5, 7, 4, 6}, TopK<2>{{.score = ScoreFn::sigmoid, .normalize = true}});
+        layout, config, {5, 7, 4, 6}, TopK<2>{{.score = ScoreFn::sigmoid, .normalize = true, .logit_bias = true}});
     expect_same_as_one_process<
         MoELayer<TopK<2>, AuxLoss, Dropless, GroupedGemm, Shared<SharedGate::sigmoid>, ExpertParallel, float>>(
         layout, config, {6, 0, 3, 5});

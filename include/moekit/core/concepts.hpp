@@ -82,6 +82,13 @@ concept RouterPlacesWeights = Router<P> && requires(const P& p) {
   { p.weight_at() } -> std::same_as<WeightAt>;
 };
 
+/// A router whose logits may have a bias of their own (TopK's logit_bias option): the layer then
+/// holds router.logit_bias [E], adds it to x·Wᵀ and gives it its gradient.
+template <class P>
+concept RouterHasLogitBias = Router<P> && requires(const P& p) {
+  { p.logit_bias() } -> std::same_as<bool>;
+};
+
 /// Keeps expert load even: loss terms with their gradient, and/or a bias on selection.
 /// docs/policies/balance.md
 template <class P>

@@ -342,7 +342,7 @@ class HfModel {
 
   /// Families whose MoE block moekit knows and cannot build yet, and what they need.
   static constexpr std::pair<std::string_view, std::string_view> refused_families[] = {
-      {"gpt_oss", "a router bias, per-expert biases and a clamped SwiGLU with gate and up interleaved"},
+      {"gpt_oss", "biases on each expert's gate, up and down projections"},
   };
 
   const std::filesystem::path& folder() const { return folder_; }

@@ -60,6 +60,7 @@ class BasicMoELayer {
                   "moekit::MoELayer: a constructor argument is not one of this layer's policy "
                   "types; pass policies of the types named in MoELayer<...>");
     (set_policy(policies), ...);
+    if constexpr (RouterHasLogitBias<R>) logit_bias_ = router_.logit_bias();
     shape_ = {config.hidden, config.ffn, config.experts, top_k, config.shared_ffn};
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
     parallel_.all_or_none("construction", [&] {
@@ -326,9 +327,12 @@ class BasicMoELayer {
     }
   }
 
-  /// router.weight, the shared expert's (whole on every rank), then the routed experts'.
+  /// router.weight (and router.logit_bias), the shared expert's (whole on every rank), then the
+  /// routed experts'.
   LayerParameters<T> make_parameters() const {
     std::vector<ParameterSpec> local{{"router.weight", {shape_.experts, shape_.hidden}}};
+    if (logit_bias_) local.push_back({"router.logit_bias", {shape_.experts}});
+    const std::size_t router_tensors = local.size();
     for (auto& spec : S::parameters(shape_)) local.push_back(std::move(spec));
     std::vector<std::vector<Index>> whole;
     for (const auto& spec : local) whole.push_back(spec.shape);
@@ -339,7 +343,7 @@ class BasicMoELayer {
       local.push_back(std::move(spec));
     for (auto& spec : X::parameters(shape_, shape_.experts)) whole.push_back(std::move(spec.shape));
     return LayerParameters<T>(std::move(local), std::move(whole), parallel_.local_experts(shape_),
-                              parallel_.local_ffn(shape_), replicated);
+                              parallel_.local_ffn(shape_), replicated, router_tensors);
   }
 
   /// Over ranks, that the copies of replicated parameters agree (ParallelChecksReplicas).
@@ -374,6 +378,7 @@ class BasicMoELayer {
       input.middleRows(first, n) = x.middleRows(first, n);
       gemm(workspace_, scores.middleRows(first, n), input.middleRows(first, n),
                    parameters_.router_weight().matrix().transpose());
+      if (logit_bias_) scores.middleRows(first, n).rowwise() += parameters_.router_bias().matrix().row(0);
     });
     workspace_.ready();
     if constexpr (BalancerSelects<B, T>) selection_.matrix(tokens_, shape_.experts) = scores;  // the logits
@@ -461,6 +466,7 @@ class BasicMoELayer {
       scatter_add<T>(plan_, d_rows, first, n, dx);
     });
     auto d_router = parameters_.router_gradient().matrix();
+    if (logit_bias_) parameters_.router_bias_gradient().matrix() += d_logits.colwise().sum();
     const auto input = this->input();
     detail::for_each_block(shape_.hidden, hidden_block, [&](Index first, Index n) {
       gemm_add(workspace_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
@@ -473,6 +479,10 @@ class BasicMoELayer {
   /// Each policy checks its options against the shape: at construction, and again at every
   /// forward, since options may be changed between steps.
   void validate_policies() const {
+    if constexpr (RouterHasLogitBias<R>)
+      require(router_.logit_bias() == logit_bias_, "moekit::MoELayer: the router's logit_bias is now ",
+              logit_bias_ ? "false" : "true", "; expected ", logit_bias_ ? "true" : "false",
+              " as when the layer was built (router.logit_bias is a parameter only if it was)");
     router_.validate(shape_);
     balancer_.validate(shape_);
     dispatcher_.validate(shape_);
@@ -530,6 +540,7 @@ class BasicMoELayer {
 
   LayerConfig config_;
   LayerShape shape_;
+  bool logit_bias_ = false;  // the router's logits have a bias (router.logit_bias), fixed at construction
   R router_{};
   B balancer_{};
   D dispatcher_{};

@@ -29,10 +29,12 @@ class LayerParameters {
   /// This rank's parameters and their shapes in the whole layer (one process), in the same
   /// order; an axis where they differ is this rank's experts (the first axis) or its slice of F
   /// (any other), starting at `experts.first` and `ffn.first`. The first `replicated` tensors
-  /// (router.weight and the shared expert's) are held whole on every rank.
+  /// (the router's `router_tensors`: its weight and any logit bias; then the shared expert's) are
+  /// held whole on every rank.
   LayerParameters(std::vector<ParameterSpec> local, std::vector<std::vector<Index>> whole_shapes,
-                  ExpertRange experts, ExpertRange ffn, std::size_t replicated = 1)
-      : whole_(std::move(whole_shapes)), experts_(experts), ffn_(ffn), replicated_(replicated) {
+                  ExpertRange experts, ExpertRange ffn, std::size_t replicated = 1, std::size_t router_tensors = 1)
+      : whole_(std::move(whole_shapes)), experts_(experts), ffn_(ffn), replicated_(replicated),
+        router_tensors_(router_tensors) {
     for (auto& spec : local) {
       values_.emplace_back(spec.name, spec.shape);
       gradients_.emplace_back(std::move(spec.name), std::move(spec.shape));
@@ -50,10 +52,15 @@ class LayerParameters {
 
   const Tensor<T>& router_weight() const { return values_.front(); }
   Tensor<T>& router_gradient() { return gradients_.front(); }
+  /// router.logit_bias [E], for a router that has one.
+  const Tensor<T>& router_bias() const { return values_[1]; }
+  Tensor<T>& router_bias_gradient() { return gradients_[1]; }
   std::span<const Tensor<T>> shared_weights() const {
-    return std::span<const Tensor<T>>(values_).subspan(1, replicated_ - 1);
+    return std::span<const Tensor<T>>(values_).subspan(router_tensors_, replicated_ - router_tensors_);
   }
-  std::span<Tensor<T>> shared_gradients() { return std::span<Tensor<T>>(gradients_).subspan(1, replicated_ - 1); }
+  std::span<Tensor<T>> shared_gradients() {
+    return std::span<Tensor<T>>(gradients_).subspan(router_tensors_, replicated_ - router_tensors_);
+  }
   std::span<const Tensor<T>> expert_weights() const { return std::span<const Tensor<T>>(values_).subspan(replicated_); }
   std::span<Tensor<T>> expert_gradients() { return std::span<Tensor<T>>(gradients_).subspan(replicated_); }
   /// The router's and the shared expert's: whole on every rank.
@@ -213,7 +220,8 @@ class LayerParameters {
   std::vector<Tensor<T>> gradients_;
   std::vector<std::vector<Index>> whole_;
   ExpertRange experts_, ffn_;  // this rank's slice: its experts, and its part of F
-  std::size_t replicated_ = 1;  // leading tensors held whole on every rank
+  std::size_t replicated_ = 1;      // leading tensors held whole on every rank
+  std::size_t router_tensors_ = 1;  // of which the router's
 };
 
 }  // namespace moekit

@@ -48,6 +48,7 @@ struct TopK {
     int groups_kept = 1;     // DeepSeek topk_group: the groups a token's experts come from
     GroupScore group_score = GroupScore::top2_sum;  // DeepSeek-V3's; max is DeepSeek-V2's
     WeightAt weight_at = WeightAt::output;  // Llama 4: input (the weight scales x into the expert)
+    bool logit_bias = false;  // GPT-OSS: logits = x·Wᵀ + b, b the parameter router.logit_bias [E]
   };
   static constexpr int max_groups = 64;
   Options options{};
@@ -74,6 +75,7 @@ struct TopK {
 
   ScoreFn score_function() const { return options.score; }
   WeightAt weight_at() const { return options.weight_at; }
+  bool logit_bias() const { return options.logit_bias; }
 
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>

@@ -1,8 +1,11 @@
-// Weights that scale the experts' input (TopK's weight_at = WeightAt::input, Llama 4's rule):
-// y = Σ_k expert_k(w_k · x), against plain loops; every gradient by central differences, with
-// and without a shared expert and with a capacity that drops and renormalises.
+// The router's options the layer carries out. Weights that scale the experts' input (TopK's
+// weight_at = WeightAt::input, Llama 4's rule): y = Σ_k expert_k(w_k · x), against plain loops;
+// every gradient by central differences, with and without a shared expert and with a capacity
+// that drops and renormalises. A bias in the logits (logit_bias, GPT-OSS's): its routing, its
+// gradient, and the refusal to change it after construction.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include <moekit/moekit.hpp>
@@ -64,6 +67,45 @@ TEST(WeightAtInput, GradientsMatchFiniteDifferences) {
       llama, TopK<1>{{.score = ScoreFn::sigmoid, .normalize = false, .weight_at = WeightAt::input}});
   expect_gradients<MoELayer<TopK<2>, AuxLoss, Capacity, double>>(
       config, TopK<2>{{.weight_at = WeightAt::input}}, Capacity{{.capacity_factor = 0.75, .renormalize = true}});
+}
+
+TEST(LogitBias, RoutesByTheBiasedLogits) {
+  MoELayer<TopK<2>, NoBalance, double> layer(config, TopK<2>{{.logit_bias = true}});
+  ASSERT_EQ(layer.parameters()[1].name(), "router.logit_bias");
+  auto& bias = layer.parameter("router.logit_bias");
+  const double pulls[] = {0, 0, 5, -5};  // expert 2 pulled in, expert 3 pushed out
+  std::copy(std::begin(pulls), std::end(pulls), bias.values().begin());
+  const Matrix<double> x = random_matrix(16, config.hidden, 6);
+  layer.forward(x);
+  const auto& w = layer.parameter("router.weight").matrix();
+  for (Index t = 0; t < x.rows(); ++t) {
+    Eigen::RowVectorXd logits = x.row(t) * w.transpose();
+    logits += bias.matrix();
+    Index first = 0, second = 0;
+    logits.maxCoeff(&first);
+    logits(first) = -INFINITY;
+    logits.maxCoeff(&second);
+    EXPECT_EQ(layer.routing().index[static_cast<std::size_t>(2 * t)], first) << t;
+    EXPECT_EQ(layer.routing().index[static_cast<std::size_t>(2 * t + 1)], second) << t;
+  }
+}
+
+TEST(LogitBias, GradientsMatchFiniteDifferences) {
+  expect_gradients<MoELayer<TopK<2>, AuxLoss, Dropless, double>>(config, TopK<2>{{.logit_bias = true}});
+  expect_gradients<MoELayer<TopK<1>, NoBalance, Dropless, double>>(
+      config, TopK<1>{{.score = ScoreFn::sigmoid, .normalize = false, .logit_bias = true}});
+}
+
+TEST(LogitBias, CannotBeChangedAfterConstruction) {
+  MoELayer<TopK<2>, NoBalance, double> layer(config);
+  layer.router().options.logit_bias = true;
+  try {
+    layer.forward(random_matrix(3, config.hidden, 7));
+    ADD_FAILURE() << "no error";
+  } catch (const error& e) {
+    EXPECT_STREQ(e.what(), "moekit::MoELayer: the router's logit_bias is now true; expected false as when the layer "
+                           "was built (router.logit_bias is a parameter only if it was)");
+  }
 }
 
 }  // namespace
