@@ -103,7 +103,7 @@ struct Shared {
   ConstMatrixMap<T> backward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> x, ConstMatrixRef<T> dy,
                              Saved<T>& saved, std::span<Tensor<T>> grads, Workspace<T>& workspace) const {
     const Index tokens = x.rows(), hidden = x.cols();
-    auto d_out = saved.out.matrix(tokens, hidden);  // the output, read once more, becomes d_out
+    auto d_out = saved.out.matrix(tokens, hidden);  // gated: the output, read once more, becomes d_out
     auto rows = saved.rows.matrix(tokens, hidden);
     if constexpr (G == SharedGate::sigmoid) {
       // d_out = g·dy; d_a = g(1−g)·(dy·out) per token; d_w = Σ_t d_a·x_t; d_x gets d_a·w below.
@@ -116,12 +116,12 @@ struct Shared {
       });
       const ConstMatrixMap<T> d_a_row(d_a.data(), 1, tokens);
       grads.back().matrix().noalias() += d_a_row * x;
-    } else {
-      detail::for_each_block(tokens, token_block, [&](Index first, Index n) { d_out.middleRows(first, n) = dy.middleRows(first, n); });
     }
     detail::for_each_block(tokens, token_block, [&](Index first, Index n) { rows.middleRows(first, n) = x.middleRows(first, n); });
     const Index offsets[2] = {0, tokens};
-    expert.template backward<T>(expert_weights(weights), rows, offsets, saved.expert, d_out,
+    // Ungated, the expert's output gradient is dy itself: no copy of it is made.
+    const ConstMatrixRef<T> d_expert_out = G == SharedGate::sigmoid ? ConstMatrixRef<T>(d_out) : dy;
+    expert.template backward<T>(expert_weights(weights), rows, offsets, saved.expert, d_expert_out,
                                  expert_weights(grads), workspace);
     if constexpr (G == SharedGate::sigmoid) {
       const auto w = weights.back().matrix();
