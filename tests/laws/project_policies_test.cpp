@@ -60,6 +60,11 @@ struct SmallTiles {  // every block cut into several tiles
   static constexpr std::string_view label = "SmallTiles";
   static GroupedGemm make() { return {{.row_tile = 2, .column_tile = 3}}; }
 };
+using GptOssExperts = GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>;
+struct BiasedSmallTiles {  // the biases' gradients summed by the first of several column tiles
+  static constexpr std::string_view label = "BiasedSmallTiles";
+  static GptOssExperts make() { return {{.row_tile = 2, .column_tile = 3}}; }
+};
 
 using Routers =
     ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups>;
@@ -72,8 +77,11 @@ using Dispatchers = ::testing::Types<Dropless, Capacity, DroppingCapacity, Padde
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, DispatcherLaws, Dispatchers, CaseName);
 
 using Experts = ::testing::Types<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
-                                 GroupedGemmType<ClampedSwiGLU>, SmallTiles, PerExpertLoop, PerExpertLoopType<GeLU>,
-                                 PerExpertLoopType<ReLU>, PerExpertLoopType<ClampedSwiGLU>>;
+                                 GroupedGemmType<ClampedSwiGLU>, SmallTiles, GptOssExperts, BiasedSmallTiles,
+                                 GroupedGemmType<ReLU, ExpertBias::projections>, PerExpertLoop,
+                                 PerExpertLoopType<GeLU>, PerExpertLoopType<ReLU>, PerExpertLoopType<ClampedSwiGLU>,
+                                 PerExpertLoopType<ClampedSwiGLU, ExpertBias::projections>,
+                                 PerExpertLoopType<ReLU, ExpertBias::projections>>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, ExpertLaws, Experts, CaseName);
 
 }  // namespace

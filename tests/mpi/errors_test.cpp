@@ -68,6 +68,16 @@ TEST(ExpertParallelErrors, FfnNotDivisibleByExpertTensorParallel) {
   EXPECT_TRUE(everyone_saw(message, "ffn = 7 over 2 expert-tensor-parallel ranks; expected a multiple of 2")) << message;
 }
 
+TEST(ExpertParallelErrors, ExpertBiasesNeedWholeExperts) {
+  if (world().size() % 2 != 0) GTEST_SKIP() << "needs an even number of ranks";
+  using Biased = MoELayer<TopK<2>, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, ExpertParallel, double>;
+  const auto groups = ExpertParallel::groups(world(), ParallelLayout(world().size(), {.ep = world().size() / 2, .etp = 2}));
+  const auto message = error_of([&] { Biased layer(config, ExpertParallel(groups)); });
+  EXPECT_TRUE(everyone_saw(message, "experts with biases and each expert's ffn = 6 split over 2 "
+                                    "expert-tensor-parallel ranks; expected etp = 1"))
+      << message;
+}
+
 TEST(ExpertParallelErrors, HierarchicalNodeSizeMustDivideTheGroup) {
   const auto message = error_of([&] { Layer layer(config, ExpertParallel(ExpertParallel::Options{.ranks_per_node = 3})); });
   if (world().size() % 3 == 0) GTEST_SKIP() << "3 divides the world";

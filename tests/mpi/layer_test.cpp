@@ -172,5 +172,19 @@ TEST(ExpertParallel, WeightsThatScaleTheInput) {
         TopK<1>{{.score = ScoreFn::sigmoid, .normalize = false, .weight_at = WeightAt::input}});
 }
 
+// GPT-OSS's block: a bias on the router's logits and on each expert's gate, up and down, its
+// clamped SwiGLU. The experts' biases travel with their experts; expert tensor parallel is refused
+// (tests/mpi/errors_test.cpp), so those layouts are left out.
+TEST(ExpertParallel, ExpertBiases) {
+  using Experts = GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>;
+  for (const auto& layout : layouts()) {
+    if (layout.groups.expert_tensor.size() > 1) continue;
+    expect_same_as_one_process<MoELayer<TopK<2>, NoBalance, Dropless, Experts, ExpertParallel, double>>(
+        layout, small, {5, 7, 4, 6}, TopK<2>{{.normalize = true, .logit_bias = true}});
+    expect_same_as_one_process<MoELayer<TopK<2>, AuxLoss, Capacity, Experts, ExpertParallel, float>>(
+        layout, small, {3, 6, 5, 4}, Capacity{{.capacity_factor = 0.75}});
+  }
+}
+
 }  // namespace
 }  // namespace moekit::test

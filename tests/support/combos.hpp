@@ -18,7 +18,8 @@ struct List {};
 /// Balancers run with Dropless, with every expert and scalar.
 using Balancers = List<AuxLoss, NoBalance>;
 /// Experts run with every balancer above and every scalar.
-using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>, PerExpertLoop>;
+using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
+                    GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, PerExpertLoop>;
 using Scalars = List<float, double>;
 /// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
 /// run with SelectionExperts (Sinkhorn with Capacity does not compile).
@@ -100,13 +101,13 @@ struct ComboName {
 /// The same layer with the other expert implementation of the same activation.
 template <class X>
 struct twin_expert;
-template <class A>
-struct twin_expert<GroupedGemmType<A>> {
-  using type = PerExpertLoopType<A>;
+template <class A, ExpertBias B>
+struct twin_expert<GroupedGemmType<A, B>> {
+  using type = PerExpertLoopType<A, B>;
 };
-template <class A>
-struct twin_expert<PerExpertLoopType<A>> {
-  using type = GroupedGemmType<A>;
+template <class A, ExpertBias B>
+struct twin_expert<PerExpertLoopType<A, B>> {
+  using type = GroupedGemmType<A, B>;
 };
 
 template <class Layer, class T = typename Layer::scalar_type,

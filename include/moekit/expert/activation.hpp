@@ -168,6 +168,14 @@ concept Activation = requires(double g) {
   { A::derivative(g) } -> std::same_as<double>;
 };
 
+/// Whether an FFN expert's projections carry biases: x·W_gateᵀ + b_gate, x·W_upᵀ + b_up and
+/// h·W_downᵀ + b_down (GPT-OSS), held as experts.gate_bias and experts.up_bias [E,F] and
+/// experts.down_bias [E,H].
+enum class ExpertBias {
+  none,         // no biases (Mixtral, Qwen, DeepSeek, OLMoE, Llama 4)
+  projections,  // a bias on each of gate, up and down
+};
+
 namespace detail {
 
 /// A gated activation that maps the up projection too (ClampedSwiGLU): hidden = act(g) ⊙ v(u).
@@ -189,20 +197,29 @@ T gated_up_derivative(T u) {
   else return T(1);
 }
 
-/// Positions of an FFN expert's tensors in its parameter list.
-template <Activation A>
+/// Positions of an FFN expert's tensors in its parameter list: the weights, then their biases.
+template <Activation A, ExpertBias B = ExpertBias::none>
 struct FfnSlots {
   static constexpr int gate = 0;  // gated only
   static constexpr int up = A::gated ? 1 : 0;
   static constexpr int down = up + 1;
+  static constexpr bool biased = B == ExpertBias::projections;
+  static constexpr int gate_bias = down + 1;  // gated, biased only
+  static constexpr int up_bias = A::gated ? down + 2 : down + 1;
+  static constexpr int down_bias = up_bias + 1;
 };
 
-template <Activation A>
+template <Activation A, ExpertBias B = ExpertBias::none>
 std::vector<ParameterSpec> ffn_parameters(const LayerShape& s, Index local_experts) {
   std::vector<ParameterSpec> specs;
   if constexpr (A::gated) specs.push_back({"experts.gate", {local_experts, s.ffn, s.hidden}});
   specs.push_back({"experts.up", {local_experts, s.ffn, s.hidden}});
   specs.push_back({"experts.down", {local_experts, s.hidden, s.ffn}});
+  if constexpr (B == ExpertBias::projections) {
+    if constexpr (A::gated) specs.push_back({"experts.gate_bias", {local_experts, s.ffn}});
+    specs.push_back({"experts.up_bias", {local_experts, s.ffn}});
+    specs.push_back({"experts.down_bias", {local_experts, s.hidden}});
+  }
   return specs;
 }
 

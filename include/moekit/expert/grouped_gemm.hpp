@@ -19,12 +19,14 @@ namespace moekit {
 /// Each product is cut into tiles of (expert, block of rows, block of output columns), so a tile
 /// packs only its slice of the expert's weights and a few tokens still give every thread work.
 /// The weight gradients are tiled by (expert, block of columns) over all of the expert's rows:
-/// each tile owns its slice of the gradient and reduces over the rows in a fixed order.
-template <Activation Act>
+/// each tile owns its slice of the gradient and reduces over the rows in a fixed order; a bias's
+/// gradient is summed by the tiles of the first block of columns.
+template <Activation Act, ExpertBias Bias = ExpertBias::none>
 struct GroupedGemmType {
   using policy_kind = expert_kind;
   using activation = Act;
   static constexpr std::string_view name = "GroupedGemm";
+  static constexpr ExpertBias bias = Bias;
 
   struct Options {
     Index row_tile = 256;     // rows per tile (weight gradients take all of an expert's rows)
@@ -46,7 +48,7 @@ struct GroupedGemmType {
   };
 
   static std::vector<ParameterSpec> parameters(const LayerShape& s, Index local_experts) {
-    return detail::ffn_parameters<Act>(s, local_experts);
+    return detail::ffn_parameters<Act, Bias>(s, local_experts);
   }
 
   void validate(const LayerShape&) const {
@@ -59,12 +61,12 @@ struct GroupedGemmType {
   template <Scalar T>
   void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows, std::span<const Index> offsets,
                MatrixRef<T> out, Saved<T>& saved, Workspace<T>& workspace) const {
-    using Slot = detail::FfnSlots<Act>;
     const Index ffn = weights[Slot::up].shape()[1];
     auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     workspace.ready();
 
-    // gate = x · W_gateᵀ, up = x · W_upᵀ and hidden = act(gate) ⊙ up, by blocks of F columns.
+    // gate = x · W_gateᵀ (+ b_gate), up = x · W_upᵀ (+ b_up) and hidden = act(gate) ⊙ up, by
+    // blocks of F columns.
     tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto x = rows.middleRows(t.row, t.rows);
@@ -77,18 +79,25 @@ struct GroupedGemmType {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
         const auto gate_weight = weight(Slot::gate), up_weight = weight(Slot::up);
         gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
+        if constexpr (Slot::biased) {
+          g.rowwise() += bias_of(weights, Slot::gate_bias, t.expert, t.column, t.columns);
+          u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);
+        }
         detail::activate_gated<Act>(g, u, h);
       } else {
         gemm(workspace, u, x, weight(Slot::up));
+        if constexpr (Slot::biased) u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);
         detail::activate<Act>(u, h);
       }
     });
 
-    // out = hidden · W_downᵀ, by blocks of H columns.
+    // out = hidden · W_downᵀ (+ b_down), by blocks of H columns.
     tiles(offsets, out.cols(), saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
-      gemm(workspace, out.block(t.row, t.column, t.rows, t.columns), hidden.middleRows(t.row, t.rows),
-                   weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
+      auto o = out.block(t.row, t.column, t.rows, t.columns);
+      gemm(workspace, o, hidden.middleRows(t.row, t.rows),
+           weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
+      if constexpr (Slot::biased) o.rowwise() += bias_of(weights, Slot::down_bias, t.expert, t.column, t.columns);
     });
     workspace.ready();  // every thread now has room for every product of this step
   }
@@ -99,18 +108,21 @@ struct GroupedGemmType {
   void backward(std::span<const Tensor<T>> weights, MatrixRef<T> rows, std::span<const Index> offsets,
                 Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads,
                 Workspace<T>& workspace) const {
-    using Slot = detail::FfnSlots<Act>;
     const Index ffn = weights[Slot::up].shape()[1];
     auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     workspace.ready();
 
-    // d_down [H,F] = d_outᵀ · hidden, before hidden's buffer is reused below.
+    // d_down [H,F] = d_outᵀ · hidden (d_b_down = Σ_rows d_out), before hidden's buffer is
+    // reused below.
     const Index width = d_out.cols();
     weight_tiles(offsets, width, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = detail::block_of(offsets, t.expert);
+      const auto d_y = d_out.block(first, t.row, n, t.rows);
       gemm_add(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
-                       d_out.block(first, t.row, n, t.rows).transpose(), hidden.block(first, t.column, n, t.columns));
+               d_y.transpose(), hidden.block(first, t.column, n, t.columns));
+      if constexpr (Slot::biased)
+        if (t.column == 0) bias_of(grads, Slot::down_bias, t.expert, t.row, t.rows) += d_y.colwise().sum();
     });
 
     // d_hidden = d_out · W_down, then through the activation: gate ← d_gate and up ← d_up in
@@ -129,16 +141,24 @@ struct GroupedGemmType {
       }
     });
 
-    // d_up [F,H] = d_upᵀ · x, and d_gate likewise: the last reads of the rows.
+    // d_up [F,H] = d_upᵀ · x, and d_gate likewise: the last reads of the rows. Their biases'
+    // gradients are the sums of d_up and d_gate over the rows.
     weight_tiles(offsets, ffn, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = detail::block_of(offsets, t.expert);
       const auto x = rows.block(first, t.column, n, t.columns);
+      const auto d_up = up.block(first, t.row, n, t.rows);
       gemm_add(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
-                       up.block(first, t.row, n, t.rows).transpose(), x);
-      if constexpr (Act::gated)
+               d_up.transpose(), x);
+      if constexpr (Slot::biased)
+        if (t.column == 0) bias_of(grads, Slot::up_bias, t.expert, t.row, t.rows) += d_up.colwise().sum();
+      if constexpr (Act::gated) {
+        const auto d_gate = gate.block(first, t.row, n, t.rows);
         gemm_add(workspace, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
-                         gate.block(first, t.row, n, t.rows).transpose(), x);
+                 d_gate.transpose(), x);
+        if constexpr (Slot::biased)
+          if (t.column == 0) bias_of(grads, Slot::gate_bias, t.expert, t.row, t.rows) += d_gate.colwise().sum();
+      }
     });
 
     // d_rows = d_gate · W_gate + d_up · W_up over the rows, by blocks of H columns.
@@ -155,6 +175,23 @@ struct GroupedGemmType {
   }
 
  private:
+  using Slot = detail::FfnSlots<Act, Bias>;
+
+  /// Columns [first, first + count) of expert e's bias in slot `slot` ([E,width]): a row vector.
+  template <Scalar T>
+  using Row = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+  template <Scalar T>
+  static Eigen::Map<const Row<T>> bias_of(std::span<const Tensor<T>> tensors, int slot, Index e, Index first,
+                                          Index count) {
+    const auto& bias = tensors[static_cast<std::size_t>(slot)];
+    return {bias.data() + e * bias.shape()[1] + first, count};
+  }
+  template <Scalar T>
+  static Eigen::Map<Row<T>> bias_of(std::span<Tensor<T>> tensors, int slot, Index e, Index first, Index count) {
+    auto& bias = tensors[static_cast<std::size_t>(slot)];
+    return {bias.data() + e * bias.shape()[1] + first, count};
+  }
+
   /// A product's tiles over the rows, and a weight gradient's, in this layer's tile sizes.
   void tiles(std::span<const Index> offsets, Index columns, std::vector<detail::Tile>& out) const {
     detail::row_tiles(offsets, options.row_tile, columns, options.column_tile, out);
@@ -168,5 +205,6 @@ struct GroupedGemmType {
 using GroupedGemm = GroupedGemmType<SwiGLU>;
 
 static_assert(Expert<GroupedGemm>);
+static_assert(Expert<GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>);
 
 }  // namespace moekit

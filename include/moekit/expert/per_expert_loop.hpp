@@ -11,11 +11,12 @@ namespace moekit {
 /// The reference expert: one token at a time, plain loops, one thread, nothing saved (backward
 /// recomputes). Slow and obviously right; GroupedGemm is tested against it.
 /// docs/policies/expert.md#perexpertloop
-template <Activation Act>
+template <Activation Act, ExpertBias Bias = ExpertBias::none>
 struct PerExpertLoopType {
   using policy_kind = expert_kind;
   using activation = Act;
   static constexpr std::string_view name = "PerExpertLoop";
+  static constexpr ExpertBias bias = Bias;
 
   template <Scalar T>
   struct Saved {
@@ -23,7 +24,7 @@ struct PerExpertLoopType {
   };
 
   static std::vector<ParameterSpec> parameters(const LayerShape& s, Index local_experts) {
-    return detail::ffn_parameters<Act>(s, local_experts);
+    return detail::ffn_parameters<Act, Bias>(s, local_experts);
   }
 
   void validate(const LayerShape&) const {}
@@ -34,7 +35,7 @@ struct PerExpertLoopType {
     for_each_row(weights, rows, offsets, saved, [&](Index e, Index r) {
       const auto down = weights[Slot::down].slice(e);
       for (Index h = 0; h < rows.cols(); ++h) {
-        T sum = 0;
+        T sum = bias_of(weights, Slot::down_bias, e, h);
         for (Index f = 0; f < down.cols(); ++f) sum += down(h, f) * saved.hidden[f];
         out(r, h) = sum;
       }
@@ -50,6 +51,8 @@ struct PerExpertLoopType {
       const auto down = weights[Slot::down].slice(e), up = weights[Slot::up].slice(e);
       auto d_down = grads[Slot::down].slice(e), d_up = grads[Slot::up].slice(e);
       const Index width = down.cols();
+      if constexpr (Slot::biased)
+        for (Index h = 0; h < rows.cols(); ++h) grads[Slot::down_bias].matrix()(e, h) += d_out(r, h);
       for (Index f = 0; f < width; ++f) {
         T d_hidden = 0;
         for (Index h = 0; h < rows.cols(); ++h) {
@@ -63,6 +66,10 @@ struct PerExpertLoopType {
           saved.up[f] = d_hidden * Act::apply(g) * detail::gated_up_derivative<Act>(u);
         } else {
           saved.up[f] = d_hidden * Act::derivative(saved.up[f]);
+        }
+        if constexpr (Slot::biased) {
+          grads[Slot::up_bias].matrix()(e, f) += saved.up[f];
+          if constexpr (Act::gated) grads[Slot::gate_bias].matrix()(e, f) += saved.gate[f];
         }
       }
       for (Index h = 0; h < rows.cols(); ++h) {
@@ -81,7 +88,14 @@ struct PerExpertLoopType {
   }
 
  private:
-  using Slot = detail::FfnSlots<Act>;
+  using Slot = detail::FfnSlots<Act, Bias>;
+
+  /// Expert e's bias in `slot` at column i; 0 without biases.
+  template <Scalar T>
+  static T bias_of(std::span<const Tensor<T>> weights, int slot, Index e, Index i) {
+    if constexpr (Slot::biased) return weights[static_cast<std::size_t>(slot)].matrix()(e, i);
+    else return T(0);
+  }
 
   /// Computes one row's gate·x, up·x and hidden into saved, then calls body(expert, row).
   template <Scalar T, class Body>
@@ -95,7 +109,9 @@ struct PerExpertLoopType {
       const auto up = weights[Slot::up].slice(static_cast<Index>(e));
       for (Index r = offsets[e]; r < offsets[e + 1]; ++r) {
         for (std::size_t f = 0; f < width; ++f) {
-          T u = 0, g = 0;
+          const auto expert = static_cast<Index>(e), column = static_cast<Index>(f);
+          T u = bias_of(weights, Slot::up_bias, expert, column), g = 0;
+          if constexpr (Act::gated) g = bias_of(weights, Slot::gate_bias, expert, column);
           for (Index h = 0; h < rows.cols(); ++h) {
             u += up(static_cast<Index>(f), h) * rows(r, h);
             if constexpr (Act::gated)
@@ -115,5 +131,6 @@ struct PerExpertLoopType {
 using PerExpertLoop = PerExpertLoopType<SwiGLU>;
 
 static_assert(Expert<PerExpertLoop>);
+static_assert(Expert<PerExpertLoopType<ClampedSwiGLU, ExpertBias::projections>>);
 
 }  // namespace moekit

@@ -16,6 +16,7 @@
 #include <moekit/core/error.hpp>
 #include <moekit/dispatch/batch_plan.hpp>
 #include <moekit/dispatch/permute.hpp>
+#include <moekit/expert/activation.hpp>
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/compose.hpp>
 #include <moekit/layer/parameters.hpp>
@@ -25,12 +26,14 @@ namespace moekit {
 
 namespace detail {
 
-/// "TopK2", "GroupedGemmSwiGLU": a policy's name with its compile-time arguments.
+/// "TopK2", "GroupedGemmSwiGLU", "GroupedGemmClampedSwiGLUBiased": a policy's name with its compile-time arguments.
 template <class P>
 std::string policy_label() {
   std::string label(P::name);
   if constexpr (requires { P::top_k; }) label += std::to_string(P::top_k);
   if constexpr (requires { typename P::activation; }) label += P::activation::name;
+  if constexpr (requires { P::bias; })
+    if (P::bias == ExpertBias::projections) label += "Biased";
   return label;
 }
 
@@ -79,6 +82,12 @@ class BasicMoELayer {
                   size < (Index{1} << 62),
               "moekit::MoELayer: shared_ffn = ", config.shared_ffn, " with hidden = ", config.hidden,
               "; expected shared_ffn >= 0 and shared_ffn × hidden below 2^62");
+      if constexpr (requires { X::bias; })
+        require(X::bias == ExpertBias::none || parallel_.local_ffn(shape_).count == shape_.ffn,
+                "moekit::MoELayer: experts with biases and each expert's ffn = ", shape_.ffn, " split over ",
+                shape_.ffn / parallel_.local_ffn(shape_).count,
+                " expert-tensor-parallel ranks; expected etp = 1 (each rank would add experts.down_bias to its "
+                "partial sum)");
       validate_policies();
     });
 
