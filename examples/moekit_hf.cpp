@@ -90,6 +90,8 @@ int inspect(const moekit::io::HfModel& model) {
   if (b.groups > 1) std::printf(", %d groups (%d kept) by %s", b.groups, b.groups_kept, b.group_score.c_str());
   if (b.selection_bias) std::printf(", selection bias");
   if (b.weight_at_input) std::printf(", weights scale the experts' input");
+  if (b.logit_bias) std::printf(", a bias on the logits");
+  std::printf("\nexperts: %s", b.expert_unit.c_str());
   std::printf("\nshared:  %s", b.has_shared() ? b.shared_expert.c_str() : "none");
   if (b.has_shared()) std::printf(", width %lld", static_cast<long long>(b.shared_ffn));
   std::printf("\nmoekit:  %s, float or double\n", b.layer_type().c_str());

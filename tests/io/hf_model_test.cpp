@@ -37,13 +37,16 @@ struct Rule {
   bool group_by_max = false;  // DeepSeek-V2: a group's best score; else DeepSeek-V3's top-2 sum
   bool gated_shared = false;  // Qwen2-MoE: the shared expert × σ(x·w)
   bool weight_input = false;  // Llama 4: y = Σ expert(w·x)
+  bool gpt_oss = false;       // GPT-OSS: biases on the logits and the projections, the clamped SwiGLU
 };
 
 struct Weights {
   Index hidden = 0, ffn = 0, experts = 0, shared_ffn = 0;
   int top_k = 0;
   std::vector<double> router = {}, bias = {};  // [E,H], [E] (DeepSeek-V3's selection bias)
+  std::vector<double> logit_bias = {};          // [E] (GPT-OSS)
   std::vector<std::vector<double>> gate = {}, up = {}, down = {};  // per expert: [F,H], [F,H], [H,F]
+  std::vector<std::vector<double>> gate_bias = {}, up_bias = {}, down_bias = {};  // per expert: [F], [F], [H] (GPT-OSS)
   std::vector<double> shared_gate = {}, shared_up = {}, shared_down = {}, shared_output_gate = {};  // [Fs,H] [Fs,H] [H,Fs] [H]
 };
 
@@ -61,6 +64,25 @@ std::vector<double> swiglu(const std::vector<double>& gate, const std::vector<do
     }
     const double a = silu(g) * u;
     for (Index h = 0; h < hidden; ++h) out[static_cast<std::size_t>(h)] += down[static_cast<std::size_t>(h * width + f)] * a;
+  }
+  return out;
+}
+
+/// GPT-OSS's expert e for one token: g = min(gate·x + b_g, 7), u = clamp(up·x + b_u, ±7),
+/// down · ((u + 1) · g · σ(1.702 g)) + b_d.
+std::vector<double> gpt_oss_expert(const Weights& w, std::size_t e, const double* x) {
+  const Index hidden = w.hidden, width = w.ffn;
+  std::vector<double> out = w.down_bias[e];
+  for (Index f = 0; f < width; ++f) {
+    double g = w.gate_bias[e][static_cast<std::size_t>(f)], u = w.up_bias[e][static_cast<std::size_t>(f)];
+    for (Index h = 0; h < hidden; ++h) {
+      g += w.gate[e][static_cast<std::size_t>(f * hidden + h)] * x[h];
+      u += w.up[e][static_cast<std::size_t>(f * hidden + h)] * x[h];
+    }
+    g = std::min(g, 7.0);
+    u = std::clamp(u, -7.0, 7.0);
+    const double a = (u + 1) * g / (1 + std::exp(-1.702 * g));
+    for (Index h = 0; h < hidden; ++h) out[static_cast<std::size_t>(h)] += w.down[e][static_cast<std::size_t>(h * width + f)] * a;
   }
   return out;
 }
@@ -86,7 +108,18 @@ Matrix<double> reference(const Weights& w, const Rule& rule, const Matrix<double
     for (Index e = 0; e < experts; ++e) {
       double logit = 0;
       for (Index h = 0; h < hidden; ++h) logit += w.router[static_cast<std::size_t>(e * hidden + h)] * xt[h];
-      score[static_cast<std::size_t>(e)] = logit;
+      score[static_cast<std::size_t>(e)] = logit + (w.logit_bias.empty() ? 0.0 : w.logit_bias[static_cast<std::size_t>(e)]);
+    }
+    if (rule.gpt_oss) {  // a softmax over the top-K logits
+      const auto chosen = top(score, w.top_k);
+      double sum = 0;
+      for (const Index e : chosen) sum += std::exp(score[static_cast<std::size_t>(e)] - score[static_cast<std::size_t>(chosen[0])]);
+      for (const Index e : chosen) {
+        const double weight = std::exp(score[static_cast<std::size_t>(e)] - score[static_cast<std::size_t>(chosen[0])]) / sum;
+        const auto out = gpt_oss_expert(w, static_cast<std::size_t>(e), xt);
+        for (Index h = 0; h < hidden; ++h) y(t, h) += weight * out[static_cast<std::size_t>(h)];
+      }
+      continue;
     }
     if (rule.score == ScoreFn::softmax) {
       const double m = *std::max_element(score.begin(), score.end());
@@ -158,6 +191,7 @@ std::vector<double> draws(std::mt19937& rng, Index n, int range = 255) {
 /// moekit's table).
 struct Names {
   std::string router, bias, gate, up, down, shared_gate, shared_up, shared_down, shared_output_gate;
+  std::string logit_bias = {}, gate_up_bias = {}, down_bias = {};  // GPT-OSS
 };
 
 struct Family {
@@ -171,7 +205,8 @@ struct Family {
   std::vector<Index> moe_layers = {};  // of 3
   DType dtype = DType::bf16;
   std::string prefix = "model.layers.";
-  bool fused = false;   // Llama 4: gate_up_proj [E,H,2F] and down_proj [E,F,H] for all experts
+  bool fused = false;   // Llama 4, GPT-OSS: gate_up_proj [E,H,2F] and down_proj [E,F,H] for all experts
+  bool interleaved = false;  // GPT-OSS: gate in the even columns of gate_up_proj, up in the odd
   bool nested = false;  // Llama 4's multimodal config: the sizes in text_config
 };
 
@@ -260,6 +295,18 @@ std::vector<Family> families() {
   f.back().prefix = "language_model.model.layers.";
   f.back().nested = true;
   f.back().dtype = DType::f32;
+  Names gpt_oss{"mlp.router.weight", "", "mlp.experts.gate_up_proj", "", "mlp.experts.down_proj", "", "", "", ""};
+  gpt_oss.logit_bias = "mlp.router.bias";
+  gpt_oss.gate_up_bias = "mlp.experts.gate_up_proj_bias";
+  gpt_oss.down_bias = "mlp.experts.down_proj_bias";
+  f.push_back({"gpt_oss",
+               R"("num_local_experts": 8, "num_experts_per_tok": 4, "intermediate_size": 12, "swiglu_limit": 7.0,
+                  "experts_per_token": 4, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"])",
+               gpt_oss, {.gpt_oss = true}});
+  f.back().top_k = 4;
+  f.back().moe_layers = {0, 1, 2};
+  f.back().fused = true;
+  f.back().interleaved = true;
   return f;
 }
 
@@ -331,6 +378,11 @@ Weights write_family(const Family& f, Folder& folder, Index layer, unsigned seed
       w.bias = draws(rng, e, 2047);  // larger: the bias must move the selection
       folder.add(name(f.names.bias, n), {e}, w.bias, DType::f32);
     }
+    if (!f.names.logit_bias.empty()) {
+      w.logit_bias = draws(rng, e);  // k/512 up to ±0.5, exact in BF16: the bias must move the selection
+      for (double& v : w.logit_bias) v *= 8;
+      folder.add(name(f.names.logit_bias, n), {e}, w.logit_bias, f.dtype);
+    }
     for (Index i = 0; i < e; ++i) {
       w.gate.push_back(draws(rng, ffn * h));
       w.up.push_back(draws(rng, ffn * h));
@@ -340,18 +392,41 @@ Weights write_family(const Family& f, Folder& folder, Index layer, unsigned seed
       folder.add(name(f.names.up, n, i), {ffn, h}, w.up.back(), f.dtype);
       folder.add(name(f.names.down, n, i), {h, ffn}, w.down.back(), f.dtype);
     }
-    if (f.fused) {  // x · W: gate_up_proj[e][h][j] is gate[e][j][h] for j < F, up[e][j − F][h] after
+    if (f.fused) {  // x · W: gate_up_proj[e][h][·] holds gate[e][j][h] and up[e][j][h] at
+                    // columns j and F + j (Llama 4), or 2j and 2j + 1 (GPT-OSS)
+      const auto gate_column = [&](Index j) { return f.interleaved ? 2 * j : j; };
+      const auto up_column = [&](Index j) { return f.interleaved ? 2 * j + 1 : ffn + j; };
       std::vector<double> gate_up(static_cast<std::size_t>(e * h * 2 * ffn)), down(static_cast<std::size_t>(e * ffn * h));
       for (Index i = 0; i < e; ++i)
         for (Index r = 0; r < h; ++r)
           for (Index j = 0; j < ffn; ++j) {
             const auto at = static_cast<std::size_t>(j * h + r);
-            gate_up[static_cast<std::size_t>((i * h + r) * 2 * ffn + j)] = w.gate[static_cast<std::size_t>(i)][at];
-            gate_up[static_cast<std::size_t>((i * h + r) * 2 * ffn + ffn + j)] = w.up[static_cast<std::size_t>(i)][at];
+            gate_up[static_cast<std::size_t>((i * h + r) * 2 * ffn + gate_column(j))] = w.gate[static_cast<std::size_t>(i)][at];
+            gate_up[static_cast<std::size_t>((i * h + r) * 2 * ffn + up_column(j))] = w.up[static_cast<std::size_t>(i)][at];
             down[static_cast<std::size_t>((i * ffn + j) * h + r)] = w.down[static_cast<std::size_t>(i)][static_cast<std::size_t>(r * ffn + j)];
           }
       folder.add(name(f.names.gate, n), {e, h, 2 * ffn}, gate_up, f.dtype);
       folder.add(name(f.names.down, n), {e, ffn, h}, down, f.dtype);
+    }
+    if (!f.names.gate_up_bias.empty()) {
+      // Values k/16 up to ±10, exact in BF16: past the clamps at 7 for many columns. The down
+      // bias k/256, up to ±1.
+      std::vector<double> gate_up_bias(static_cast<std::size_t>(e * 2 * ffn)), down_bias;
+      for (Index i = 0; i < e; ++i) {
+        w.gate_bias.push_back(draws(rng, ffn, 160));
+        w.up_bias.push_back(draws(rng, ffn, 160));
+        w.down_bias.push_back(draws(rng, h));
+        for (auto* b : {&w.gate_bias.back(), &w.up_bias.back()})
+          for (double& v : *b) v *= 256;
+        for (double& v : w.down_bias.back()) v *= 16;
+        for (Index j = 0; j < ffn; ++j) {
+          gate_up_bias[static_cast<std::size_t>(i * 2 * ffn + 2 * j)] = w.gate_bias.back()[static_cast<std::size_t>(j)];
+          gate_up_bias[static_cast<std::size_t>(i * 2 * ffn + 2 * j + 1)] = w.up_bias.back()[static_cast<std::size_t>(j)];
+        }
+        down_bias.insert(down_bias.end(), w.down_bias.back().begin(), w.down_bias.back().end());
+      }
+      folder.add(name(f.names.gate_up_bias, n), {e, 2 * ffn}, gate_up_bias, f.dtype);
+      folder.add(name(f.names.down_bias, n), {e, h}, down_bias, f.dtype);
     }
     if (s > 0) {
       w.shared_gate = draws(rng, s * h);
@@ -549,15 +624,16 @@ TEST_F(HfModelErrors, AnUnknownModelType) {
   EXPECT_EQ(message_of([&] { io::HfModel::open(folder.dir()); }),
             "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
                 "' has model_type = 'llama'; expected one of mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v2, "
-                "deepseek_v3, llama4_text, llama4 (docs/models.md)");
+                "deepseek_v3, llama4_text, llama4, gpt_oss (docs/models.md)");
 }
 
-TEST_F(HfModelErrors, AFamilyMoekitCannotBuildYetIsNamed) {
-  std::ofstream(folder.dir() / "config.json") << R"({"model_type": "gpt_oss", "hidden_size": 16})";
-  EXPECT_EQ(message_of([&] { io::HfModel::open(folder.dir()); }),
-            "moekit::HfModel: '" + (folder.dir() / "config.json").string() +
-                "' has model_type = 'gpt_oss', whose MoE block needs biases on each expert's gate, up and down "
-                "projections, which moekit does not do (docs/models.md)");
+TEST_F(HfModelErrors, AnotherClampOfGptOssIsNamed) {
+  std::ofstream(folder.dir() / "config.json")
+      << R"({"model_type": "gpt_oss", "hidden_size": 16, "num_hidden_layers": 1, "num_local_experts": 4,
+            "num_experts_per_tok": 2, "intermediate_size": 8, "swiglu_limit": 10.0})";
+  EXPECT_EQ(read_layer(0), "moekit::HfModel: layer 0 of '" + folder.dir().string() +
+                               "' (gpt_oss) needs swiglu_limit = '10' (a convention moekit does not know); "
+                               "moekit does not do this (docs/models.md)");
 }
 
 TEST_F(HfModelErrors, ADenseLayerAskedForAsMoE) {

@@ -67,7 +67,10 @@ TYPED_TEST_SUITE_P(LayerCombo);
 TYPED_TEST_P(LayerCombo, ForwardMatchesTheFormulas) {
   using T = typename TestFixture::T;
   using A = typename TestFixture::X::activation;
-  const Unit u = A::name == "SwiGLU" ? Unit::swiglu : A::name == "GeLU" ? Unit::gelu : Unit::relu;
+  const Unit u = A::name == "SwiGLU" ? Unit::swiglu
+                 : A::name == "GeLU"  ? Unit::gelu
+                 : A::name == "ReLU"  ? Unit::relu
+                                      : Unit::clamped_swiglu;
   for (const auto& options : TestFixture::router_variants()) {
     auto layer = TestFixture::make(options);
     const auto x = TestFixture::random(9, 6, 3);
@@ -95,7 +98,14 @@ TYPED_TEST_P(LayerCombo, ForwardMatchesTheFormulas) {
         x.template cast<double>(), as_double("router.weight"),
         A::gated ? as_double("experts.gate") : std::vector<double>{}, as_double("experts.up"),
         as_double("experts.down"), layer.shape().experts, layer.shape().ffn, TestFixture::K,
-        {options.score, options.normalize, options.scale}, u, plain_selection ? nullptr : &forced);
+        {options.score, options.normalize, options.scale}, u, plain_selection ? nullptr : &forced, [&] {
+          Biases b;
+          if constexpr (requires { TestFixture::X::bias; })
+            if (TestFixture::X::bias == ExpertBias::projections)
+              b = {A::gated ? as_double("experts.gate_bias") : std::vector<double>{}, as_double("experts.up_bias"),
+                   as_double("experts.down_bias")};
+          return b;
+        }());
     EXPECT_LT(TestFixture::error(y, ref.y.template cast<T>()), 10 * tolerance<T>);
     if (plain_selection) {
       for (Index t = 0; t < x.rows(); ++t)

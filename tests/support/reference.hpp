@@ -18,7 +18,12 @@ struct RouterSpec {
   double scale = 1.0;
 };
 
-enum class Unit { swiglu, gelu, relu };
+enum class Unit { swiglu, gelu, relu, clamped_swiglu };
+
+/// Each expert's biases: gate, up [E,F] and down [E,H]; empty for experts without them.
+struct Biases {
+  std::vector<double> gate, up, down;
+};
 
 struct ReferenceResult {
   Matrix<double> y;
@@ -31,9 +36,13 @@ inline double unit(Unit u, double g) {
     case Unit::swiglu: return g / (1 + std::exp(-g));
     case Unit::gelu: return 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
     case Unit::relu: return std::max(g, 0.0);
+    case Unit::clamped_swiglu: g = std::min(g, 7.0); return g / (1 + std::exp(-1.702 * g));
   }
   return 0;
 }
+
+/// What a gated unit multiplies act(gate) by: up, or GPT-OSS's clamp(up, −7, 7) + 1.
+inline double gated_up(Unit u, double v) { return u == Unit::clamped_swiglu ? std::clamp(v, -7.0, 7.0) + 1 : v; }
 
 /// Choices made elsewhere (a balancer that shapes selection, a dispatcher that drops): the
 /// experts of each token [T][K], and whether each was kept [T][K].
@@ -42,14 +51,14 @@ struct ForcedChoices {
   std::vector<std::vector<bool>> kept;
 };
 
-/// params: router [E,H]; gate, up [E,F,H] (gate empty for plain units); down [E,H,F].
+/// params: router [E,H]; gate, up [E,F,H] (gate empty for plain units); down [E,H,F]; biases.
 /// Without `forced`, the top-k of the scores is chosen and every choice is kept.
 inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vector<double>& router,
                                          const std::vector<double>& gate,
                                          const std::vector<double>& up,
                                          const std::vector<double>& down, Index experts, Index ffn,
                                          int k, RouterSpec spec, Unit u,
-                                         const ForcedChoices* forced = nullptr) {
+                                         const ForcedChoices* forced = nullptr, const Biases& biases = {}) {
   const Index tokens = x.rows(), hidden = x.cols();
   ReferenceResult r;
   r.y = Matrix<double>::Zero(tokens, hidden);
@@ -92,16 +101,17 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
       if (spec.normalize) w /= chosen_sum;
       std::vector<double> hid(static_cast<std::size_t>(ffn));
       for (Index f = 0; f < ffn; ++f) {
-        double g = 0, v = 0;
+        const auto column_of_f = static_cast<std::size_t>(e * ffn + f);
+        double g = biases.gate.empty() ? 0 : biases.gate[column_of_f], v = biases.up.empty() ? 0 : biases.up[column_of_f];
         for (Index h = 0; h < hidden; ++h) {
           const auto at = static_cast<std::size_t>((e * ffn + f) * hidden + h);
           v += up[at] * x(t, h);
           if (!gate.empty()) g += gate[at] * x(t, h);
         }
-        hid[static_cast<std::size_t>(f)] = gate.empty() ? unit(u, v) : unit(u, g) * v;
+        hid[static_cast<std::size_t>(f)] = gate.empty() ? unit(u, v) : unit(u, g) * gated_up(u, v);
       }
       for (Index h = 0; h < hidden; ++h) {
-        double out = 0;
+        double out = biases.down.empty() ? 0 : biases.down[static_cast<std::size_t>(e * hidden + h)];
         for (Index f = 0; f < ffn; ++f) out += down[static_cast<std::size_t>((e * hidden + h) * ffn + f)] * hid[static_cast<std::size_t>(f)];
         r.y(t, h) += w * out;
       }

@@ -34,6 +34,8 @@ struct HfBlock {
   std::string group_score = "sum of top-2 biased scores in group";
   bool selection_bias = false;  // router.bias: AuxFree's bias, loaded with the layer
   bool weight_at_input = false;  // Llama 4: the weights scale the experts' input
+  bool logit_bias = false;       // GPT-OSS: router.logit_bias added to the logits
+  std::string expert_unit = "swiglu";  // the routed experts' unit: swiglu_words or clamped_biased_words
   std::vector<std::pair<std::string, std::string>> unknown;  // metadata keys of conventions moekit does not know
 
   /// The metadata's words for what moekit implements: group scores (TopK's GroupScore), shared
@@ -43,7 +45,9 @@ struct HfBlock {
                                     shared_none_words = "none", shared_plain_words = "swiglu, unscaled",
                                     shared_sigmoid_words = "swiglu, scaled by sigmoid(x . shared.gate_proj_weight)",
                                     layout_words = "gu_halves",
-                                    selection_bias_words = "router.bias added for selection only";
+                                    selection_bias_words = "router.bias added for selection only",
+                                    swiglu_words = "swiglu",
+                                    clamped_biased_words = "clamped swiglu (limit 7, alpha 1.702) with biases";
   /// Every metadata key a fixture may have: the conventions above, the sizes, and where its
   /// numbers came from. Any other key is a convention moekit does not know, and is refused.
   static constexpr std::array known_keys{
@@ -91,15 +95,17 @@ struct HfBlock {
   TopK<K> router() const {
     return TopK<K>{{.score = score, .normalize = normalize, .scale = scale, .groups = groups,
                     .groups_kept = groups_kept, .group_score = group_rule(),
-                    .weight_at = weight_at_input ? WeightAt::input : WeightAt::output}};
+                    .weight_at = weight_at_input ? WeightAt::input : WeightAt::output, .logit_bias = logit_bias}};
   }
 
   /// "MoELayer<TopK<8>, AuxFree, Shared<>>": the type with_layer() builds (and its scalar).
   std::string layer_type() const {
     std::string type = "MoELayer<TopK<" + std::to_string(top_k) + ">, " + (selection_bias ? "AuxFree" : "NoBalance");
+    if (clamped_biased()) type += ", GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>";
     if (has_shared()) type += shared_gate() == SharedGate::sigmoid ? ", Shared<SharedGate::sigmoid>" : ", Shared<>";
     type += '>';
     if (weight_at_input) type += " with TopK's weight_at = WeightAt::input";
+    if (logit_bias) type += " with TopK's logit_bias = true";
     return type;
   }
 
@@ -109,7 +115,8 @@ struct HfBlock {
 
   /// Calls f(layer) with a layer of the type this block maps to, in T, with its sizes and
   /// router (not yet loaded): MoELayer<TopK<K>, AuxFree or NoBalance, Dropless, GroupedGemm,
-  /// the shared expert, T>. Returns what f returns.
+  /// the shared expert, T>, or with GPT-OSS's experts MoELayer<TopK<K>, NoBalance, Dropless,
+  /// GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, T>. Returns what f returns.
   template <Scalar T, class F>
   auto with_layer(F&& f) const {
     return with_k<T>(std::forward<F>(f), layer_top_ks{});
@@ -132,6 +139,8 @@ struct HfBlock {
   /// The shared expert's gate (meaningful when has_shared()).
   SharedGate shared_gate() const { return shared_expert == shared_sigmoid_words ? SharedGate::sigmoid : SharedGate::none; }
   bool has_shared() const { return shared_expert != shared_none_words; }
+  /// Whether the routed experts are GPT-OSS's: clamped SwiGLU with biases.
+  bool clamped_biased() const { return expert_unit == clamped_biased_words; }
 
   /// What this block needs that moekit does not do, each named by its metadata key and value;
   /// empty when it can be built.
@@ -156,6 +165,9 @@ struct HfBlock {
       refuse("layout_from", layout, "an expert layout of another form");
     if (const auto bias = metadata("selection_bias", std::string(selection_bias_words)); bias != selection_bias_words)
       refuse("selection_bias", bias, "a selection bias of another form");
+    if (expert_unit != swiglu_words && !clamped_biased()) refuse("expert_unit", expert_unit, "an expert of another form");
+    if (clamped_biased() && (has_shared() || selection_bias))
+      refuse("expert_unit", expert_unit, "biased experts beside a shared expert or a selection bias");
     for (const auto& [key, value] : unknown) refuse(key, value, "a convention moekit does not know");
     return missing;
   }
@@ -187,6 +199,9 @@ struct HfBlock {
       moekit::require(top_k == K, "moekit::HfBlock: top-k = ", top_k, " (", family,
                       "); expected 1, 2, 4, 6 or 8, the values moekit builds layers for");
     }
+    if (clamped_biased())
+      return build<T, K, NoBalance, NoSharedExpert, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>(
+          std::forward<F>(f));
     return selection_bias ? with_shared<T, K, AuxFree>(std::forward<F>(f)) : with_shared<T, K, NoBalance>(std::forward<F>(f));
   }
 
@@ -197,9 +212,9 @@ struct HfBlock {
     return build<T, K, Balancer, Shared<>>(std::forward<F>(f));
   }
 
-  template <Scalar T, int K, class Balancer, class SharedPolicy, class F>
+  template <Scalar T, int K, class Balancer, class SharedPolicy, class Experts = GroupedGemm, class F>
   auto build(F&& f) const {
-    BasicMoELayer<T, TopK<K>, Balancer, Dropless, GroupedGemm, SingleProcess, SharedPolicy> layer(config(), router<K>());
+    BasicMoELayer<T, TopK<K>, Balancer, Dropless, Experts, SingleProcess, SharedPolicy> layer(config(), router<K>());
     return f(layer);
   }
 

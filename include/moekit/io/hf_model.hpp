@@ -11,6 +11,7 @@
 #include <optional>
 #include <set>
 #include <span>
+#include <sstream>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -111,14 +112,22 @@ class HfConfig {
   detail::Json root_;
 };
 
+/// How a family stores its experts' gate and up projections.
+enum class HfGateUp {
+  separate,     // one tensor per expert and projection, [F,H] (`{e}` in the names)
+  halves,       // one [E,H,2F] for all experts (x · W: transposed), gate in the first F columns,
+                // and down one [E,F,H] (Llama 4)
+  interleaved,  // the same, gate in the even columns and up in the odd ones, and their biases
+                // [E,2F] likewise (GPT-OSS)
+};
+
 /// A family's tensor names inside an MoE layer (after its layer prefix), "{e}" for the expert.
-/// An empty name: the family has no such tensor. With fused_gate_up, `gate` names one tensor
-/// [E,H,2F] holding every expert's gate and up (x · W: transposed), gate in the first F columns,
-/// and `down` one [E,F,H] (Llama 4).
+/// An empty name: the family has no such tensor. With fused gate and up projections, `gate`
+/// names the one tensor of both, and `gate_bias` that of their biases.
 struct HfTensorNames {
-  std::string_view router = {}, selection_bias = {}, gate = {}, up = {}, down = {}, shared_gate = {}, shared_up = {},
-                   shared_down = {}, shared_output_gate = {};
-  bool fused_gate_up = false;
+  std::string_view router = {}, logit_bias = {}, selection_bias = {}, gate = {}, up = {}, down = {}, gate_bias = {},
+                   down_bias = {}, shared_gate = {}, shared_up = {}, shared_down = {}, shared_output_gate = {};
+  HfGateUp gate_up = HfGateUp::separate;
 };
 
 /// One family: how config.json sizes its MoE block, which layers are MoE, and its tensor names.
@@ -240,6 +249,18 @@ inline HfBlock hf_llama4(const HfConfig& c) {
   return b;
 }
 
+/// GPT-OSS: softmax over the top-K of x·Wᵀ + b; experts with biases and the clamped SwiGLU
+/// (swiglu_limit 7). Every layer is MoE.
+inline HfBlock hf_gpt_oss(const HfConfig& c) {
+  HfBlock b = hf_sizes(c, "gpt_oss", "num_local_experts", "intermediate_size");
+  b.normalize = b.top_k > 1;  // a softmax over the K is the softmax over all, renormalised over the K
+  b.logit_bias = true;
+  b.expert_unit = HfBlock::clamped_biased_words;
+  if (const double limit = c.number("swiglu_limit", 7.0); limit != 7.0)
+    b.unknown.emplace_back("swiglu_limit", (std::ostringstream() << limit).str());
+  return b;
+}
+
 inline std::optional<std::string> hf_llama4_dense(const HfConfig& c, Index n) {
   if (c.contains("moe_layers")) {
     const auto layers = c.integers("moe_layers");
@@ -257,7 +278,7 @@ constexpr HfTensorNames hf_llama4_names{.router = "feed_forward.router.weight",
                                         .shared_gate = "feed_forward.shared_expert.gate_proj.weight",
                                         .shared_up = "feed_forward.shared_expert.up_proj.weight",
                                         .shared_down = "feed_forward.shared_expert.down_proj.weight",
-                                        .fused_gate_up = true};
+                                        .gate_up = HfGateUp::halves};
 
 constexpr HfTensorNames hf_mlp_names{.router = "mlp.gate.weight",
                                      .gate = "mlp.experts.{e}.gate_proj.weight",
@@ -306,6 +327,15 @@ inline std::span<const HfFamily> hf_families() {
        "model.layers.", hf_deepseek_v3, hf_deepseek_dense},
       {"llama4_text", hf_llama4_names, "model.layers.", hf_llama4, hf_llama4_dense},
       {"llama4", hf_llama4_names, "language_model.model.layers.", hf_llama4, hf_llama4_dense},
+      {"gpt_oss",
+       {.router = "mlp.router.weight",
+        .logit_bias = "mlp.router.bias",
+        .gate = "mlp.experts.gate_up_proj",
+        .down = "mlp.experts.down_proj",
+        .gate_bias = "mlp.experts.gate_up_proj_bias",
+        .down_bias = "mlp.experts.down_proj_bias",
+        .gate_up = HfGateUp::interleaved},
+       "model.layers.", hf_gpt_oss, hf_every_layer},
   };
   return families;
 }
@@ -327,9 +357,6 @@ class HfModel {
     const std::string type = model.config_.string("model_type");
     for (const auto& f : hf_families())
       if (f.model_type == type) model.family_ = &f;
-    for (const auto& [type_name, needs] : refused_families)
-      require(type != type_name, "moekit::HfModel: '", (folder / "config.json").string(), "' has model_type = '", type,
-              "', whose MoE block needs ", needs, ", which moekit does not do (docs/models.md)");
     if (!model.family_) {
       std::string known;
       for (const auto& f : hf_families()) known += (known.empty() ? "" : ", ") + std::string(f.model_type);
@@ -340,10 +367,6 @@ class HfModel {
     return model;
   }
 
-  /// Families whose MoE block moekit knows and cannot build yet, and what they need.
-  static constexpr std::pair<std::string_view, std::string_view> refused_families[] = {
-      {"gpt_oss", "biases on each expert's gate, up and down projections"},
-  };
 
   const std::filesystem::path& folder() const { return folder_; }
   const HfConfig& config() const { return config_; }
@@ -485,9 +508,18 @@ class HfModel {
 
  private:
   /// How a moekit tensor [E,A,B] lies on disk: as it is (one tensor, or one per expert in order),
-  /// transposed ([E,B,A]: Llama 4's down_proj), or as the first or second half of the columns
-  /// of a transposed pair ([E,B,2A]: Llama 4's gate_up_proj).
-  enum class Layout { as_stored, transposed, first_half_transposed, second_half_transposed };
+  /// transposed ([E,B,A]: Llama 4's and GPT-OSS's down_proj), or as the first or second half
+  /// of the columns of a transposed pair ([E,B,2A]: Llama 4's gate_up_proj), or as its even or
+  /// odd columns (GPT-OSS's gate_up_proj). A bias [E,A] is read as [E,A,1] (GPT-OSS's
+  /// gate_up_proj_bias [E,2A]: its even and odd columns).
+  enum class Layout {
+    as_stored,
+    transposed,
+    first_half_transposed,
+    second_half_transposed,
+    even_columns_transposed,
+    odd_columns_transposed
+  };
 
   /// One moekit tensor of a block: its whole shape, and the on-disk tensors it is made of, each
   /// of `shape`.
@@ -499,21 +531,25 @@ class HfModel {
     Layout layout = Layout::as_stored;
   };
 
-  /// f(moekit index, on-disk index) for each element of a tensor of a transposed layout.
+  /// f(moekit index, on-disk index) for each element of a tensor of a transposed layout: moekit's
+  /// [e][i][j] is the disk's [e][j][first + step·i] of `columns` columns.
   template <class F>
   static void for_each_element(const BlockTensor& t, F f) {
-    const Index experts = t.whole[0], a = t.whole[1], b = t.whole[2];
+    const Index experts = t.whole[0], a = t.whole[1], b = t.whole.size() > 2 ? t.whole[2] : 1;
     const Index columns = t.layout == Layout::transposed ? a : 2 * a;
-    const Index first = t.layout == Layout::second_half_transposed ? a : 0;
+    const bool interleaved = t.layout == Layout::even_columns_transposed || t.layout == Layout::odd_columns_transposed;
+    const Index step = interleaved ? 2 : 1;
+    const Index first = t.layout == Layout::second_half_transposed ? a : t.layout == Layout::odd_columns_transposed ? 1 : 0;
     for (Index e = 0; e < experts; ++e)
       for (Index i = 0; i < a; ++i)
         for (Index j = 0; j < b; ++j)
-          f(static_cast<std::size_t>((e * a + i) * b + j), static_cast<std::size_t>((e * b + j) * columns + first + i));
+          f(static_cast<std::size_t>((e * a + i) * b + j),
+            static_cast<std::size_t>((e * b + j) * columns + first + step * i));
   }
 
   template <class T>
   static std::vector<T> from_stored(const BlockTensor& t, const std::vector<T>& stored) {
-    std::vector<T> out(static_cast<std::size_t>(t.whole[0] * t.whole[1] * t.whole[2]));
+    std::vector<T> out(static_cast<std::size_t>(element_count(t.whole)));
     for_each_element(t, [&](std::size_t moekit, std::size_t disk) { out[moekit] = stored[disk]; });
     return out;
   }
@@ -536,6 +572,7 @@ class HfModel {
     };
     const std::string ffn_h = "the expert width and hidden_size", h_ffn = "hidden_size and the expert width";
     one("router.weight", names.router, {e, h}, {e, h}, "the router's weight", "the expert count and hidden_size");
+    if (b.logit_bias) one("router.logit_bias", names.logit_bias, {e}, {e}, "the router's bias", "the expert count");
     if (b.has_shared() && !names.shared_gate.empty()) {
       const std::string shared_sizes = "the shared expert's width and hidden_size";
       one("shared.gate", names.shared_gate, {1, s, h}, {s, h}, "the shared expert's gate_proj", shared_sizes);
@@ -546,15 +583,24 @@ class HfModel {
         one("shared.output_gate", names.shared_output_gate, {1, h}, {1, h}, "the shared expert's gate",
             "hidden_size");
     }
-    if (names.fused_gate_up) {
+    if (names.gate_up != HfGateUp::separate) {
       auto fused = [&](std::string_view moekit, std::string_view name, std::vector<Index> whole, std::vector<Index> shape,
                        Layout layout, std::string what) {
         one(moekit, name, std::move(whole), std::move(shape), std::move(what), "the expert count, hidden_size and the expert width");
         out.back().layout = layout;
       };
-      fused("experts.gate", names.gate, {e, f, h}, {e, h, 2 * f}, Layout::first_half_transposed, "the experts' gate_up_proj");
-      fused("experts.up", names.gate, {e, f, h}, {e, h, 2 * f}, Layout::second_half_transposed, "the experts' gate_up_proj");
+      const bool halves = names.gate_up == HfGateUp::halves;
+      const Layout gate = halves ? Layout::first_half_transposed : Layout::even_columns_transposed;
+      const Layout up = halves ? Layout::second_half_transposed : Layout::odd_columns_transposed;
+      fused("experts.gate", names.gate, {e, f, h}, {e, h, 2 * f}, gate, "the experts' gate_up_proj");
+      fused("experts.up", names.gate, {e, f, h}, {e, h, 2 * f}, up, "the experts' gate_up_proj");
       fused("experts.down", names.down, {e, h, f}, {e, f, h}, Layout::transposed, "the experts' down_proj");
+      if (b.clamped_biased()) {
+        fused("experts.gate_bias", names.gate_bias, {e, f}, {e, 2 * f}, gate, "the experts' gate_up_proj_bias");
+        fused("experts.up_bias", names.gate_bias, {e, f}, {e, 2 * f}, up, "the experts' gate_up_proj_bias");
+        one("experts.down_bias", names.down_bias, {e, h}, {e, h}, "the experts' down_proj_bias",
+            "the expert count and hidden_size");
+      }
     } else {
       per_expert("experts.gate", names.gate, {f, h}, "an expert's gate_proj", ffn_h);
       per_expert("experts.up", names.up, {f, h}, "an expert's up_proj", ffn_h);
@@ -629,6 +675,12 @@ class HfModel {
   }
   static constexpr std::string_view quantised =
       " (quantised blocks, such as MXFP4, which moekit does not read: dequantize the model to BF16 first)";
+
+  static Index element_count(const std::vector<Index>& shape) {
+    Index n = 1;
+    for (const Index d : shape) n *= d;
+    return n;
+  }
 
   static std::string join(const std::vector<std::string>& parts) {
     std::string out;
