@@ -1,5 +1,6 @@
-// The layer against the limit it is held to (docs/performance.md): the same SwiGLU GEMMs over
-// T·K rows with one expert's weights and no routing, computed with Eigen on the same threads,
+// The layer against the limit it is held to (docs/performance.md#limit): the same SwiGLU GEMMs
+// over T·K rows with one expert's weights and no routing, computed with oneDNN's matmul (or
+// Eigen's GEMM, where oneDNN was not found: the JSON's context names which) on the same threads,
 // measured in the same run: each step of a layer is followed by a step of its limit.
 //
 //   build/benchmarks/layer_benchmark [--threads=1,2,4] [--benchmark_format=json] [--benchmark_filter=...]
@@ -420,6 +421,7 @@ int main(int argc, char** argv) {
   const auto counts = thread_counts(argc, argv);
   const auto own_shapes = shapes(argc, argv);
   benchmark::Initialize(&argc, argv);
+  benchmark::AddCustomContext("limit", probes::limit_label());
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   register_all(counts, own_shapes);
   benchmark::RunSpecifiedBenchmarks();

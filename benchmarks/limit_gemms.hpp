@@ -1,23 +1,34 @@
 #pragma once
-// The limit a layer's experts are held to (docs/performance.md): SwiGLU over the routed rows with
-// one expert's weights, as GEMMs on equal panels per thread. Used by layer_benchmark and by
-// moekit-hf bench.
+// The limit a layer's experts are held to (docs/performance.md#limit): SwiGLU over the routed rows
+// with one expert's weights — no router, no gather, no combine — computed with the best dense GEMM
+// the build has. With oneDNN (a benchmark-only dependency, found by benchmarks/CMakeLists.txt)
+// that is oneDNN's matmul, the weights packed once into its own layout; without it, Eigen's GEMM
+// on equal panels per thread, and the benchmarks say so (limit_label). Used by layer_benchmark
+// and by moekit-hf bench.
+#include <map>
+#include <string>
+
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 
 #include <moekit/moekit.hpp>
 
+#ifdef MOEKIT_ONEDNN_LIMIT
+#include <omp.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
+#endif
+
 namespace probes {
 
-/// The limit: SwiGLU over T·K rows with one expert's weights — no router, no gather, no combine.
-/// Each thread takes an equal panel (rows for forward and dx, FFN columns for the weight
-/// gradients): the fastest way to run Eigen's single-threaded GEMM on several threads.
-class LimitGemms {
+/// Eigen's GEMM: each thread takes an equal panel (rows for forward and dx, FFN columns for the
+/// weight gradients), the fastest way to run Eigen's single-threaded GEMM on several threads.
+class EigenLimit {
  public:
   using Index = moekit::Index;
   using Matrix = moekit::Matrix<float>;
 
-  LimitGemms(Index rows, Index hidden, Index ffn)
+  EigenLimit(Index rows, Index hidden, Index ffn)
       : x_(Matrix::Random(rows, hidden)), dy_(Matrix::Random(rows, hidden)),
         gate_(Matrix::Random(ffn, hidden)), up_(Matrix::Random(ffn, hidden)), down_(Matrix::Random(hidden, ffn)),
         d_gate_w_(Matrix::Zero(ffn, hidden)), d_up_w_(Matrix::Zero(ffn, hidden)), d_down_w_(Matrix::Zero(hidden, ffn)),
@@ -65,5 +76,174 @@ class LimitGemms {
 
   Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
 };
+
+#ifdef MOEKIT_ONEDNN_LIMIT
+
+/// oneDNN's matmul for each of the nine products, on oneDNN's own (OpenMP) threads; the
+/// activation passes are moekit's, on the same threads. Forward: g = x·W_gᵀ, u = x·W_uᵀ,
+/// h = silu(g) ⊙ u, y = h·W_dᵀ. Backward: d_W_d += dyᵀ·h, dh = dy·W_d, the activation's gradient,
+/// dx = d_g·W_g + d_u·W_u, d_W_g += d_gᵀ·x, d_W_u += d_uᵀ·x. The weights the products read as
+/// operands are packed once, at construction, into the layout oneDNN picks for each product (as
+/// an engine that repacks at load time would); primitives are made once per thread count.
+class OneDnnLimit {
+ public:
+  using Index = moekit::Index;
+  using Matrix = moekit::Matrix<float>;
+
+  OneDnnLimit(Index rows, Index hidden, Index ffn)
+      : x_(Matrix::Random(rows, hidden)), dy_(Matrix::Random(rows, hidden)),
+        gate_(Matrix::Random(ffn, hidden)), up_(Matrix::Random(ffn, hidden)), down_(Matrix::Random(hidden, ffn)),
+        d_gate_w_(Matrix::Zero(ffn, hidden)), d_up_w_(Matrix::Zero(ffn, hidden)), d_down_w_(Matrix::Zero(hidden, ffn)),
+        g_(rows, ffn), u_(rows, ffn), h_(rows, ffn), y_(rows, hidden), dx_(rows, hidden) {}
+
+  void forward(int threads) {
+    auto& p = products(threads);
+    p.gate(g_, x_);
+    p.up(u_, x_);
+    rows_in_parallel(threads, [&](Index first, Index n) {
+      moekit::detail::activate_gated<moekit::SwiGLU>(g_.middleRows(first, n), u_.middleRows(first, n),
+                                                     h_.middleRows(first, n));
+    });
+    p.down(y_, h_);
+    p.stream.wait();
+  }
+
+  void backward(int threads) {
+    auto& p = products(threads);
+    p.d_down_w(d_down_w_, dy_, h_);  // before h's buffer becomes dh
+    p.d_hidden(h_, dy_);
+    p.stream.wait();
+    rows_in_parallel(threads, [&](Index first, Index n) {
+      moekit::detail::activate_gated_backward<moekit::SwiGLU>(g_.middleRows(first, n), u_.middleRows(first, n),
+                                                              h_.middleRows(first, n));
+    });
+    p.dx_gate(dx_, g_);
+    p.dx_up(dx_, u_);
+    p.d_gate_w(d_gate_w_, g_, x_);
+    p.d_up_w(d_up_w_, u_, x_);
+    p.stream.wait();
+  }
+
+ private:
+  using dt = dnnl::memory::data_type;
+  using Dims = dnnl::memory::dims;
+
+  /// A [rows, cols] operand of floats at `data`, in row-major order or transposed (the matrix's
+  /// transpose, read in place).
+  static dnnl::memory::desc plain(Index rows, Index cols, bool transposed = false) {
+    return {Dims{rows, cols}, dt::f32, transposed ? Dims{1, rows} : Dims{cols, 1}};
+  }
+
+  /// One product c (+)= a · b: its primitive, and b packed once when it is a weight.
+  struct Product {
+    dnnl::matmul matmul;
+    dnnl::memory packed;  // the weight in oneDNN's layout; empty when b changes every step
+    dnnl::memory::desc a, b, c;
+
+    Product(const dnnl::engine& engine, dnnl::stream& stream, dnnl::memory::desc a_desc, dnnl::memory::desc b_desc,
+            dnnl::memory::desc c_desc, bool accumulate, const float* weight) : a(a_desc), b(b_desc), c(c_desc) {
+      dnnl::primitive_attr attr;
+      if (accumulate) {
+        dnnl::post_ops ops;
+        ops.append_sum(1.0f);
+        attr.set_post_ops(ops);
+      }
+      const auto weights = weight ? dnnl::memory::desc(b_desc.dims(), dt::f32, dnnl::memory::format_tag::any) : b_desc;
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_desc, weights, c_desc), attr, engine);
+      matmul = dnnl::matmul(pd);
+      if (weight) {
+        packed = dnnl::memory(pd.weights_desc(), engine);
+        dnnl::memory given(b_desc, engine, const_cast<float*>(weight));
+        dnnl::reorder(given, packed).execute(stream, given, packed);
+        stream.wait();
+      }
+    }
+
+    void operator()(const dnnl::engine& engine, dnnl::stream& stream, float* c_data, const float* a_data,
+                    const float* b_data = nullptr) const {
+      const dnnl::memory a_memory(a, engine, const_cast<float*>(a_data)), c_memory(c, engine, c_data);
+      const dnnl::memory b_memory = b_data ? dnnl::memory(b, engine, const_cast<float*>(b_data)) : packed;
+      matmul.execute(stream, {{DNNL_ARG_SRC, a_memory}, {DNNL_ARG_WEIGHTS, b_memory}, {DNNL_ARG_DST, c_memory}});
+    }
+  };
+
+  /// The nine products at one thread count.
+  struct Products {
+    dnnl::engine engine{dnnl::engine::kind::cpu, 0};
+    dnnl::stream stream{engine};
+    Product gate_p, up_p, down_p, d_down_p, d_hidden_p, dx_gate_p, dx_up_p, d_gate_p, d_up_p;
+
+    Products(const OneDnnLimit& l)
+        : gate_p(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+                 false, l.gate_.data()),
+          up_p(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+               false, l.up_.data()),
+          down_p(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
+                 false, l.down_.data()),
+          d_down_p(engine, stream, plain(l.hidden(), l.rows(), true), plain(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()),
+                   true, nullptr),
+          d_hidden_p(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()),
+                     false, l.down_.data()),
+          dx_gate_p(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
+                    false, l.gate_.data()),
+          dx_up_p(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
+                  true, l.up_.data()),
+          d_gate_p(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
+                   true, nullptr),
+          d_up_p(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
+                 true, nullptr) {}
+
+    void gate(Matrix& g, const Matrix& x) { gate_p(engine, stream, g.data(), x.data()); }
+    void up(Matrix& u, const Matrix& x) { up_p(engine, stream, u.data(), x.data()); }
+    void down(Matrix& y, const Matrix& h) { down_p(engine, stream, y.data(), h.data()); }
+    void d_down_w(Matrix& d, const Matrix& dy, const Matrix& h) { d_down_p(engine, stream, d.data(), dy.data(), h.data()); }
+    void d_hidden(Matrix& dh, const Matrix& dy) { d_hidden_p(engine, stream, dh.data(), dy.data()); }
+    void dx_gate(Matrix& dx, const Matrix& d_g) { dx_gate_p(engine, stream, dx.data(), d_g.data()); }
+    void dx_up(Matrix& dx, const Matrix& d_u) { dx_up_p(engine, stream, dx.data(), d_u.data()); }
+    void d_gate_w(Matrix& d, const Matrix& d_g, const Matrix& x) { d_gate_p(engine, stream, d.data(), d_g.data(), x.data()); }
+    void d_up_w(Matrix& d, const Matrix& d_u, const Matrix& x) { d_up_p(engine, stream, d.data(), d_u.data(), x.data()); }
+  };
+
+  Index rows() const { return x_.rows(); }
+  Index hidden() const { return x_.cols(); }
+  Index ffn() const { return gate_.rows(); }
+
+  /// The products for `threads` OpenMP threads (oneDNN sizes its work when a primitive is made).
+  Products& products(int threads) {
+    omp_set_num_threads(threads);
+    auto it = products_.find(threads);
+    if (it == products_.end()) it = products_.try_emplace(threads, *this).first;
+    return it->second;
+  }
+
+  /// body(first row, count) over equal panels of the rows, on `threads` OpenMP threads.
+  template <class Body>
+  void rows_in_parallel(int threads, Body body) const {
+    const Index extent = rows();
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int p = 0; p < threads; ++p) {
+      const Index first = extent * p / threads, last = extent * (p + 1) / threads;
+      if (last > first) body(first, last - first);
+    }
+  }
+
+  Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
+  std::map<int, Products> products_;
+};
+
+using LimitGemms = OneDnnLimit;
+/// What the limit is, for the benchmarks' context.
+inline std::string limit_label() {
+  const auto* v = dnnl::version();
+  return "oneDNN " + std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch) +
+         " matmul";
+}
+
+#else
+
+using LimitGemms = EigenLimit;
+inline std::string limit_label() { return "Eigen GEMM (oneDNN was not found when this was built)"; }
+
+#endif
 
 }  // namespace probes

@@ -13,6 +13,7 @@ packages=(
   libboost-mpi-dev libopenmpi-dev openmpi-bin   # distributed: collectives between ranks
   libgtest-dev libgmock-dev  # tests
   libbenchmark-dev           # benchmarks
+  libdnnl-dev                # benchmarks only: oneDNN's matmul, the limit the layer is held to
   python3                    # scripts/performance_report.py, compile_cost.py and their tests
   git                        # the test that builds the README's first command in a fresh clone
 )

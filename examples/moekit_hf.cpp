@@ -8,7 +8,8 @@
 //       y [T,H] (F32) of layer N's MoE block for x [T,H] (F32, BF16, F16 or F64) from IN, in float
 //   moekit-hf bench DIR --layer N --tokens T [--steps S]
 //       layer N's forward and forward + backward times on T random tokens, each step beside a step
-//       of its limit (the layer benchmark's: the same SwiGLU GEMMs on one expert's weights)
+//       of its limit (the layer benchmark's: the same SwiGLU GEMMs on one expert's weights, in oneDNN
+//       where it was found at build time)
 //
 // Exit status: 0 done; 2 bad arguments, or a folder, layer or file moekit cannot read (the
 // message says what and where).
@@ -162,9 +163,9 @@ int bench(const moekit::io::HfModel& model, const std::map<std::string, std::str
     const moekit::Matrix<float> x = moekit::Matrix<float>::Random(tokens, b.hidden);
     const moekit::Matrix<float> dy = moekit::Matrix<float>::Random(tokens, b.hidden);
     moekit::Matrix<float> y(tokens, b.hidden), dx(tokens, b.hidden);
-    std::printf("moekit-hf bench: layer %lld (%s), %lld tokens, %d threads, median of %lld steps\n",
+    std::printf("moekit-hf bench: layer %lld (%s), %lld tokens, %d threads, median of %lld steps; limit: %s\n",
                 static_cast<long long>(n), b.layer_type().c_str(), static_cast<long long>(tokens), threads,
-                static_cast<long long>(steps));
+                static_cast<long long>(steps), probes::limit_label().c_str());
     for (const bool backward : {false, true}) {
       std::vector<double> layer_s, limit_s;
       for (Index s = -1; s < steps; ++s) {  // step -1 warms up

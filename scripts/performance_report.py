@@ -186,11 +186,11 @@ def decode_table(rows):
 
 
 def pytorch_table(rows):
-    """PyTorch's layers against its own limit, the Eigen limit and moekit's default layer."""
+    """PyTorch's layers against its own limit, moekit's limit and moekit's default layer."""
     def key(r):
         return (shape_name(r["shape"]), r["pass"], r["threads"])
     own = {key(r): r for r in rows if r["kind"] == "pytorch_limit"}
-    eigen = {key(r): r for r in rows if r["kind"] == "limit"}
+    limit = {key(r): r for r in rows if r["kind"] == "limit"}
     ours = {key(r): r for r in rows if r["kind"] == "layer" and short_policies(r["policies"]) == DEFAULT_LAYER}
     lines = []
     for r in sorted((r for r in rows if r["kind"] == "pytorch" and r["pass"] != "decode"),
@@ -200,14 +200,14 @@ def pytorch_table(rows):
             r["policies"], f"`{k[0]}`", k[1], k[2], fmt(r["ms"]),
             fmt(r["counters"]["pct_of_limit"]) if "pct_of_limit" in r["counters"]  # from paired steps
             else fmt(100 * own[k]["ms"] / r["ms"]) if k in own else "—",
-            fmt(100 * eigen[k]["ms"] / r["ms"]) if k in eigen else "—",
+            fmt(100 * limit[k]["ms"] / r["ms"]) if k in limit else "—",
             fmt(ours[k]["ms"]) if k in ours else "—",
             f"{r['ms'] / ours[k]['ms']:.2f}×" if k in ours else "—",
         ])
     if not lines:
         return None
     return table(["PyTorch layer", "shape", "pass", "threads", "ms", "% of PyTorch's limit",
-                  "% of the Eigen limit", "moekit ms", "moekit speed-up"], lines)
+                  "% of moekit's limit", "moekit ms", "moekit speed-up"], lines)
 
 
 def pytorch_decode_table(rows):
@@ -272,6 +272,7 @@ def report(context, rows, machine, command, plot_name):
         f"{context.get('mhz_per_cpu', '?')} MHz{f' ({caches})' if caches else ''}; run {context.get('date', '?')}.",
         "", "```", command, "```", "",
         "### Against the limit", "", layer_tables(rows), "",
+        f"The limit: {context.get('limit', 'Eigen GEMM')}. "
         "% of limit compares GFLOP/s, step by step: each step of the layer is followed by one of the "
         "limit, and the median of their ratios is given; limit ms is the mean of those limit steps. "
         "The limit is SwiGLU's three GEMMs, so a GeLU or ReLU layer (two GEMMs) takes less time than "

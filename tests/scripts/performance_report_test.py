@@ -49,6 +49,7 @@ class PerformanceReport(unittest.TestCase):
         self.assertIn("| 3000 | 2250 |", backward, "the limit's steps timed beside the layer's (limit_ms)")
         self.assertIn("| 75.0 | **not met** | 1.19 |", backward)
         self.assertNotIn("real_time_mean", text, "aggregates are skipped")
+        self.assertIn("The limit: oneDNN 2.6.3 matmul.", text, "the limit named from the run's context")
 
     def test_scaling_and_decode(self):
         text = self.report()
