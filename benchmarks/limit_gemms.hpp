@@ -21,18 +21,36 @@
 
 namespace probes {
 
-/// Eigen's GEMM: each thread takes an equal panel (rows for forward and dx, FFN columns for the
-/// weight gradients), the fastest way to run Eigen's single-threaded GEMM on several threads.
-class EigenLimit {
+/// What either limit computes with: rows x [rows,H] and dy, one expert's weights and their
+/// gradients, and the products' outputs.
+class LimitOperands {
  public:
   using Index = moekit::Index;
   using Matrix = moekit::Matrix<float>;
 
-  EigenLimit(Index rows, Index hidden, Index ffn)
+  LimitOperands(Index rows, Index hidden, Index ffn)
       : x_(Matrix::Random(rows, hidden)), dy_(Matrix::Random(rows, hidden)),
         gate_(Matrix::Random(ffn, hidden)), up_(Matrix::Random(ffn, hidden)), down_(Matrix::Random(hidden, ffn)),
         d_gate_w_(Matrix::Zero(ffn, hidden)), d_up_w_(Matrix::Zero(ffn, hidden)), d_down_w_(Matrix::Zero(hidden, ffn)),
         g_(rows, ffn), u_(rows, ffn), h_(rows, ffn), y_(rows, hidden), dx_(rows, hidden) {}
+
+  /// The results: y after forward; dx and the weights' gradients (summed over the backward
+  /// passes run) after backward.
+  const Matrix& y() const { return y_; }
+  const Matrix& dx() const { return dx_; }
+  const Matrix& d_gate_weight() const { return d_gate_w_; }
+  const Matrix& d_up_weight() const { return d_up_w_; }
+  const Matrix& d_down_weight() const { return d_down_w_; }
+
+ protected:
+  Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
+};
+
+/// Eigen's GEMM: each thread takes an equal panel (rows for forward and dx, FFN columns for the
+/// weight gradients), the fastest way to run Eigen's single-threaded GEMM on several threads.
+class EigenLimit : public LimitOperands {
+ public:
+  using LimitOperands::LimitOperands;
 
   void forward(int threads) {
     panels(threads, x_.rows(), [&](Index first, Index n) {
@@ -73,8 +91,6 @@ class EigenLimit {
       }
     }, tbb::simple_partitioner());
   }
-
-  Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
 };
 
 #ifdef MOEKIT_ONEDNN_LIMIT
@@ -85,16 +101,9 @@ class EigenLimit {
 /// dx = d_g·W_g + d_u·W_u, d_W_g += d_gᵀ·x, d_W_u += d_uᵀ·x. The weights the products read as
 /// operands are packed once, at construction, into the layout oneDNN picks for each product (as
 /// an engine that repacks at load time would); primitives are made once per thread count.
-class OneDnnLimit {
+class OneDnnLimit : public LimitOperands {
  public:
-  using Index = moekit::Index;
-  using Matrix = moekit::Matrix<float>;
-
-  OneDnnLimit(Index rows, Index hidden, Index ffn)
-      : x_(Matrix::Random(rows, hidden)), dy_(Matrix::Random(rows, hidden)),
-        gate_(Matrix::Random(ffn, hidden)), up_(Matrix::Random(ffn, hidden)), down_(Matrix::Random(hidden, ffn)),
-        d_gate_w_(Matrix::Zero(ffn, hidden)), d_up_w_(Matrix::Zero(ffn, hidden)), d_down_w_(Matrix::Zero(hidden, ffn)),
-        g_(rows, ffn), u_(rows, ffn), h_(rows, ffn), y_(rows, hidden), dx_(rows, hidden) {}
+  using LimitOperands::LimitOperands;
 
   void forward(int threads) {
     auto& p = products(threads);
@@ -227,7 +236,6 @@ class OneDnnLimit {
     }
   }
 
-  Matrix x_, dy_, gate_, up_, down_, d_gate_w_, d_up_w_, d_down_w_, g_, u_, h_, y_, dx_;
   std::map<int, Products> products_;
 };
 
