@@ -177,9 +177,10 @@ struct GroupedGemmType {
  private:
   using Slot = detail::FfnSlots<Act, Bias>;
 
-  /// Columns [first, first + count) of expert e's bias in slot `slot` ([E,width]): a row vector.
   template <Scalar T>
   using Row = Eigen::Matrix<T, 1, Eigen::Dynamic>;
+
+  /// Columns [first, first + count) of expert e's bias in slot `slot` ([E,width]): a row vector.
   template <Scalar T>
   static Eigen::Map<const Row<T>> bias_of(std::span<const Tensor<T>> tensors, int slot, Index e, Index first,
                                           Index count) {
