@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <concepts>
 #include <cstddef>
+#include <functional>
 #include <new>
 #include <numeric>
 #include <span>
@@ -60,15 +61,18 @@ using AlignedValues = std::vector<T, CacheLineAllocator<T>>;
 
 }  // namespace detail
 
+/// The number of elements of a tensor of this shape.
+inline Index element_count(std::span<const Index> shape) {
+  return std::accumulate(shape.begin(), shape.end(), Index{1}, std::multiplies<>());
+}
+
 /// A named, dense, row-major tensor of rank 1 to 3.
 template <Scalar T>
 class Tensor {
  public:
   Tensor() = default;
   Tensor(std::string name, std::vector<Index> shape)
-      : name_(std::move(name)), shape_(std::move(shape)),
-        values_(static_cast<std::size_t>(
-            std::accumulate(shape_.begin(), shape_.end(), Index{1}, std::multiplies<>()))) {}
+      : name_(std::move(name)), shape_(std::move(shape)), values_(static_cast<std::size_t>(element_count(shape_))) {}
 
   const std::string& name() const { return name_; }
   const std::vector<Index>& shape() const { return shape_; }

@@ -676,12 +676,6 @@ class HfModel {
   static constexpr std::string_view quantised =
       " (quantised blocks, such as MXFP4, which moekit does not read: dequantize the model to BF16 first)";
 
-  static Index element_count(const std::vector<Index>& shape) {
-    Index n = 1;
-    for (const Index d : shape) n *= d;
-    return n;
-  }
-
   static std::string join(const std::vector<std::string>& parts) {
     std::string out;
     for (const auto& p : parts) out += (out.empty() ? "" : "; ") + p;

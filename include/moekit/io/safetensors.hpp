@@ -100,11 +100,7 @@ struct TensorInfo {
   std::size_t begin = 0, end = 0;  // byte range in the data section
   bool read = true;                // false: listed by a partial read, its bytes not read
 
-  Index size() const {
-    Index n = 1;
-    for (Index d : shape) n *= d;
-    return n;
-  }
+  Index size() const { return element_count(shape); }
 };
 
 /// A whole safetensors file in memory.

@@ -190,12 +190,6 @@ class LayerParameters {
     return text;
   }
 
-  static Index element_count(const std::vector<Index>& shape) {
-    Index n = 1;
-    for (Index d : shape) n *= d;
-    return n;
-  }
-
   /// values_[i] = this rank's slice of `whole`, a tensor of shape whole_[i].
   void take_slice(std::span<const T> whole, std::size_t i) {
     const auto& whole_shape = whole_[i];
