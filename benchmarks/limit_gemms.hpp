@@ -119,7 +119,7 @@ class OneDnnLimit : public LimitOperands {
 
   void backward(int threads) {
     auto& p = products(threads);
-    p.d_down_w(d_down_w_, dy_, h_);  // before h's buffer becomes dh
+    p.d_down_w(d_down_w_, dy_, &h_);  // before h's buffer becomes dh
     p.d_hidden(h_, dy_);
     p.stream.wait();
     rows_in_parallel(threads, [&](Index first, Index n) {
@@ -128,8 +128,8 @@ class OneDnnLimit : public LimitOperands {
     });
     p.dx_gate(dx_, g_);
     p.dx_up(dx_, u_);
-    p.d_gate_w(d_gate_w_, g_, x_);
-    p.d_up_w(d_up_w_, u_, x_);
+    p.d_gate_w(d_gate_w_, g_, &x_);
+    p.d_up_w(d_up_w_, u_, &x_);
     p.stream.wait();
   }
 
@@ -143,14 +143,18 @@ class OneDnnLimit : public LimitOperands {
     return {Dims{rows, cols}, dt::f32, transposed ? Dims{1, rows} : Dims{cols, 1}};
   }
 
-  /// One product c (+)= a · b: its primitive, and b packed once when it is a weight.
+  /// One product c (+)= a · b on `engine` and `stream`: its primitive, and b packed once when it
+  /// is a weight.
   struct Product {
+    const dnnl::engine& engine;
+    dnnl::stream& stream;
     dnnl::matmul matmul;
     dnnl::memory packed;  // the weight in oneDNN's layout; empty when b changes every step
     dnnl::memory::desc a, b, c;
 
     Product(const dnnl::engine& engine, dnnl::stream& stream, dnnl::memory::desc a_desc, dnnl::memory::desc b_desc,
-            dnnl::memory::desc c_desc, bool accumulate, const float* weight) : a(a_desc), b(b_desc), c(c_desc) {
+            dnnl::memory::desc c_desc, bool accumulate, const float* weight)
+        : engine(engine), stream(stream), a(a_desc), b(b_desc), c(c_desc) {
       dnnl::primitive_attr attr;
       if (accumulate) {
         dnnl::post_ops ops;
@@ -168,10 +172,10 @@ class OneDnnLimit : public LimitOperands {
       }
     }
 
-    void operator()(const dnnl::engine& engine, dnnl::stream& stream, float* c_data, const float* a_data,
-                    const float* b_data = nullptr) const {
-      const dnnl::memory a_memory(a, engine, const_cast<float*>(a_data)), c_memory(c, engine, c_data);
-      const dnnl::memory b_memory = b_data ? dnnl::memory(b, engine, const_cast<float*>(b_data)) : packed;
+    /// c (+)= a · b, b the packed weight unless given.
+    void operator()(Matrix& c_matrix, const Matrix& a_matrix, const Matrix* b_matrix = nullptr) const {
+      const dnnl::memory a_memory(a, engine, const_cast<float*>(a_matrix.data())), c_memory(c, engine, c_matrix.data());
+      const dnnl::memory b_memory = b_matrix ? dnnl::memory(b, engine, const_cast<float*>(b_matrix->data())) : packed;
       matmul.execute(stream, {{DNNL_ARG_SRC, a_memory}, {DNNL_ARG_WEIGHTS, b_memory}, {DNNL_ARG_DST, c_memory}});
     }
   };
@@ -180,37 +184,27 @@ class OneDnnLimit : public LimitOperands {
   struct Products {
     dnnl::engine engine{dnnl::engine::kind::cpu, 0};
     dnnl::stream stream{engine};
-    Product gate_p, up_p, down_p, d_down_p, d_hidden_p, dx_gate_p, dx_up_p, d_gate_p, d_up_p;
+    Product gate, up, down, d_down_w, d_hidden, dx_gate, dx_up, d_gate_w, d_up_w;
 
     Products(const OneDnnLimit& l)
-        : gate_p(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+        : gate(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
                  false, l.gate_.data()),
-          up_p(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+          up(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
                false, l.up_.data()),
-          down_p(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
+          down(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
                  false, l.down_.data()),
-          d_down_p(engine, stream, plain(l.hidden(), l.rows(), true), plain(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()),
+          d_down_w(engine, stream, plain(l.hidden(), l.rows(), true), plain(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()),
                    true, nullptr),
-          d_hidden_p(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()),
+          d_hidden(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()),
                      false, l.down_.data()),
-          dx_gate_p(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
+          dx_gate(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
                     false, l.gate_.data()),
-          dx_up_p(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
+          dx_up(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
                   true, l.up_.data()),
-          d_gate_p(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
+          d_gate_w(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
                    true, nullptr),
-          d_up_p(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
+          d_up_w(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
                  true, nullptr) {}
-
-    void gate(Matrix& g, const Matrix& x) { gate_p(engine, stream, g.data(), x.data()); }
-    void up(Matrix& u, const Matrix& x) { up_p(engine, stream, u.data(), x.data()); }
-    void down(Matrix& y, const Matrix& h) { down_p(engine, stream, y.data(), h.data()); }
-    void d_down_w(Matrix& d, const Matrix& dy, const Matrix& h) { d_down_p(engine, stream, d.data(), dy.data(), h.data()); }
-    void d_hidden(Matrix& dh, const Matrix& dy) { d_hidden_p(engine, stream, dh.data(), dy.data()); }
-    void dx_gate(Matrix& dx, const Matrix& d_g) { dx_gate_p(engine, stream, dx.data(), d_g.data()); }
-    void dx_up(Matrix& dx, const Matrix& d_u) { dx_up_p(engine, stream, dx.data(), d_u.data()); }
-    void d_gate_w(Matrix& d, const Matrix& d_g, const Matrix& x) { d_gate_p(engine, stream, d.data(), d_g.data(), x.data()); }
-    void d_up_w(Matrix& d, const Matrix& d_u, const Matrix& x) { d_up_p(engine, stream, d.data(), d_u.data(), x.data()); }
   };
 
   Index rows() const { return x_.rows(); }
