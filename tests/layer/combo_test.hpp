@@ -106,14 +106,14 @@ TYPED_TEST_P(LayerCombo, ForwardMatchesTheFormulas) {
                    as_double("experts.down_bias")};
           return b;
         }());
-    EXPECT_LT(TestFixture::error(y, ref.y.template cast<T>()), 10 * tolerance<T>);
+    EXPECT_LT(TestFixture::error(y, ref.y.template cast<T>()), 10 * layer_tolerance<TypeParam>);
     if (plain_selection) {
       for (Index t = 0; t < x.rows(); ++t)
         for (int k = 0; k < TestFixture::K; ++k)
           EXPECT_EQ(layer.routing().index[static_cast<std::size_t>(t * TestFixture::K + k)], ref.chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
     }
     const double coefficient = std::same_as<typename TypeParam::balancer_type, AuxLoss> ? 0.5 : 0.0;
-    EXPECT_NEAR(layer.balance_loss(), coefficient * ref.aux_loss, 10 * tolerance<T>);
+    EXPECT_NEAR(layer.balance_loss(), coefficient * ref.aux_loss, 10 * layer_tolerance<TypeParam>);
   }
 }
 
@@ -140,10 +140,10 @@ TYPED_TEST_P(LayerCombo, GradientsAreRight) {
       const Matrix<T> dx = layer.backward(dy);
       exact.forward(x.template cast<double>());
       const Matrix<double> dx_exact = exact.backward(dy.template cast<double>());
-      EXPECT_LT(TestFixture::error(dx, dx_exact.cast<T>()), 5 * tolerance<T>);
+      EXPECT_LT(TestFixture::error(dx, dx_exact.cast<T>()), 5 * layer_tolerance<TypeParam>);
       for (std::size_t p = 0; p < layer.gradients().size(); ++p)
         EXPECT_LT(io::relative_error(layer.gradients()[p].values(), exact.gradients()[p].values()),
-                  5 * tolerance<T>)
+                  5 * layer_tolerance<TypeParam>)
             << layer.gradients()[p].name();
     }
   }
@@ -179,11 +179,11 @@ TYPED_TEST_P(LayerCombo, GroupedGemmAndPerExpertLoopAgree) {
     copy_parameters(twin, layer);
     const auto x = TestFixture::random(13, 6, 12);
     const auto dy = TestFixture::random(13, 6, 13);
-    EXPECT_LT(TestFixture::error(layer.forward(x), twin.forward(x)), tolerance<T>);
-    EXPECT_LT(TestFixture::error(layer.backward(dy), twin.backward(dy)), tolerance<T>);
+    EXPECT_LT(TestFixture::error(layer.forward(x), twin.forward(x)), layer_tolerance<TypeParam>);
+    EXPECT_LT(TestFixture::error(layer.backward(dy), twin.backward(dy)), layer_tolerance<TypeParam>);
     for (std::size_t p = 0; p < layer.gradients().size(); ++p)
       EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()),
-                tolerance<T>)
+                layer_tolerance<TypeParam>)
           << layer.gradients()[p].name();
   }
 }

@@ -21,6 +21,8 @@ using Balancers = List<AuxLoss, NoBalance>;
 using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
                     GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, PerExpertLoop>;
 using Scalars = List<float, double>;
+/// Experts run in mixed precision (bf16 products, a float layer) with every balancer above.
+using Bf16Experts = List<GroupedGemm, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>;
 /// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
 /// run with SelectionExperts (Sinkhorn with Capacity does not compile).
 using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<AuxLoss, Capacity>,
@@ -68,7 +70,9 @@ struct every_expert_and_scalar<R, Ps, List<X...>, Ss> : concat<typename every_sc
 template <class R, class Bs>
 struct every_balancer;
 template <class R, class... B>
-struct every_balancer<R, List<B...>> : concat<typename every_expert_and_scalar<R, List<B>>::type...> {};
+struct every_balancer<R, List<B...>>
+    : concat<typename every_expert_and_scalar<R, List<B>>::type...,
+             typename every_expert_and_scalar<R, List<B, bf16>, Bf16Experts, List<float>>::type...> {};
 
 template <class R, class Pairs>
 struct every_pair;
@@ -98,11 +102,12 @@ struct ComboName {
   }
 };
 
-/// The same layer with the other expert implementation of the same activation.
+/// The same layer with the other expert implementation of the same activation (in the layer's
+/// scalar: the twin of bf16 products is the exact loop).
 template <class X>
 struct twin_expert;
-template <class A, ExpertBias B>
-struct twin_expert<GroupedGemmType<A, B>> {
+template <class A, ExpertBias B, Precision P>
+struct twin_expert<GroupedGemmType<A, B, P>> {
   using type = PerExpertLoopType<A, B>;
 };
 template <class A, ExpertBias B>
@@ -110,8 +115,20 @@ struct twin_expert<PerExpertLoopType<A, B>> {
   using type = GroupedGemmType<A, B>;
 };
 
+/// X computing in the layer's scalar: a double layer has no bf16 products.
+template <class X>
+struct in_scalar {
+  using type = X;
+};
+template <class A, ExpertBias B, Precision P>
+struct in_scalar<GroupedGemmType<A, B, P>> {
+  using type = GroupedGemmType<A, B>;
+};
+
+/// The same layer in scalar T (a double one computes every product in double) or with expert X.
 template <class Layer, class T = typename Layer::scalar_type,
-          class X = typename Layer::expert_type>
+          class X = std::conditional_t<std::same_as<T, double>, typename in_scalar<typename Layer::expert_type>::type,
+                                       typename Layer::expert_type>>
 using rebind = BasicMoELayer<T, typename Layer::router_type, typename Layer::balancer_type,
                              typename Layer::dispatcher_type, X, typename Layer::parallel_type,
                              typename Layer::shared_expert_type>;

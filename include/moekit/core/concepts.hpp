@@ -44,6 +44,27 @@ struct parallel_kind {
 struct shared_expert_kind {
   static constexpr std::string_view name = "SharedExpert";
 };
+struct precision_kind {
+  static constexpr std::string_view name = "Precision";
+};
+
+/// What the experts' products compute on. docs/concepts.md#precision
+enum class Precision {
+  scalar,  // the layer's scalar, float or double
+  bf16,    // operands rounded to bf16, sums in float (float layers): mixed precision
+};
+
+/// A precision among MoELayer's policies: MoELayer<TopK<2>, bf16>.
+template <Precision P>
+struct ProductPrecision {
+  using policy_kind = precision_kind;
+  static constexpr Precision value = P;
+  static constexpr std::string_view name = P == Precision::bf16 ? "bf16" : "scalar";
+};
+
+/// Mixed precision: the experts' (and shared expert's) products on bf16 operands with float sums;
+/// the parameters, their gradients, the router and the balancing stay float.
+using bf16 = ProductPrecision<Precision::bf16>;
 
 template <class P, class Kind>
 concept DeclaresKind = requires { typename P::policy_kind; } &&
@@ -53,7 +74,8 @@ concept DeclaresKind = requires { typename P::policy_kind; } &&
 template <class P>
 concept Policy = DeclaresKind<P, router_kind> || DeclaresKind<P, balancer_kind> ||
                  DeclaresKind<P, dispatcher_kind> || DeclaresKind<P, expert_kind> ||
-                 DeclaresKind<P, parallel_kind> || DeclaresKind<P, shared_expert_kind>;
+                 DeclaresKind<P, parallel_kind> || DeclaresKind<P, shared_expert_kind> ||
+                 DeclaresKind<P, precision_kind>;
 
 template <class P>
 concept Named = requires {

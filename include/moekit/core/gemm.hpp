@@ -7,9 +7,11 @@
 // on the number of threads.
 #include <array>
 #include <cstddef>
+#include <type_traits>
 #include <utility>
 
 #include <moekit/core/concepts.hpp>
+#include <moekit/core/detail/bf16.hpp>
 #include <moekit/core/detail/gemm.hpp>
 
 namespace moekit {
@@ -45,6 +47,34 @@ void gemm_each(Workspace<T>& workspace, const std::array<C*, N>& c, const A& a, 
     b_pointers[i] = &b_strided[i];
   }
   Kernel::set_each(workspace, c_pointers, detail::strided(a), b_pointers);
+}
+
+/// c += bf16(a) · bf16(b): each operand rounded to the nearest bf16, the sums in float, by
+/// vdpbf16ps where the CPU has it and in float vectors, with the same bits, where it has not
+/// (docs/kernels.md#bf16). c is row-major with unit inner stride; a and b any dense blocks.
+template <class C, class A, class B>
+void bf16_gemm_add(C&& c, const A& a, const B& b) {
+  static_assert(std::is_same_v<typename std::remove_cvref_t<C>::Scalar, float>,
+                "moekit::bf16_gemm_add: bf16 products sum in float; expected float matrices");
+  eigen_assert(c.colStride() == 1 && a.rows() == c.rows() && b.cols() == c.cols() && a.cols() == b.rows());
+  detail::bf16_gemm_add(c.data(), c.rowStride(), c.rows(), c.cols(), a.data(), a.rowStride(), a.colStride(), b.data(),
+                        b.rowStride(), b.colStride(), a.cols());
+}
+
+/// c += a · b in the given precision: gemm_add, or bf16_gemm_add.
+template <Precision P, class T, class C, class A, class B>
+void gemm_add(Workspace<T>& workspace, C&& c, const A& a, const B& b) {
+  if constexpr (P == Precision::bf16)
+    bf16_gemm_add(c, a, b);
+  else
+    gemm_add(workspace, c, a, b);
+}
+
+/// c = a · b in the given precision.
+template <Precision P, class T, class C, class A, class B>
+void gemm(Workspace<T>& workspace, C&& c, const A& a, const B& b) {
+  c.setZero();
+  gemm_add<P>(workspace, c, a, b);
 }
 
 }  // namespace moekit

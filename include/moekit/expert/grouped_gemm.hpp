@@ -21,12 +21,16 @@ namespace moekit {
 /// The weight gradients are tiled by (expert, block of columns) over all of the expert's rows:
 /// each tile owns its slice of the gradient and reduces over the rows in a fixed order; a bias's
 /// gradient is summed by the tiles of the first block of columns.
-template <Activation Act, ExpertBias Bias = ExpertBias::none>
+///
+/// With Precision::bf16 (a float layer's MoELayer<…, bf16>) every product rounds its operands to
+/// bf16 and sums in float; the activation, its gradient and what is saved stay float.
+template <Activation Act, ExpertBias Bias = ExpertBias::none, Precision P = Precision::scalar>
 struct GroupedGemmType {
   using policy_kind = expert_kind;
   using activation = Act;
   static constexpr std::string_view name = "GroupedGemm";
   static constexpr ExpertBias bias = Bias;
+  static constexpr Precision precision = P;
 
   struct Options {
     Index row_tile = 256;     // rows per tile (weight gradients take all of an expert's rows)
@@ -78,14 +82,19 @@ struct GroupedGemmType {
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
         const auto gate_weight = weight(Slot::gate), up_weight = weight(Slot::up);
-        gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
+        if constexpr (P == Precision::scalar) {
+          gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
+        } else {
+          gemm<P>(workspace, g, x, gate_weight);
+          gemm<P>(workspace, u, x, up_weight);
+        }
         if constexpr (Slot::biased) {
           g.rowwise() += bias_of(weights, Slot::gate_bias, t.expert, t.column, t.columns);
           u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);
         }
         detail::activate_gated<Act>(g, u, h);
       } else {
-        gemm(workspace, u, x, weight(Slot::up));
+        gemm<P>(workspace, u, x, weight(Slot::up));
         if constexpr (Slot::biased) u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);
         detail::activate<Act>(u, h);
       }
@@ -95,7 +104,7 @@ struct GroupedGemmType {
     tiles(offsets, out.cols(), saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto o = out.block(t.row, t.column, t.rows, t.columns);
-      gemm(workspace, o, hidden.middleRows(t.row, t.rows),
+      gemm<P>(workspace, o, hidden.middleRows(t.row, t.rows),
            weights[Slot::down].slice(t.expert).middleRows(t.column, t.columns).transpose());
       if constexpr (Slot::biased) o.rowwise() += bias_of(weights, Slot::down_bias, t.expert, t.column, t.columns);
     });
@@ -119,7 +128,7 @@ struct GroupedGemmType {
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       const auto [first, n] = detail::block_of(offsets, t.expert);
       const auto d_y = d_out.block(first, t.row, n, t.rows);
-      gemm_add(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+      gemm_add<P>(workspace, grads[Slot::down].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                d_y.transpose(), hidden.block(first, t.column, n, t.columns));
       if constexpr (Slot::biased)
         if (t.column == 0) bias_of(grads, Slot::down_bias, t.expert, t.row, t.rows) += d_y.colwise().sum();
@@ -130,7 +139,7 @@ struct GroupedGemmType {
     tiles(offsets, ffn, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto d_hidden = hidden.block(t.row, t.column, t.rows, t.columns);
-      gemm(workspace, d_hidden, d_out.middleRows(t.row, t.rows),
+      gemm<P>(workspace, d_hidden, d_out.middleRows(t.row, t.rows),
                    weights[Slot::down].slice(t.expert).middleCols(t.column, t.columns));
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       if constexpr (Act::gated) {
@@ -148,13 +157,13 @@ struct GroupedGemmType {
       const auto [first, n] = detail::block_of(offsets, t.expert);
       const auto x = rows.block(first, t.column, n, t.columns);
       const auto d_up = up.block(first, t.row, n, t.rows);
-      gemm_add(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+      gemm_add<P>(workspace, grads[Slot::up].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                d_up.transpose(), x);
       if constexpr (Slot::biased)
         if (t.column == 0) bias_of(grads, Slot::up_bias, t.expert, t.row, t.rows) += d_up.colwise().sum();
       if constexpr (Act::gated) {
         const auto d_gate = gate.block(first, t.row, n, t.rows);
-        gemm_add(workspace, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
+        gemm_add<P>(workspace, grads[Slot::gate].slice(t.expert).block(t.row, t.column, t.rows, t.columns),
                  d_gate.transpose(), x);
         if constexpr (Slot::biased)
           if (t.column == 0) bias_of(grads, Slot::gate_bias, t.expert, t.row, t.rows) += d_gate.colwise().sum();
@@ -165,10 +174,10 @@ struct GroupedGemmType {
     tiles(offsets, width, saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto dx = rows.block(t.row, t.column, t.rows, t.columns);
-      gemm(workspace, dx, up.middleRows(t.row, t.rows),
+      gemm<P>(workspace, dx, up.middleRows(t.row, t.rows),
                    weights[Slot::up].slice(t.expert).middleCols(t.column, t.columns));
       if constexpr (Act::gated)
-        gemm_add(workspace, dx, gate.middleRows(t.row, t.rows),
+        gemm_add<P>(workspace, dx, gate.middleRows(t.row, t.rows),
                          weights[Slot::gate].slice(t.expert).middleCols(t.column, t.columns));
     });
     workspace.ready();  // every thread now has room for every product of this step

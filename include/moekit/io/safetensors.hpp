@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <moekit/core/detail/bf16_bits.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/core/tensor.hpp>
 #include <moekit/io/detail/json.hpp>
@@ -53,13 +54,10 @@ inline constexpr DTypeRow dtypes[] = {
 };
 constexpr const DTypeRow& row(DType d) { return dtypes[static_cast<std::size_t>(d)]; }
 
-/// bfloat16 and IEEE half: the bits to float (exactly), and float to the bits, rounded to nearest even.
-inline float from_bf16(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16); }
-inline std::uint16_t to_bf16(float value) {
-  const auto x = std::bit_cast<std::uint32_t>(value);
-  if ((x & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<std::uint16_t>((x >> 16) | 0x40);  // NaN stays NaN
-  return static_cast<std::uint16_t>((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16);
-}
+/// bfloat16 (core/detail/bf16_bits.hpp) and IEEE half: the bits to float (exactly), and float to
+/// the bits, rounded to nearest even.
+using moekit::detail::from_bf16;
+using moekit::detail::to_bf16;
 inline float from_f16(std::uint16_t bits) {
   const std::uint32_t sign = std::uint32_t{bits & 0x8000u} << 16, exponent = (bits >> 10) & 0x1Fu,
                       mantissa = bits & 0x3FFu;

@@ -50,7 +50,7 @@ struct require_policy {
   static_assert(known,
                 "moekit::MoELayer: this argument is not a moekit policy; expected a type that "
                 "declares a policy_kind (such as TopK<2>, AuxLoss, Dropless, GroupedGemm, "
-                "SingleProcess) or the scalar float or double; see docs/writing_a_policy.md");
+                "SingleProcess, bf16) or the scalar float or double; see docs/writing_a_policy.md");
   static_assert(router_ok,
                 "moekit::MoELayer: this type declares router_kind but does not model "
                 "moekit::Router; see docs/policies/router.md for the members it needs");
@@ -74,6 +74,28 @@ struct require_policy {
 };
 
 struct scalar_kind {};
+
+/// Expert X with its products in precision P: GroupedGemm's own, and a shared expert's through
+/// the expert it holds. An expert with no precision of its own takes only the layer's scalar.
+template <class X, Precision P>
+struct with_precision {
+  static_assert(P == Precision::scalar,
+                "moekit::MoELayer: bf16 products are computed by GroupedGemm (routed, or in Shared<>); "
+                "this expert policy computes in the layer's scalar only");
+  using type = X;
+};
+template <Activation A, ExpertBias B, Precision Q, Precision P>
+struct with_precision<GroupedGemmType<A, B, Q>, P> {
+  using type = GroupedGemmType<A, B, P == Precision::scalar ? Q : P>;
+};
+template <SharedGate G, Expert X, Precision P>
+struct with_precision<Shared<G, X>, P> {
+  using type = Shared<G, typename with_precision<X, P>::type>;
+};
+template <Precision P>
+struct with_precision<NoSharedExpert, P> {
+  using type = NoSharedExpert;
+};
 
 template <class P, class Kind>
 constexpr bool is_of_kind = [] {
@@ -102,6 +124,7 @@ struct compose {
   using parallel = find_kind<parallel_kind, SingleProcess, Ps...>;
   using shared = find_kind<shared_expert_kind, NoSharedExpert, Ps...>;
   using scalar = find_kind<scalar_kind, float, Ps...>;
+  using precision = find_kind<precision_kind, ProductPrecision<Precision::scalar>, Ps...>;
 
   static constexpr bool all_known = (require_policy<Ps>::value && ...);
   static_assert(router::count <= 1,
@@ -119,19 +142,30 @@ struct compose {
   static_assert(scalar::count <= 1,
                 "moekit::MoELayer: two scalar types given; pass at most one of float or double");
 
+  static_assert(precision::count <= 1,
+                "moekit::MoELayer: two precisions given; pass at most one (e.g. bf16)");
+  static constexpr Precision products = precision::type::value;
+  static_assert(products == Precision::scalar || std::is_same_v<typename scalar::type, float>,
+                "moekit::MoELayer: bf16 products sum in float and keep float master weights; the "
+                "layer's scalar is double: leave out double or bf16");
+
   static constexpr bool compatible =
       require_compatible<typename balancer::type, typename dispatcher::type>::value;
 
   static constexpr bool valid = all_known && compatible && router::count <= 1 && balancer::count <= 1 &&
                                 dispatcher::count <= 1 && expert::count <= 1 &&
-                                parallel::count <= 1 && shared::count <= 1 && scalar::count <= 1;
+                                parallel::count <= 1 && shared::count <= 1 && scalar::count <= 1 &&
+                                precision::count <= 1 &&
+                                (products == Precision::scalar || std::is_same_v<typename scalar::type, float>);
 
   // Lazy, so that a rejected list never names BasicMoELayer with arguments it cannot take.
   template <class = void>
   struct layer {
     using type = BasicMoELayer<typename scalar::type, typename router::type,
                                typename balancer::type, typename dispatcher::type,
-                               typename expert::type, typename parallel::type, typename shared::type>;
+                               typename with_precision<typename expert::type, products>::type,
+                               typename parallel::type,
+                               typename with_precision<typename shared::type, products>::type>;
   };
   using type = typename std::conditional_t<valid, layer<>, std::type_identity<InvalidLayer>>::type;
 };
@@ -139,8 +173,9 @@ struct compose {
 }  // namespace detail
 
 /// An MoE layer from policies in any order; a kind left out gets its default (TopK<2>,
-/// AuxLoss, Dropless, GroupedGemm, SingleProcess, NoSharedExpert, float). The same policies in another order
-/// name the same type.
+/// AuxLoss, Dropless, GroupedGemm, SingleProcess, NoSharedExpert, float). A precision (bf16) is
+/// not a kind of its own: it puts the experts' products, routed and shared, in that precision.
+/// The same policies in another order name the same type.
 template <class... Policies>
 using MoELayer = typename detail::compose<Policies...>::type;
 

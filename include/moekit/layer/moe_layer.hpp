@@ -240,11 +240,14 @@ class BasicMoELayer {
   const S& shared_expert() const { return shared_; }
 
   /// "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32" (and "_Shared" or
-  /// "_SharedSigmoidGated" before the scalar, with a shared expert)
+  /// "_SharedSigmoidGated" before the scalar, with a shared expert; "_bf16" for the scalar where
+  /// the products are bf16)
   static std::string name() {
     std::string name = detail::policy_label<R>() + "_" + detail::policy_label<B>() + "_" +
                        detail::policy_label<D>() + "_" + detail::policy_label<X>() + "_" + detail::policy_label<P>();
     if constexpr (S::present) (name += '_') += S::name;  // +=, not "_" + …: GCC 12 warns falsely (-Wrestrict)
+    if constexpr (requires { X::precision; })
+      if (X::precision == Precision::bf16) return name += "_bf16";
     return (name += '_') += scalar_name<T>;
   }
 
