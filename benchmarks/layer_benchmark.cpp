@@ -8,12 +8,14 @@
 //
 // --shape times the default layer (TopK<K>, K one of 1, 2, 4, 6, 8) and its limit, forward and
 // forward + backward, at the given shape instead of the built-in ones: a model's own.
-// The matrix is generated at compile time from the policy lists below. Names carry what was run:
-//   layer/fwd/<policies>/T:2048/H:1024/F:2816/E:8/K:2/threads:2
+// The matrix is generated at compile time from the policy lists below. Names carry what was run,
+// the precision last among the policies (_f32, or _bf16 for bf16 products, held to a bf16 limit):
+//   layer/fwd/<policies>_f32/T:2048/H:1024/F:2816/E:8/K:2/threads:2
 // with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
 // `decode/...` the small batches: T = 1, 4, 16, held to the decode target, and T = 64 and 128,
 // where the busiest expert gets about 20 and 40 rows, around detail::few_rows. Counters: gflops,
 // pct_of_limit (100 · the median over steps of limit time / layer time), limit_ms, tokens_per_s,
+// limit_in_bf16 (bf16 layers: 1 where their limit's products are bf16 too, 0 where float),
 // allocs_per_step (heap allocations in a step after the timed ones, expected 0); forward +
 // backward adds peak_MiB and peak_over_saved (the first step's peak heap over the activations
 // backward needs saved); decode adds x_of_bound (the median over steps of the step's time over
@@ -67,6 +69,15 @@ using Experts = List<moekit::GroupedGemm, moekit::GroupedGemmType<moekit::GeLU>,
 
 template <class R = moekit::TopK<2>, class B = moekit::AuxLoss, class D = moekit::Dropless, class X = moekit::GroupedGemm>
 using Layer = moekit::MoELayer<R, B, D, X, float>;
+/// The default layer with its experts' products in mixed precision.
+using Bf16Layer = moekit::MoELayer<moekit::TopK<2>, moekit::bf16>;
+
+/// What a layer's experts' products compute on; its limit's products compute on the same.
+template <class L>
+constexpr moekit::Precision precision_of = [] {
+  if constexpr (requires { L::expert_type::precision; }) return L::expert_type::precision;
+  return moekit::Precision::scalar;
+}();
 
 template <class... Ps, class F>
 void for_each_policy(List<Ps...>, F f) {
@@ -159,7 +170,7 @@ template <class L>
 void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
   on_threads(threads, [&] {
     LayerStep<L> step(s, pass);
-    LimitGemms limit(s.rows(), s.hidden, s.ffn);
+    LimitGemms limit(s.rows(), s.hidden, s.ffn, precision_of<L>);
     double peak = 0;
     {
       const heap::Watch watch;  // the first step allocates every buffer: its peak is the step's
@@ -181,6 +192,7 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
     const double steps = double(state.iterations());
     set_counters(state, s, pass, L::expert_type::activation::gated, layer_seconds / steps, median(limit_over_layer));
     state.counters["limit_ms"] = 1e3 * limit_seconds / steps;
+    if (precision_of<L> == moekit::Precision::bf16) state.counters["limit_in_bf16"] = limit_has_bf16 ? 1 : 0;
     {
       const heap::Watch watch;
       step();
@@ -266,13 +278,14 @@ void BM_Decode(benchmark::State& state, Shape s, int threads) {
   });
 }
 
-/// The benchmarks of one shape and thread count: the limit, then the layer, for both passes.
+/// The benchmarks of one shape and thread count: the limit, then the layer, for both passes. (A
+/// bf16 layer's limit is timed beside it only.)
 template <class L>
 void register_layer(const Shape& s, int threads, std::set<std::string>& seen) {
   for (const Pass pass : {Pass::forward, Pass::forward_backward}) {
     const std::string tail = s.name() + "/threads:" + std::to_string(threads);
     const std::string limit = std::string("limit/") + pass_name(pass) + "/" + tail;
-    if (seen.insert(limit).second) {
+    if (precision_of<L> == moekit::Precision::scalar && seen.insert(limit).second) {
       benchmark::RegisterBenchmark(limit.c_str(), BM_Limit, s, threads, pass)->Unit(benchmark::kMillisecond)->UseRealTime();
     }
     const std::string layer = std::string("layer/") + pass_name(pass) + "/" + L::name() + "/" + tail;
@@ -342,6 +355,7 @@ void register_all(const std::vector<int>& thread_counts, const std::vector<Shape
     // parallel efficiency from paired steps too.
     for (const Shape s : {Shape{2048, 1024, 2816, 8, 2}, Shape{2048, 1024, 256, 64, 2}}) {
       register_layer<Layer<>>(s, threads, seen);
+      register_layer<Bf16Layer>(s, threads, seen);
       if (threads > 1) register_scaling<Layer<>>(s, threads);
     }
     // Every policy of every list, on a quarter of the standard batch.

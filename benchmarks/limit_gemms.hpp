@@ -50,7 +50,9 @@ class LimitOperands {
 /// weight gradients), the fastest way to run Eigen's single-threaded GEMM on several threads.
 class EigenLimit : public LimitOperands {
  public:
-  using LimitOperands::LimitOperands;
+  /// Float products whatever the layer's precision: Eigen has no bf16 GEMM worth a limit.
+  EigenLimit(Index rows, Index hidden, Index ffn, moekit::Precision = moekit::Precision::scalar)
+      : LimitOperands(rows, hidden, ffn) {}
 
   void forward(int threads) {
     panels(threads, x_.rows(), [&](Index first, Index n) {
@@ -101,35 +103,43 @@ class EigenLimit : public LimitOperands {
 /// dx = d_g·W_g + d_u·W_u, d_W_g += d_gᵀ·x, d_W_u += d_uᵀ·x. The weights the products read as
 /// operands are packed once, at construction, into the layout oneDNN picks for each product (as
 /// an engine that repacks at load time would); primitives are made once per thread count.
+///
+/// With bf16 operands (the limit of a layer with bf16 products) every product reads bf16 and
+/// sums into float: the weights are packed in bf16 once, and each step converts what changes —
+/// x, dy, h, d_g and d_u, once each, by oneDNN's reorder — as the layer's products round theirs.
 class OneDnnLimit : public LimitOperands {
  public:
-  using LimitOperands::LimitOperands;
+  OneDnnLimit(Index rows, Index hidden, Index ffn, moekit::Precision precision = moekit::Precision::scalar)
+      : LimitOperands(rows, hidden, ffn), operand_type_(precision == moekit::Precision::bf16 ? dt::bf16 : dt::f32) {}
 
   void forward(int threads) {
     auto& p = products(threads);
-    p.gate(g_, x_);
-    p.up(u_, x_);
+    const auto x = p.operand(x_);
+    p.gate(g_, x);
+    p.up(u_, x);
     rows_in_parallel(threads, [&](Index first, Index n) {
       moekit::detail::activate_gated<moekit::SwiGLU>(g_.middleRows(first, n), u_.middleRows(first, n),
                                                      h_.middleRows(first, n));
     });
-    p.down(y_, h_);
+    p.down(y_, p.operand(h_));
     p.stream.wait();
   }
 
   void backward(int threads) {
     auto& p = products(threads);
-    p.d_down_w(d_down_w_, dy_, &h_);  // before h's buffer becomes dh
-    p.d_hidden(h_, dy_);
+    const auto dy = p.operand(dy_), h = p.operand(h_);
+    p.d_down_w(d_down_w_, dy, &h);  // before h's buffer becomes dh
+    p.d_hidden(h_, dy);
     p.stream.wait();
     rows_in_parallel(threads, [&](Index first, Index n) {
       moekit::detail::activate_gated_backward<moekit::SwiGLU>(g_.middleRows(first, n), u_.middleRows(first, n),
                                                               h_.middleRows(first, n));
     });
-    p.dx_gate(dx_, g_);
-    p.dx_up(dx_, u_);
-    p.d_gate_w(d_gate_w_, g_, &x_);
-    p.d_up_w(d_up_w_, u_, &x_);
+    const auto d_gate = p.operand(g_), d_up = p.operand(u_), x = p.operand(x_);
+    p.dx_gate(dx_, d_gate);
+    p.dx_up(dx_, d_up);
+    p.d_gate_w(d_gate_w_, d_gate, &x);
+    p.d_up_w(d_up_w_, d_up, &x);
     p.stream.wait();
   }
 
@@ -137,74 +147,93 @@ class OneDnnLimit : public LimitOperands {
   using dt = dnnl::memory::data_type;
   using Dims = dnnl::memory::dims;
 
-  /// A [rows, cols] operand of floats at `data`, in row-major order or transposed (the matrix's
-  /// transpose, read in place).
-  static dnnl::memory::desc plain(Index rows, Index cols, bool transposed = false) {
-    return {Dims{rows, cols}, dt::f32, transposed ? Dims{1, rows} : Dims{cols, 1}};
+  /// A [rows, cols] operand of `type` in row-major order or transposed (the matrix's transpose,
+  /// read in place).
+  static dnnl::memory::desc plain(Index rows, Index cols, bool transposed = false, dt type = dt::f32) {
+    return {Dims{rows, cols}, type, transposed ? Dims{1, rows} : Dims{cols, 1}};
   }
 
   /// One product c (+)= a · b on `engine` and `stream`: its primitive, and b packed once when it
-  /// is a weight.
+  /// is a weight. a and b are of the limit's operand type, c float.
   struct Product {
     const dnnl::engine& engine;
     dnnl::stream& stream;
     dnnl::matmul matmul;
     dnnl::memory packed;  // the weight in oneDNN's layout; empty when b changes every step
-    dnnl::memory::desc a, b, c;
+    dnnl::memory::desc c;
 
     Product(const dnnl::engine& engine, dnnl::stream& stream, dnnl::memory::desc a_desc, dnnl::memory::desc b_desc,
             dnnl::memory::desc c_desc, bool accumulate, const float* weight)
-        : engine(engine), stream(stream), a(a_desc), b(b_desc), c(c_desc) {
+        : engine(engine), stream(stream), c(c_desc) {
       dnnl::primitive_attr attr;
       if (accumulate) {
         dnnl::post_ops ops;
         ops.append_sum(1.0f);
         attr.set_post_ops(ops);
       }
-      const auto weights = weight ? dnnl::memory::desc(b_desc.dims(), dt::f32, dnnl::memory::format_tag::any) : b_desc;
+      const auto weights =
+          weight ? dnnl::memory::desc(b_desc.dims(), b_desc.data_type(), dnnl::memory::format_tag::any) : b_desc;
       const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_desc, weights, c_desc), attr, engine);
       matmul = dnnl::matmul(pd);
-      if (weight) {
+      if (weight) {  // the float weight, reordered (and rounded) into the product's layout once
         packed = dnnl::memory(pd.weights_desc(), engine);
-        dnnl::memory given(b_desc, engine, const_cast<float*>(weight));
+        dnnl_memory_desc_t as_given = b_desc.data;  // b's layout, in float
+        as_given.data_type = dnnl_f32;
+        dnnl::memory given(dnnl::memory::desc(as_given), engine, const_cast<float*>(weight));
         dnnl::reorder(given, packed).execute(stream, given, packed);
         stream.wait();
       }
     }
 
     /// c (+)= a · b, b the packed weight unless given.
-    void operator()(Matrix& c_matrix, const Matrix& a_matrix, const Matrix* b_matrix = nullptr) const {
-      const dnnl::memory a_memory(a, engine, const_cast<float*>(a_matrix.data())), c_memory(c, engine, c_matrix.data());
-      const dnnl::memory b_memory = b_matrix ? dnnl::memory(b, engine, const_cast<float*>(b_matrix->data())) : packed;
-      matmul.execute(stream, {{DNNL_ARG_SRC, a_memory}, {DNNL_ARG_WEIGHTS, b_memory}, {DNNL_ARG_DST, c_memory}});
+    void operator()(Matrix& c_matrix, const dnnl::memory& a, const dnnl::memory* b = nullptr) const {
+      const dnnl::memory c_memory(c, engine, c_matrix.data());
+      matmul.execute(stream, {{DNNL_ARG_SRC, a}, {DNNL_ARG_WEIGHTS, b ? *b : packed}, {DNNL_ARG_DST, c_memory}});
     }
   };
 
-  /// The nine products at one thread count.
+  /// The nine products at one thread count, and the operands of this step.
   struct Products {
     dnnl::engine engine{dnnl::engine::kind::cpu, 0};
     dnnl::stream stream{engine};
+    dt type;
     Product gate, up, down, d_down_w, d_hidden, dx_gate, dx_up, d_gate_w, d_up_w;
+    std::map<const float*, dnnl::memory> converted;  // each matrix's operand-type copy
 
-    Products(const OneDnnLimit& l)
-        : gate(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+    Products(const OneDnnLimit& l, dt type)
+        : type(type),
+          gate(engine, stream, in(l.rows(), l.hidden()), in(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
                  false, l.gate_.data()),
-          up(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+          up(engine, stream, in(l.rows(), l.hidden()), in(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
                false, l.up_.data()),
-          down(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
+          down(engine, stream, in(l.rows(), l.ffn()), in(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
                  false, l.down_.data()),
-          d_down_w(engine, stream, plain(l.hidden(), l.rows(), true), plain(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()),
+          d_down_w(engine, stream, in(l.hidden(), l.rows(), true), in(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()),
                    true, nullptr),
-          d_hidden(engine, stream, plain(l.rows(), l.hidden()), plain(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()),
+          d_hidden(engine, stream, in(l.rows(), l.hidden()), in(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()),
                      false, l.down_.data()),
-          dx_gate(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
+          dx_gate(engine, stream, in(l.rows(), l.ffn()), in(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
                     false, l.gate_.data()),
-          dx_up(engine, stream, plain(l.rows(), l.ffn()), plain(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
+          dx_up(engine, stream, in(l.rows(), l.ffn()), in(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
                   true, l.up_.data()),
-          d_gate_w(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
+          d_gate_w(engine, stream, in(l.ffn(), l.rows(), true), in(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
                    true, nullptr),
-          d_up_w(engine, stream, plain(l.ffn(), l.rows(), true), plain(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
+          d_up_w(engine, stream, in(l.ffn(), l.rows(), true), in(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
                  true, nullptr) {}
+
+    dnnl::memory::desc in(Index rows, Index cols, bool transposed = false) const {
+      return plain(rows, cols, transposed, type);
+    }
+
+    /// m as an operand: itself for float operands; else its copy, converted now.
+    dnnl::memory operand(const Matrix& m) {
+      dnnl::memory given(plain(m.rows(), m.cols()), engine, const_cast<float*>(m.data()));
+      if (type == dt::f32) return given;
+      auto it = converted.find(m.data());
+      if (it == converted.end()) it = converted.emplace(m.data(), dnnl::memory(in(m.rows(), m.cols()), engine)).first;
+      dnnl::reorder(given, it->second).execute(stream, given, it->second);
+      return it->second;
+    }
   };
 
   Index rows() const { return x_.rows(); }
@@ -215,7 +244,7 @@ class OneDnnLimit : public LimitOperands {
   Products& products(int threads) {
     omp_set_num_threads(threads);
     auto it = products_.find(threads);
-    if (it == products_.end()) it = products_.try_emplace(threads, *this).first;
+    if (it == products_.end()) it = products_.try_emplace(threads, *this, operand_type_).first;
     return it->second;
   }
 
@@ -230,10 +259,12 @@ class OneDnnLimit : public LimitOperands {
     }
   }
 
+  dt operand_type_;
   std::map<int, Products> products_;
 };
 
 using LimitGemms = OneDnnLimit;
+inline constexpr bool limit_has_bf16 = true;
 /// What the limit is, for the benchmarks' context.
 inline std::string limit_label() {
   const auto* v = dnnl::version();
@@ -244,6 +275,7 @@ inline std::string limit_label() {
 #else
 
 using LimitGemms = EigenLimit;
+inline constexpr bool limit_has_bf16 = false;  // bf16 layers are held to the float limit
 inline std::string limit_label() { return "Eigen GEMM (oneDNN was not found when this was built)"; }
 
 #endif

@@ -2,19 +2,22 @@
 // clusters, and its target is computed by that cluster's own hidden SwiGLU network. A router
 // that learns to send each cluster to its own expert makes the task easy; no single expert can.
 //
-//   train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none]
+//   train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] [--precision f32|bf16]
 //   mpirun -np 4 train_mixture --expert-parallel [...]   (expert_parallel_run.hpp)
 //
 // Then trains one dense SwiGLU with the same compute per token on the same task, for comparison.
 // Exits non-zero unless the loss falls at least 10×, every cluster puts ≥70% of its routing
 // weight on two experts (25% when uniform), the clusters spread over at least half the experts, and the dense
-// network ends at least 2× worse.
+// network ends at least 2× worse. With --precision bf16 the experts' products (the dense
+// network's too) run on bf16 operands, and the same layer is trained once more in float from the
+// same seed: the bf16 run must also end within 1.1× of its loss.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <numeric>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <moekit/moekit.hpp>
@@ -28,10 +31,17 @@ namespace {
 
 using namespace mixture;
 
-template <class Balancer>
-using Layer = moekit::MoELayer<moekit::TopK<2>, Balancer, moekit::Dropless, moekit::GroupedGemm, float>;
+using Float = moekit::ProductPrecision<moekit::Precision::scalar>;
+
+template <class Balancer, class Precision = Float>
+using Layer = moekit::MoELayer<moekit::TopK<2>, Balancer, moekit::Dropless, moekit::GroupedGemm, float, Precision>;
 // The same compute per token without a mixture: one SwiGLU expert of width K·F.
-using Dense = moekit::MoELayer<moekit::TopK<1>, moekit::NoBalance, float>;
+template <class Precision = Float>
+using Dense = moekit::MoELayer<moekit::TopK<1>, moekit::NoBalance, float, Precision>;
+
+/// bf16 may cost the task this much loss against the float run: bf16 rounds each product's
+/// operands by up to 2^-8, and the runs differ by a few percent at most (docs/performance.md#precision).
+constexpr double bf16_loss_factor = 1.1;
 
 std::string bar(int done, int total, int width = 24) {
   const auto filled = static_cast<std::size_t>(width * done / total);
@@ -86,9 +96,9 @@ double evaluate(L& layer, Task& task, Matrix& x, Matrix& target, Matrix& y, std:
 
 }  // namespace
 
-template <class Balancer>
+template <class Balancer, class Precision = Float>
 int run(int steps, unsigned seed) {
-  using Layer = ::Layer<Balancer>;
+  using Layer = ::Layer<Balancer, Precision>;
   Task task(seed);
   Layer layer({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed});
   Matrix x(batch, hidden), target(batch, hidden), y(batch, hidden);
@@ -135,26 +145,39 @@ int run(int steps, unsigned seed) {
               static_cast<long>(experts));
 
   // Without a mixture: one SwiGLU network as wide as the K experts a token uses together.
-  Dense dense({.hidden = hidden, .ffn = 2 * ffn, .experts = 1, .seed = seed});
+  Dense<Precision> dense({.hidden = hidden, .ffn = 2 * ffn, .experts = 1, .seed = seed});
   train(dense, task, steps, false);
   const double dense_loss = evaluate(dense, task, x, target, y, cluster);
   std::printf("one dense SwiGLU of width %ld (the same compute per token), same training: loss %.5f, "
               "%.1f× the mixture's\n", static_cast<long>(2 * ffn), dense_loss, dense_loss / final_loss);
 
-  const bool ok = ratio >= 10 && specialised && dense_loss > 2 * final_loss;
+  // In bf16: the same layer, seed and batches in float, for the loss bf16 costs.
+  bool near_float = true;
+  if constexpr (!std::is_same_v<Precision, Float>) {
+    Task float_task(seed);
+    ::Layer<Balancer> in_float({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed});
+    train(in_float, float_task, steps, false);
+    const double float_loss = evaluate(in_float, float_task, x, target, y, cluster);
+    near_float = final_loss <= bf16_loss_factor * float_loss;
+    std::printf("the same layer in float, same seed and training: loss %.6f; bf16 ends at %.6f, %.3f× it (at most %.1f×)\n",
+                float_loss, final_loss, final_loss / float_loss, bf16_loss_factor);
+  }
+
+  const bool ok = ratio >= 10 && specialised && dense_loss > 2 * final_loss && near_float;
   if (ok)
     std::printf("train_mixture: passed (loss down ÷%.1f, experts specialised, a dense network of the same "
                 "compute %.1f× worse)\n", ratio, dense_loss / final_loss);
   else
     std::printf("train_mixture: FAILED (expected loss down ≥10×, each cluster ≥70%% of its weight on two experts, "
-                "clusters over ≥ half the experts, and a dense network of the same compute ≥2× worse)\n");
+                "clusters over ≥ half the experts, a dense network of the same compute ≥2× worse, and in bf16 "
+                "a loss within %.1f× the float run's)\n", bf16_loss_factor);
   return ok ? 0 : 1;
 }
 
 int main(int argc, char** argv) {
   int steps = 600;
   unsigned seed = 1;
-  std::string balancer = "auxloss";
+  std::string balancer = "auxloss", precision = "f32";
   bool expert_parallel = false, understood = true;
   for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
@@ -163,6 +186,7 @@ int main(int argc, char** argv) {
     else if (flag == "--steps" && has_value) steps = std::max(1, std::atoi(argv[i + 1]));
     else if (flag == "--seed" && has_value) seed = static_cast<unsigned>(std::atoi(argv[i + 1]));
     else if (flag == "--balancer" && has_value) balancer = argv[i + 1];
+    else if (flag == "--precision" && has_value) precision = argv[i + 1];
     else understood = false;
   }
   auto train = [&]<class Balancer>() {
@@ -175,8 +199,10 @@ int main(int argc, char** argv) {
       return 2;
     }
 #endif
+    if (precision == "bf16") return run<Balancer, moekit::bf16>(steps, seed);
     return run<Balancer>(steps, seed);
   };
+  understood = understood && (precision == "f32" || (precision == "bf16" && !expert_parallel));
   if (understood) {
     if (balancer == "auxloss") return train.template operator()<moekit::AuxLoss>();
     if (balancer == "sinkhorn") return train.template operator()<moekit::Sinkhorn>();
@@ -184,6 +210,6 @@ int main(int argc, char** argv) {
     if (balancer == "none") return train.template operator()<moekit::NoBalance>();
   }
   std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] "
-                       "[--expert-parallel (under mpirun)]\n");
+                       "[--precision f32|bf16] [--expert-parallel (under mpirun, f32)]\n");
   return 2;
 }

@@ -55,7 +55,83 @@ def shape_name(shape):
 
 
 def short_policies(policies):
-    return re.sub(r"_SingleProcess_f32$", "", policies or "")
+    return re.sub(r"_SingleProcess(_f32$|(?=_bf16$))", "", policies or "")
+
+
+def precision_of(policies):
+    """'…_f32' → 'f32', '…_bf16' → 'bf16': the scalar, or the precision of the experts' products."""
+    return (policies or "").rsplit("_", 1)[-1]
+
+
+BF16_TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the oneDNN bf16 limit
+
+
+def limit_gflops(r):
+    """The paired limit's GFLOP/s: the layer's, scaled by the layer's time over the limit's."""
+    c = r["counters"]
+    if "gflops" not in c or not c.get("limit_ms"):
+        return None
+    return c["gflops"] * r["ms"] / c["limit_ms"]
+
+
+def precision_pairs(rows):
+    """(f32 row, bf16 row) of each layer, shape, pass and thread count run in both precisions."""
+    layers = [r for r in rows if r["kind"] == "layer"]
+    by_key = {}
+    for r in layers:
+        base = re.sub(r"_(f32|bf16)$", "", r["policies"] or "")
+        by_key.setdefault((base, shape_name(r["shape"]), r["pass"], r["threads"]), {})[precision_of(r["policies"])] = r
+    return [(key, p["f32"], p["bf16"]) for key, p in sorted(by_key.items()) if "f32" in p and "bf16" in p]
+
+
+def precision_table(rows):
+    """Each layer run in f32 and in bf16: GFLOP/s, each against its own limit, and what bf16 buys."""
+    lines = []
+    for (base, shape, pass_, threads), f32, bf16 in precision_pairs(rows):
+        in_bf16 = bf16["counters"].get("limit_in_bf16", 0) == 1
+        pct = bf16["counters"].get("pct_of_limit")
+        lines.append([
+            f"`{shape}`", pass_, threads,
+            fmt(f32["counters"].get("gflops")), fmt(limit_gflops(f32)), fmt(f32["counters"].get("pct_of_limit")),
+            fmt(bf16["counters"].get("gflops")), fmt(limit_gflops(bf16)) + ("" if in_bf16 else " (f32)"), fmt(pct),
+            verdict(pct, BF16_TARGETS[pass_]) if in_bf16 else "— (no bf16 limit)",
+            fmt(f32["ms"] / bf16["ms"], 2),
+        ])
+    if not lines:
+        return ""
+    return table(["shape", "pass", "threads", "f32 GFLOP/s", "f32 limit", "f32 % of limit", "bf16 GFLOP/s",
+                  "bf16 limit", "bf16 % of limit", "target (bf16: fwd ≥ 85, fwd+bwd ≥ 80)", "bf16 speed-up"], lines)
+
+
+def precision_plot(rows, path):
+    """Grouped bars: GFLOP/s of each precision and of its limit, per shape and pass, at the largest
+    thread count."""
+    pairs = precision_pairs(rows)
+    if not pairs:
+        return False
+    most = max(key[3] for key, _, _ in pairs)
+    pairs = [p for p in pairs if p[0][3] == most]
+    bars = []  # (label, GFLOP/s, colour)
+    for (base, shape, pass_, threads), f32, bf16 in pairs:
+        bars.append((f"{shape} {pass_}", None, None))
+        for name, r, colour in (("f32", f32, "#3a7bd5"), ("bf16", bf16, "#e08a2c")):
+            bars.append((f"  {name}", r["counters"].get("gflops", 0.0), colour))
+            bars.append((f"  {name} limit", limit_gflops(r) or 0.0, "#bbbbbb"))
+    top_value = max(v for _, v, _ in bars if v is not None) or 1.0
+    label_w, bar_w, row_h, top = 300, 420, 16, 40
+    width, height = label_w + bar_w + 80, top + row_h * len(bars) + 20
+    scale = bar_w / (1.1 * top_value)
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+           f'<text x="10" y="20" font-size="13">GFLOP/s by precision, layer and its limit (threads: {most})</text>']
+    for i, (label, value, colour) in enumerate(bars):
+        y = top + i * row_h
+        svg.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{html.escape(label)}</text>')
+        if value is not None:
+            svg.append(f'<rect x="{label_w}" y="{y + 2}" width="{value * scale:.1f}" height="{row_h - 4}" fill="{colour}"/>')
+            svg.append(f'<text x="{label_w + value * scale + 4:.1f}" y="{y + 11}">{value:.0f}</text>')
+    svg.append("</svg>")
+    pathlib.Path(path).write_text("\n".join(svg) + "\n")
+    return True
 
 
 def milliseconds(bench):
@@ -264,7 +340,7 @@ def plot(rows, path):
     return True
 
 
-def report(context, rows, machine, command, plot_name):
+def report(context, rows, machine, command, plot_name, precision_plot_name=None):
     caches = ", ".join(f"L{c['level']} {c['type'].lower()} {c['size'] // 1024} KiB"
                        for c in context.get("caches", []) if c.get("type") in ("Data", "Unified"))
     parts = [
@@ -279,6 +355,13 @@ def report(context, rows, machine, command, plot_name):
         "the limit while its % of limit stays below 100.", "",
         f"![% of the limit per layer benchmark]({plot_name})" if plot_name else "", "",
     ]
+    precision = precision_table(rows)
+    if precision:
+        parts += ["### By precision", "", precision, "",
+                  "Each precision against its own limit: oneDNN's matmul on f32 operands, or on bf16 operands "
+                  "with float sums (a limit marked (f32) is the float one: this build found no oneDNN). "
+                  "bf16 speed-up is the f32 layer's time over the bf16 layer's.", "",
+                  f"![GFLOP/s by precision]({precision_plot_name})" if precision_plot_name else "", ""]
     scaling, paired = scaling_table(rows), paired_scaling_table(rows)
     if scaling or paired:
         parts += ["### Thread scaling", ""]
@@ -327,7 +410,10 @@ def main(argv=None):
     document = doc.read_text()
     splice(document, "", args.section)  # check the markers before writing anything
     plot_name = args.plot if plot(rows, doc.parent / args.plot) else None
-    doc.write_text(splice(document, report(context, rows, args.machine, args.command, plot_name), args.section))
+    precision_name = re.sub(r"(\.svg)?$", "_precision.svg", args.plot, count=1)
+    precision_name = precision_name if precision_plot(rows, doc.parent / precision_name) else None
+    doc.write_text(splice(document, report(context, rows, args.machine, args.command, plot_name, precision_name),
+                          args.section))
     return 0
 
 

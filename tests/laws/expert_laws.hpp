@@ -3,56 +3,88 @@
 //
 //   using MyExperts = ::testing::Types<MyExpert>;
 //   INSTANTIATE_TYPED_TEST_SUITE_P(Mine, ExpertLaws, MyExperts, moekit::laws::CaseName);
+//
+// An expert whose products round their operands to bf16 runs in float, and its gradients are held
+// to its exact twin's (exact_twin: GroupedGemm's in the scalar) within bf16's rounding, since
+// central differences of a rounded function measure the rounding.
 #include <gtest/gtest.h>
 
+#include <type_traits>
 #include <vector>
 
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/gemm.hpp>
+#include <moekit/expert/grouped_gemm.hpp>
 
 #include "../support/grad_check.hpp"
 #include "../support/random.hpp"
+#include "../support/tolerance.hpp"
 #include "policy_case.hpp"
 
 namespace moekit::laws {
+
+/// The expert a reduced-precision expert approximates, computing in the layer's scalar; itself
+/// for the rest. Specialise it for an expert of your own that rounds its operands.
+template <class X>
+struct exact_twin {
+  using type = X;
+};
+template <Activation A, ExpertBias B, Precision P>
+struct exact_twin<GroupedGemmType<A, B, P>> {
+  using type = GroupedGemmType<A, B>;
+};
+
+/// Whether X's products round their operands to bf16 (it then runs in float).
+template <class X>
+constexpr bool rounds_to_bf16 = [] {
+  if constexpr (requires { X::precision; }) return X::precision == Precision::bf16;
+  return false;
+}();
 
 template <class Case>
 class ExpertLaws : public ::testing::Test {
  public:
   using X = policy_of<Case>;
   static_assert(Expert<X>, "an expert law case must make a type that models moekit::Expert");
+  using T = std::conditional_t<rounds_to_bf16<X>, float, double>;
   const X expert = make_policy<Case>();
 
   /// The expert's parameters for `shape`, drawn from N(0, 0.5²).
-  std::vector<Tensor<double>> weights(const LayerShape& shape, unsigned seed) const {
-    std::vector<Tensor<double>> tensors;
+  std::vector<Tensor<T>> weights(const LayerShape& shape, unsigned seed) const {
+    std::vector<Tensor<T>> tensors;
     for (auto& spec : X::parameters(shape, shape.experts)) {
       tensors.emplace_back(spec.name, spec.shape);
-      const Matrix<double> values = test::random_matrix(tensors.back().size(), 1, seed++, 0.5);
+      const Matrix<T> values = test::random_matrix<T>(tensors.back().size(), 1, seed++, 0.5);
       std::copy(values.data(), values.data() + values.size(), tensors.back().values().begin());
     }
     return tensors;
   }
 
+  template <class S>
   struct Pass {
-    Matrix<double> out, d_rows;
-    std::vector<Tensor<double>> grads;
+    Matrix<S> out, d_rows;
+    std::vector<Tensor<S>> grads;
   };
 
-  /// forward of rows by blocks `offsets`, then backward of d_out.
-  Pass run(const std::vector<Tensor<double>>& w, const Matrix<double>& rows, const std::vector<Index>& offsets,
-           const Matrix<double>& d_out) const {
-    Pass p;
-    typename X::template Saved<double> saved{};
-    Workspace<double> workspace;
+  /// forward of rows by blocks `offsets`, then backward of d_out, by `of` (this expert, or its twin).
+  template <class S, class Of = X>
+  static Pass<S> run(const std::vector<Tensor<S>>& w, const Matrix<S>& rows, const std::vector<Index>& offsets,
+                     const Matrix<S>& d_out, const Of& of) {
+    Pass<S> p;
+    typename Of::template Saved<S> saved{};
+    Workspace<S> workspace;
     p.out.resize(rows.rows(), rows.cols());
-    expert.forward(std::span<const Tensor<double>>(w), ConstMatrixRef<double>(rows), std::span<const Index>(offsets),
-                   MatrixRef<double>(p.out), saved, workspace);
+    of.forward(std::span<const Tensor<S>>(w), ConstMatrixRef<S>(rows), std::span<const Index>(offsets),
+               MatrixRef<S>(p.out), saved, workspace);
     for (const auto& t : w) p.grads.emplace_back(t.name(), t.shape());  // zero
     p.d_rows = rows;
-    expert.backward(std::span<const Tensor<double>>(w), MatrixRef<double>(p.d_rows), std::span<const Index>(offsets),
-                    saved, ConstMatrixRef<double>(d_out), std::span<Tensor<double>>(p.grads), workspace);
+    of.backward(std::span<const Tensor<S>>(w), MatrixRef<S>(p.d_rows), std::span<const Index>(offsets), saved,
+                ConstMatrixRef<S>(d_out), std::span<Tensor<S>>(p.grads), workspace);
     return p;
+  }
+  Pass<T> run(const std::vector<Tensor<T>>& w, const Matrix<T>& rows, const std::vector<Index>& offsets,
+              const Matrix<T>& d_out) const {
+    return run<T>(w, rows, offsets, d_out, expert);
   }
 };
 
@@ -61,31 +93,64 @@ TYPED_TEST_SUITE_P(ExpertLaws);
 // d_rows and every weight's gradient equal the central differences of L = Σ(out ⊙ d_out), over
 // blocks of which one is empty.
 TYPED_TEST_P(ExpertLaws, GradientsMatchCentralDifferences) {
-  const LayerShape shape{.hidden = 4, .ffn = 5, .experts = 3, .top_k = 1};
-  this->expert.validate(shape);
-  const std::vector<Index> offsets{0, 3, 3, 7};
-  auto w = this->weights(shape, 21);
-  Matrix<double> rows = test::random_matrix(7, 4, 22);
-  const Matrix<double> d_out = test::random_matrix(7, 4, 23);
-  const auto at = this->run(w, rows, offsets, d_out);
-  auto loss = [&] {
-    typename TestFixture::X::template Saved<double> saved{};
-    Workspace<double> workspace;
-    Matrix<double> out(rows.rows(), rows.cols());
-    this->expert.forward(std::span<const Tensor<double>>(w), ConstMatrixRef<double>(rows),
-                         std::span<const Index>(offsets), MatrixRef<double>(out), saved, workspace);
-    return (out.array() * d_out.array()).sum();
-  };
-  std::span<double> row_values(rows.data(), static_cast<std::size_t>(rows.size()));
-  EXPECT_LT(test::compare(std::vector<double>(at.d_rows.data(), at.d_rows.data() + at.d_rows.size()),
-                          test::numeric_gradient(row_values, loss)),
-            1e-6)
-      << "d_rows";
-  for (std::size_t p = 0; p < w.size(); ++p) {
-    const auto grad = at.grads[p].values();
-    auto values = w[p].values();
-    EXPECT_LT(test::compare(std::vector<double>(grad.begin(), grad.end()), test::numeric_gradient(values, loss)), 1e-6)
-        << w[p].name();
+  using T = typename TestFixture::T;
+  if constexpr (rounds_to_bf16<typename TestFixture::X>) {
+    // Its output, d_rows and gradients within bf16's rounding of the exact twin's (in double), over
+    // blocks of which one is empty: each passes through at most three products, each off by about
+    // 0.6 u relative (u = 2^-8), root mean square; 3 u.
+    const LayerShape shape{.hidden = 48, .ffn = 40, .experts = 3, .top_k = 1};
+    this->expert.validate(shape);
+    const std::vector<Index> offsets{0, 30, 30, 70};
+    const auto w = this->weights(shape, 21);
+    const Matrix<T> rows = test::random_matrix<T>(70, 48, 22), d_out = test::random_matrix<T>(70, 48, 23);
+    const auto at = this->run(w, rows, offsets, d_out);
+    std::vector<Tensor<double>> exact_w;
+    for (const auto& t : w) {
+      exact_w.emplace_back(t.name(), t.shape());
+      std::copy(t.values().begin(), t.values().end(), exact_w.back().values().begin());
+    }
+    const typename exact_twin<typename TestFixture::X>::type twin{};
+    const auto exact = TestFixture::template run<double>(exact_w, rows.template cast<double>(), offsets,
+                                                         d_out.template cast<double>(), twin);
+    const double bound = 3 * test::bf16_unit;
+    const auto error = [](const auto& got, const auto& want) {
+      return (got.template cast<double>() - want).norm() / want.norm();
+    };
+    EXPECT_LT(error(at.out, exact.out), bound) << "out";
+    EXPECT_LT(error(at.d_rows, exact.d_rows), bound) << "d_rows";
+    for (std::size_t p = 0; p < w.size(); ++p)
+      EXPECT_LT(error(at.grads[p].matrix(), exact.grads[p].matrix()), bound) << w[p].name();
+    EXPECT_GT(error(at.out, exact.out), 1e-5) << "out: no rounding seen";
+  } else {
+    // d_rows and every weight's gradient equal the central differences of L = Σ(out ⊙ d_out), over
+    // blocks of which one is empty.
+    const LayerShape shape{.hidden = 4, .ffn = 5, .experts = 3, .top_k = 1};
+    this->expert.validate(shape);
+    const std::vector<Index> offsets{0, 3, 3, 7};
+    auto w = this->weights(shape, 21);
+    Matrix<double> rows = test::random_matrix(7, 4, 22);
+    const Matrix<double> d_out = test::random_matrix(7, 4, 23);
+    const auto at = this->run(w, rows, offsets, d_out);
+    auto loss = [&] {
+      typename TestFixture::X::template Saved<double> saved{};
+      Workspace<double> workspace;
+      Matrix<double> out(rows.rows(), rows.cols());
+      this->expert.forward(std::span<const Tensor<double>>(w), ConstMatrixRef<double>(rows),
+                           std::span<const Index>(offsets), MatrixRef<double>(out), saved, workspace);
+      return (out.array() * d_out.array()).sum();
+    };
+    std::span<double> row_values(rows.data(), static_cast<std::size_t>(rows.size()));
+    EXPECT_LT(test::compare(std::vector<double>(at.d_rows.data(), at.d_rows.data() + at.d_rows.size()),
+                            test::numeric_gradient(row_values, loss)),
+              1e-6)
+        << "d_rows";
+    for (std::size_t p = 0; p < w.size(); ++p) {
+      const auto grad = at.grads[p].values();
+      auto values = w[p].values();
+      EXPECT_LT(test::compare(std::vector<double>(grad.begin(), grad.end()), test::numeric_gradient(values, loss)),
+                1e-6)
+          << w[p].name();
+    }
   }
 }
 
@@ -93,9 +158,10 @@ TYPED_TEST_P(ExpertLaws, GradientsMatchCentralDifferences) {
 TYPED_TEST_P(ExpertLaws, EmptyBlocksGiveNoGradient) {
   const LayerShape shape{.hidden = 4, .ffn = 5, .experts = 3, .top_k = 1};
   const auto w = this->weights(shape, 31);
-  const auto p = this->run(w, Matrix<double>(0, 4), {0, 0, 0, 0}, Matrix<double>(0, 4));
+  using T = typename TestFixture::T;
+  const auto p = this->run(w, Matrix<T>(0, 4), {0, 0, 0, 0}, Matrix<T>(0, 4));
   for (const auto& g : p.grads)
-    for (const double v : g.values()) EXPECT_EQ(v, 0.0) << g.name();
+    for (const T v : g.values()) EXPECT_EQ(v, T(0)) << g.name();
 }
 
 // The same output and gradients, bit for bit, on one thread and on four.
@@ -103,7 +169,8 @@ TYPED_TEST_P(ExpertLaws, SameBitsOnAnyThreadCount) {
   const LayerShape shape{.hidden = 64, .ffn = 96, .experts = 4, .top_k = 1};
   const auto w = this->weights(shape, 41);
   const std::vector<Index> offsets{0, 250, 251, 251, 600};
-  const Matrix<double> rows = test::random_matrix(600, 64, 42), d_out = test::random_matrix(600, 64, 43);
+  using T = typename TestFixture::T;
+  const Matrix<T> rows = test::random_matrix<T>(600, 64, 42), d_out = test::random_matrix<T>(600, 64, 43);
   const auto one = on_threads(1, [&] { return this->run(w, rows, offsets, d_out); });
   const auto four = on_threads(4, [&] { return this->run(w, rows, offsets, d_out); });
   EXPECT_TRUE(one.out == four.out);

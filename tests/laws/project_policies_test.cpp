@@ -66,6 +66,14 @@ struct BiasedSmallTiles {  // the biases' gradients summed by the first of sever
   static GptOssExperts make() { return {{.row_tile = 2, .column_tile = 3}}; }
 };
 
+using Bf16Experts = GroupedGemmType<SwiGLU, ExpertBias::none, Precision::bf16>;
+struct Bf16SmallTiles {  // every block cut into several tiles, its products in bf16
+  static constexpr std::string_view label = "Bf16SmallTiles";
+  static GroupedGemmType<ClampedSwiGLU, ExpertBias::projections, Precision::bf16> make() {
+    return {{.row_tile = 5, .column_tile = 7}};
+  }
+};
+
 using Routers =
     ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
@@ -81,7 +89,8 @@ using Experts = ::testing::Types<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemm
                                  GroupedGemmType<ReLU, ExpertBias::projections>, PerExpertLoop,
                                  PerExpertLoopType<GeLU>, PerExpertLoopType<ReLU>, PerExpertLoopType<ClampedSwiGLU>,
                                  PerExpertLoopType<ClampedSwiGLU, ExpertBias::projections>,
-                                 PerExpertLoopType<ReLU, ExpertBias::projections>>;
+                                 PerExpertLoopType<ReLU, ExpertBias::projections>, Bf16Experts,
+                                 GroupedGemmType<GeLU, ExpertBias::none, Precision::bf16>, Bf16SmallTiles>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, ExpertLaws, Experts, CaseName);
 
 }  // namespace

@@ -51,6 +51,16 @@ class PerformanceReport(unittest.TestCase):
         self.assertNotIn("real_time_mean", text, "aggregates are skipped")
         self.assertIn("The limit: oneDNN 2.6.3 matmul.", text, "the limit named from the run's context")
 
+    def test_precision_table_pairs_f32_and_bf16(self):
+        text = self.report()
+        row = next(l for l in text.splitlines() if l.startswith("| `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 |"))
+        # f32: 69 GFLOP/s, 90% of a limit at 900 ms with no limit_ms (so no limit GFLOP/s); bf16: 138, its
+        # limit 138 · 500/400, 80% (not met: 85), and twice as fast.
+        self.assertIn("| 69.0 | — | 90.0 | 138 | 172 | 80.0 | **not met** | 2.00 |", row)
+        self.assertIn("![GFLOP/s by precision](performance_limit_precision.svg)", text)
+        self.assertTrue((self.doc.parent / "performance_limit_precision.svg").exists())
+        self.assertIn("`TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_bf16`", text, "the bf16 layer in the layer table")
+
     def test_scaling_and_decode(self):
         text = self.report()
         self.assertRegex(text, r"\| layer \| `TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU` \| `T:2048/H:1024/F:2816/E:8/K:2` \| fwd \| 2 \| 1000 \| 2.00 \| 100% \|")
@@ -75,7 +85,7 @@ class PerformanceReport(unittest.TestCase):
         self.report()
         svg = (self.doc.parent / "performance_limit.svg").read_text()
         self.assertTrue(svg.startswith("<svg"))
-        self.assertEqual(svg.count("<rect"), 2, "one bar per layer benchmark and pass, at its most threads")
+        self.assertEqual(svg.count("<rect"), 3, "one bar per layer benchmark (f32 and bf16) and pass, at its most threads")
         self.assertIn("90%", svg)
 
     def test_pytorch_rows_are_held_to_both_limits_and_to_moekit(self):

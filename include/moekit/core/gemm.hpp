@@ -61,6 +61,26 @@ void bf16_gemm_add(C&& c, const A& a, const B& b) {
                         b.rowStride(), b.colStride(), a.cols());
 }
 
+/// c[i] = bf16(a) · bf16(b[i]) for each i, a packed once for all (set_each's bf16 twin): the
+/// operands of each c[i] must lie alike.
+template <class C, class A, class B, std::size_t N>
+void bf16_gemm_each(const std::array<C*, N>& c, const A& a, const std::array<const B*, N>& b) {
+  static_assert(std::is_same_v<typename std::remove_cvref_t<C>::Scalar, float>,
+                "moekit::bf16_gemm_each: bf16 products sum in float; expected float matrices");
+  std::array<float*, N> c_data;
+  std::array<const float*, N> b_data;
+  for (std::size_t i = 0; i < N; ++i) {
+    eigen_assert(c[i]->colStride() == 1 && c[i]->rowStride() == c[0]->rowStride() && c[i]->rows() == a.rows() &&
+                 c[i]->cols() == c[0]->cols() && b[i]->rows() == a.cols() && b[i]->cols() == c[0]->cols() &&
+                 b[i]->rowStride() == b[0]->rowStride() && b[i]->colStride() == b[0]->colStride());
+    c[i]->setZero();
+    c_data[i] = c[i]->data();
+    b_data[i] = b[i]->data();
+  }
+  detail::bf16_gemm_add(c_data.data(), c[0]->rowStride(), a.rows(), c[0]->cols(), a.data(), a.rowStride(),
+                        a.colStride(), b_data.data(), b[0]->rowStride(), b[0]->colStride(), a.cols(), N);
+}
+
 /// c += a · b in the given precision: gemm_add, or bf16_gemm_add.
 template <Precision P, class T, class C, class A, class B>
 void gemm_add(Workspace<T>& workspace, C&& c, const A& a, const B& b) {

@@ -82,12 +82,10 @@ struct GroupedGemmType {
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
         const auto gate_weight = weight(Slot::gate), up_weight = weight(Slot::up);
-        if constexpr (P == Precision::scalar) {
+        if constexpr (P == Precision::scalar)
           gemm_each(workspace, std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
-        } else {
-          gemm<P>(workspace, g, x, gate_weight);
-          gemm<P>(workspace, u, x, up_weight);
-        }
+        else
+          bf16_gemm_each(std::array{&g, &u}, x, std::array{&gate_weight, &up_weight});
         if constexpr (Slot::biased) {
           g.rowwise() += bias_of(weights, Slot::gate_bias, t.expert, t.column, t.columns);
           u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);

@@ -57,44 +57,76 @@ using Bf16Words = Vector<std::uint32_t, 64>;
   for (; j < count; ++j) to[j] = to_bf16(from[j]);
 }
 
-/// a's rows as pairs along k, a(i, j) at a[i·ar + j·ak]: pair q of row i is the word at
-/// out[i·pairs + q], its even element low, 0 past k. Little-endian, a row of pairs is the row's
-/// bf16 values in order.
-[[gnu::always_inline]] inline void pack_bf16_rows(std::uint32_t* out, const float* a, Index ar, Index ak, Index m, Index k) {
+/// Where packed a keeps the word of pair q of row i: at i·row + q·pair.
+struct Bf16Rows {
+  Index row, pair;
+};
+
+/// Two rows of a matrix (row-major, stride s) as 16 words of pairs, row `first` low and the next
+/// high, columns [c, c + 16); a row at or past k reads as 0.
+[[gnu::always_inline]] inline void pair_rows(Bf16Words& words, const float* b, Index s, Index first, Index k, Index c) {
+  Bf16Words odd{};
+  load_rounded(words, b + first * s + c);
+  if (first + 1 < k) load_rounded(odd, b + (first + 1) * s + c);
+  words |= odd << 16;
+}
+
+/// a [m,k], a(i, j) at a[i·ar + j·ak], as pairs along k, rounded, 0 past k. A row-major a becomes
+/// rows of pairs (its bf16 values in order); a transposed one (ar = 1, the weight gradients'
+/// dyᵀ) pairs of its rows, m words a pair, read and written in vectors.
+[[gnu::always_inline]] inline Bf16Rows pack_bf16_rows(std::uint32_t* out, const float* a, Index ar, Index ak, Index m,
+                                                      Index k) {
   static_assert(std::endian::native == std::endian::little, "moekit: bf16 pairs are packed little-endian");
-  const Index width = 2 * bf16_pairs(k);
+  const Index pairs = bf16_pairs(k);
+  if (ar == 1 && ak != 1) {
+    const Index whole = m / bf16_panel * bf16_panel;
+    for (Index q = 0; q < pairs; ++q) {
+      std::uint32_t* to = out + q * m;
+      for (Index i = 0; i < whole; i += bf16_panel) {
+        Bf16Words words;
+        pair_rows(words, a, ak, 2 * q, k, i);
+        vector_at<64>(to + i) = words;
+      }
+      for (Index i = whole; i < m; ++i)
+        to[i] = std::uint32_t{to_bf16(a[i + 2 * q * ak])} |
+                (2 * q + 1 < k ? std::uint32_t{to_bf16(a[i + (2 * q + 1) * ak])} << 16 : 0u);
+    }
+    return {1, m};
+  }
   auto* values = reinterpret_cast<std::uint16_t*>(out);
+  const Index width = 2 * pairs;
   if (ak == 1) {
     for (Index i = 0; i < m; ++i) round_to_bf16(values + i * width, a + i * ar, k);
-  } else {  // a transposed: read along its columns
-    for (Index j = 0; j < k; ++j)
-      for (Index i = 0; i < m; ++i) values[i * width + j] = to_bf16(a[i * ar + j * ak]);
+  } else {
+    for (Index i = 0; i < m; ++i)
+      for (Index j = 0; j < k; ++j) values[i * width + j] = to_bf16(a[i * ar + j * ak]);
   }
   if (k % 2)
     for (Index i = 0; i < m; ++i) values[i * width + k] = 0;
+  return {pairs, 1};
 }
 
 /// b [k,n] in panels of bf16_panel columns, b(j, c) at b[j·bk + c·bn]: pair q of column c at
-/// out[(c / 16 · pairs + q) · 16 + c % 16], columns past n 0.
-[[gnu::always_inline]] inline void pack_bf16_panels(std::uint32_t* out, const float* b, Index bk, Index bn, Index k, Index n) {
+/// out[(c / 16 · pairs + q) · 16 + c % 16], columns past n 0. A row-major b (bn = 1) pairs two
+/// rows in vectors; a transposed one (bk = 1: Wᵀ, whose columns are W's rows) packs 16 of its
+/// columns as rows of pairs and transposes them in vectors, 16 × 16 words at a time.
+[[gnu::always_inline]] inline void pack_bf16_panels(std::uint32_t* out, const float* b, Index bk, Index bn, Index k,
+                                                    Index n) {
   const Index pairs = bf16_pairs(k), panels = (n + bf16_panel - 1) / bf16_panel;
-  thread_local std::vector<std::uint32_t> column;
-  if (bk == 1) column.resize(static_cast<std::size_t>(pairs));
+  thread_local std::vector<std::uint32_t> rows;
+  if (bk == 1) rows.resize(static_cast<std::size_t>(bf16_panel * pairs));
   for (Index p = 0; p < panels; ++p) {
     std::uint32_t* panel = out + p * pairs * bf16_panel;
     const Index first = p * bf16_panel, lanes = std::min(bf16_panel, n - first);
-    if (bk == 1) {  // each column's pairs lie together (x · Wᵀ: a row of W): its row of pairs, spread
-      if (lanes < bf16_panel) std::fill(panel, panel + pairs * bf16_panel, 0u);
-      for (Index lane = 0; lane < lanes; ++lane) {
-        pack_bf16_rows(column.data(), b + (first + lane) * bn, 0, 1, 1, k);
-        for (Index q = 0; q < pairs; ++q) panel[q * bf16_panel + lane] = column[static_cast<std::size_t>(q)];
-      }
-    } else if (bn == 1 && lanes == bf16_panel) {  // each row's columns lie together: two rows make a row of pairs
+    if (bk == 1) {
+      pack_bf16_rows(rows.data(), b + first * bn, bn, 1, lanes, k);
+      std::fill(rows.begin() + lanes * pairs, rows.end(), 0u);
+      transpose_block<64>(rows.data(), pairs, bf16_panel, pairs, panel, bf16_panel);
+    } else if (bn == 1 && lanes == bf16_panel) {
       for (Index q = 0; q < pairs; ++q) {
-        Bf16Words even, odd{};
-        load_rounded(even, b + 2 * q * bk + first);
-        if (2 * q + 1 < k) load_rounded(odd, b + (2 * q + 1) * bk + first);
-        vector_at<64>(panel + q * bf16_panel) = even | odd << 16;
+        Bf16Words words;
+        pair_rows(words, b, bk, 2 * q, k, first);
+        vector_at<64>(panel + q * bf16_panel) = words;
       }
     } else {
       const auto value = [&](Index j, Index c) -> std::uint32_t { return j < k ? to_bf16(b[j * bk + c * bn]) : 0u; };
@@ -109,7 +141,7 @@ using Bf16Words = Vector<std::uint32_t, 64>;
 /// c[r, 16p + l] += Σ_q pair q of row r of a · pair q of lane l of panel p, for Rows rows and
 /// Panels panels, in float vectors: per pair, the odd products' sum first, then the even's.
 template <int Rows, int Panels>
-[[gnu::always_inline]] inline void bf16_block_in_floats(const std::uint32_t* a, Index as, const std::uint32_t* b,
+[[gnu::always_inline]] inline void bf16_block_in_floats(const std::uint32_t* a, Bf16Rows as, const std::uint32_t* b,
                                                         Index ps, Index pairs, float* c, Index cs) {
   using F = Vector<float, 64>;
   using U = Vector<std::uint32_t, 64>;
@@ -125,7 +157,7 @@ template <int Rows, int Panels>
       even[p] = reinterpret_cast<F>(words << 16);
     }
     for (int r = 0; r < Rows; ++r) {
-      const std::uint32_t word = a[r * as + q];
+      const std::uint32_t word = a[r * as.row + q * as.pair];
       const float a_odd = std::bit_cast<float>(word & 0xffff0000u), a_even = std::bit_cast<float>(word << 16);
       for (int p = 0; p < Panels; ++p) {
         acc[r][p] += a_odd * odd[p];
@@ -139,9 +171,9 @@ template <int Rows, int Panels>
 
 // The packs, compiled with a form's vectors.
 #define MOEKIT_BF16_PACKS(...)                                                                              \
-  [[__VA_ARGS__]] static void pack_rows(std::uint32_t* out, const float* a, Index ar, Index ak, Index m,   \
-                                        Index k) {                                                          \
-    pack_bf16_rows(out, a, ar, ak, m, k);                                                                   \
+  [[__VA_ARGS__]] static Bf16Rows pack_rows(std::uint32_t* out, const float* a, Index ar, Index ak,       \
+                                            Index m, Index k) {                                             \
+    return pack_bf16_rows(out, a, ar, ak, m, k);                                                            \
   }                                                                                                         \
   [[__VA_ARGS__]] static void pack_panels(std::uint32_t* out, const float* b, Index bk, Index bn, Index k, \
                                           Index n) {                                                        \
@@ -155,7 +187,7 @@ template <int Rows, int Panels>
     static constexpr int rows = Rows, panels = Panels;                                                      \
     static bool available() { return Available; }                                                           \
     template <int R, int P>                                                                                 \
-    [[__VA_ARGS__]] static void block(const std::uint32_t* a, Index as, const std::uint32_t* b, Index ps,   \
+    [[__VA_ARGS__]] static void block(const std::uint32_t* a, Bf16Rows as, const std::uint32_t* b, Index ps,\
                                       Index pairs, float* c, Index cs) {                                    \
       bf16_block_in_floats<R, P>(a, as, b, ps, pairs, c, cs);                                               \
     }                                                                                                       \
@@ -184,7 +216,7 @@ struct Bf16Dot {
   }
   MOEKIT_BF16_PACKS(gnu::noinline, gnu::target("avx512f,avx512bw,avx512bf16"))
   template <int R, int P>
-  [[gnu::noinline, gnu::target("avx512f,avx512bf16")]] static void block(const std::uint32_t* a, Index as,
+  [[gnu::noinline, gnu::target("avx512f,avx512bf16")]] static void block(const std::uint32_t* a, Bf16Rows as,
                                                                          const std::uint32_t* b, Index ps,
                                                                          Index pairs, float* c, Index cs) {
     __m512 acc[R][P];
@@ -194,7 +226,7 @@ struct Bf16Dot {
       __m512bh bv[P];
       for (int p = 0; p < P; ++p) bv[p] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(b + p * ps + q * bf16_panel));
       for (int r = 0; r < R; ++r) {
-        const auto av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * as + q])));
+        const auto av = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(a[r * as.row + q * as.pair])));
         for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbf16_ps(acc[r][p], av, bv[p]);
       }
     }
@@ -206,13 +238,14 @@ struct Bf16Dot {
 #undef MOEKIT_BF16_FLOAT_FORM
 #undef MOEKIT_BF16_PACKS
 
-/// c += a · b from packed operands (a: m rows of `pairs` words; b: panels covering n columns), by
+/// c += a · b from packed operands (a: m rows of `pairs` words laid out as `as` says; b: panels
+/// covering n columns), by
 /// the given form: blocks of bf16_depth pairs, in each the panels in groups of Form::panels that
 /// every group of rows passes over. Each sum runs over the pairs in order, so the bits depend on
 /// neither the blocks nor the form. A last panel that c does not fill goes through a block of
 /// its own.
 template <class Form>
-void bf16_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_t* a, Index pairs,
+void bf16_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_t* a, Bf16Rows as, Index pairs,
                   const std::uint32_t* b) {
   constexpr int group = Form::rows, panels = Form::panels;
   const Index panel_stride = pairs * bf16_panel, whole = n / bf16_panel, left = n % bf16_panel;
@@ -222,7 +255,7 @@ void bf16_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_
       with_count<panels>(std::min<Index>(panels, whole - p), [&]<int P>() {
         for (Index i = 0; i < m; i += group)
           with_count<group>(std::min<Index>(group, m - i), [&]<int R>() {
-            Form::template block<R, P>(a + i * pairs + q, pairs, b + p * panel_stride + q * bf16_panel, panel_stride,
+            Form::template block<R, P>(a + i * as.row + q * as.pair, as, b + p * panel_stride + q * bf16_panel, panel_stride,
                                        depth, c + i * cs + p * bf16_panel, cs);
           });
       });
@@ -232,7 +265,7 @@ void bf16_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_
       with_count<group>(std::min<Index>(group, m - i), [&]<int R>() {
         for (int r = 0; r < R; ++r)
           for (Index l = 0; l < bf16_panel; ++l) edge[r * bf16_panel + l] = l < left ? c[(i + r) * cs + whole * bf16_panel + l] : 0.0f;
-        Form::template block<R, 1>(a + i * pairs + q, pairs, b + whole * panel_stride + q * bf16_panel, panel_stride,
+        Form::template block<R, 1>(a + i * as.row + q * as.pair, as, b + whole * panel_stride + q * bf16_panel, panel_stride,
                                    depth, edge, bf16_panel);
         for (int r = 0; r < R; ++r)
           for (Index l = 0; l < left; ++l) c[(i + r) * cs + whole * bf16_panel + l] = edge[r * bf16_panel + l];
@@ -265,24 +298,35 @@ inline Bf16Packs& bf16_packs() {
   return packs;
 }
 
-/// c += bf16(a) · bf16(b) with float sums, c row-major [m,n] (row stride cs), a(i, j) at
-/// a[i·ar + j·ak] and b(j, c) at b[j·bk + c·bn] over k, by the form given (bf16_product) or the
-/// fastest this CPU runs.
+/// c[i] += bf16(a) · bf16(b[i]) with float sums for each i < count, c[i] row-major [m,n] (row
+/// stride cs), a(r, j) at a[r·ar + j·ak] and b[i](j, c) at b[i][j·bk + c·bn] over k, by the form
+/// given (bf16_product) or the fastest this CPU runs. a is packed once for all of them.
 template <class Form>
-void bf16_gemm_add(Form form, float* c, Index cs, Index m, Index n, const float* a, Index ar, Index ak,
-                   const float* b, Index bk, Index bn, Index k) {
+void bf16_gemm_add(Form form, float* const* c, Index cs, Index m, Index n, const float* a, Index ar, Index ak,
+                   const float* const* b, Index bk, Index bn, Index k, std::size_t count) {
   if (m == 0 || n == 0 || k == 0) return;
   Bf16Packs& packs = bf16_packs();
   const Index pairs = bf16_pairs(k);
   packs.rows.resize(static_cast<std::size_t>(m * pairs));
   packs.panels.resize(static_cast<std::size_t>((n + bf16_panel - 1) / bf16_panel * bf16_panel * pairs));
-  Form::pack_rows(packs.rows.data(), a, ar, ak, m, k);
-  Form::pack_panels(packs.panels.data(), b, bk, bn, k, n);
-  bf16_product(form, c, cs, m, n, packs.rows.data(), pairs, packs.panels.data());
+  const Bf16Rows as = Form::pack_rows(packs.rows.data(), a, ar, ak, m, k);
+  for (std::size_t i = 0; i < count; ++i) {
+    Form::pack_panels(packs.panels.data(), b[i], bk, bn, k, n);
+    bf16_product(form, c[i], cs, m, n, packs.rows.data(), as, pairs, packs.panels.data());
+  }
+}
+template <class Form>
+void bf16_gemm_add(Form form, float* c, Index cs, Index m, Index n, const float* a, Index ar, Index ak,
+                   const float* b, Index bk, Index bn, Index k) {
+  bf16_gemm_add(form, &c, cs, m, n, a, ar, ak, &b, bk, bn, k, 1);
+}
+inline void bf16_gemm_add(float* const* c, Index cs, Index m, Index n, const float* a, Index ar, Index ak,
+                          const float* const* b, Index bk, Index bn, Index k, std::size_t count) {
+  with_bf16_form([&](auto form) { bf16_gemm_add(form, c, cs, m, n, a, ar, ak, b, bk, bn, k, count); });
 }
 inline void bf16_gemm_add(float* c, Index cs, Index m, Index n, const float* a, Index ar, Index ak, const float* b,
                           Index bk, Index bn, Index k) {
-  with_bf16_form([&](auto form) { bf16_gemm_add(form, c, cs, m, n, a, ar, ak, b, bk, bn, k); });
+  bf16_gemm_add(&c, cs, m, n, a, ar, ak, &b, bk, bn, k, 1);
 }
 
 }  // namespace moekit::detail
