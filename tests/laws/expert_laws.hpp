@@ -5,8 +5,8 @@
 //   INSTANTIATE_TYPED_TEST_SUITE_P(Mine, ExpertLaws, MyExperts, moekit::laws::CaseName);
 //
 // An expert whose products round their operands to bf16 runs in float, and its gradients are held
-// to its exact twin's (exact_twin: GroupedGemm's in the scalar) within bf16's rounding, since
-// central differences of a rounded function measure the rounding.
+// to its exact twin's (tests/support/exact_twin.hpp) within bf16's rounding, since central
+// differences of a rounded function measure the rounding.
 #include <gtest/gtest.h>
 
 #include <type_traits>
@@ -14,8 +14,8 @@
 
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/gemm.hpp>
-#include <moekit/expert/grouped_gemm.hpp>
 
+#include "../support/exact_twin.hpp"
 #include "../support/grad_check.hpp"
 #include "../support/random.hpp"
 #include "../support/tolerance.hpp"
@@ -23,16 +23,7 @@
 
 namespace moekit::laws {
 
-/// The expert a reduced-precision expert approximates, computing in the layer's scalar; itself
-/// for the rest. Specialise it for an expert of your own that rounds its operands.
-template <class X>
-struct exact_twin {
-  using type = X;
-};
-template <Activation A, ExpertBias B, Precision P>
-struct exact_twin<GroupedGemmType<A, B, P>> {
-  using type = GroupedGemmType<A, B>;
-};
+using test::exact_twin;
 
 /// Whether X's products round their operands to bf16 (it then runs in float).
 template <class X>

@@ -8,6 +8,8 @@
 
 #include <moekit/moekit.hpp>
 
+#include "exact_twin.hpp"
+
 namespace moekit::test {
 
 template <class... Ts>
@@ -115,19 +117,10 @@ struct twin_expert<PerExpertLoopType<A, B>> {
   using type = GroupedGemmType<A, B>;
 };
 
-/// X computing in the layer's scalar: a double layer has no bf16 products.
-template <class X>
-struct in_scalar {
-  using type = X;
-};
-template <class A, ExpertBias B, Precision P>
-struct in_scalar<GroupedGemmType<A, B, P>> {
-  using type = GroupedGemmType<A, B>;
-};
-
-/// The same layer in scalar T (a double one computes every product in double) or with expert X.
+/// The same layer in scalar T (a double one computes every product in double: no bf16 products)
+/// or with expert X.
 template <class Layer, class T = typename Layer::scalar_type,
-          class X = std::conditional_t<std::same_as<T, double>, typename in_scalar<typename Layer::expert_type>::type,
+          class X = std::conditional_t<std::same_as<T, double>, typename exact_twin<typename Layer::expert_type>::type,
                                        typename Layer::expert_type>>
 using rebind = BasicMoELayer<T, typename Layer::router_type, typename Layer::balancer_type,
                              typename Layer::dispatcher_type, X, typename Layer::parallel_type,

@@ -28,14 +28,13 @@ namespace moekit::detail {
 inline constexpr Index bf16_panel = 16;
 
 /// Pairs of k a block of the kernel sums before it goes on to the next rows of a: 128 pairs of a
-/// panel are 8 KiB, so that the panels of a block stay in cache while every row of a passes.
+/// panel are 8 KiB, so the four panels of a block (32 KiB) stay in L1 while every row of a passes.
 inline constexpr Index bf16_depth = 128;
 
 inline Index bf16_pairs(Index k) { return (k + 1) / 2; }
 
-/// 16 floats' bits, each rounded to bf16 (to_bf16) in the low half of its lane; past k, 0. (In
-/// place, not returned: a vector returned from a function compiled for narrower vectors changes
-/// the ABI.)
+/// 16 floats' bits, each rounded to bf16 (to_bf16) in the low half of its lane. (In place, not
+/// returned: a vector returned from a function compiled for narrower vectors changes the ABI.)
 using Bf16Words = Vector<std::uint32_t, 64>;
 [[gnu::always_inline]] inline void round_words(Bf16Words& bits) {
   const Bf16Words rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, quiet = (bits >> 16) | 0x40u;
