@@ -56,6 +56,16 @@ using Bf16Words = Vector<std::uint32_t, 64>;
   for (; j < count; ++j) to[j] = to_bf16(from[j]);
 }
 
+/// The calling thread's buffers: the packed operands, and 16 columns of a transposed b on their
+/// way into a panel.
+struct Bf16Packs {
+  std::vector<std::uint32_t> rows, panels, columns;
+};
+inline Bf16Packs& bf16_packs() {
+  thread_local Bf16Packs packs;
+  return packs;
+}
+
 /// Where packed a keeps the word of pair q of row i: at i·row + q·pair.
 struct Bf16Rows {
   Index row, pair;
@@ -112,7 +122,7 @@ struct Bf16Rows {
 [[gnu::always_inline]] inline void pack_bf16_panels(std::uint32_t* out, const float* b, Index bk, Index bn, Index k,
                                                     Index n) {
   const Index pairs = bf16_pairs(k), panels = (n + bf16_panel - 1) / bf16_panel;
-  thread_local std::vector<std::uint32_t> rows;
+  std::vector<std::uint32_t>& rows = bf16_packs().columns;
   if (bk == 1) rows.resize(static_cast<std::size_t>(bf16_panel * pairs));
   for (Index p = 0; p < panels; ++p) {
     std::uint32_t* panel = out + p * pairs * bf16_panel;
@@ -286,15 +296,6 @@ decltype(auto) with_bf16_form(F&& f) {
   if (form == 1) return std::forward<F>(f)(Bf16InAvx2Floats{});
 #endif
   return std::forward<F>(f)(Bf16InBuildFloats{});
-}
-
-/// The calling thread's buffers for the packed operands.
-struct Bf16Packs {
-  std::vector<std::uint32_t> rows, panels;
-};
-inline Bf16Packs& bf16_packs() {
-  thread_local Bf16Packs packs;
-  return packs;
 }
 
 /// c[i] += bf16(a) · bf16(b[i]) with float sums for each i < count, c[i] row-major [m,n] (row
