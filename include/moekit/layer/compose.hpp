@@ -145,7 +145,9 @@ struct compose {
   static_assert(precision::count <= 1,
                 "moekit::MoELayer: two precisions given; pass at most one (e.g. bf16)");
   static constexpr Precision products = precision::type::value;
-  static_assert(products == Precision::scalar || std::is_same_v<typename scalar::type, float>,
+  static constexpr bool precision_fits_scalar =
+      products == Precision::scalar || std::is_same_v<typename scalar::type, float>;
+  static_assert(precision_fits_scalar,
                 "moekit::MoELayer: bf16 products sum in float and keep float master weights; the "
                 "layer's scalar is double: leave out double or bf16");
 
@@ -155,8 +157,7 @@ struct compose {
   static constexpr bool valid = all_known && compatible && router::count <= 1 && balancer::count <= 1 &&
                                 dispatcher::count <= 1 && expert::count <= 1 &&
                                 parallel::count <= 1 && shared::count <= 1 && scalar::count <= 1 &&
-                                precision::count <= 1 &&
-                                (products == Precision::scalar || std::is_same_v<typename scalar::type, float>);
+                                precision::count <= 1 && precision_fits_scalar;
 
   // Lazy, so that a rejected list never names BasicMoELayer with arguments it cannot take.
   template <class = void>
