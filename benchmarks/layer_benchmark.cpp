@@ -9,17 +9,19 @@
 // --shape times the default layer (TopK<K>, K one of 1, 2, 4, 6, 8) and its limit, forward and
 // forward + backward, at the given shape instead of the built-in ones: a model's own.
 // The matrix is generated at compile time from the policy lists below. Names carry what was run,
-// the precision last among the policies (_f32, or _bf16 for bf16 products, held to a bf16 limit):
+// the precision last among the policies (_f32; _bf16 for bf16 products, held to a bf16 limit;
+// _i8 for int8 experts, forward only, held to an int8 limit):
 //   layer/fwd/<policies>_f32/T:2048/H:1024/F:2816/E:8/K:2/threads:2
 // with `fwd` (forward) or `fwd+bwd` (forward + backward); `limit/...` are the limits and
 // `decode/...` the small batches: T = 1, 4, 16, held to the decode target, and T = 64 and 128,
 // where the busiest expert gets about 20 and 40 rows, around detail::few_rows. Counters: gflops,
 // pct_of_limit (100 · the median over steps of limit time / layer time), limit_ms, tokens_per_s,
-// limit_in_bf16 (bf16 layers: 1 where their limit's products are bf16 too, 0 where float),
+// limit_in_bf16 and limit_in_int8 (bf16 and int8 layers: 1 where their limit's products are in
+// their precision too, 0 where float),
 // allocs_per_step (heap allocations in a step after the timed ones, expected 0); forward +
 // backward adds peak_MiB and peak_over_saved (the first step's peak heap over the activations
 // backward needs saved); decode adds x_of_bound (the median over steps of the step's time over
-// reading the weights at the bandwidth of a triad run right after it), experts_read,
+// reading the weights, in the layer's precision, at the bandwidth of a triad run right after it), experts_read,
 // weight_GB_per_s, triad_GB_per_s (the paired triads') and most_rows (the busiest expert's rows).
 // `triad/threads:N` is the memory's bandwidth (GB_per_s) and `fma/threads:N` the cores' own
 // multiply-add throughput (gflops): what any product can scale to over threads on this machine.
@@ -69,15 +71,14 @@ using Experts = List<moekit::GroupedGemm, moekit::GroupedGemmType<moekit::GeLU>,
 
 template <class R = moekit::TopK<2>, class B = moekit::AuxLoss, class D = moekit::Dropless, class X = moekit::GroupedGemm>
 using Layer = moekit::MoELayer<R, B, D, X, float>;
-/// The default layer with its experts' products in mixed precision.
+/// The default layer with its experts' products in mixed precision, and with int8 experts
+/// (forward only).
 using Bf16Layer = moekit::MoELayer<moekit::TopK<2>, moekit::bf16>;
+using Int8Layer = moekit::MoELayer<moekit::TopK<2>, moekit::int8>;
 
 /// What a layer's experts' products compute on; its limit's products compute on the same.
 template <class L>
-constexpr moekit::Precision precision_of = [] {
-  if constexpr (requires { L::expert_type::precision; }) return L::expert_type::precision;
-  return moekit::Precision::scalar;
-}();
+constexpr moekit::Precision precision_of = moekit::precision_of<typename L::expert_type>;
 
 template <class... Ps, class F>
 void for_each_policy(List<Ps...>, F f) {
@@ -154,7 +155,8 @@ struct LayerStep {
   LayerStep& operator=(const LayerStep&) = delete;
   void operator()() {
     layer.forward(x, y);
-    if (pass == Pass::forward_backward) layer.backward(dy, dx);
+    if constexpr (!L::quantises_weights)  // int8 layers run forward only
+      if (pass == Pass::forward_backward) layer.backward(dy, dx);
     benchmark::DoNotOptimize(y.data());
   }
   L layer;
@@ -192,7 +194,8 @@ void BM_Layer(benchmark::State& state, Shape s, int threads, Pass pass) {
     const double steps = double(state.iterations());
     set_counters(state, s, pass, L::expert_type::activation::gated, layer_seconds / steps, median(limit_over_layer));
     state.counters["limit_ms"] = 1e3 * limit_seconds / steps;
-    if (precision_of<L> == moekit::Precision::bf16) state.counters["limit_in_bf16"] = limit_has_bf16 ? 1 : 0;
+    if (precision_of<L> == moekit::Precision::bf16) state.counters["limit_in_bf16"] = limit_has_precisions ? 1 : 0;
+    if (precision_of<L> == moekit::Precision::int8) state.counters["limit_in_int8"] = limit_has_precisions ? 1 : 0;
     {
       const heap::Watch watch;
       step();
@@ -239,14 +242,25 @@ void BM_Scaling(benchmark::State& state, Shape s, int threads, Pass pass) {
   if (fma_supported()) state.counters["fma_efficiency"] = 100.0 * median(fma_efficiency);
 }
 
+/// The bytes of one expert's weights as a layer's forward reads them: float, or bf16 as the
+/// products read them (a bf16 layer today reads its float masters and rounds them: its x_of_bound
+/// says what storing them in bf16 would save), or int8 with their scales and corrections.
+template <class L>
+double expert_weight_bytes(const L& layer, const Shape& s) {
+  if constexpr (L::quantises_weights) return double(layer.expert().int8_bytes()) / double(s.experts);
+  const double element = precision_of<L> == moekit::Precision::bf16 ? 2.0 : double(sizeof(float));
+  return 3.0 * double(s.hidden) * double(s.ffn) * element;
+}
+
 /// Decode: a few tokens, so the time is reading the activated experts' weights. Held against
 /// reading those weights once at the memory's bandwidth: each step is followed by a triad on the
 /// same threads, and x_of_bound is the median over the steps of step time / (bytes / that triad's
-/// bandwidth) (target ≤ 1.5). Pairing takes out the shared machine's drift, as for the layers'
+/// bandwidth) (targets: ≤ 1.5 in float, ≤ 1.3 in bf16 and int8). Pairing takes out the shared machine's drift, as for the layers'
 /// limit; the triad also leaves no weight in the caches for the next step.
+template <class L>
 void BM_Decode(benchmark::State& state, Shape s, int threads) {
   on_threads(threads, [&] {
-    Layer<> layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
+    L layer({.hidden = s.hidden, .ffn = s.ffn, .experts = s.experts});
     Triad triad;
     const Matrix x = Matrix::Random(s.tokens, s.hidden);
     Matrix y(s.tokens, s.hidden);
@@ -254,7 +268,7 @@ void BM_Decode(benchmark::State& state, Shape s, int threads) {
     triad.seconds();  // warm-up
     const auto& rows = layer.tokens_per_expert();
     const auto active = std::count_if(rows.begin(), rows.end(), [](Index n) { return n > 0; });
-    const double bytes = double(active) * 3.0 * double(s.hidden) * double(s.ffn) * sizeof(float);
+    const double bytes = double(active) * expert_weight_bytes(layer, s);
     std::vector<double> over_bound;
     over_bound.reserve(std::size_t(state.max_iterations));
     double step_seconds = 0, triad_seconds = 0;
@@ -278,11 +292,20 @@ void BM_Decode(benchmark::State& state, Shape s, int threads) {
   });
 }
 
-/// The benchmarks of one shape and thread count: the limit, then the layer, for both passes. (A
-/// bf16 layer's limit is timed beside it only.)
+template <class L>
+void register_decode(const Shape& s, int threads) {
+  benchmark::RegisterBenchmark(("decode/" + L::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
+                               BM_Decode<L>, s, threads)
+      ->Unit(benchmark::kMillisecond)
+      ->UseManualTime();
+}
+
+/// The benchmarks of one shape and thread count: the limit, then the layer, for both passes (an
+/// int8 layer: forward only). (A bf16 or int8 layer's limit is timed beside it only.)
 template <class L>
 void register_layer(const Shape& s, int threads, std::set<std::string>& seen) {
   for (const Pass pass : {Pass::forward, Pass::forward_backward}) {
+    if (L::quantises_weights && pass == Pass::forward_backward) continue;
     const std::string tail = s.name() + "/threads:" + std::to_string(threads);
     const std::string limit = std::string("limit/") + pass_name(pass) + "/" + tail;
     if (precision_of<L> == moekit::Precision::scalar && seen.insert(limit).second) {
@@ -346,16 +369,18 @@ void register_all(const std::vector<int>& thread_counts, const std::vector<Shape
         ->UseRealTime();
     for (const Index tokens : {1, 4, 16, 64, 128}) {
       const Shape s{tokens, 1024, 2816, 8, 2};
-      benchmark::RegisterBenchmark(("decode/" + Layer<>::name() + "/" + s.name() + "/threads:" + std::to_string(threads)).c_str(),
-                                   BM_Decode, s, threads)
-          ->Unit(benchmark::kMillisecond)
-          ->UseManualTime();
+      register_decode<Layer<>>(s, threads);
+      if (tokens <= 16) {
+        register_decode<Bf16Layer>(s, threads);
+        register_decode<Int8Layer>(s, threads);
+      }
     }
     // The standard shape, and many small experts, with the default layer; past one thread, their
     // parallel efficiency from paired steps too.
     for (const Shape s : {Shape{2048, 1024, 2816, 8, 2}, Shape{2048, 1024, 256, 64, 2}}) {
       register_layer<Layer<>>(s, threads, seen);
       register_layer<Bf16Layer>(s, threads, seen);
+      register_layer<Int8Layer>(s, threads, seen);
       if (threads > 1) register_scaling<Layer<>>(s, threads);
     }
     // Every policy of every list, on a quarter of the standard batch.

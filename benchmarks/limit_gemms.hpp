@@ -6,6 +6,7 @@
 // on equal panels per thread, and the benchmarks say so (limit_label). Used by layer_benchmark
 // and by moekit-hf bench.
 #include <map>
+#include <optional>
 #include <string>
 
 #include <tbb/blocked_range.h>
@@ -50,7 +51,7 @@ class LimitOperands {
 /// weight gradients), the fastest way to run Eigen's single-threaded GEMM on several threads.
 class EigenLimit : public LimitOperands {
  public:
-  /// Float products whatever the layer's precision: Eigen has no bf16 GEMM worth a limit.
+  /// Float products whatever the layer's precision: Eigen has no bf16 or int8 GEMM worth a limit.
   EigenLimit(Index rows, Index hidden, Index ffn, moekit::Precision = moekit::Precision::scalar)
       : LimitOperands(rows, hidden, ffn) {}
 
@@ -107,10 +108,17 @@ class EigenLimit : public LimitOperands {
 /// With bf16 operands (the limit of a layer with bf16 products) every product reads bf16 and
 /// sums into float: the weights are packed in bf16 once, and each step converts what changes —
 /// x, dy, h, d_g and d_u, once each, by oneDNN's reorder — as the layer's products round theirs.
+/// With int8 operands (an int8 layer's limit; forward only) the products read u8 rows and s8
+/// weights and sum in int32 into float outputs, the weights converted once and x and h each step;
+/// no scales are applied (the layer's are one multiply per output).
 class OneDnnLimit : public LimitOperands {
  public:
   OneDnnLimit(Index rows, Index hidden, Index ffn, moekit::Precision precision = moekit::Precision::scalar)
-      : LimitOperands(rows, hidden, ffn), operand_type_(precision == moekit::Precision::bf16 ? dt::bf16 : dt::f32) {}
+      : LimitOperands(rows, hidden, ffn),
+        source_type_(precision == moekit::Precision::bf16   ? dt::bf16
+                     : precision == moekit::Precision::int8 ? dt::u8
+                                                            : dt::f32),
+        weight_type_(precision == moekit::Precision::int8 ? dt::s8 : source_type_) {}
 
   void forward(int threads) {
     auto& p = products(threads);
@@ -127,19 +135,20 @@ class OneDnnLimit : public LimitOperands {
 
   void backward(int threads) {
     auto& p = products(threads);
+    auto& b = p.backward.value();  // none for int8, which runs forward only
     const auto dy = p.operand(dy_), h = p.operand(h_);
-    p.d_down_w(d_down_w_, dy, &h);  // before h's buffer becomes dh
-    p.d_hidden(h_, dy);
+    b.d_down_w(d_down_w_, dy, &h);  // before h's buffer becomes dh
+    b.d_hidden(h_, dy);
     p.stream.wait();
     rows_in_parallel(threads, [&](Index first, Index n) {
       moekit::detail::activate_gated_backward<moekit::SwiGLU>(g_.middleRows(first, n), u_.middleRows(first, n),
                                                               h_.middleRows(first, n));
     });
     const auto d_gate = p.operand(g_), d_up = p.operand(u_), x = p.operand(x_);
-    p.dx_gate(dx_, d_gate);
-    p.dx_up(dx_, d_up);
-    p.d_gate_w(d_gate_w_, d_gate, &x);
-    p.d_up_w(d_up_w_, d_up, &x);
+    b.dx_gate(dx_, d_gate);
+    b.dx_up(dx_, d_up);
+    b.d_gate_w(d_gate_w_, d_gate, &x);
+    b.d_up_w(d_up_w_, d_up, &x);
     p.stream.wait();
   }
 
@@ -192,43 +201,56 @@ class OneDnnLimit : public LimitOperands {
     }
   };
 
-  /// The nine products at one thread count, and the operands of this step.
+  /// The six products of backward (float and bf16 operands).
+  struct BackwardProducts {
+    Product d_down_w, d_hidden, dx_gate, dx_up, d_gate_w, d_up_w;
+  };
+
+  /// The nine products at one thread count (three for int8), and the operands of this step.
   struct Products {
     dnnl::engine engine{dnnl::engine::kind::cpu, 0};
     dnnl::stream stream{engine};
-    dt type;
-    Product gate, up, down, d_down_w, d_hidden, dx_gate, dx_up, d_gate_w, d_up_w;
+    dt source, weight;
+    Product gate, up, down;
+    std::optional<BackwardProducts> backward;
     std::map<const float*, dnnl::memory> converted;  // each matrix's operand-type copy
 
-    Products(const OneDnnLimit& l, dt type)
-        : type(type),
-          gate(engine, stream, in(l.rows(), l.hidden()), in(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
-                 false, l.gate_.data()),
-          up(engine, stream, in(l.rows(), l.hidden()), in(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
-               false, l.up_.data()),
-          down(engine, stream, in(l.rows(), l.ffn()), in(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
-                 false, l.down_.data()),
-          d_down_w(engine, stream, in(l.hidden(), l.rows(), true), in(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()),
-                   true, nullptr),
-          d_hidden(engine, stream, in(l.rows(), l.hidden()), in(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()),
-                     false, l.down_.data()),
-          dx_gate(engine, stream, in(l.rows(), l.ffn()), in(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
-                    false, l.gate_.data()),
-          dx_up(engine, stream, in(l.rows(), l.ffn()), in(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()),
-                  true, l.up_.data()),
-          d_gate_w(engine, stream, in(l.ffn(), l.rows(), true), in(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
-                   true, nullptr),
-          d_up_w(engine, stream, in(l.ffn(), l.rows(), true), in(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()),
-                 true, nullptr) {}
+    Products(const OneDnnLimit& l, dt source, dt weight)
+        : source(source), weight(weight),
+          gate(engine, stream, in(l.rows(), l.hidden()), w(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+               false, l.gate_.data()),
+          up(engine, stream, in(l.rows(), l.hidden()), w(l.hidden(), l.ffn(), true), plain(l.rows(), l.ffn()),
+             false, l.up_.data()),
+          down(engine, stream, in(l.rows(), l.ffn()), w(l.ffn(), l.hidden(), true), plain(l.rows(), l.hidden()),
+               false, l.down_.data()) {
+      if (source == dt::u8) return;
+      backward.emplace(BackwardProducts{
+          {engine, stream, in(l.hidden(), l.rows(), true), in(l.rows(), l.ffn()), plain(l.hidden(), l.ffn()), true,
+           nullptr},
+          {engine, stream, in(l.rows(), l.hidden()), w(l.hidden(), l.ffn()), plain(l.rows(), l.ffn()), false,
+           l.down_.data()},
+          {engine, stream, in(l.rows(), l.ffn()), w(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()), false,
+           l.gate_.data()},
+          {engine, stream, in(l.rows(), l.ffn()), w(l.ffn(), l.hidden()), plain(l.rows(), l.hidden()), true,
+           l.up_.data()},
+          {engine, stream, in(l.ffn(), l.rows(), true), in(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()), true,
+           nullptr},
+          {engine, stream, in(l.ffn(), l.rows(), true), in(l.rows(), l.hidden()), plain(l.ffn(), l.hidden()), true,
+           nullptr}});
+    }
 
+    /// An activation operand's and a weight's description in the limit's types.
     dnnl::memory::desc in(Index rows, Index cols, bool transposed = false) const {
-      return plain(rows, cols, transposed, type);
+      return plain(rows, cols, transposed, source);
+    }
+    dnnl::memory::desc w(Index rows, Index cols, bool transposed = false) const {
+      return plain(rows, cols, transposed, weight);
     }
 
     /// m as an operand: itself for float operands; else its copy, converted now.
     dnnl::memory operand(const Matrix& m) {
       dnnl::memory given(plain(m.rows(), m.cols()), engine, const_cast<float*>(m.data()));
-      if (type == dt::f32) return given;
+      if (source == dt::f32) return given;
       auto it = converted.find(m.data());
       if (it == converted.end()) it = converted.emplace(m.data(), dnnl::memory(in(m.rows(), m.cols()), engine)).first;
       dnnl::reorder(given, it->second).execute(stream, given, it->second);
@@ -244,7 +266,7 @@ class OneDnnLimit : public LimitOperands {
   Products& products(int threads) {
     omp_set_num_threads(threads);
     auto it = products_.find(threads);
-    if (it == products_.end()) it = products_.try_emplace(threads, *this, operand_type_).first;
+    if (it == products_.end()) it = products_.try_emplace(threads, *this, source_type_, weight_type_).first;
     return it->second;
   }
 
@@ -259,12 +281,13 @@ class OneDnnLimit : public LimitOperands {
     }
   }
 
-  dt operand_type_;
+  dt source_type_, weight_type_;
   std::map<int, Products> products_;
 };
 
 using LimitGemms = OneDnnLimit;
-inline constexpr bool limit_has_bf16 = true;
+/// Whether the limit's products compute in a bf16 or int8 layer's precision (else in float).
+inline constexpr bool limit_has_precisions = true;
 /// What the limit is, for the benchmarks' context.
 inline std::string limit_label() {
   const auto* v = dnnl::version();
@@ -275,7 +298,7 @@ inline std::string limit_label() {
 #else
 
 using LimitGemms = EigenLimit;
-inline constexpr bool limit_has_bf16 = false;  // bf16 layers are held to the float limit
+inline constexpr bool limit_has_precisions = false;  // bf16 and int8 layers are held to the float limit
 inline std::string limit_label() { return "Eigen GEMM (oneDNN was not found when this was built)"; }
 
 #endif

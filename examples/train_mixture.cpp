@@ -2,7 +2,7 @@
 // clusters, and its target is computed by that cluster's own hidden SwiGLU network. A router
 // that learns to send each cluster to its own expert makes the task easy; no single expert can.
 //
-//   train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] [--precision f32|bf16]
+//   train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] [--precision f32|bf16|int8]
 //   mpirun -np 4 train_mixture --expert-parallel [...]   (expert_parallel_run.hpp)
 //
 // Then trains one dense SwiGLU with the same compute per token on the same task, for comparison.
@@ -10,7 +10,9 @@
 // weight on two experts (25% when uniform), the clusters spread over at least half the experts, and the dense
 // network ends at least 2× worse. With --precision bf16 the experts' products (the dense
 // network's too) run on bf16 operands, and the same layer is trained once more in float from the
-// same seed: the bf16 run must also end within 1.1× of its loss.
+// same seed: the bf16 run must also end within 1.1× of its loss. With --precision int8 the layer
+// trains in float and is then converted to int8 experts (convert_layer), as it would be served:
+// on a fresh batch its output must stay within 3% of the float layer's and its loss within 1.1×.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -42,6 +44,9 @@ using Dense = moekit::MoELayer<moekit::TopK<1>, moekit::NoBalance, float, Precis
 /// bf16 may cost the task this much loss against the float run: bf16 rounds each product's
 /// operands by up to 2^-8, and the runs differ by a few percent at most (docs/performance.md#precision).
 constexpr double bf16_loss_factor = 1.1;
+/// int8 serving may cost this much: its output within 3% of the float layer's (norm-wise), as the
+/// layer tests bound it (docs/concepts.md#precision), and its loss within 1.1× of float's.
+constexpr double int8_output_bound = 0.03, int8_loss_factor = 1.1;
 
 std::string bar(int done, int total, int width = 24) {
   const auto filled = static_cast<std::size_t>(width * done / total);
@@ -98,7 +103,9 @@ double evaluate(L& layer, Task& task, Matrix& x, Matrix& target, Matrix& y, std:
 
 template <class Balancer, class Precision = Float>
 int run(int steps, unsigned seed) {
-  using Layer = ::Layer<Balancer, Precision>;
+  constexpr bool serves_int8 = std::is_same_v<Precision, moekit::int8>;
+  using Trained = std::conditional_t<serves_int8, Float, Precision>;  // int8 layers do not train
+  using Layer = ::Layer<Balancer, Trained>;
   Task task(seed);
   Layer layer({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed});
   Matrix x(batch, hidden), target(batch, hidden), y(batch, hidden);
@@ -145,7 +152,7 @@ int run(int steps, unsigned seed) {
               static_cast<long>(experts));
 
   // Without a mixture: one SwiGLU network as wide as the K experts a token uses together.
-  Dense<Precision> dense({.hidden = hidden, .ffn = 2 * ffn, .experts = 1, .seed = seed});
+  Dense<Trained> dense({.hidden = hidden, .ffn = 2 * ffn, .experts = 1, .seed = seed});
   train(dense, task, steps, false);
   const double dense_loss = evaluate(dense, task, x, target, y, cluster);
   std::printf("one dense SwiGLU of width %ld (the same compute per token), same training: loss %.5f, "
@@ -153,7 +160,20 @@ int run(int steps, unsigned seed) {
 
   // In bf16: the same layer, seed and batches in float, for the loss bf16 costs.
   bool near_float = true;
-  if constexpr (!std::is_same_v<Precision, Float>) {
+  if constexpr (serves_int8) {
+    auto served = moekit::convert_layer<::Layer<Balancer, moekit::int8>>(layer);
+    Matrix y_int8(batch, hidden);
+    task.sample(x, target, cluster);
+    layer.forward(x, y);
+    served.forward(x, y_int8);
+    const double loss = (y - target).squaredNorm() / static_cast<double>(y.size());
+    const double int8_loss = (y_int8 - target).squaredNorm() / static_cast<double>(y.size());
+    const double error = (y_int8 - y).norm() / y.norm();
+    near_float = error <= int8_output_bound && int8_loss <= int8_loss_factor * loss;
+    std::printf("converted to %s: output within %.2f%% of float's (at most %.0f%%), loss %.6f against %.6f, "
+                "%.3f× (at most %.1f×)\n", decltype(served)::name().c_str(), 100 * error, 100 * int8_output_bound,
+                int8_loss, loss, int8_loss / loss, int8_loss_factor);
+  } else if constexpr (!std::is_same_v<Precision, Float>) {
     Task float_task(seed);
     ::Layer<Balancer> in_float({.hidden = hidden, .ffn = ffn, .experts = experts, .seed = seed});
     train(in_float, float_task, steps, false);
@@ -169,8 +189,9 @@ int run(int steps, unsigned seed) {
                 "compute %.1f× worse)\n", ratio, dense_loss / final_loss);
   else
     std::printf("train_mixture: FAILED (expected loss down ≥10×, each cluster ≥70%% of its weight on two experts, "
-                "clusters over ≥ half the experts, a dense network of the same compute ≥2× worse, and in bf16 "
-                "a loss within %.1f× the float run's)\n", bf16_loss_factor);
+                "clusters over ≥ half the experts, a dense network of the same compute ≥2× worse, in bf16 "
+                "a loss within %.1f× the float run's, in int8 an output within %.0f%% and a loss within %.1f× "
+                "float's)\n", bf16_loss_factor, 100 * int8_output_bound, int8_loss_factor);
   return ok ? 0 : 1;
 }
 
@@ -200,9 +221,10 @@ int main(int argc, char** argv) {
     }
 #endif
     if (precision == "bf16") return run<Balancer, moekit::bf16>(steps, seed);
+    if (precision == "int8") return run<Balancer, moekit::int8>(steps, seed);
     return run<Balancer>(steps, seed);
   };
-  understood = understood && (precision == "f32" || (precision == "bf16" && !expert_parallel));
+  understood = understood && (precision == "f32" || ((precision == "bf16" || precision == "int8") && !expert_parallel));
   if (understood) {
     if (balancer == "auxloss") return train.template operator()<moekit::AuxLoss>();
     if (balancer == "sinkhorn") return train.template operator()<moekit::Sinkhorn>();
@@ -210,6 +232,6 @@ int main(int argc, char** argv) {
     if (balancer == "none") return train.template operator()<moekit::NoBalance>();
   }
   std::fprintf(stderr, "usage: train_mixture [--steps N] [--seed S] [--balancer auxloss|sinkhorn|auxfree|none] "
-                       "[--precision f32|bf16] [--expert-parallel (under mpirun, f32)]\n");
+                       "[--precision f32|bf16|int8] [--expert-parallel (under mpirun, f32)]\n");
   return 2;
 }

@@ -28,7 +28,7 @@ def markers(section):
 
 TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the limit (the targets of docs/performance.md)
 EFFICIENCY_TARGET = 80.0  # parallel efficiency, percent (the target at 16 threads)
-DECODE_TARGET = 1.5  # x_of_bound
+DECODE_TARGETS = {"f32": 1.5, "bf16": 1.3, "i8": 1.3}  # x_of_bound, by precision
 DECODE_MAX_TOKENS = 16  # the decode target: T = 1 … 16
 DEFAULT_LAYER = "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU"
 
@@ -55,15 +55,18 @@ def shape_name(shape):
 
 
 def short_policies(policies):
-    return re.sub(r"_SingleProcess(_f32$|(?=_bf16$))", "", policies or "")
+    return re.sub(r"_SingleProcess(_f32$|(?=_(bf16|i8)$))", "", policies or "")
 
 
 def precision_of(policies):
-    """'…_f32' → 'f32', '…_bf16' → 'bf16': the scalar, or the precision of the experts' products."""
+    """'…_f32' → 'f32', '…_bf16' → 'bf16', '…_i8' → 'i8': the scalar, or the experts' precision."""
     return (policies or "").rsplit("_", 1)[-1]
 
 
-BF16_TARGETS = {"fwd": 85.0, "fwd+bwd": 80.0}  # percent of the oneDNN bf16 limit
+# Percent of the oneDNN limit in the layer's own precision, per pass; the counter that says whether
+# the limit computed in it.
+PRECISION_TARGETS = {"bf16": {"fwd": 85.0, "fwd+bwd": 80.0}, "i8": {"fwd": 75.0}}
+PRECISION_LIMIT_COUNTER = {"bf16": "limit_in_bf16", "i8": "limit_in_int8"}
 
 
 def limit_gflops(r):
@@ -75,32 +78,41 @@ def limit_gflops(r):
 
 
 def precision_pairs(rows):
-    """(f32 row, bf16 row) of each layer, shape, pass and thread count run in both precisions."""
+    """(key, f32 row, precision, its row) for each layer, shape, pass and thread count run in f32 and
+    in another precision (bf16, i8)."""
     layers = [r for r in rows if r["kind"] == "layer"]
     by_key = {}
     for r in layers:
-        base = re.sub(r"_(f32|bf16)$", "", r["policies"] or "")
+        base = re.sub(r"_(f32|bf16|i8)$", "", r["policies"] or "")
         by_key.setdefault((base, shape_name(r["shape"]), r["pass"], r["threads"]), {})[precision_of(r["policies"])] = r
-    return [(key, p["f32"], p["bf16"]) for key, p in sorted(by_key.items()) if "f32" in p and "bf16" in p]
+    return [(key, p["f32"], name, p[name]) for key, p in sorted(by_key.items()) if "f32" in p
+            for name in PRECISION_TARGETS if name in p]
 
 
 def precision_table(rows):
-    """Each layer run in f32 and in bf16: GFLOP/s, each against its own limit, and what bf16 buys."""
+    """Each layer run in f32 and in another precision: GFLOP/s, each against its own limit, and
+    what the precision buys."""
     lines = []
-    for (base, shape, pass_, threads), f32, bf16 in precision_pairs(rows):
-        in_bf16 = bf16["counters"].get("limit_in_bf16", 0) == 1
-        pct = bf16["counters"].get("pct_of_limit")
+    for (base, shape, pass_, threads), f32, name, other in precision_pairs(rows):
+        in_own = other["counters"].get(PRECISION_LIMIT_COUNTER[name], 0) == 1
+        pct = other["counters"].get("pct_of_limit")
+        target = PRECISION_TARGETS[name].get(pass_)
         lines.append([
             f"`{shape}`", pass_, threads,
             fmt(f32["counters"].get("gflops")), fmt(limit_gflops(f32)), fmt(f32["counters"].get("pct_of_limit")),
-            fmt(bf16["counters"].get("gflops")), fmt(limit_gflops(bf16)) + ("" if in_bf16 else " (f32)"), fmt(pct),
-            verdict(pct, BF16_TARGETS[pass_]) if in_bf16 else "— (no bf16 limit)",
-            fmt(f32["ms"] / bf16["ms"], 2),
+            name, fmt(other["counters"].get("gflops")), fmt(limit_gflops(other)) + ("" if in_own else " (f32)"),
+            fmt(pct),
+            (verdict(pct, target) if target else "—") if in_own else f"— (no {name} limit)",
+            fmt(f32["ms"] / other["ms"], 2),
         ])
     if not lines:
         return ""
-    return table(["shape", "pass", "threads", "f32 GFLOP/s", "f32 limit", "f32 % of limit", "bf16 GFLOP/s",
-                  "bf16 limit", "bf16 % of limit", "target (bf16: fwd ≥ 85, fwd+bwd ≥ 80)", "bf16 speed-up"], lines)
+    return table(["shape", "pass", "threads", "f32 GFLOP/s", "f32 limit", "f32 % of limit", "precision", "GFLOP/s",
+                  "its limit", "% of its limit", "target (bf16: fwd ≥ 85, fwd+bwd ≥ 80; i8: fwd ≥ 75)",
+                  "speed-up over f32"], lines)
+
+
+PRECISION_COLOURS = {"f32": "#3a7bd5", "bf16": "#e08a2c", "i8": "#4caf50"}
 
 
 def precision_plot(rows, path):
@@ -109,20 +121,23 @@ def precision_plot(rows, path):
     pairs = precision_pairs(rows)
     if not pairs:
         return False
-    most = max(key[3] for key, _, _ in pairs)
-    pairs = [p for p in pairs if p[0][3] == most]
+    most = max(key[3] for key, _, _, _ in pairs)
+    groups = {}  # (shape, pass) → {precision: row}, in the order met
+    for (base, shape, pass_, threads), f32, name, other in pairs:
+        if threads == most:
+            groups.setdefault(f"{shape} {pass_}", {"f32": f32})[name] = other
     bars = []  # (label, GFLOP/s, colour)
-    for (base, shape, pass_, threads), f32, bf16 in pairs:
-        bars.append((f"{shape} {pass_}", None, None))
-        for name, r, colour in (("f32", f32, "#3a7bd5"), ("bf16", bf16, "#e08a2c")):
-            bars.append((f"  {name}", r["counters"].get("gflops", 0.0), colour))
+    for label, by_precision in groups.items():
+        bars.append((label, None, None))
+        for name, r in by_precision.items():
+            bars.append((f"  {name}", r["counters"].get("gflops", 0.0), PRECISION_COLOURS[name]))
             bars.append((f"  {name} limit", limit_gflops(r) or 0.0, "#bbbbbb"))
     top_value = max(v for _, v, _ in bars if v is not None) or 1.0
     label_w, bar_w, row_h, top = 300, 420, 16, 40
     width, height = label_w + bar_w + 80, top + row_h * len(bars) + 20
     scale = bar_w / (1.1 * top_value)
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-           f'<text x="10" y="20" font-size="13">GFLOP/s by precision, layer and its limit (threads: {most})</text>']
+           f'<text x="10" y="20" font-size="13">GFLOP/s (int8: GOP/s) by precision, layer and its limit (threads: {most})</text>']
     for i, (label, value, colour) in enumerate(bars):
         y = top + i * row_h
         svg.append(f'<text x="{label_w - 6}" y="{y + 11}" text-anchor="end">{html.escape(label)}</text>')
@@ -245,20 +260,24 @@ def paired_scaling_table(rows):
 def decode_table(rows):
     """Held to the target up to DECODE_MAX_TOKENS; larger batches are shown for the kernel's range."""
     lines = []
-    for r in sorted((r for r in rows if r["kind"] == "decode"), key=lambda r: (r["threads"], r["shape"]["T"])):
+    for r in sorted((r for r in rows if r["kind"] == "decode"),
+                    key=lambda r: (r["threads"], r["shape"]["T"], list(DECODE_TARGETS).index(precision_of(r["policies"])))):
         c = r["counters"]
         held = r["shape"]["T"] <= DECODE_MAX_TOKENS
-        lines.append([r["shape"]["T"], r["threads"], fmt(r["ms"], 2), fmt(c.get("experts_read"), 0),
-                      fmt(c.get("most_rows"), 0), fmt(c.get("weight_GB_per_s")), fmt(c.get("triad_GB_per_s")),
-                      fmt(c.get("x_of_bound"), 2),
-                      verdict(c.get("x_of_bound"), DECODE_TARGET, higher_is_better=False) if held else "—"])
+        target = DECODE_TARGETS[precision_of(r["policies"])]
+        lines.append([r["shape"]["T"], r["threads"], precision_of(r["policies"]), fmt(r["ms"], 2),
+                      fmt(c.get("experts_read"), 0), fmt(c.get("most_rows"), 0), fmt(c.get("weight_GB_per_s")),
+                      fmt(c.get("triad_GB_per_s")), fmt(c.get("x_of_bound"), 2),
+                      verdict(c.get("x_of_bound"), target, higher_is_better=False) if held else "—"])
     triads = ", ".join(f"{r['threads']} thread{'' if r['threads'] == 1 else 's'} {fmt(r['counters'].get('GB_per_s'))} GB/s"
                        for r in rows if r["kind"] == "triad")
-    header = ["T", "threads", "ms", "experts read", "most rows", "weights GB/s", "paired triads GB/s", "x_of_bound",
-              f"target ≤ {DECODE_TARGET} (T ≤ {DECODE_MAX_TOKENS})"]
+    targets = ", ".join(f"{name} ≤ {target}" for name, target in DECODE_TARGETS.items())
+    header = ["T", "threads", "precision", "ms", "experts read", "most rows", "weights GB/s", "paired triads GB/s",
+              "x_of_bound", f"target ({targets}; T ≤ {DECODE_MAX_TOKENS})"]
     return table(header, lines) + (f"\n\nTriad bandwidth, best of 5 on their own: {triads}. x_of_bound compares each step "
-                                          "with the triad run right after it (their mean: paired triads)."
-                                          if triads else "")
+                                          "with the triad run right after it (their mean: paired triads), the weights "
+                                          "counted in the layer's precision (bf16: 2 bytes a weight; i8: 1, with its "
+                                          "scales)." if triads else "")
 
 
 def pytorch_table(rows):
@@ -358,9 +377,11 @@ def report(context, rows, machine, command, plot_name, precision_plot_name=None)
     precision = precision_table(rows)
     if precision:
         parts += ["### By precision", "", precision, "",
-                  "Each precision against its own limit: oneDNN's matmul on f32 operands, or on bf16 operands "
-                  "with float sums (a limit marked (f32) is the float one: this build found no oneDNN). "
-                  "bf16 speed-up is the f32 layer's time over the bf16 layer's.", "",
+                  "Each precision against its own limit: oneDNN's matmul on f32 operands, on bf16 operands "
+                  "with float sums, or on u8 rows and s8 weights with int32 sums (i8: forward only; a limit "
+                  "marked (f32) is the float one: this build found no oneDNN). i8 GFLOP/s counts each "
+                  "multiply-add as two operations, as the float rates do. Speed-up is the f32 layer's time "
+                  "over the other's.", "",
                   f"![GFLOP/s by precision]({precision_plot_name})" if precision_plot_name else "", ""]
     scaling, paired = scaling_table(rows), paired_scaling_table(rows)
     if scaling or paired:

@@ -27,10 +27,7 @@ using test::exact_twin;
 
 /// Whether X's products round their operands to bf16 (it then runs in float).
 template <class X>
-constexpr bool rounds_to_bf16 = [] {
-  if constexpr (requires { X::precision; }) return X::precision == Precision::bf16;
-  return false;
-}();
+constexpr bool rounds_to_bf16 = precision_of<X> == Precision::bf16;
 
 template <class Case>
 class ExpertLaws : public ::testing::Test {

@@ -56,17 +56,24 @@ class PerformanceReport(unittest.TestCase):
         row = next(l for l in text.splitlines() if l.startswith("| `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 |"))
         # f32: 69 GFLOP/s, 90% of a limit at 900 ms with no limit_ms (so no limit GFLOP/s); bf16: 138, its
         # limit 138 · 500/400, 80% (not met: 85), and twice as fast.
-        self.assertIn("| 69.0 | — | 90.0 | 138 | 172 | 80.0 | **not met** | 2.00 |", row)
+        self.assertIn("| 69.0 | — | 90.0 | bf16 | 138 | 172 | 80.0 | **not met** | 2.00 |", row)
+        # i8: 276, its limit 276 · 250/200, 70% (not met: 75), four times as fast; forward only.
+        i8 = next(l for l in text.splitlines() if "| i8 |" in l and l.startswith("| `T:2048"))
+        self.assertIn("| fwd | 2 | 69.0 | — | 90.0 | i8 | 276 | 345 | 70.0 | **not met** | 4.00 |", i8)
         self.assertIn("![GFLOP/s by precision](performance_limit_precision.svg)", text)
         self.assertTrue((self.doc.parent / "performance_limit_precision.svg").exists())
         self.assertIn("`TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_bf16`", text, "the bf16 layer in the layer table")
+        self.assertIn("`TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_i8`", text, "the i8 layer in the layer table")
+        svg = (self.doc.parent / "performance_limit_precision.svg").read_text()
+        self.assertEqual(svg.count("<rect"), 6, "each precision and its limit: f32, bf16 and i8 at two threads")
 
     def test_scaling_and_decode(self):
         text = self.report()
         self.assertRegex(text, r"\| layer \| `TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU` \| `T:2048/H:1024/F:2816/E:8/K:2` \| fwd \| 2 \| 1000 \| 2.00 \| 100% \|")
         self.assertRegex(text, r"\| limit \| +\| `T:2048/H:1024/F:2816/E:8/K:2` \| fwd \| 2 \| 900 \| 1.89 \| 94% \|")
-        self.assertIn("| 4 | 2 | 7.50 | 5 | 2 | 23.0 | 41.0 | 3.40 | **not met** |", text)
-        self.assertIn("| 64 | 2 | 30.00 | 8 | 26 | 9.2 | 39.5 | 4.30 | — |", text, "past T = 16 shown, not held to the target")
+        self.assertIn("| 4 | 2 | f32 | 7.50 | 5 | 2 | 23.0 | 41.0 | 3.40 | **not met** |", text)
+        self.assertIn("| 4 | 2 | i8 | 2.00 | 5 | 2 | 21.6 | 41.0 | 1.25 | met |", text, "held to its own target, 1.3")
+        self.assertIn("| 64 | 2 | f32 | 30.00 | 8 | 26 | 9.2 | 39.5 | 4.30 | — |", text, "past T = 16 shown, not held to the target")
         self.assertIn("2 threads 40.0 GB/s", text)
         self.assertRegex(text, r"\| fma \| +\| +\| +\| 2 \| 62.5 \| 1.60 \| 80% \|", "the cores' own multiply-adds")
         self.assertIn("| `TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU` | `T:2048/H:1024/F:2816/E:8/K:2` | fwd | 2 | 1100 | 1650 "
@@ -85,7 +92,7 @@ class PerformanceReport(unittest.TestCase):
         self.report()
         svg = (self.doc.parent / "performance_limit.svg").read_text()
         self.assertTrue(svg.startswith("<svg"))
-        self.assertEqual(svg.count("<rect"), 3, "one bar per layer benchmark (f32 and bf16) and pass, at its most threads")
+        self.assertEqual(svg.count("<rect"), 4, "one bar per layer benchmark (f32, bf16, i8) and pass, at its most threads")
         self.assertIn("90%", svg)
 
     def test_pytorch_rows_are_held_to_both_limits_and_to_moekit(self):

@@ -19,8 +19,7 @@ inline constexpr double bf16_unit = 0x1p-8;
 /// their rounding bound element by element in tests/core/bf16_test.cpp.
 template <class Layer>
 constexpr double layer_tolerance = [] {
-  if constexpr (requires { Layer::expert_type::precision; })
-    if (Layer::expert_type::precision == Precision::bf16) return 4 * bf16_unit;
+  if (precision_of<typename Layer::expert_type> == Precision::bf16) return 4 * bf16_unit;
   return tolerance<typename Layer::scalar_type>;
 }();
 

@@ -52,6 +52,7 @@ struct precision_kind {
 enum class Precision {
   scalar,  // the layer's scalar, float or double
   bf16,    // operands rounded to bf16, sums in float (float layers): mixed precision
+  int8,    // weights int8 per output channel, rows int8 per row, sums int32 (float layers): inference
 };
 
 /// A precision among MoELayer's policies: MoELayer<TopK<2>, bf16>.
@@ -59,12 +60,25 @@ template <Precision P>
 struct ProductPrecision {
   using policy_kind = precision_kind;
   static constexpr Precision value = P;
-  static constexpr std::string_view name = P == Precision::bf16 ? "bf16" : "scalar";
+  static constexpr std::string_view name = P == Precision::bf16 ? "bf16" : P == Precision::int8 ? "int8" : "scalar";
 };
 
 /// Mixed precision: the experts' (and shared expert's) products on bf16 operands with float sums;
 /// the parameters, their gradients, the router and the balancing stay float.
 using bf16 = ProductPrecision<Precision::bf16>;
+
+/// Weight-only int8 inference: the experts' (and shared expert's) weights quantised to int8 per
+/// output channel when the layer's parameters are set, their inputs per row as they run, the
+/// sums exact in int32; the router and the balancing stay float. Forward only.
+using int8 = ProductPrecision<Precision::int8>;
+
+/// The precision of an expert's products: its own, or the layer's scalar for an expert that has
+/// none.
+template <class X>
+inline constexpr Precision precision_of = [] {
+  if constexpr (requires { X::precision; }) return X::precision;
+  return Precision::scalar;
+}();
 
 template <class P, class Kind>
 concept DeclaresKind = requires { typename P::policy_kind; } &&

@@ -24,6 +24,9 @@ namespace moekit {
 ///
 /// With Precision::bf16 (a float layer's MoELayer<…, bf16>) every product rounds its operands to
 /// bf16 and sums in float; the activation, its gradient and what is saved stay float.
+/// With Precision::int8 (MoELayer<…, int8>, forward only) prepare() quantises the weights once per
+/// output channel and forward quantises its rows, then the activation's output, per row; the
+/// activation and the biases stay float.
 template <Activation Act, ExpertBias Bias = ExpertBias::none, Precision P = Precision::scalar>
 struct GroupedGemmType {
   using policy_kind = expert_kind;
@@ -37,6 +40,9 @@ struct GroupedGemmType {
     Index column_tile = 256;  // output columns per tile, of F or of H (weight gradients: square tiles)
   };
   Options options{};
+  /// Precision::int8: each expert's gate (gated activations only), up and down weights as
+  /// prepare() quantised them, which forward reads. Made from the weights, never set by hand.
+  std::array<std::vector<Int8Weights>, 3> int8_weights{};
 
   /// What forward keeps for backward. Backward overwrites it with its gradients (gate and up
   /// become d_gate and d_up, hidden a scratch), so no [S,F] buffer is added for the backward.
@@ -44,6 +50,7 @@ struct GroupedGemmType {
   struct Saved {
     detail::Buffer<T> gate, up, hidden;  // [S,F] gate·x, up·x, and act(gate·x) ⊙ up·x (or act(up·x))
     std::vector<detail::Tile> tiles;
+    Int8Rows quantised;  // int8: the rows, then the hidden rows, as the products read them
 
     /// gate (no rows without a gate), up and hidden for `count` rows of `ffn` columns.
     std::array<MatrixMap<T>, 3> matrices(Index count, Index ffn) {
@@ -61,10 +68,37 @@ struct GroupedGemmType {
             ", column_tile = ", options.column_tile, "; expected both >= 1");
   }
 
+  /// Precision::int8: quantises the experts' weights (gate, up and down of each expert) for the
+  /// forwards that follow. The layer calls it whenever its parameters are set.
+  template <Scalar T>
+    requires(P == Precision::int8)
+  void prepare(std::span<const Tensor<T>> weights) {
+    const Index experts = weights[Slot::up].shape()[0];
+    const int slots[3] = {Act::gated ? Slot::gate : Slot::up, Slot::up, Slot::down};
+    for (auto& product : int8_weights) product.resize(static_cast<std::size_t>(experts));
+    detail::for_each_index(3 * experts, 1, [&](Index i) {
+      const Index product = i / experts, e = i % experts;
+      if (product == 0 && !Act::gated) return;
+      int8_weights[product][static_cast<std::size_t>(e)] = Int8Weights(weights[slots[product]].slice(e));
+    });
+  }
+
+  /// The bytes of quantised weights a forward reads (int8): values, scales and corrections.
+  std::size_t int8_bytes() const {
+    std::size_t bytes = 0;
+    for (const auto& product : int8_weights)
+      for (const auto& w : product) bytes += w.bytes();
+    return bytes;
+  }
+
   /// rows [S,H] in per-expert blocks (offsets [E+1]) → out [S,H].
   template <Scalar T>
   void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows, std::span<const Index> offsets,
                MatrixRef<T> out, Saved<T>& saved, Workspace<T>& workspace) const {
+    if constexpr (P == Precision::int8) {
+      forward_int8(weights, rows, offsets, out, saved);
+      return;
+    }
     const Index ffn = weights[Slot::up].shape()[1];
     auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     workspace.ready();
@@ -115,6 +149,9 @@ struct GroupedGemmType {
   void backward(std::span<const Tensor<T>> weights, MatrixRef<T> rows, std::span<const Index> offsets,
                 Saved<T>& saved, ConstMatrixRef<T> d_out, std::span<Tensor<T>> grads,
                 Workspace<T>& workspace) const {
+    static_assert(P != Precision::int8 || sizeof(T) == 0,
+                  "moekit::GroupedGemm: int8 experts are for inference, forward only; train in float or bf16 "
+                  "and convert (moekit::convert_layer)");
     const Index ffn = weights[Slot::up].shape()[1];
     auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     workspace.ready();
@@ -183,6 +220,58 @@ struct GroupedGemmType {
 
  private:
   using Slot = detail::FfnSlots<Act, Bias>;
+
+  /// forward with int8 products: the rows quantised, gate and up, the activation in float, the
+  /// hidden rows quantised, down.
+  template <Scalar T>
+  void forward_int8(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows, std::span<const Index> offsets,
+                    MatrixRef<T> out, Saved<T>& saved) const {
+    const Index experts = static_cast<Index>(offsets.size()) - 1, ffn = weights[Slot::up].shape()[1];
+    require(static_cast<Index>(int8_weights[1].size()) == experts, "moekit::GroupedGemm: int8 weights for ",
+            int8_weights[1].size(), " experts; expected ", experts, " (call prepare(weights) when the weights are set)");
+    auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
+    Int8Rows& quantised = saved.quantised;
+    const auto quantise = [&](ConstMatrixRef<T> x) {
+      quantised.resize(x.rows(), x.cols());
+      detail::for_each_block(x.rows(), int8_row_block,
+                             [&](Index first, Index n) { quantised.quantize(first, x.middleRows(first, n)); });
+    };
+
+    quantise(rows);
+    int8_tiles(offsets, ffn, saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      const auto e = static_cast<std::size_t>(t.expert);
+      auto u = up.block(t.row, t.column, t.rows, t.columns);
+      auto h = hidden.block(t.row, t.column, t.rows, t.columns);
+      int8_gemm(u, quantised, t.row, int8_weights[1][e], t.column);
+      if constexpr (Slot::biased) u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);
+      if constexpr (Act::gated) {
+        auto g = gate.block(t.row, t.column, t.rows, t.columns);
+        int8_gemm(g, quantised, t.row, int8_weights[0][e], t.column);
+        if constexpr (Slot::biased) g.rowwise() += bias_of(weights, Slot::gate_bias, t.expert, t.column, t.columns);
+        detail::activate_gated<Act>(g, u, h);
+      } else {
+        detail::activate<Act>(u, h);
+      }
+    });
+
+    quantise(hidden);
+    int8_tiles(offsets, out.cols(), saved.tiles);
+    detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
+      auto o = out.block(t.row, t.column, t.rows, t.columns);
+      int8_gemm(o, quantised, t.row, int8_weights[2][static_cast<std::size_t>(t.expert)], t.column);
+      if constexpr (Slot::biased) o.rowwise() += bias_of(weights, Slot::down_bias, t.expert, t.column, t.columns);
+    });
+  }
+
+  /// Rows a thread quantises at a time.
+  static constexpr Index int8_row_block = 64;
+
+  /// int8 tiles: the columns in whole panels of the quantised weights.
+  void int8_tiles(std::span<const Index> offsets, Index columns, std::vector<detail::Tile>& out) const {
+    const Index panel = detail::int8_panel, width = (options.column_tile + panel - 1) / panel * panel;
+    detail::row_tiles(offsets, options.row_tile, columns, width, out);
+  }
 
   template <Scalar T>
   using Row = Eigen::Matrix<T, 1, Eigen::Dynamic>;

@@ -75,6 +75,13 @@ struct Shared {
     expert.validate({shape.hidden, shape.shared_ffn, 1, 1, 0});
   }
 
+  /// An expert that keeps its own form of its weights (int8) makes it from them.
+  template <Scalar T>
+    requires requires(X& x, std::span<const Tensor<T>> w) { x.template prepare<T>(w); }
+  void prepare(std::span<const Tensor<T>> weights) {
+    expert.template prepare<T>(expert_weights(weights));
+  }
+
   /// y += g ⊙ shared(x), g = 1 or σ(x·w) per token.                         x, y [T,H]
   template <Scalar T>
   void forward(std::span<const Tensor<T>> weights, ConstMatrixRef<T> x, MatrixRef<T> y, Saved<T>& saved,

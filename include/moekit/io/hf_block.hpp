@@ -116,10 +116,14 @@ struct HfBlock {
   /// Calls f(layer) with a layer of the type this block maps to, in T, with its sizes and
   /// router (not yet loaded): MoELayer<TopK<K>, AuxFree or NoBalance, Dropless, GroupedGemm,
   /// the shared expert, T>, or with GPT-OSS's experts MoELayer<TopK<K>, NoBalance, Dropless,
-  /// GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, T>. Returns what f returns.
-  template <Scalar T, class F>
+  /// GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, T>; with a precision P, its experts'
+  /// products (routed and shared) in P, as MoELayer<…, bf16> or MoELayer<…, int8> would have them.
+  /// Returns what f returns.
+  template <Scalar T, Precision P = Precision::scalar, class F>
   auto with_layer(F&& f) const {
-    return with_k<T>(std::forward<F>(f), layer_top_ks{});
+    static_assert(P == Precision::scalar || std::is_same_v<T, float>,
+                  "moekit::HfBlock::with_layer: bf16 and int8 layers are float layers; pass float");
+    return with_k<T, P>(std::forward<F>(f), layer_top_ks{});
   }
 
   /// A [tokens, hidden] tensor of the file (x, y, dx, dy), its shape checked against the metadata.
@@ -191,30 +195,34 @@ struct HfBlock {
   }
 
  private:
-  template <Scalar T, class F, int K, int... Ks>
+  template <Scalar T, Precision P, class F, int K, int... Ks>
   auto with_k(F&& f, std::integer_sequence<int, K, Ks...>) const {
     if constexpr (sizeof...(Ks) > 0) {
-      if (top_k != K) return with_k<T>(std::forward<F>(f), std::integer_sequence<int, Ks...>{});
+      if (top_k != K) return with_k<T, P>(std::forward<F>(f), std::integer_sequence<int, Ks...>{});
     } else {
       moekit::require(top_k == K, "moekit::HfBlock: top-k = ", top_k, " (", family,
                       "); expected 1, 2, 4, 6 or 8, the values moekit builds layers for");
     }
     if (clamped_biased())
-      return build<T, K, NoBalance, NoSharedExpert, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>(
+      return build<T, P, K, NoBalance, NoSharedExpert, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>(
           std::forward<F>(f));
-    return selection_bias ? with_shared<T, K, AuxFree>(std::forward<F>(f)) : with_shared<T, K, NoBalance>(std::forward<F>(f));
+    return selection_bias ? with_shared<T, P, K, AuxFree>(std::forward<F>(f))
+                          : with_shared<T, P, K, NoBalance>(std::forward<F>(f));
   }
 
-  template <Scalar T, int K, class Balancer, class F>
+  template <Scalar T, Precision P, int K, class Balancer, class F>
   auto with_shared(F&& f) const {
-    if (!has_shared()) return build<T, K, Balancer, NoSharedExpert>(std::forward<F>(f));
-    if (shared_gate() == SharedGate::sigmoid) return build<T, K, Balancer, Shared<SharedGate::sigmoid>>(std::forward<F>(f));
-    return build<T, K, Balancer, Shared<>>(std::forward<F>(f));
+    if (!has_shared()) return build<T, P, K, Balancer, NoSharedExpert>(std::forward<F>(f));
+    if (shared_gate() == SharedGate::sigmoid)
+      return build<T, P, K, Balancer, Shared<SharedGate::sigmoid>>(std::forward<F>(f));
+    return build<T, P, K, Balancer, Shared<>>(std::forward<F>(f));
   }
 
-  template <Scalar T, int K, class Balancer, class SharedPolicy, class Experts = GroupedGemm, class F>
+  template <Scalar T, Precision P, int K, class Balancer, class SharedPolicy, class Experts = GroupedGemm, class F>
   auto build(F&& f) const {
-    BasicMoELayer<T, TopK<K>, Balancer, Dropless, Experts, SingleProcess, SharedPolicy> layer(config(), router<K>());
+    BasicMoELayer<T, TopK<K>, Balancer, Dropless, typename moekit::detail::with_precision<Experts, P>::type, SingleProcess,
+                  typename moekit::detail::with_precision<SharedPolicy, P>::type>
+        layer(config(), router<K>());
     return f(layer);
   }
 

@@ -80,8 +80,8 @@ struct scalar_kind {};
 template <class X, Precision P>
 struct with_precision {
   static_assert(P == Precision::scalar,
-                "moekit::MoELayer: bf16 products are computed by GroupedGemm (routed, or in Shared<>); "
-                "this expert policy computes in the layer's scalar only");
+                "moekit::MoELayer: bf16 and int8 products are computed by GroupedGemm (routed, or in "
+                "Shared<>); this expert policy computes in the layer's scalar only");
   using type = X;
 };
 template <Activation A, ExpertBias B, Precision Q, Precision P>
@@ -148,8 +148,8 @@ struct compose {
   static constexpr bool precision_fits_scalar =
       products == Precision::scalar || std::is_same_v<typename scalar::type, float>;
   static_assert(precision_fits_scalar,
-                "moekit::MoELayer: bf16 products sum in float and keep float master weights; the "
-                "layer's scalar is double: leave out double or bf16");
+                "moekit::MoELayer: bf16 and int8 products give float results (bf16 with float master "
+                "weights); the layer's scalar is double: leave out double or the precision");
 
   static constexpr bool compatible =
       require_compatible<typename balancer::type, typename dispatcher::type>::value;
@@ -174,8 +174,8 @@ struct compose {
 }  // namespace detail
 
 /// An MoE layer from policies in any order; a kind left out gets its default (TopK<2>,
-/// AuxLoss, Dropless, GroupedGemm, SingleProcess, NoSharedExpert, float). A precision (bf16) is
-/// not a kind of its own: it puts the experts' products, routed and shared, in that precision.
+/// AuxLoss, Dropless, GroupedGemm, SingleProcess, NoSharedExpert, float). A precision (bf16, int8)
+/// is not a kind of its own: it puts the experts' products, routed and shared, in that precision.
 /// The same policies in another order name the same type.
 template <class... Policies>
 using MoELayer = typename detail::compose<Policies...>::type;

@@ -55,6 +55,13 @@ class BasicMoELayer {
   using parallel_type = P;
   using shared_expert_type = S;
   static constexpr int top_k = R::top_k;
+  /// Whether the experts, routed or shared, keep their weights quantised (int8): made from the
+  /// parameters whenever those are set; such a layer runs forward only.
+  static constexpr bool quantises_weights = precision_of<X> == Precision::int8 || [] {
+    if constexpr (requires { typename S::expert_type; })
+      return precision_of<typename S::expert_type> == Precision::int8;
+    return false;
+  }();
 
   /// Policies, in any order, replace the default-constructed ones: Layer(config, TopK<2>{{...}}).
   template <class... Policies>
@@ -129,6 +136,8 @@ class BasicMoELayer {
   /// Σ(y ⊙ dy) + balance_loss(). One backward per forward: it overwrites what forward saved
   /// with gradients, so the step needs no second copy of the activations.
   void backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) {
+    static_assert(!quantises_weights, "moekit::MoELayer: an int8 layer is for inference, forward only; train in "
+                                      "float or bf16 and convert (moekit::convert_layer)");
     check_backward(dy, dx);
     const Index rows = plan_.rows(), hidden = shape_.hidden;
     d_weight_.assign(static_cast<std::size_t>(routing_.choices()), T(0));
@@ -168,11 +177,21 @@ class BasicMoELayer {
 
   // ---- parameters, by name; gradients mirror them one to one --------------------------------
 
-  std::span<Tensor<T>> parameters() { return parameters_.values(); }
+  /// An int8 layer's parameters are read-only: set them with initialize, assign_whole or load,
+  /// which quantise the experts' weights anew.
+  std::span<Tensor<T>> parameters()
+    requires(!quantises_weights)
+  {
+    return parameters_.values();
+  }
   std::span<const Tensor<T>> parameters() const { return parameters_.values(); }
   std::span<Tensor<T>> gradients() { return parameters_.gradients(); }
   std::span<const Tensor<T>> gradients() const { return parameters_.gradients(); }
-  Tensor<T>& parameter(std::string_view name) { return parameters_.value(name); }
+  Tensor<T>& parameter(std::string_view name)
+    requires(!quantises_weights)
+  {
+    return parameters_.value(name);
+  }
   const Tensor<T>& parameter(std::string_view name) const { return parameters_.value(name); }
   Tensor<T>& gradient(std::string_view name) { return parameters_.gradient(name); }
   const Tensor<T>& gradient(std::string_view name) const { return parameters_.gradient(name); }
@@ -190,11 +209,17 @@ class BasicMoELayer {
   /// Fresh parameters, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim. The
   /// values are drawn for the whole layer and this rank keeps its slice, so a layer split over
   /// ranks starts where one process would.
-  void initialize(std::uint64_t seed) { parameters_.initialize(seed); }
+  void initialize(std::uint64_t seed) {
+    parameters_.initialize(seed);
+    prepare_experts();
+  }
 
   /// Sets every parameter from the whole layer's values (as one process holds them; same
   /// names and order as parameters()): a rank keeps its own slice.
-  void assign_whole(std::span<const Tensor<T>> whole) { parameters_.assign_whole(whole); }
+  void assign_whole(std::span<const Tensor<T>> whole) {
+    parameters_.assign_whole(whole);
+    prepare_experts();
+  }
 
   // ---- what the last forward decided --------------------------------------------------------
 
@@ -240,14 +265,14 @@ class BasicMoELayer {
   const S& shared_expert() const { return shared_; }
 
   /// "TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32" (and "_Shared" or
-  /// "_SharedSigmoidGated" before the scalar, with a shared expert; "_bf16" for the scalar where
-  /// the products are bf16)
+  /// "_SharedSigmoidGated" before the scalar, with a shared expert; "_bf16" or "_i8" for the
+  /// scalar where the products are bf16 or int8)
   static std::string name() {
     std::string name = detail::policy_label<R>() + "_" + detail::policy_label<B>() + "_" +
                        detail::policy_label<D>() + "_" + detail::policy_label<X>() + "_" + detail::policy_label<P>();
     if constexpr (S::present) (name += '_') += S::name;  // +=, not "_" + …: GCC 12 warns falsely (-Wrestrict)
-    if constexpr (requires { X::precision; })
-      if (X::precision == Precision::bf16) return name += "_bf16";
+    if (precision_of<X> == Precision::bf16) return name += "_bf16";
+    if (precision_of<X> == Precision::int8) return name += "_i8";
     return (name += '_') += scalar_name<T>;
   }
 
@@ -255,7 +280,10 @@ class BasicMoELayer {
 
   /// Writes every parameter under its name, in this layer's scalar type, and the balancer's
   /// saved state if it has one. Over ranks, each rank writes its own slices (to its own path).
-  void save(const std::filesystem::path& path) const {
+  void save(const std::filesystem::path& path) const { checkpoint().write(path); }
+
+  /// What save writes, as a file in memory.
+  io::SafeTensors checkpoint() const {
     io::SafeTensors file;
     file.metadata() = {{"format", "moekit"},
                        {"layer", name()},
@@ -269,7 +297,7 @@ class BasicMoELayer {
       if (const auto state = balancer_.saved(balance_state_); !state.empty())
         file.add<double>(std::string(B::saved_name), {shape_.experts}, state);
     }
-    file.write(path);
+    return file;
   }
 
   /// Reads every parameter by name from a safetensors file (F32 or F64; other tensors in the
@@ -293,6 +321,13 @@ class BasicMoELayer {
   }
 
  private:
+  void prepare_experts() {
+    if constexpr (requires { expert_.template prepare<T>(parameters_.expert_weights()); })
+      expert_.template prepare<T>(parameters_.expert_weights());
+    if constexpr (requires { shared_.template prepare<T>(parameters_.shared_weights()); })
+      shared_.template prepare<T>(parameters_.shared_weights());
+  }
+
   template <class Q>
   static constexpr bool is_own_policy = std::is_same_v<Q, R> || std::is_same_v<Q, B> ||
                                         std::is_same_v<Q, D> || std::is_same_v<Q, X> ||
@@ -333,6 +368,7 @@ class BasicMoELayer {
     } else {
       parameters_.read_from(file);
     }
+    prepare_experts();
     if constexpr (SavesState<B, T>) {
       if (file.contains(std::string(B::saved_name)))
         balancer_.restore(file.values<double>(std::string(B::saved_name)), balance_state_);
@@ -581,5 +617,25 @@ class BasicMoELayer {
   BatchPlan<T> batch_plan_;
   std::function<void(const RoutingStats&)> observer_;
 };
+
+/// A layer of type To with `from`'s parameters, policies' options and balancer state: the same
+/// composition in another precision, e.g. a trained float or bf16 layer as an int8 one to serve.
+/// docs/concepts.md#precision
+template <class To, class From>
+To convert_layer(const From& from) {
+  static_assert(std::is_same_v<typename To::router_type, typename From::router_type> &&
+                    std::is_same_v<typename To::balancer_type, typename From::balancer_type> &&
+                    std::is_same_v<typename To::dispatcher_type, typename From::dispatcher_type> &&
+                    std::is_same_v<typename To::parallel_type, typename From::parallel_type> &&
+                    std::is_same_v<typename To::scalar_type, typename From::scalar_type>,
+                "moekit::convert_layer: the layers must differ only in their experts' precision (the same "
+                "router, balancer, dispatcher, parallel policy and scalar)");
+  To to(from.config(), from.router(), from.balancer(), from.dispatcher(), from.parallel());
+  if constexpr (requires { to.expert().options = from.expert().options; }) to.expert().options = from.expert().options;
+  if constexpr (requires { to.shared_expert().expert.options = from.shared_expert().expert.options; })
+    to.shared_expert().expert.options = from.shared_expert().expert.options;
+  to.load(from.checkpoint(), "moekit::convert_layer from " + From::name());
+  return to;
+}
 
 }  // namespace moekit
