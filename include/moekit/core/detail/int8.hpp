@@ -176,21 +176,27 @@ struct Int8Dot {
   [[gnu::noinline, gnu::target("avx512f,avx512bw,avx512vnni")]] static void block(
       const std::uint32_t* a, Index as, const std::uint32_t* b, Index ps, Index quads, const float* row_scales,
       const float* scales, const std::int32_t* corrections, float* c, Index cs) {
-    __m512i acc[R][P];
+    // Sums of 16 int32 in GCC's own type: the intrinsic's casts through __m512i cost a copy and a
+    // store of each sum every step.
+    __v16si acc[R][P];
     for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
+      for (int p = 0; p < P; ++p) acc[r][p] = __v16si{};
     for (Index q = 0; q < quads; ++q) {
-      __m512i w[P];
-      for (int p = 0; p < P; ++p) w[p] = _mm512_loadu_si512(b + p * ps + q * int8_panel);
+      __v16si w[P];
+      for (int p = 0; p < P; ++p) w[p] = reinterpret_cast<__v16si>(_mm512_loadu_si512(b + p * ps + q * int8_panel));
       for (int r = 0; r < R; ++r) {
-        const __m512i u = _mm512_set1_epi32(static_cast<int>(a[r * as + q]));
-        for (int p = 0; p < P; ++p) acc[r][p] = _mm512_dpbusd_epi32(acc[r][p], u, w[p]);
+        const auto u = reinterpret_cast<__v16si>(_mm512_set1_epi32(static_cast<int>(a[r * as + q])));
+        for (int p = 0; p < P; ++p) acc[r][p] = __builtin_ia32_vpdpbusd_v16si(acc[r][p], u, w[p]);
       }
     }
-    Vector<std::int32_t, 64> sums[R][P];
+    // int8_store's arithmetic, here (the sums handed on in an array would live in memory).
     for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) _mm512_storeu_si512(&sums[r][p], acc[r][p]);
-    int8_store<R, P>(sums, row_scales, scales, corrections, c, cs);
+      for (int p = 0; p < P; ++p) {
+        const auto correction = reinterpret_cast<__v16si>(_mm512_loadu_si512(corrections + p * int8_panel));
+        const auto scale = reinterpret_cast<__v16sf>(_mm512_loadu_ps(scales + p * int8_panel));
+        const __v16sf out = __builtin_convertvector(acc[r][p] - correction, __v16sf) * row_scales[r] * scale;
+        _mm512_storeu_ps(c + r * cs + p * int8_panel, reinterpret_cast<__m512>(out));
+      }
   }
   [[gnu::noinline, gnu::target("avx512f,avx512bw,avx512vnni")]] static void quantize(
       std::uint32_t* out, float* scales, const float* x, Index xs, Index m, Index k) {
@@ -218,8 +224,10 @@ decltype(auto) with_int8_form(F&& f) {
 
 /// c [m,n] = rows · Wᵀ for packed operands: rows m rows of `quads` words (row stride `as`) with
 /// their scales; W's panels from the first of c's columns, with its channels' scales and
-/// corrections from there. The panels in groups of Form::panels, every group of rows over each;
-/// a last panel that c does not fill goes through a block of its own.
+/// corrections from there. The panels in groups of Form::panels, every group of rows over each,
+/// each block over the whole sum (blocks of the sum that keep the panels in L1 ran slower: the
+/// sums must then go through memory); a last panel that c does not fill goes through a block of
+/// its own.
 template <class Form>
 void int8_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_t* a, Index as,
                   const float* row_scales, Index quads, const std::uint32_t* panels, const float* scales,
