@@ -4,12 +4,14 @@
 //   moekit-hf inspect DIR
 //       the family, which layers are MoE, the block's sizes, routing and shared expert, the
 //       MoELayer type it maps to, and how its tensors are stored
-//   moekit-hf forward DIR --layer N --input IN.safetensors --output OUT.safetensors
+//   moekit-hf forward DIR --layer N --input IN.safetensors --output OUT.safetensors [--precision P]
 //       y [T,H] (F32) of layer N's MoE block for x [T,H] (F32, BF16, F16 or F64) from IN, in float
-//   moekit-hf bench DIR --layer N --tokens T [--steps S]
+//   moekit-hf bench DIR --layer N --tokens T [--steps S] [--precision P]
 //       layer N's forward and forward + backward times on T random tokens, each step beside a step
 //       of its limit (the layer benchmark's: the same SwiGLU GEMMs on one expert's weights, in oneDNN
 //       where it was found at build time)
+//   --precision f32 (default), bf16 (the experts' products on bf16 operands) or int8 (weight-only
+//       int8 experts, forward only), the limit in the same precision
 //
 // Exit status: 0 done; 2 bad arguments, or a folder, layer or file moekit cannot read (the
 // message says what and where).
@@ -20,6 +22,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <moekit/io/hf_model.hpp>
@@ -35,8 +38,9 @@ using moekit::Index;
 
 constexpr const char* usage =
     "usage: moekit-hf inspect DIR\n"
-    "       moekit-hf forward DIR --layer N --input IN.safetensors --output OUT.safetensors\n"
-    "       moekit-hf bench DIR --layer N --tokens T [--steps S]\n";
+    "       moekit-hf forward DIR --layer N --input IN.safetensors --output OUT.safetensors [--precision P]\n"
+    "       moekit-hf bench DIR --layer N --tokens T [--steps S] [--precision P]\n"
+    "       P: f32 (default), bf16 or int8\n";
 
 /// --name value pairs after the folder.
 std::map<std::string, std::string> options(int argc, char** argv, int first) {
@@ -63,6 +67,23 @@ Index number(const std::map<std::string, std::string>& opts, const std::string& 
   moekit::require(!text.empty() && *end == '\0' && v >= 0, "moekit-hf: --", name, " ", text,
                   "; expected a non-negative integer");
   return v;
+}
+
+/// --precision: f32 (the default), bf16 or int8.
+moekit::Precision precision(const std::map<std::string, std::string>& opts) {
+  const std::string text = opts.contains("precision") ? opts.at("precision") : "f32";
+  if (text == "bf16") return moekit::Precision::bf16;
+  if (text == "int8") return moekit::Precision::int8;
+  moekit::require(text == "f32", "moekit-hf: --precision ", text, "; expected f32, bf16 or int8");
+  return moekit::Precision::scalar;
+}
+
+/// f(layer) with block b's float layer, its experts in precision p.
+template <class F>
+void with_layer_in(const moekit::io::HfBlock& b, moekit::Precision p, F&& f) {
+  if (p == moekit::Precision::bf16) return b.with_layer<float, moekit::Precision::bf16>(f);
+  if (p == moekit::Precision::int8) return b.with_layer<float, moekit::Precision::int8>(f);
+  return b.with_layer<float>(f);
 }
 
 std::string ranges(const std::vector<Index>& layers) {
@@ -114,6 +135,7 @@ int inspect(const moekit::io::HfModel& model) {
 int forward(const moekit::io::HfModel& model, const std::map<std::string, std::string>& opts) {
   const Index n = number(opts, "layer");
   const std::string input = option(opts, "input"), output = option(opts, "output");
+  const moekit::Precision p = precision(opts);
   const auto b = model.block(n);
   const auto in = moekit::io::SafeTensors::read(input);
   moekit::require(in.contains("x"), "moekit-hf: '", input, "' has no tensor 'x'; expected x [T,", b.hidden, "]");
@@ -122,7 +144,9 @@ int forward(const moekit::io::HfModel& model, const std::map<std::string, std::s
                   moekit::shape_string(info.shape), "; expected [T,", b.hidden, "] (hidden_size = ", b.hidden, ")");
   const auto values = in.values<float>("x");
   const moekit::Matrix<float> x = moekit::ConstMatrixMap<float>(values.data(), info.shape[0], b.hidden);
-  b.with_layer<float>([&](auto& layer) {
+  std::string name;
+  with_layer_in(b, p, [&](auto& layer) {
+    name = layer.name();
     model.load(layer, n);
     const moekit::Matrix<float> y = layer.forward(x);
     moekit::io::SafeTensors out;
@@ -130,8 +154,8 @@ int forward(const moekit::io::HfModel& model, const std::map<std::string, std::s
     out.add("y", {y.rows(), y.cols()}, std::span<const float>(y.data(), static_cast<std::size_t>(y.size())));
     out.write(output);
   });
-  std::printf("moekit-hf: layer %lld (%s), %lld tokens: y written to %s\n", static_cast<long long>(n),
-              b.layer_type().c_str(), static_cast<long long>(info.shape[0]), output.c_str());
+  std::printf("moekit-hf: layer %lld (%s: %s), %lld tokens: y written to %s\n", static_cast<long long>(n),
+              b.layer_type().c_str(), name.c_str(), static_cast<long long>(info.shape[0]), output.c_str());
   return 0;
 }
 
@@ -148,30 +172,35 @@ int bench(const moekit::io::HfModel& model, const std::map<std::string, std::str
   moekit::require(tokens >= 1 && steps >= 1, "moekit-hf: --tokens ", tokens, " --steps ", steps,
                   "; expected both at least 1");
   const auto b = model.block(n);
+  const moekit::Precision p = precision(opts);
   const int threads = tbb::this_task_arena::max_concurrency();
   // The limit: the routed rows' SwiGLU on one expert's weights, and the shared expert's on all tokens.
-  probes::LimitGemms routed(tokens * b.top_k, b.hidden, b.ffn);
+  probes::LimitGemms routed(tokens * b.top_k, b.hidden, b.ffn, p);
   std::optional<probes::LimitGemms> shared;
-  if (b.has_shared()) shared.emplace(tokens, b.hidden, b.shared_ffn);
+  if (b.has_shared()) shared.emplace(tokens, b.hidden, b.shared_ffn, p);
   auto seconds = [](auto&& f) {
     const auto start = Clock::now();
     f();
     return std::chrono::duration<double>(Clock::now() - start).count();
   };
-  b.with_layer<float>([&](auto& layer) {
+  with_layer_in(b, p, [&](auto& layer) {
+    constexpr bool trains = !std::remove_reference_t<decltype(layer)>::quantises_weights;  // int8: forward only
     model.load(layer, n);
     const moekit::Matrix<float> x = moekit::Matrix<float>::Random(tokens, b.hidden);
     const moekit::Matrix<float> dy = moekit::Matrix<float>::Random(tokens, b.hidden);
     moekit::Matrix<float> y(tokens, b.hidden), dx(tokens, b.hidden);
-    std::printf("moekit-hf bench: layer %lld (%s), %lld tokens, %d threads, median of %lld steps; limit: %s\n",
-                static_cast<long long>(n), b.layer_type().c_str(), static_cast<long long>(tokens), threads,
-                static_cast<long long>(steps), probes::limit_label().c_str());
+    std::printf("moekit-hf bench: layer %lld (%s: %s), %lld tokens, %d threads, median of %lld steps; limit: %s%s\n",
+                static_cast<long long>(n), b.layer_type().c_str(), layer.name().c_str(), static_cast<long long>(tokens),
+                threads, static_cast<long long>(steps), probes::limit_label().c_str(),
+                p == moekit::Precision::scalar || probes::limit_has_precisions ? "" : " (in float)");
     for (const bool backward : {false, true}) {
+      if (backward && !trains) break;
       std::vector<double> layer_s, limit_s;
       for (Index s = -1; s < steps; ++s) {  // step -1 warms up
         const double l = seconds([&] {
           layer.forward(x, y);
-          if (backward) layer.backward(dy, dx);
+          if constexpr (trains)
+            if (backward) layer.backward(dy, dx);
         });
         const double m = seconds([&] {
           routed.forward(threads);

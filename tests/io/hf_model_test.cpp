@@ -14,6 +14,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <unistd.h>
@@ -501,31 +502,59 @@ TEST(HfModel, WriteBlockRoundTripsEveryFamily) {
 
 // moekit-hf forward: x from IN.safetensors (F32 here, BF16 for one family), y to OUT.safetensors.
 #ifdef MOEKIT_HF
+/// x as it was stored in `dtype` (BF16 rounds it), and y from moekit-hf forward on it for layer n
+/// of the folder, with `flags` added to the command.
+std::pair<Matrix<float>, Matrix<float>> tool_forward(const Folder& folder, Index n, const Matrix<float>& x, DType dtype,
+                                                     const std::string& flags = "") {
+  io::SafeTensors in;
+  const std::vector<float> xs(x.data(), x.data() + x.size());
+  in.add_as("x", {x.rows(), x.cols()}, std::span<const float>(xs), dtype);
+  in.write(folder.dir() / "in.safetensors");
+  const auto stored = io::SafeTensors::read(folder.dir() / "in.safetensors").values<float>("x");
+  const std::string command = std::string(MOEKIT_HF) + " forward " + folder.dir().string() + " --layer " +
+                              std::to_string(n) + " --input " + (folder.dir() / "in.safetensors").string() +
+                              " --output " + (folder.dir() / "out.safetensors").string() + " " + flags + " > /dev/null";
+  EXPECT_EQ(std::system(command.c_str()), 0) << command;
+  const auto out = io::SafeTensors::read(folder.dir() / "out.safetensors");
+  EXPECT_EQ(out.info("y").shape, (std::vector<Index>{x.rows(), x.cols()}));
+  EXPECT_EQ(out.info("y").dtype, DType::f32);
+  const auto y = out.values<float>("y");
+  return {ConstMatrixMap<float>(stored.data(), x.rows(), x.cols()), ConstMatrixMap<float>(y.data(), x.rows(), x.cols())};
+}
+
 TEST(HfModel, TheToolsForwardAgreesWithTheFloat64Reference) {
   for (const auto& f : families()) {
     SCOPED_TRACE(f.model_type);
     Folder folder(f.model_type + "_tool");
     const Index layer = f.moe_layers.front();
     const Weights w = write_family(f, folder, layer, 11);
-    const Matrix<float> x = Eigen::MatrixXf::Random(9, 16);
-    io::SafeTensors in;
-    const std::vector<float> xs(x.data(), x.data() + x.size());
-    in.add_as("x", {9, 16}, std::span<const float>(xs), f.model_type == "olmoe" ? DType::bf16 : DType::f32);
-    in.write(folder.dir() / "in.safetensors");
-    const Matrix<float> x_stored = [&] {  // BF16 rounds x: the reference takes what was stored
-      const auto v = io::SafeTensors::read(folder.dir() / "in.safetensors").values<float>("x");
-      return Matrix<float>(ConstMatrixMap<float>(v.data(), 9, 16));
-    }();
-    const std::string command = std::string(MOEKIT_HF) + " forward " + folder.dir().string() + " --layer " +
-                                std::to_string(layer) + " --input " + (folder.dir() / "in.safetensors").string() +
-                                " --output " + (folder.dir() / "out.safetensors").string() + " > /dev/null";
-    ASSERT_EQ(std::system(command.c_str()), 0) << command;
-    const auto out = io::SafeTensors::read(folder.dir() / "out.safetensors");
-    ASSERT_EQ(out.info("y").shape, (std::vector<Index>{9, 16}));
-    ASSERT_EQ(out.info("y").dtype, DType::f32);
-    const auto y = out.values<float>("y");
-    EXPECT_LT(relative(Matrix<float>(ConstMatrixMap<float>(y.data(), 9, 16)), reference(w, f.rule, x_stored.cast<double>())),
-              1e-4);
+    const auto [x, y] = tool_forward(folder, layer, Eigen::MatrixXf::Random(9, 16),
+                                     f.model_type == "olmoe" ? DType::bf16 : DType::f32);
+    EXPECT_LT(relative(y, reference(w, f.rule, x.cast<double>())), 1e-4);
+  }
+}
+
+// --precision int8: the block's layer with int8 experts, within int8's stated bound (3% of the
+// output's norm, docs/concepts.md#int8) of the float64 reference; bench runs it (forward only); a
+// precision it does not know is named.
+TEST(HfModel, TheToolsForwardInInt8StaysWithinItsBound) {
+  for (const auto& f : families()) {
+    SCOPED_TRACE(f.model_type);
+    Folder folder(f.model_type + "_tool_int8");
+    const Index layer = f.moe_layers.front();
+    const Weights w = write_family(f, folder, layer, 17);
+    const auto [x, y] = tool_forward(folder, layer, Eigen::MatrixXf::Random(9, 16), DType::f32, "--precision int8");
+    const Matrix<double> expected = reference(w, f.rule, x.cast<double>());
+    const double error = (y.cast<double>() - expected).norm() / expected.norm();
+    EXPECT_LT(error, 0.03);
+    EXPECT_GT(error, 1e-5) << "quantised: not float's output";
+    const std::string bench = std::string(MOEKIT_HF) + " bench " + folder.dir().string() + " --layer " +
+                              std::to_string(layer) + " --tokens 4 --steps 1 --precision int8";
+    EXPECT_EQ(std::system((bench + " | grep -q '_i8), 4 tokens'").c_str()), 0) << bench << ": forward only, in int8";
+    const std::string bad = std::string(MOEKIT_HF) + " forward " + folder.dir().string() + " --layer " +
+                            std::to_string(layer) + " --input x --output y --precision fp4 2>&1";
+    EXPECT_EQ(std::system((bad + " | grep -q 'moekit-hf: --precision fp4; expected f32, bf16 or int8'").c_str()), 0)
+        << "the unknown precision is named";
   }
 }
 #endif
