@@ -74,6 +74,14 @@ struct Bf16SmallTiles {  // every block cut into several tiles, its products in 
   }
 };
 
+using Int8Experts = GroupedGemmType<SwiGLU, ExpertBias::none, Precision::int8>;
+struct Int8SmallTiles {  // every block cut into several tiles (columns rounded to whole panels), biased
+  static constexpr std::string_view label = "Int8SmallTiles";
+  static GroupedGemmType<ClampedSwiGLU, ExpertBias::projections, Precision::int8> make() {
+    return {{.row_tile = 5, .column_tile = 7}};
+  }
+};
+
 using Routers =
     ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
@@ -90,7 +98,9 @@ using Experts = ::testing::Types<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemm
                                  PerExpertLoopType<GeLU>, PerExpertLoopType<ReLU>, PerExpertLoopType<ClampedSwiGLU>,
                                  PerExpertLoopType<ClampedSwiGLU, ExpertBias::projections>,
                                  PerExpertLoopType<ReLU, ExpertBias::projections>, Bf16Experts,
-                                 GroupedGemmType<GeLU, ExpertBias::none, Precision::bf16>, Bf16SmallTiles>;
+                                 GroupedGemmType<GeLU, ExpertBias::none, Precision::bf16>, Bf16SmallTiles,
+                                 Int8Experts, GroupedGemmType<ReLU, ExpertBias::none, Precision::int8>,
+                                 Int8SmallTiles>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, ExpertLaws, Experts, CaseName);
 
 }  // namespace
