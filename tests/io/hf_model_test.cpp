@@ -22,6 +22,8 @@
 #include <moekit/io/hf_model.hpp>
 #include <moekit/moekit.hpp>
 
+#include "../support/tolerance.hpp"
+
 namespace moekit::test {
 namespace {
 
@@ -546,7 +548,7 @@ TEST(HfModel, TheToolsForwardInInt8StaysWithinItsBound) {
     const auto [x, y] = tool_forward(folder, layer, Eigen::MatrixXf::Random(9, 16), DType::f32, "--precision int8");
     const Matrix<double> expected = reference(w, f.rule, x.cast<double>());
     const double error = (y.cast<double>() - expected).norm() / expected.norm();
-    EXPECT_LT(error, 0.03);
+    EXPECT_LT(error, test::int8_bound);
     EXPECT_GT(error, 1e-5) << "quantised: not float's output";
     const std::string bench = std::string(MOEKIT_HF) + " bench " + folder.dir().string() + " --layer " +
                               std::to_string(layer) + " --tokens 4 --steps 1 --precision int8";

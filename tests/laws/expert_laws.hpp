@@ -119,7 +119,7 @@ TYPED_TEST_P(ExpertLaws, GradientsMatchCentralDifferences) {
     };
     EXPECT_GT(error(at.out, exact.out), 1e-5) << "out: no rounding seen";
     if constexpr (quantises_to_int8<typename TestFixture::X>) {
-      EXPECT_LT(error(at.out, exact.out), 0.03) << "out";
+      EXPECT_LT(error(at.out, exact.out), test::int8_bound) << "out";
       return;
     }
     const double bound = 3 * test::bf16_unit;

@@ -1,9 +1,13 @@
 #pragma once
 // The tests every layer combination must pass. Each combo_<router>_test.cpp instantiates them
-// for one router, which keeps each translation unit small enough to compile on two cores.
+// for one router, which keeps each translation unit small enough to compile on two cores:
+// LayerCombo for the layers that train, InferenceCombo (the same checks, forward only) for
+// those that run forward only (int8 experts).
 #include <gtest/gtest.h>
 #include <tbb/global_control.h>
 
+#include <cstring>
+#include <utility>
 #include <vector>
 
 #include <moekit/io/hf_block.hpp>
@@ -60,64 +64,156 @@ class LayerCombo : public ::testing::Test {
   static double error(ConstMatrixRef<T> a, ConstMatrixRef<T> b) {
     return io::relative_error(std::span<const T>(a.data(), a.size()), std::span<const T>(b.data(), b.size()));
   }
+
+  /// Whether the layer trains: one with int8 experts runs forward only.
+  static constexpr bool trains = !Layer::quantises_weights;
+
+  // ---- the checks, shared by LayerCombo and InferenceCombo -------------------------------------
+
+  /// y against the formulas in double (tests/support/reference.hpp), for every router setting.
+  static void forward_matches_the_formulas() {
+    using A = typename X::activation;
+    const Unit u = A::name == "SwiGLU" ? Unit::swiglu
+                   : A::name == "GeLU"  ? Unit::gelu
+                   : A::name == "ReLU"  ? Unit::relu
+                                        : Unit::clamped_swiglu;
+    // Ten times the layer's tolerance (float sums in another order than the reference's), but an
+    // int8 layer's tolerance is already the bound its quantisation is documented to keep.
+    const double bound = trains ? 10 * layer_tolerance<Layer> : layer_tolerance<Layer>;
+    for (const auto& options : router_variants()) {
+      auto layer = make(options);
+      const auto x = random(9, 6, 3);
+      const Matrix<T> y = layer.forward(x);
+      auto as_double = [&](std::string_view name) {
+        const auto v = std::as_const(layer).parameter(name).values();
+        return std::vector<double>(v.begin(), v.end());
+      };
+      // Balancers that shape selection (Sinkhorn), dispatchers that drop (Capacity) and group-limited
+      // routing (its rule is held to its own reference in tests/router/top_k_test.cpp) decide
+      // elsewhere: the formulas then follow the layer's choices and hold it to the rest.
+      const bool plain_selection = !std::same_as<typename Layer::balancer_type, Sinkhorn> &&
+                                   std::same_as<typename Layer::dispatcher_type, Dropless> && options.groups == 1;
+      ForcedChoices forced;
+      for (Index t = 0; t < x.rows(); ++t) {
+        forced.chosen.emplace_back();
+        forced.kept.emplace_back();
+        for (int k = 0; k < K; ++k) {
+          const auto c = static_cast<std::size_t>(t * K + k);
+          forced.chosen.back().push_back(layer.routing().index[c]);
+          forced.kept.back().push_back(layer.plan().slot[c] != Plan::no_slot);
+        }
+      }
+      const auto ref = reference_forward(
+          x.template cast<double>(), as_double("router.weight"),
+          A::gated ? as_double("experts.gate") : std::vector<double>{}, as_double("experts.up"),
+          as_double("experts.down"), layer.shape().experts, layer.shape().ffn, K,
+          {options.score, options.normalize, options.scale}, u, plain_selection ? nullptr : &forced, [&] {
+            Biases b;
+            if constexpr (requires { X::bias; })
+              if (X::bias == ExpertBias::projections)
+                b = {A::gated ? as_double("experts.gate_bias") : std::vector<double>{}, as_double("experts.up_bias"),
+                     as_double("experts.down_bias")};
+            return b;
+          }());
+      EXPECT_LT(error(y, ref.y.template cast<T>()), bound);
+      if (plain_selection) {
+        for (Index t = 0; t < x.rows(); ++t)
+          for (int k = 0; k < K; ++k)
+            EXPECT_EQ(layer.routing().index[static_cast<std::size_t>(t * K + k)],
+                      ref.chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
+      }
+      // The balancer runs in float whatever the experts' precision.
+      const double coefficient = std::same_as<typename Layer::balancer_type, AuxLoss> ? 0.5 : 0.0;
+      EXPECT_NEAR(layer.balance_loss(), coefficient * ref.aux_loss, 10 * tolerance<T>);
+    }
+  }
+
+  /// y (and, where the layer trains, dx and every gradient) bit for bit on 1 and 8 threads.
+  static void one_thread_and_many_give_the_same_bits() {
+    const auto options = router_variants().front();
+    const auto x = random(40, 6, 8);
+    const auto dy = random(40, 6, 9);
+    auto run = [&](std::size_t threads) {
+      tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
+      auto layer = make(options);
+      Matrix<T> y = layer.forward(x);
+      std::vector<T> all(y.data(), y.data() + y.size());
+      if constexpr (trains) {
+        Matrix<T> dx = layer.backward(dy);
+        all.insert(all.end(), dx.data(), dx.data() + dx.size());
+        for (const auto& g : layer.gradients()) all.insert(all.end(), g.values().begin(), g.values().end());
+      }
+      return all;
+    };
+    const auto one = run(1);
+    const auto many = run(8);
+    ASSERT_EQ(one.size(), many.size());
+    EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(T)));
+  }
+
+  /// The grouped GEMM against the per-expert loop with the same parameters (the loop computes
+  /// exactly: a bf16 or int8 layer is held to its precision's tolerance).
+  static void grouped_gemm_and_per_expert_loop_agree() {
+    using Twin = rebind<Layer, T, typename twin_expert<X>::type>;
+    for (const auto& options : router_variants()) {
+      auto layer = make(options);
+      auto twin = make<Twin>(options);
+      copy_parameters(twin, layer);
+      const auto x = random(13, 6, 12);
+      const auto dy = random(13, 6, 13);
+      const double forward_error = error(layer.forward(x), twin.forward(x));
+      EXPECT_LT(forward_error, layer_tolerance<Layer>);
+      if constexpr (precision_of<X> != Precision::scalar) {
+        EXPECT_GT(forward_error, 1e-6) << "no rounding seen";
+      }
+      if constexpr (trains) {
+        EXPECT_LT(error(layer.backward(dy), twin.backward(dy)), layer_tolerance<Layer>);
+        for (std::size_t p = 0; p < layer.gradients().size(); ++p)
+          EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()),
+                    layer_tolerance<Layer>)
+              << layer.gradients()[p].name();
+      }
+    }
+  }
+
+  static void empty_batch_gives_empty_output_and_no_gradient() {
+    auto layer = make(router_variants().front());
+    const Matrix<T> x(0, 6), dy(0, 6);
+    EXPECT_EQ(layer.forward(x).rows(), 0);
+    EXPECT_EQ(layer.balance_loss(), T(0));
+    for (Index n : layer.tokens_per_expert()) EXPECT_EQ(n, 0);
+    if constexpr (trains) {
+      EXPECT_EQ(layer.backward(dy).rows(), 0);
+      for (const auto& g : layer.gradients())
+        for (T v : g.values()) ASSERT_EQ(v, T(0)) << g.name();
+    }
+  }
+
+  /// Buffers are reused across calls (and across batch sizes); nothing stale may leak through.
+  static void repeated_steps_give_the_same_result() {
+    auto layer = make(router_variants().front());
+    const auto small = random(5, 6, 20), large = random(30, 6, 21);
+    const Matrix<T> first = layer.forward(small);
+    if constexpr (trains) {
+      const Matrix<T> first_dx = layer.backward(small);
+      layer.forward(large);
+      layer.backward(large);
+      layer.zero_grad();
+      EXPECT_EQ(first, layer.forward(small));
+      EXPECT_EQ(first_dx, layer.backward(small));
+    } else {
+      layer.forward(large);
+      EXPECT_EQ(first, layer.forward(small));
+    }
+  }
 };
 
 TYPED_TEST_SUITE_P(LayerCombo);
 
-TYPED_TEST_P(LayerCombo, ForwardMatchesTheFormulas) {
-  using T = typename TestFixture::T;
-  using A = typename TestFixture::X::activation;
-  const Unit u = A::name == "SwiGLU" ? Unit::swiglu
-                 : A::name == "GeLU"  ? Unit::gelu
-                 : A::name == "ReLU"  ? Unit::relu
-                                      : Unit::clamped_swiglu;
-  for (const auto& options : TestFixture::router_variants()) {
-    auto layer = TestFixture::make(options);
-    const auto x = TestFixture::random(9, 6, 3);
-    const Matrix<T> y = layer.forward(x);
-    auto as_double = [&](std::string_view name) {
-      const auto v = layer.parameter(name).values();
-      return std::vector<double>(v.begin(), v.end());
-    };
-    // Balancers that shape selection (Sinkhorn), dispatchers that drop (Capacity) and group-limited
-    // routing (its rule is held to its own reference in tests/router/top_k_test.cpp) decide
-    // elsewhere: the formulas then follow the layer's choices and hold it to the rest.
-    const bool plain_selection = !std::same_as<typename TypeParam::balancer_type, Sinkhorn> &&
-                                 std::same_as<typename TypeParam::dispatcher_type, Dropless> && options.groups == 1;
-    ForcedChoices forced;
-    for (Index t = 0; t < x.rows(); ++t) {
-      forced.chosen.emplace_back();
-      forced.kept.emplace_back();
-      for (int k = 0; k < TestFixture::K; ++k) {
-        const auto c = static_cast<std::size_t>(t * TestFixture::K + k);
-        forced.chosen.back().push_back(layer.routing().index[c]);
-        forced.kept.back().push_back(layer.plan().slot[c] != Plan::no_slot);
-      }
-    }
-    const auto ref = reference_forward(
-        x.template cast<double>(), as_double("router.weight"),
-        A::gated ? as_double("experts.gate") : std::vector<double>{}, as_double("experts.up"),
-        as_double("experts.down"), layer.shape().experts, layer.shape().ffn, TestFixture::K,
-        {options.score, options.normalize, options.scale}, u, plain_selection ? nullptr : &forced, [&] {
-          Biases b;
-          if constexpr (requires { TestFixture::X::bias; })
-            if (TestFixture::X::bias == ExpertBias::projections)
-              b = {A::gated ? as_double("experts.gate_bias") : std::vector<double>{}, as_double("experts.up_bias"),
-                   as_double("experts.down_bias")};
-          return b;
-        }());
-    EXPECT_LT(TestFixture::error(y, ref.y.template cast<T>()), 10 * layer_tolerance<TypeParam>);
-    if (plain_selection) {
-      for (Index t = 0; t < x.rows(); ++t)
-        for (int k = 0; k < TestFixture::K; ++k)
-          EXPECT_EQ(layer.routing().index[static_cast<std::size_t>(t * TestFixture::K + k)], ref.chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
-    }
-    const double coefficient = std::same_as<typename TypeParam::balancer_type, AuxLoss> ? 0.5 : 0.0;
-    EXPECT_NEAR(layer.balance_loss(), coefficient * ref.aux_loss, 10 * layer_tolerance<TypeParam>);
-  }
-}
+TYPED_TEST_P(LayerCombo, ForwardMatchesTheFormulas) { TestFixture::forward_matches_the_formulas(); }
 
 TYPED_TEST_P(LayerCombo, GradientsAreRight) {
+  static_assert(TestFixture::trains);
   using T = typename TestFixture::T;
   for (const auto& options : TestFixture::router_variants()) {
     if constexpr (std::same_as<T, double>) {
@@ -149,74 +245,43 @@ TYPED_TEST_P(LayerCombo, GradientsAreRight) {
   }
 }
 
-TYPED_TEST_P(LayerCombo, OneThreadAndManyGiveTheSameBits) {
-  using T = typename TestFixture::T;
-  const auto options = TestFixture::router_variants().front();
-  const auto x = TestFixture::random(40, 6, 8);
-  const auto dy = TestFixture::random(40, 6, 9);
-  auto run = [&](std::size_t threads) {
-    tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
-    auto layer = TestFixture::make(options);
-    Matrix<T> y = layer.forward(x);
-    Matrix<T> dx = layer.backward(dy);
-    std::vector<T> all(y.data(), y.data() + y.size());
-    all.insert(all.end(), dx.data(), dx.data() + dx.size());
-    for (const auto& g : layer.gradients()) all.insert(all.end(), g.values().begin(), g.values().end());
-    return all;
-  };
-  const auto one = run(1);
-  const auto many = run(8);
-  ASSERT_EQ(one.size(), many.size());
-  EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(T)));
-}
+TYPED_TEST_P(LayerCombo, OneThreadAndManyGiveTheSameBits) { TestFixture::one_thread_and_many_give_the_same_bits(); }
 
-TYPED_TEST_P(LayerCombo, GroupedGemmAndPerExpertLoopAgree) {
-  using T = typename TestFixture::T;
-  using Twin = rebind<TypeParam, T, typename twin_expert<typename TestFixture::X>::type>;
-  for (const auto& options : TestFixture::router_variants()) {
-    auto layer = TestFixture::make(options);
-    auto twin = TestFixture::template make<Twin>(options);
-    copy_parameters(twin, layer);
-    const auto x = TestFixture::random(13, 6, 12);
-    const auto dy = TestFixture::random(13, 6, 13);
-    EXPECT_LT(TestFixture::error(layer.forward(x), twin.forward(x)), layer_tolerance<TypeParam>);
-    EXPECT_LT(TestFixture::error(layer.backward(dy), twin.backward(dy)), layer_tolerance<TypeParam>);
-    for (std::size_t p = 0; p < layer.gradients().size(); ++p)
-      EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()),
-                layer_tolerance<TypeParam>)
-          << layer.gradients()[p].name();
-  }
-}
+TYPED_TEST_P(LayerCombo, GroupedGemmAndPerExpertLoopAgree) { TestFixture::grouped_gemm_and_per_expert_loop_agree(); }
 
 TYPED_TEST_P(LayerCombo, EmptyBatchGivesEmptyOutputAndNoGradient) {
-  using T = typename TestFixture::T;
-  auto layer = TestFixture::make(TestFixture::router_variants().front());
-  const Matrix<T> x(0, 6), dy(0, 6);
-  EXPECT_EQ(layer.forward(x).rows(), 0);
-  EXPECT_EQ(layer.backward(dy).rows(), 0);
-  EXPECT_EQ(layer.balance_loss(), T(0));
-  for (Index n : layer.tokens_per_expert()) EXPECT_EQ(n, 0);
-  for (const auto& g : layer.gradients())
-    for (T v : g.values()) ASSERT_EQ(v, T(0)) << g.name();
+  TestFixture::empty_batch_gives_empty_output_and_no_gradient();
 }
 
-TYPED_TEST_P(LayerCombo, RepeatedStepsGiveTheSameResult) {
-  // Buffers are reused across calls (and across batch sizes); nothing stale may leak through.
-  using T = typename TestFixture::T;
-  auto layer = TestFixture::make(TestFixture::router_variants().front());
-  const auto small = TestFixture::random(5, 6, 20), large = TestFixture::random(30, 6, 21);
-  const Matrix<T> first = layer.forward(small);
-  const Matrix<T> first_dx = layer.backward(small);
-  layer.forward(large);
-  layer.backward(large);
-  layer.zero_grad();
-  EXPECT_EQ(first, layer.forward(small));
-  EXPECT_EQ(first_dx, layer.backward(small));
-}
+TYPED_TEST_P(LayerCombo, RepeatedStepsGiveTheSameResult) { TestFixture::repeated_steps_give_the_same_result(); }
 
 REGISTER_TYPED_TEST_SUITE_P(LayerCombo, ForwardMatchesTheFormulas, GradientsAreRight,
                             OneThreadAndManyGiveTheSameBits, GroupedGemmAndPerExpertLoopAgree,
                             EmptyBatchGivesEmptyOutputAndNoGradient,
+                            RepeatedStepsGiveTheSameResult);
+
+/// The layers that run forward only (int8 experts): every check above but the gradients'.
+template <class Layer>
+class InferenceCombo : public LayerCombo<Layer> {
+  static_assert(!LayerCombo<Layer>::trains, "InferenceCombo is for layers that run forward only; LayerCombo checks the others");
+};
+
+TYPED_TEST_SUITE_P(InferenceCombo);
+
+TYPED_TEST_P(InferenceCombo, ForwardMatchesTheFormulas) { TestFixture::forward_matches_the_formulas(); }
+
+TYPED_TEST_P(InferenceCombo, OneThreadAndManyGiveTheSameBits) { TestFixture::one_thread_and_many_give_the_same_bits(); }
+
+TYPED_TEST_P(InferenceCombo, GroupedGemmAndPerExpertLoopAgree) {
+  TestFixture::grouped_gemm_and_per_expert_loop_agree();
+}
+
+TYPED_TEST_P(InferenceCombo, EmptyBatchGivesEmptyOutput) { TestFixture::empty_batch_gives_empty_output_and_no_gradient(); }
+
+TYPED_TEST_P(InferenceCombo, RepeatedStepsGiveTheSameResult) { TestFixture::repeated_steps_give_the_same_result(); }
+
+REGISTER_TYPED_TEST_SUITE_P(InferenceCombo, ForwardMatchesTheFormulas, OneThreadAndManyGiveTheSameBits,
+                            GroupedGemmAndPerExpertLoopAgree, EmptyBatchGivesEmptyOutput,
                             RepeatedStepsGiveTheSameResult);
 
 }  // namespace moekit::test

@@ -1,6 +1,7 @@
-// Every balancer × expert × scalar with TopK<2>.
+// Every balancer × expert × scalar with TopK<2>, and its int8 layers forward only.
 #include "combo_test.hpp"
 
 namespace moekit::test {
 INSTANTIATE_TYPED_TEST_SUITE_P(TopK2, LayerCombo, Combos<TopK<2>>, ComboName);
+INSTANTIATE_TYPED_TEST_SUITE_P(TopK2, InferenceCombo, InferenceCombos<TopK<2>>, ComboName);
 }  // namespace moekit::test

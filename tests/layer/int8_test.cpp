@@ -15,12 +15,12 @@
 #include <moekit/moekit.hpp>
 
 #include "../support/random.hpp"
+#include "../support/tolerance.hpp"
 
 namespace moekit {
 namespace {
 
-/// The bound on ‖y_int8 − y_float‖ / ‖y_float‖ (docs/concepts.md#precision).
-constexpr double int8_bound = 0.03;
+using test::int8_bound;
 
 double relative(const Matrix<float>& got, const Matrix<float>& want) { return (got - want).norm() / want.norm(); }
 

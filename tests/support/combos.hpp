@@ -23,8 +23,9 @@ using Balancers = List<AuxLoss, NoBalance>;
 using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
                     GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, PerExpertLoop>;
 using Scalars = List<float, double>;
-/// Experts run in mixed precision (bf16 products, a float layer) with every balancer above.
-using Bf16Experts = List<GroupedGemm, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>;
+/// Experts run in reduced precision (bf16 products, int8 weights; a float layer) with every
+/// balancer above.
+using ReducedPrecisionExperts = List<GroupedGemm, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>;
 /// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
 /// run with SelectionExperts (Sinkhorn with Capacity does not compile).
 using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<AuxLoss, Capacity>,
@@ -74,7 +75,14 @@ struct every_balancer;
 template <class R, class... B>
 struct every_balancer<R, List<B...>>
     : concat<typename every_expert_and_scalar<R, List<B>>::type...,
-             typename every_expert_and_scalar<R, List<B, bf16>, Bf16Experts, List<float>>::type...> {};
+             typename every_expert_and_scalar<R, List<B, bf16>, ReducedPrecisionExperts, List<float>>::type...> {};
+
+/// The layers that run forward only: int8 experts with every balancer.
+template <class R, class Bs>
+struct every_int8_balancer;
+template <class R, class... B>
+struct every_int8_balancer<R, List<B...>>
+    : concat<typename every_expert_and_scalar<R, List<B, int8>, ReducedPrecisionExperts, List<float>>::type...> {};
 
 template <class R, class Pairs>
 struct every_pair;
@@ -92,6 +100,10 @@ struct as_gtest_types<List<Ts...>> {
 /// Every balancer × expert × scalar with router R.
 template <class R>
 using Combos = typename as_gtest_types<typename every_balancer<R, Balancers>::type>::type;
+
+/// Every balancer × int8 expert with router R (forward only: InferenceCombo).
+template <class R>
+using InferenceCombos = typename as_gtest_types<typename every_int8_balancer<R, Balancers>::type>::type;
 
 /// The selection-shaping and dropping pairs with router R.
 template <class R>

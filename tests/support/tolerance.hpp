@@ -11,6 +11,10 @@ constexpr double tolerance = std::same_as<T, float> ? 2e-5 : 1e-12;
 /// A bf16 operand's relative rounding error, at most: bf16's unit roundoff, 2^-8 (8 significant bits).
 inline constexpr double bf16_unit = 0x1p-8;
 
+/// The bound an int8 layer keeps against exact products: ‖y_int8 − y‖ / ‖y‖ under 3%
+/// (docs/concepts.md#int8; measured 1.5–2% on the float layers it is converted from).
+inline constexpr double int8_bound = 0.03;
+
 /// The same for a layer, whose experts' products may round their operands to bf16. Each product
 /// then errs by about 0.65 u relative, root mean square (u = bf16_unit; two operands, each off by
 /// at most u, about 0.46 u on average over a binade), and an output or gradient passes through at
@@ -20,6 +24,7 @@ inline constexpr double bf16_unit = 0x1p-8;
 template <class Layer>
 constexpr double layer_tolerance = [] {
   if (precision_of<typename Layer::expert_type> == Precision::bf16) return 4 * bf16_unit;
+  if (precision_of<typename Layer::expert_type> == Precision::int8) return int8_bound;
   return tolerance<typename Layer::scalar_type>;
 }();
 

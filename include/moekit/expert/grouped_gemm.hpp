@@ -40,9 +40,12 @@ struct GroupedGemmType {
     Index column_tile = 256;  // output columns per tile, of F or of H (weight gradients: square tiles)
   };
   Options options{};
-  /// Precision::int8: each expert's gate (gated activations only), up and down weights as
-  /// prepare() quantised them, which forward reads. Made from the weights, never set by hand.
-  std::array<std::vector<Int8Weights>, 3> int8_weights{};
+  /// Precision::int8: each expert's weights as prepare() quantised them, which forward reads
+  /// (no gate for activations without one). Made from the weights, never set by hand.
+  struct Int8Experts {
+    std::vector<Int8Weights> gate, up, down;
+  };
+  Int8Experts int8_weights{};
 
   /// What forward keeps for backward. Backward overwrites it with its gradients (gate and up
   /// become d_gate and d_up, hidden a scratch), so no [S,F] buffer is added for the backward.
@@ -74,20 +77,22 @@ struct GroupedGemmType {
     requires(P == Precision::int8)
   void prepare(std::span<const Tensor<T>> weights) {
     const Index experts = weights[Slot::up].shape()[0];
-    const int slots[3] = {Act::gated ? Slot::gate : Slot::up, Slot::up, Slot::down};
-    for (auto& product : int8_weights) product.resize(static_cast<std::size_t>(experts));
+    const std::pair<std::vector<Int8Weights>*, int> products[] = {  // and the slot each is made from
+        {&int8_weights.gate, Act::gated ? Slot::gate : -1},
+        {&int8_weights.up, Slot::up},
+        {&int8_weights.down, Slot::down}};
+    for (const auto& [product, slot] : products) product->resize(slot < 0 ? 0 : static_cast<std::size_t>(experts));
     detail::for_each_index(3 * experts, 1, [&](Index i) {
-      const Index product = i / experts, e = i % experts;
-      if (product == 0 && !Act::gated) return;
-      int8_weights[product][static_cast<std::size_t>(e)] = Int8Weights(weights[slots[product]].slice(e));
+      const auto& [product, slot] = products[i / experts];
+      if (slot >= 0) (*product)[static_cast<std::size_t>(i % experts)] = Int8Weights(weights[slot].slice(i % experts));
     });
   }
 
   /// The bytes of quantised weights a forward reads (int8): values, scales and corrections.
   std::size_t int8_bytes() const {
     std::size_t bytes = 0;
-    for (const auto& product : int8_weights)
-      for (const auto& w : product) bytes += w.bytes();
+    for (const auto* product : {&int8_weights.gate, &int8_weights.up, &int8_weights.down})
+      for (const auto& w : *product) bytes += w.bytes();
     return bytes;
   }
 
@@ -227,8 +232,8 @@ struct GroupedGemmType {
   void forward_int8(std::span<const Tensor<T>> weights, ConstMatrixRef<T> rows, std::span<const Index> offsets,
                     MatrixRef<T> out, Saved<T>& saved) const {
     const Index experts = static_cast<Index>(offsets.size()) - 1, ffn = weights[Slot::up].shape()[1];
-    require(static_cast<Index>(int8_weights[1].size()) == experts, "moekit::GroupedGemm: int8 weights for ",
-            int8_weights[1].size(), " experts; expected ", experts, " (call prepare(weights) when the weights are set)");
+    require(static_cast<Index>(int8_weights.up.size()) == experts, "moekit::GroupedGemm: int8 weights for ",
+            int8_weights.up.size(), " experts; expected ", experts, " (call prepare(weights) when the weights are set)");
     auto [gate, up, hidden] = saved.matrices(rows.rows(), ffn);
     Int8Rows& quantised = saved.quantised;
     const auto quantise = [&](ConstMatrixRef<T> x) {
@@ -243,11 +248,11 @@ struct GroupedGemmType {
       const auto e = static_cast<std::size_t>(t.expert);
       auto u = up.block(t.row, t.column, t.rows, t.columns);
       auto h = hidden.block(t.row, t.column, t.rows, t.columns);
-      int8_gemm(u, quantised, t.row, int8_weights[1][e], t.column);
+      int8_gemm(u, quantised, t.row, int8_weights.up[e], t.column);
       if constexpr (Slot::biased) u.rowwise() += bias_of(weights, Slot::up_bias, t.expert, t.column, t.columns);
       if constexpr (Act::gated) {
         auto g = gate.block(t.row, t.column, t.rows, t.columns);
-        int8_gemm(g, quantised, t.row, int8_weights[0][e], t.column);
+        int8_gemm(g, quantised, t.row, int8_weights.gate[e], t.column);
         if constexpr (Slot::biased) g.rowwise() += bias_of(weights, Slot::gate_bias, t.expert, t.column, t.columns);
         detail::activate_gated<Act>(g, u, h);
       } else {
@@ -259,7 +264,7 @@ struct GroupedGemmType {
     int8_tiles(offsets, out.cols(), saved.tiles);
     detail::for_each_tile(saved.tiles, [&](const detail::Tile& t) {
       auto o = out.block(t.row, t.column, t.rows, t.columns);
-      int8_gemm(o, quantised, t.row, int8_weights[2][static_cast<std::size_t>(t.expert)], t.column);
+      int8_gemm(o, quantised, t.row, int8_weights.down[static_cast<std::size_t>(t.expert)], t.column);
       if constexpr (Slot::biased) o.rowwise() += bias_of(weights, Slot::down_bias, t.expert, t.column, t.columns);
     });
   }

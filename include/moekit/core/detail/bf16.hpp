@@ -249,36 +249,19 @@ struct Bf16Dot {
 
 /// c += a · b from packed operands (a: m rows of `pairs` words laid out as `as` says; b: panels
 /// covering n columns), by
-/// the given form: blocks of bf16_depth pairs, in each the panels in groups of Form::panels that
-/// every group of rows passes over. Each sum runs over the pairs in order, so the bits depend on
-/// neither the blocks nor the form. A last panel that c does not fill goes through a block of
-/// its own.
+/// the given form: blocks of bf16_depth pairs, in each the blocks of for_each_panel_block. Each
+/// sum runs over the pairs in order, so the bits depend on neither the blocks nor the form.
 template <class Form>
 void bf16_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_t* a, Bf16Rows as, Index pairs,
                   const std::uint32_t* b) {
-  constexpr int group = Form::rows, panels = Form::panels;
-  const Index panel_stride = pairs * bf16_panel, whole = n / bf16_panel, left = n % bf16_panel;
+  const Index panel_stride = pairs * bf16_panel;
   for (Index q = 0; q < pairs; q += bf16_depth) {
     const Index depth = std::min(bf16_depth, pairs - q);
-    for (Index p = 0; p < whole; p += panels)
-      with_count<panels>(std::min<Index>(panels, whole - p), [&]<int P>() {
-        for (Index i = 0; i < m; i += group)
-          with_count<group>(std::min<Index>(group, m - i), [&]<int R>() {
-            Form::template block<R, P>(a + i * as.row + q * as.pair, as, b + p * panel_stride + q * bf16_panel, panel_stride,
-                                       depth, c + i * cs + p * bf16_panel, cs);
-          });
-      });
-    if (left == 0) continue;
-    float edge[group * bf16_panel];
-    for (Index i = 0; i < m; i += group)
-      with_count<group>(std::min<Index>(group, m - i), [&]<int R>() {
-        for (int r = 0; r < R; ++r)
-          for (Index l = 0; l < bf16_panel; ++l) edge[r * bf16_panel + l] = l < left ? c[(i + r) * cs + whole * bf16_panel + l] : 0.0f;
-        Form::template block<R, 1>(a + i * as.row + q * as.pair, as, b + whole * panel_stride + q * bf16_panel, panel_stride,
-                                   depth, edge, bf16_panel);
-        for (int r = 0; r < R; ++r)
-          for (Index l = 0; l < left; ++l) c[(i + r) * cs + whole * bf16_panel + l] = edge[r * bf16_panel + l];
-      });
+    for_each_panel_block<Form::rows, Form::panels, bf16_panel, true>(
+        c, cs, m, n, [&]<int R, int P>(Index i, Index p, float* out, Index os) {
+          Form::template block<R, P>(a + i * as.row + q * as.pair, as, b + p * panel_stride + q * bf16_panel,
+                                     panel_stride, depth, out, os);
+        });
   }
 }
 

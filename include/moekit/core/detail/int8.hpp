@@ -224,34 +224,18 @@ decltype(auto) with_int8_form(F&& f) {
 
 /// c [m,n] = rows · Wᵀ for packed operands: rows m rows of `quads` words (row stride `as`) with
 /// their scales; W's panels from the first of c's columns, with its channels' scales and
-/// corrections from there. The panels in groups of Form::panels, every group of rows over each,
-/// each block over the whole sum (blocks of the sum that keep the panels in L1 ran slower: the
-/// sums must then go through memory); a last panel that c does not fill goes through a block of
-/// its own.
+/// corrections from there, in the blocks of for_each_panel_block, each over the whole sum
+/// (blocks of the sum that keep the panels in L1 ran slower: the sums must then go through memory).
 template <class Form>
 void int8_product(Form, float* c, Index cs, Index m, Index n, const std::uint32_t* a, Index as,
                   const float* row_scales, Index quads, const std::uint32_t* panels, const float* scales,
                   const std::int32_t* corrections) {
-  constexpr int group = Form::rows, width = Form::panels;
-  const Index panel_stride = quads * int8_panel, whole = n / int8_panel, left = n % int8_panel;
-  const auto at = [&](Index p) { return p * int8_panel; };
-  for (Index p = 0; p < whole; p += width)
-    with_count<width>(std::min<Index>(width, whole - p), [&]<int P>() {
-      for (Index i = 0; i < m; i += group)
-        with_count<group>(std::min<Index>(group, m - i), [&]<int R>() {
-          Form::template block<R, P>(a + i * as, as, panels + p * panel_stride, panel_stride, quads, row_scales + i,
-                                     scales + at(p), corrections + at(p), c + i * cs + at(p), cs);
-        });
-    });
-  if (left == 0) return;
-  float edge[group * int8_panel];
-  for (Index i = 0; i < m; i += group)
-    with_count<group>(std::min<Index>(group, m - i), [&]<int R>() {
-      Form::template block<R, 1>(a + i * as, as, panels + whole * panel_stride, panel_stride, quads, row_scales + i,
-                                 scales + at(whole), corrections + at(whole), edge, int8_panel);
-      for (int r = 0; r < R; ++r)
-        for (Index l = 0; l < left; ++l) c[(i + r) * cs + at(whole) + l] = edge[r * int8_panel + l];
-    });
+  const Index panel_stride = quads * int8_panel;
+  for_each_panel_block<Form::rows, Form::panels, int8_panel, false>(
+      c, cs, m, n, [&]<int R, int P>(Index i, Index p, float* out, Index os) {
+        Form::template block<R, P>(a + i * as, as, panels + p * panel_stride, panel_stride, quads, row_scales + i,
+                                   scales + p * int8_panel, corrections + p * int8_panel, out, os);
+      });
 }
 
 }  // namespace moekit::detail

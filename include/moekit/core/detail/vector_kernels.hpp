@@ -294,6 +294,33 @@ void with_count(Index count, F&& f) {
   }(std::make_integer_sequence<int, Max>{});
 }
 
+/// The blocks of a packed product over c [m, n], its columns in panels of Width: for each group
+/// of at most Panels whole panels, every group of at most Rows rows passes over it, as
+/// block.template operator()<R, P>(row, panel, out, out_stride) with out = c at (row, panel).
+/// A last panel that c does not fill goes through a block of its own on a zero-padded copy of
+/// its columns (c's values first where the block Accumulates), written back after.
+template <int Rows, int Panels, Index Width, bool Accumulates, class Block>
+void for_each_panel_block(float* c, Index cs, Index m, Index n, Block&& block) {
+  const Index whole = n / Width, left = n % Width;
+  for (Index p = 0; p < whole; p += Panels)
+    with_count<Panels>(std::min<Index>(Panels, whole - p), [&]<int P>() {
+      for (Index i = 0; i < m; i += Rows)
+        with_count<Rows>(std::min<Index>(Rows, m - i),
+                         [&]<int R>() { block.template operator()<R, P>(i, p, c + i * cs + p * Width, cs); });
+    });
+  if (left == 0) return;
+  float* const last = c + whole * Width;
+  float edge[Rows * Width];
+  for (Index i = 0; i < m; i += Rows)
+    with_count<Rows>(std::min<Index>(Rows, m - i), [&]<int R>() {
+      for (int r = 0; r < R; ++r)
+        for (Index l = 0; l < Width; ++l) edge[r * Width + l] = Accumulates && l < left ? last[(i + r) * cs + l] : 0.0f;
+      block.template operator()<R, 1>(i, whole, edge, Width);
+      for (int r = 0; r < R; ++r)
+        for (Index l = 0; l < left; ++l) last[(i + r) * cs + l] = edge[r * Width + l];
+    });
+}
+
 /// Rows of x the kernel takes at once, each weight it loads serving all of them. With 32 vector
 /// registers, six rows by four rows of w keep 24 partial sums beside the loads (seven or eight
 /// rows, in blocks of three or two rows of w, streamed slower than 4 + 3 and 4 + 4 with
