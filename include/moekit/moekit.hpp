@@ -45,6 +45,7 @@
 #include <moekit/io/safetensors.hpp>
 #include <moekit/layer/moe_layer.hpp>
 #include <moekit/layer/routing_stats.hpp>
+#include <moekit/layer/upcycle.hpp>
 #include <moekit/optim/adam.hpp>
 #include <moekit/parallel/single_process.hpp>
 #include <moekit/router/top_k.hpp>
