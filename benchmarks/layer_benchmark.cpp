@@ -65,7 +65,7 @@ struct List {};
 // GroupedGemm): their costs add, so the full product would time the same parts many times over.
 // The reference PerExpertLoop is left out: a correctness oracle, one token at a time.
 using Routers = List<moekit::TopK<1>, moekit::TopK<2>, moekit::TopK<4>>;
-using Balancers = List<moekit::AuxLoss, moekit::NoBalance, moekit::Sinkhorn, moekit::AuxFree>;
+using Balancers = List<moekit::AuxLoss, moekit::NoBalance, moekit::Sinkhorn, moekit::AuxFree, moekit::ZLoss>;
 using Dispatchers = List<moekit::Dropless, moekit::Capacity>;
 using Experts = List<moekit::GroupedGemm, moekit::GroupedGemmType<moekit::GeLU>, moekit::GroupedGemmType<moekit::ReLU>>;
 

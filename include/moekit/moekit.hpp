@@ -27,8 +27,10 @@
 // reader of Hugging Face fixture files that moekit-verify and the tests use (io/hf_block.hpp).
 #include <moekit/balance/aux_free.hpp>
 #include <moekit/balance/aux_loss.hpp>
+#include <moekit/balance/balanced.hpp>
 #include <moekit/balance/no_balance.hpp>
 #include <moekit/balance/sinkhorn.hpp>
+#include <moekit/balance/z_loss.hpp>
 #include <moekit/layer/compose.hpp>
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>

@@ -21,6 +21,16 @@
 
 namespace moekit::laws {
 
+/// Whether a case's balancer runs as in a training forward (the default) or at evaluation, after
+/// the layer's eval(): a case says `static constexpr bool training = false`.
+template <class Case>
+constexpr bool case_trains = [] {
+  if constexpr (requires { Case::training; })
+    return Case::training;
+  else
+    return true;
+}();
+
 template <class Case>
 class BalancerLaws : public ::testing::Test {
  public:
@@ -28,7 +38,7 @@ class BalancerLaws : public ::testing::Test {
   static_assert(Balancer<B>, "a balancer law case must make a type that models moekit::Balancer");
   const B balancer = make_policy<Case>();
   const TopK<2> router{};
-  const BalanceContext context{.score = ScoreFn::softmax, .top_k = 2};
+  const BalanceContext context{.score = ScoreFn::softmax, .top_k = 2, .training = case_trains<Case>};
 
   struct Step {
     Routing<double> routing;
@@ -43,6 +53,7 @@ class BalancerLaws : public ::testing::Test {
     typename B::template State<double> state{};
     Step s;
     Matrix<double> scores = logits;
+    if constexpr (BalancerReadsLogits<B, double>) balancer.logits(ConstMatrixRef<double>(logits), context, state);
     router.score(MatrixRef<double>(scores));
     if constexpr (BalancerSelects<B, double>) {
       s.selection = logits;

@@ -36,9 +36,10 @@ struct DeepSeekV2Groups {  // softmax, 4 groups scored by their best, 3 kept
   static constexpr std::array<Index, 2> experts{8, 24};
   static TopK<3> make() { return {{.normalize = false, .groups = 4, .groups_kept = 3, .group_score = GroupScore::max}}; }
 };
-struct InactiveSinkhorn {
-  static constexpr std::string_view label = "InactiveSinkhorn";
-  static Sinkhorn make() { return {{.active = false}}; }
+struct SinkhornAtEvaluation {
+  static constexpr std::string_view label = "SinkhornAtEvaluation";
+  static constexpr bool training = false;
+  static Sinkhorn make() { return {}; }
 };
 struct DroppingCapacity {
   static constexpr std::string_view label = "DroppingCapacity";
@@ -86,7 +87,8 @@ using Routers =
     ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
-using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, InactiveSinkhorn, NoBalance>;
+using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, SinkhornAtEvaluation, ZLoss, NoBalance,
+                                   Balanced<AuxLoss, ZLoss>, Balanced<AuxFree, AuxLoss>>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, BalancerLaws, Balancers, CaseName);
 
 using Dispatchers = ::testing::Types<Dropless, Capacity, DroppingCapacity, PaddedByPosition, LargestCount, Renormalized>;

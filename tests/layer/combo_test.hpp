@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <tbb/global_control.h>
 
+#include <cmath>
 #include <cstring>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -50,7 +52,7 @@ class LayerCombo : public ::testing::Test {
   template <class L = Layer>
   static L make(const typename R::Options& router_options, LayerConfig c = config()) {
     L layer(c, R{router_options});
-    if constexpr (std::same_as<typename L::balancer_type, AuxLoss>) layer.balancer().options.coefficient = 0.5;
+    set_coefficients(layer.balancer());
     if constexpr (std::same_as<typename L::dispatcher_type, Capacity>) layer.dispatcher().options.capacity_factor = 0.75;  // drops happen
     if constexpr (requires { layer.expert().options.row_tile; }) {
       layer.expert().options.row_tile = 3;
@@ -60,6 +62,39 @@ class LayerCombo : public ::testing::Test {
   }
 
   static Matrix<T> random(Index rows, Index cols, unsigned seed) { return random_matrix<T>(rows, cols, seed); }
+
+  /// Every loss term's coefficient 0.5 (so its gradient weighs in), each term of a Balanced too.
+  template <class B>
+  static void set_coefficients(B& balancer) {
+    if constexpr (requires { balancer.options.coefficient; }) balancer.options.coefficient = 0.5;
+    if constexpr (requires { balancer.terms; })
+      std::apply([](auto&... term) { (set_coefficients(term), ...); }, balancer.terms);
+  }
+
+  /// The loss the balancer B reports, its coefficients set as above: from the reference's
+  /// auxiliary loss and the z-loss of x and the router's weights.
+  template <class B>
+  static double expected_balance_loss(double aux_loss, double z_loss) {
+    if constexpr (std::same_as<B, AuxLoss>) return 0.5 * aux_loss;
+    if constexpr (std::same_as<B, ZLoss>) return 0.5 * z_loss;
+    if constexpr (requires { B{}.terms; })
+      return std::apply([&](const auto&... term) {
+        return (expected_balance_loss<std::remove_cvref_t<decltype(term)>>(aux_loss, z_loss) + ...);
+      }, B{}.terms);
+    return 0.0;
+  }
+
+  /// ST-MoE's z-loss without its coefficient: the mean over tokens of log Σ_e exp(x · w_e)².
+  static double z_loss(const Matrix<double>& x, const std::vector<double>& router_weight) {
+    const Index experts = static_cast<Index>(router_weight.size()) / x.cols();
+    const Matrix<double> logits = x * ConstMatrixMap<double>(router_weight.data(), experts, x.cols()).transpose();
+    double sum = 0;
+    for (Index t = 0; t < x.rows(); ++t) {
+      const double lse = std::log(logits.row(t).array().exp().sum());
+      sum += lse * lse;
+    }
+    return sum / double(x.rows());
+  }
 
   static double error(ConstMatrixRef<T> a, ConstMatrixRef<T> b) {
     return io::relative_error(std::span<const T>(a.data(), a.size()), std::span<const T>(b.data(), b.size()));
@@ -123,8 +158,9 @@ class LayerCombo : public ::testing::Test {
                       ref.chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
       }
       // The balancer runs in float whatever the experts' precision.
-      const double coefficient = std::same_as<typename Layer::balancer_type, AuxLoss> ? 0.5 : 0.0;
-      EXPECT_NEAR(layer.balance_loss(), coefficient * ref.aux_loss, 10 * tolerance<T>);
+      const double expected_loss = expected_balance_loss<typename Layer::balancer_type>(
+          ref.aux_loss, z_loss(x.template cast<double>(), as_double("router.weight")));
+      EXPECT_NEAR(layer.balance_loss(), expected_loss, 10 * tolerance<T>);
     }
   }
 

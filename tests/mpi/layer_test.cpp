@@ -131,6 +131,12 @@ TEST(ExpertParallel, AuxFreeCapacityByPositionRenormalizedReference) {
       Capacity{{.capacity_factor = 0.75, .drop = DropPolicy::position, .renormalize = true}});
 }
 
+// Two terms at once, the z-loss's sums the whole batch's as the auxiliary loss's are.
+TEST(ExpertParallel, AuxLossAndZLossDropless) {
+  for_both_scalars<TopK<2>, Balanced<AuxLoss, ZLoss>, Dropless, GroupedGemm>(
+      {5, 3, 6, 4}, Balanced<AuxLoss, ZLoss>{AuxLoss{{.coefficient = 0.5}}, ZLoss{{.coefficient = 0.5}}});
+}
+
 TEST(ExpertParallel, SinkhornDroplessReLU) {
   for_both_scalars<TopK<2>, Sinkhorn, Dropless, GroupedGemmType<ReLU>>({7, 5, 6, 4});
 }

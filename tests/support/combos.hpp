@@ -18,7 +18,7 @@ struct List {};
 // ---- the layer tests' matrix: a new policy is one line in one of these lists -------------------
 
 /// Balancers run with Dropless, with every expert and scalar.
-using Balancers = List<AuxLoss, NoBalance>;
+using Balancers = List<AuxLoss, ZLoss, Balanced<AuxLoss, ZLoss>, NoBalance>;
 /// Experts run with every balancer above and every scalar.
 using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
                     GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, PerExpertLoop>;
@@ -28,7 +28,8 @@ using Scalars = List<float, double>;
 using ReducedPrecisionExperts = List<GroupedGemm, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>;
 /// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
 /// run with SelectionExperts (Sinkhorn with Capacity does not compile).
-using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<AuxLoss, Capacity>,
+using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<Balanced<AuxFree, AuxLoss>, Dropless>,
+                            List<AuxLoss, Capacity>,
                             List<NoBalance, Capacity>, List<AuxFree, Capacity>>;
 /// The default expert and the reference one.
 using SelectionExperts = List<GroupedGemm, PerExpertLoop>;

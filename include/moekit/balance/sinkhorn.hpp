@@ -26,7 +26,6 @@ struct Sinkhorn {
   struct Options {
     double tolerance = 1e-4;   // Megatron-Core's
     int max_iterations = 100;  // Megatron-Core has no cap
-    bool active = true;        // false: select on the plain scores (Megatron-Core at evaluation)
   };
   Options options{};
 
@@ -52,13 +51,13 @@ struct Sinkhorn {
   template <Scalar T>
   void backward(ConstMatrixRef<T>, const BalanceContext&, State<T>&, MatrixRef<T>) const {}
 
-  /// On entry `selection` holds the logits; on return, the balanced plan (or the scores when
-  /// inactive). Over ranks, T and the column sums are the whole batch's, and every rank stops
+  /// On entry `selection` holds the logits; on return, the balanced plan (or, at evaluation, the
+  /// plain scores, as Megatron-Core selects then). Over ranks, T and the column sums are the whole batch's, and every rank stops
   /// after the same iteration.                                                            [T,E]
   template <Scalar T>
   void select(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state,
               MatrixRef<T> selection) const {
-    if (!options.active) {
+    if (!context.training) {
       selection = scores;
       return;
     }

@@ -149,6 +149,15 @@ concept BalancerSelects =
       p.template select<T>(scores, context, state, selection);  // selection: the logits on entry [T,E]
     };
 
+/// Reads the router's logits before the router turns them into scores (ZLoss: their
+/// log-sum-exp). Its loss and gradient then come from forward and backward as any balancer's.
+template <class P, class T>
+concept BalancerReadsLogits =
+    Balancer<P> && requires(const P& p, ConstMatrixRef<T> logits, const BalanceContext& context,
+                            typename P::template State<T>& state) {
+      p.template logits<T>(logits, context, state);  // [T,E]
+    };
+
 /// Is told, after the plan, how many choices each expert kept (AuxFree counts them).
 template <class P, class T>
 concept BalancerCountsLoad =
@@ -163,6 +172,13 @@ concept BalancerSteps =
     Balancer<P> && requires(const P& p, const BalanceContext& context, typename P::template State<T>& state) {
       p.template step<T>(context, state);
     };
+
+/// A balancer of several terms (Balanced<...>): each term's name and last loss, which the routing
+/// statistics list one by one.
+template <class P, class T>
+concept BalancerHasTerms = Balancer<P> && requires(const P& p, const typename P::template State<T>& state) {
+  { p.template term_losses<T>(state) } -> std::convertible_to<std::vector<std::pair<std::string_view, double>>>;
+};
 
 /// A balancer whose state saves and loads with the layer's parameters (AuxFree's bias): one
 /// double tensor [E] under `saved_name`, empty until there is something to save.

@@ -125,6 +125,9 @@ struct BalanceContext {
   /// gradient is scaled by its size D: gradients are averaged over those ranks, and the loss,
   /// one term of the batch, must survive the average whole. docs/distributed.md#gradients
   const BatchGroup* batch = &single_process_batch();
+  /// The layer's mode: true after train() (the default), false after eval(). Policies that
+  /// behave differently at evaluation read it (Sinkhorn selects on the plain scores).
+  bool training = true;
 };
 
 /// The experts a rank computes: [first, first + count).

@@ -198,6 +198,18 @@ class BasicMoELayer {
 
   void zero_grad() { parameters_.zero_grad(); }
 
+  /// The mode, as torch's train() and eval(). Training (the default, but for int8 layers, which
+  /// only evaluate): backward runs and balancers count each forward's load (AuxFree). Evaluation:
+  /// nothing is counted, Sinkhorn selects on the plain scores (Megatron-Core's evaluation) and
+  /// backward is refused. Forward is otherwise the same. docs/concepts.md#mode
+  void train()
+    requires(!quantises_weights)
+  {
+    training_ = true;
+  }
+  void eval() { training_ = false; }
+  bool training() const { return training_; }
+
   /// Over ranks, after the last backward of a step and before the optimizer: gradients become
   /// those of J = (1/D)·Σ_r J_r over the D token shards of the batch group (the router's and the
   /// shared expert's averaged, the routed experts' summed over their replicas and divided by D).
@@ -230,7 +242,11 @@ class BasicMoELayer {
   /// Load statistics of the last forward: per-expert tokens, drops, max/mean, balancer terms.
   RoutingStats stats() const {
     RoutingStats s = RoutingStats::from(plan_, load_);
-    s.balance_terms.emplace_back(std::string(B::name), static_cast<double>(balance_loss_));
+    if constexpr (BalancerHasTerms<B, T>)
+      for (const auto& [name, loss] : balancer_.template term_losses<T>(balance_state_))
+        s.balance_terms.emplace_back(std::string(name), loss);
+    else
+      s.balance_terms.emplace_back(std::string(B::name), static_cast<double>(balance_loss_));
     return s;
   }
   /// Marks a step boundary (after the optimizer step): balancers that adapt between steps, such
@@ -430,6 +446,7 @@ class BasicMoELayer {
     });
     workspace_.ready();
     if constexpr (BalancerSelects<B, T>) selection_.matrix(tokens_, shape_.experts) = scores;  // the logits
+    if constexpr (BalancerReadsLogits<B, T>) balancer_.template logits<T>(scores, balance_context(), balance_state_);
     router_.template score<T>(scores);
   }
 
@@ -454,7 +471,8 @@ class BasicMoELayer {
     else
       batch_plan_.plan(dispatcher_, parallel_.batch(), routing_, shape_.experts, plan_);
     count_kept(plan_, routing_.index, load_);
-    if constexpr (BalancerCountsLoad<B, T>) balancer_.template routed<T>(load_, balance_state_);
+    if constexpr (BalancerCountsLoad<B, T>)
+      if (training_) balancer_.template routed<T>(load_, balance_state_);
     if constexpr (DispatcherAdjustsWeights<D, T>) {  // e.g. renormalising after drops
       weight_before_adjust_.assign(routing_.weight.begin(), routing_.weight.end());
       dispatcher_.template adjust_weights<T>(plan_, routing_);
@@ -549,6 +567,8 @@ class BasicMoELayer {
 
   void check_backward(ConstMatrixRef<T> dy, MatrixRef<T> dx) const {
     parallel_.all_or_none("backward", [&] {
+      require(training_, "moekit::MoELayer::backward: the layer is in evaluation mode; expected train() before a "
+                         "training step's forward and backward");
       require(have_forward_,
               "moekit::MoELayer::backward: no forward to go back through (backward consumes "
               "the last forward's saved activations); expected a call of forward(x) first");
@@ -558,7 +578,9 @@ class BasicMoELayer {
     });
   }
 
-  BalanceContext balance_context() const { return {router_.score_function(), top_k, &parallel_.batch()}; }
+  BalanceContext balance_context() const {
+    return {router_.score_function(), top_k, &parallel_.batch(), training_};
+  }
 
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
                     Index rows) const {
@@ -599,6 +621,7 @@ class BasicMoELayer {
 
   // Saved by forward for backward; buffers grow to the largest batch and are reused.
   bool have_forward_ = false;
+  bool training_ = !quantises_weights;  // train() or eval()
   Index tokens_ = 0;
   Routing<T> routing_;
   Plan plan_;
