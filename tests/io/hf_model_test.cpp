@@ -22,6 +22,7 @@
 #include <moekit/io/hf_model.hpp>
 #include <moekit/moekit.hpp>
 
+#include "../support/errors.hpp"
 #include "../support/tolerance.hpp"
 
 namespace moekit::test {
@@ -608,15 +609,6 @@ TEST(HfModel, FixturesWrittenAsFoldersReproduceTheirOutput) {
 }
 
 // ---- errors: each names the file, the tensor and what was expected ---------------------------
-
-std::string message_of(auto f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e.what();
-  }
-  return "no error";
-}
 
 class HfModelErrors : public ::testing::Test {
  protected:

@@ -14,6 +14,8 @@
 
 #include <moekit/moekit.hpp>
 
+#include "../support/errors.hpp"
+
 namespace moekit::test {
 namespace {
 
@@ -27,15 +29,6 @@ std::vector<char> file_bytes(const std::string& header, std::size_t data_bytes) 
   return bytes;
 }
 
-std::string message_of(auto f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
 /// The bytes `file` writes.
 std::vector<char> bytes_of(const io::SafeTensors& file) {
   const auto path = std::filesystem::temp_directory_path() / ("moekit_bytes_" + std::to_string(::getpid()));
@@ -47,12 +40,7 @@ std::vector<char> bytes_of(const io::SafeTensors& file) {
 }
 
 std::string message_of_parse(const std::vector<char>& bytes) {
-  try {
-    io::SafeTensors::parse(bytes, "test.safetensors");
-  } catch (const error& e) {
-    return e.what();
-  }
-  return "(no error)";
+  return message_of([&] { io::SafeTensors::parse(bytes, "test.safetensors"); });
 }
 
 TEST(SafeTensors, ReadsTheFixtureLayout) {

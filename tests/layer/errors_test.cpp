@@ -6,22 +6,12 @@
 
 #include <moekit/moekit.hpp>
 
+#include "../support/errors.hpp"
+
 namespace moekit::test {
 namespace {
 
 using Layer = MoELayer<TopK<2>, double>;
-
-/// Runs f, which must throw moekit::error, and returns its message.
-template <class F>
-std::string message_of(F f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "no moekit::error was thrown";
-  return "";
-}
 
 TEST(Errors, WrongInputWidth) {
   Layer layer({.hidden = 8, .ffn = 4, .experts = 4});

@@ -10,6 +10,7 @@
 
 #include <moekit/moekit.hpp>
 
+#include "../support/errors.hpp"
 #include "../support/random.hpp"
 #include "../support/tolerance.hpp"
 
@@ -124,15 +125,6 @@ TEST(Upcycle, AnInt8LayerIsUpcycledToo) {
 }
 
 TEST(Upcycle, BadShapesAreNamed) {
-  const auto message_of = [](auto f) -> std::string {
-    try {
-      f();
-    } catch (const error& e) {
-      return e.what();
-    }
-    ADD_FAILURE() << "no moekit::error";
-    return "";
-  };
   MoELayer<TopK<2>, NoBalance, double> swiglu({.hidden = hidden, .ffn = dense_ffn / 2, .experts = 6});
   EXPECT_EQ(message_of([&] { upcycle(swiglu, random_ffn<double>(true, 1)); }),
             "moekit::upcycle: up is [24,12]; expected [12,12] (granularity 1 × the layer's ffn 12, its hidden)");
