@@ -52,8 +52,8 @@ struct Sinkhorn {
   void backward(ConstMatrixRef<T>, const BalanceContext&, State<T>&, MatrixRef<T>) const {}
 
   /// On entry `selection` holds the logits; on return, the balanced plan (or, at evaluation, the
-  /// plain scores, as Megatron-Core selects then). Over ranks, T and the column sums are the whole batch's, and every rank stops
-  /// after the same iteration.                                                            [T,E]
+  /// plain scores, as Megatron-Core selects then). Over ranks, T and the column sums are the
+  /// whole batch's, and every rank stops after the same iteration.                        [T,E]
   template <Scalar T>
   void select(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state,
               MatrixRef<T> selection) const {

@@ -38,9 +38,9 @@ inline double upcycle_weight_scale(bool gated, bool normalize, Index experts, In
 /// Sets the layer's experts from a dense FFN: expert j is shard j mod g (F_dense / g columns of the
 /// FFN's hidden width: rows of gate and up, columns of down) of copy j / g, every weight times
 /// upcycle_weight_scale() and down also over the router's top-k scale (its weights then sum to 1
-/// where they are normalised; a linear map, so exactly undone). The router keeps its first E / g rows (and logit biases), each repeated
-/// g times, so the shards of one copy tie and are chosen together. Every other parameter (a shared
-/// expert's) is left as it is. With a normalising router and K a multiple of g the layer then
+/// where they are normalised; down is linear, so that is undone exactly). The router keeps its
+/// first E / g rows (and logit biases), each repeated g times, so the shards of one copy tie and
+/// are chosen together. Every other parameter (a shared expert's) is left as it is. With a normalising router and K a multiple of g the layer then
 /// computes the dense FFN, exactly for g = 1 and for activations that scale with their input
 /// (ReLU).
 template <class Layer>
