@@ -12,6 +12,9 @@
 //              AuxFree                                  balance/aux_free.hpp
 //              NoBalance                                balance/no_balance.hpp
 //              Sinkhorn                                 balance/sinkhorn.hpp
+//              ZLoss                                    balance/z_loss.hpp
+//              SeqAuxLoss                               balance/seq_aux_loss.hpp
+//              Balanced<Terms...> (several at once)     balance/balanced.hpp
 //   dispatch/  Dropless                                 dispatch/dropless.hpp
 //              Capacity, DropPolicy                     dispatch/capacity.hpp
 //   expert/    GroupedGemm, GroupedGemmType<Act>        expert/grouped_gemm.hpp
@@ -20,7 +23,8 @@
 //   parallel/  SingleProcess                            parallel/single_process.hpp
 // The layer: MoELayer<Ps...> (layer/compose.hpp), BasicMoELayer (layer/moe_layer.hpp),
 // RoutingStats and JsonLinesLogger (layer/routing_stats.hpp).
-// Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp).
+// Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp), experts from a dense
+// FFN (layer/upcycle.hpp).
 // For writing a policy: the concepts (core/concepts.hpp), moekit::require and moekit::fail
 // (core/error.hpp), the loops over tokens (core/token_loops.hpp).
 // Not included here: ExpertParallel and the process grid (<moekit/distributed.hpp>), and the
@@ -29,6 +33,7 @@
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/balanced.hpp>
 #include <moekit/balance/no_balance.hpp>
+#include <moekit/balance/seq_aux_loss.hpp>
 #include <moekit/balance/sinkhorn.hpp>
 #include <moekit/balance/z_loss.hpp>
 #include <moekit/layer/compose.hpp>

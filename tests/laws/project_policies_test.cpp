@@ -88,7 +88,7 @@ using Routers =
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
 using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, SinkhornAtEvaluation, ZLoss, NoBalance,
-                                   Balanced<AuxLoss, ZLoss>, Balanced<AuxFree, AuxLoss>>;
+                                   SeqAuxLoss, Balanced<AuxLoss, ZLoss>, Balanced<AuxFree, SeqAuxLoss>>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, BalancerLaws, Balancers, CaseName);
 
 using Dispatchers = ::testing::Types<Dropless, Capacity, DroppingCapacity, PaddedByPosition, LargestCount, Renormalized>;

@@ -75,7 +75,7 @@ class LayerCombo : public ::testing::Test {
   /// auxiliary loss and the z-loss of x and the router's weights.
   template <class B>
   static double expected_balance_loss(double aux_loss, double z_loss) {
-    if constexpr (std::same_as<B, AuxLoss>) return 0.5 * aux_loss;
+    if constexpr (std::same_as<B, AuxLoss> || std::same_as<B, SeqAuxLoss>) return 0.5 * aux_loss;  // one sequence
     if constexpr (std::same_as<B, ZLoss>) return 0.5 * z_loss;
     if constexpr (requires { B{}.terms; })
       return std::apply([&](const auto&... term) {

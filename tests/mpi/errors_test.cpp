@@ -42,6 +42,15 @@ TEST(ExpertParallelErrors, NonFiniteGradientOnOneRank) {
                            "rank 0 of " + std::to_string(world().size()) + ": moekit::MoELayer::backward: dy[1,2] is nan"));
 }
 
+// A loss per sequence needs the sequences whole: over a split batch it refuses, on every rank.
+TEST(ExpertParallelErrors, SeqAuxLossRefusesABatchSplitOverRanks) {
+  MoELayer<TopK<2>, SeqAuxLoss, ExpertParallel, double> layer(config);
+  const auto message = error_of([&] { layer.forward(random_matrix<double>(3, 4, 4)); });
+  EXPECT_TRUE(everyone_saw(message, "moekit::SeqAuxLoss: the batch is split over " + std::to_string(world().size()) +
+                                        " ranks; expected one process"))
+      << message;
+}
+
 TEST(ExpertParallelErrors, DifferentLayersOnDifferentRanks) {
   LayerConfig mine = config;
   if (world().rank() == 1) mine.ffn = 7;

@@ -28,7 +28,7 @@ using Scalars = List<float, double>;
 using ReducedPrecisionExperts = List<GroupedGemm, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>;
 /// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
 /// run with SelectionExperts (Sinkhorn with Capacity does not compile).
-using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<Balanced<AuxFree, AuxLoss>, Dropless>,
+using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, List<Balanced<AuxFree, SeqAuxLoss>, Dropless>,
                             List<AuxLoss, Capacity>,
                             List<NoBalance, Capacity>, List<AuxFree, Capacity>>;
 /// The default expert and the reference one.

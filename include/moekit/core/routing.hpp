@@ -128,6 +128,9 @@ struct BalanceContext {
   /// The layer's mode: true after train() (the default), false after eval(). Policies that
   /// behave differently at evaluation read it (Sinkhorn selects on the plain scores).
   bool training = true;
+  /// Where the batch's sequences begin, and the token count last ([B+1]), as set_sequences() told
+  /// the layer; empty: the batch is one sequence. Terms computed per sequence read it (SeqAuxLoss).
+  std::span<const Index> sequence_offsets{};
 };
 
 /// The experts a rank computes: [first, first + count).

@@ -210,6 +210,19 @@ class BasicMoELayer {
   void eval() { training_ = false; }
   bool training() const { return training_; }
 
+  /// The batch's sequences, for balancing terms computed per sequence (SeqAuxLoss): their
+  /// lengths in token order, which must add up to the tokens of every forward that follows; empty
+  /// (the default) makes the batch one sequence.
+  void set_sequences(std::span<const Index> lengths) {
+    for (const Index n : lengths)
+      require(n >= 1, "moekit::MoELayer::set_sequences: a sequence of ", n, " tokens; expected at least 1");
+    sequence_offsets_.assign(1, 0);
+    for (const Index n : lengths) sequence_offsets_.push_back(sequence_offsets_.back() + n);
+    if (lengths.empty()) sequence_offsets_.clear();
+  }
+  /// Where each sequence set_sequences() gave begins, and the token count last; empty if none.
+  std::span<const Index> sequence_offsets() const { return sequence_offsets_; }
+
   /// Over ranks, after the last backward of a step and before the optimizer: gradients become
   /// those of J = (1/D)·Σ_r J_r over the D token shards of the batch group (the router's and the
   /// shared expert's averaged, the routed experts' summed over their replicas and divided by D).
@@ -562,6 +575,9 @@ class BasicMoELayer {
       check_matrix(x, "forward", "x", x.rows());
       require(y.rows() == x.rows() && y.cols() == shape_.hidden, "moekit::MoELayer::forward: y is [", y.rows(), ",",
               y.cols(), "]; expected [", x.rows(), ",", shape_.hidden, "] like x");
+      require(sequence_offsets_.empty() || sequence_offsets_.back() == x.rows(), "moekit::MoELayer::forward: ",
+              x.rows(), " tokens but the sequences set_sequences() gave have ",
+              sequence_offsets_.empty() ? 0 : sequence_offsets_.back(), "; expected them to add up to the tokens");
     });
   }
 
@@ -579,7 +595,7 @@ class BasicMoELayer {
   }
 
   BalanceContext balance_context() const {
-    return {router_.score_function(), top_k, &parallel_.batch(), training_};
+    return {router_.score_function(), top_k, &parallel_.batch(), training_, sequence_offsets_};
   }
 
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
@@ -622,6 +638,7 @@ class BasicMoELayer {
   // Saved by forward for backward; buffers grow to the largest batch and are reused.
   bool have_forward_ = false;
   bool training_ = !quantises_weights;  // train() or eval()
+  std::vector<Index> sequence_offsets_;   // [B+1] from set_sequences(); empty: one sequence
   Index tokens_ = 0;
   Routing<T> routing_;
   Plan plan_;
