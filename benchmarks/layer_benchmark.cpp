@@ -64,7 +64,17 @@ struct List {};
 // Each list is varied on its own around the default layer (TopK<2>, AuxLoss, Dropless,
 // GroupedGemm): their costs add, so the full product would time the same parts many times over.
 // The reference PerExpertLoop is left out: a correctness oracle, one token at a time.
-using Routers = List<moekit::TopK<1>, moekit::TopK<2>, moekit::TopK<4>>;
+/// Switch with its input jitter on (ε = 1e-2): the draws and the jittered router product.
+struct JitteredTopK1 : moekit::TopK<1> {
+  static constexpr std::string_view name = "JitteredTopK";
+  JitteredTopK1() { options.jitter = 1e-2; }
+};
+/// GShard's top-2 gating: the second expert kept at random (θ = 0.2).
+struct GShardTopK2 : moekit::TopK<2> {
+  static constexpr std::string_view name = "GShardTopK";
+  GShardTopK2() { options.random_second = 0.2; }
+};
+using Routers = List<moekit::TopK<1>, JitteredTopK1, moekit::TopK<2>, GShardTopK2, moekit::TopK<4>>;
 using Balancers = List<moekit::AuxLoss, moekit::NoBalance, moekit::Sinkhorn, moekit::AuxFree, moekit::ZLoss>;
 using Dispatchers = List<moekit::Dropless, moekit::Capacity>;
 using Experts = List<moekit::GroupedGemm, moekit::GroupedGemmType<moekit::GeLU>, moekit::GroupedGemmType<moekit::ReLU>>;

@@ -26,7 +26,8 @@
 // Tools: safetensors files (io/safetensors.hpp), Adam (optim/adam.hpp), experts from a dense
 // FFN (layer/upcycle.hpp).
 // For writing a policy: the concepts (core/concepts.hpp), moekit::require and moekit::fail
-// (core/error.hpp), the loops over tokens (core/token_loops.hpp).
+// (core/error.hpp), the loops over tokens (core/token_loops.hpp), counter-based random draws
+// (core/random.hpp).
 // Not included here: ExpertParallel and the process grid (<moekit/distributed.hpp>), and the
 // reader of Hugging Face fixture files that moekit-verify and the tests use (io/hf_block.hpp).
 #include <moekit/balance/aux_free.hpp>
@@ -40,6 +41,7 @@
 #include <moekit/core/concepts.hpp>
 #include <moekit/core/error.hpp>
 #include <moekit/core/group.hpp>
+#include <moekit/core/random.hpp>
 #include <moekit/core/routing.hpp>
 #include <moekit/core/tensor.hpp>
 #include <moekit/core/token_loops.hpp>

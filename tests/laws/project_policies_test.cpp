@@ -31,6 +31,10 @@ struct DeepSeekV3Groups {  // sigmoid, 4 groups scored by their top two, 2 kept,
     return {{.score = ScoreFn::sigmoid, .normalize = true, .scale = 2.5, .groups = 4, .groups_kept = 2}};
   }
 };
+struct GShardTopK {  // the second expert kept at random (drawn: the laws hold it in training)
+  static constexpr std::string_view label = "GShardTopK";
+  static TopK<2> make() { return {{.random_second = 0.5, .seed = 3}}; }
+};
 struct DeepSeekV2Groups {  // softmax, 4 groups scored by their best, 3 kept
   static constexpr std::string_view label = "DeepSeekV2Groups";
   static constexpr std::array<Index, 2> experts{8, 24};
@@ -84,7 +88,8 @@ struct Int8SmallTiles {  // every block cut into several tiles (columns rounded 
 };
 
 using Routers =
-    ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups>;
+    ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups,
+                     GShardTopK>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
 using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, SinkhornAtEvaluation, ZLoss, NoBalance,

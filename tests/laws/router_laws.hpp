@@ -41,11 +41,28 @@ class RouterLaws : public ::testing::Test {
       return {Index{K}, Index{K + 3}, Index{2 * K + 5}};
   }
 
-  /// score then select, picking on the scores themselves. logits [T,E] → scores, in place.
-  Routing<double> route(Matrix<double>& logits_then_scores) const {
+  /// Whether the router draws as it selects (RouterDraws): the laws then hold it in training.
+  bool draws() const {
+    if constexpr (RouterDraws<R>) return router.draws();
+    return false;
+  }
+
+  /// score then select, picking on the scores themselves; a router that draws selects in
+  /// training at `context`. logits [T,E] → scores, in place.
+  Routing<double> route(Matrix<double>& logits_then_scores, const RouterContext& context = {.step = 1}) const {
     router.score(MatrixRef<double>(logits_then_scores));
+    return choose(logits_then_scores, context);
+  }
+
+  Routing<double> choose(const Matrix<double>& scores, const RouterContext& context) const {
     Routing<double> routing;
-    router.select(ConstMatrixRef<double>(logits_then_scores), ConstMatrixRef<double>(logits_then_scores), routing);
+    const ConstMatrixRef<double> s(scores);
+    if constexpr (RouterDraws<R>)
+      if (router.draws()) {
+        router.select(s, s, context, routing);
+        return routing;
+      }
+    router.select(s, s, routing);
     return routing;
   }
 };
@@ -53,6 +70,7 @@ class RouterLaws : public ::testing::Test {
 TYPED_TEST_SUITE_P(RouterLaws);
 
 // K distinct experts of [0, E) per token, finite weights, on random logits, ties and huge logits.
+// A router that draws may leave a choice empty: it still names a distinct expert, with weight 0.
 TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
   constexpr int K = TestFixture::K;
   for (const Index experts : TestFixture::expert_counts()) {
@@ -73,10 +91,13 @@ TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
         std::set<Index> chosen;
         for (int k = 0; k < K; ++k) {
           const auto c = static_cast<std::size_t>(t * K + k);
-          EXPECT_GE(routing.index[c], 0) << "token " << t;
-          EXPECT_LT(routing.index[c], experts) << "token " << t;
+          const Index expert = Routing<double>::expert_of(routing.index[c]);
+          EXPECT_TRUE(!Routing<double>::is_empty(routing.index[c]) || (this->draws() && routing.weight[c] == 0))
+              << "token " << t << ", choice " << k << " left empty";
+          EXPECT_GE(expert, 0) << "token " << t;
+          EXPECT_LT(expert, experts) << "token " << t;
           EXPECT_TRUE(std::isfinite(routing.weight[c])) << "token " << t << ", choice " << k;
-          chosen.insert(routing.index[c]);
+          chosen.insert(expert);
         }
         EXPECT_EQ(chosen.size(), static_cast<std::size_t>(K)) << "token " << t << " chose an expert twice";
       }
@@ -128,6 +149,32 @@ TYPED_TEST_P(RouterLaws, SameBitsOnAnyThreadCount) {
   EXPECT_TRUE(std::get<2>(one) == std::get<2>(four));
 }
 
+// A router that draws does so by the counter alone: at evaluation it selects as its plain select;
+// the same step draws the same; a batch cut in two, each part told its first token, draws what
+// the whole does (as over ranks). Skipped for a router that does not draw.
+TYPED_TEST_P(RouterLaws, DrawsOnlyInTrainingAndByTheCounter) {
+  if (!this->draws()) GTEST_SKIP() << "the router draws nothing";
+  const Index experts = TestFixture::expert_counts().back();
+  Matrix<double> scores = test::random_matrix(300, experts, 9, 2.0);
+  this->router.score(MatrixRef<double>(scores));
+  Routing<double> plain;
+  this->router.select(ConstMatrixRef<double>(scores), ConstMatrixRef<double>(scores), plain);
+  const Routing<double> evaluation = this->choose(scores, {.training = false, .step = 1});
+  EXPECT_EQ(evaluation.index, plain.index);
+  EXPECT_EQ(evaluation.weight, plain.weight);
+
+  const Routing<double> whole = this->choose(scores, {.step = 4});
+  EXPECT_EQ(this->choose(scores, {.step = 4}).index, whole.index);
+  const Routing<double> head = this->choose(scores.topRows(100), {.step = 4});
+  const Routing<double> tail = this->choose(scores.bottomRows(200), {.step = 4, .first_token = 100});
+  std::vector<Index> parts = head.index;
+  parts.insert(parts.end(), tail.index.begin(), tail.index.end());
+  EXPECT_EQ(parts, whole.index);
+  std::vector<double> part_weights = head.weight;
+  part_weights.insert(part_weights.end(), tail.weight.begin(), tail.weight.end());
+  EXPECT_EQ(part_weights, whole.weight);
+}
+
 // More choices than experts is refused by name, before any token is routed.
 TYPED_TEST_P(RouterLaws, RefusesMoreChoicesThanExperts) {
   constexpr int K = TestFixture::K;
@@ -138,6 +185,6 @@ TYPED_TEST_P(RouterLaws, RefusesMoreChoicesThanExperts) {
 }
 
 REGISTER_TYPED_TEST_SUITE_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights, BackwardMatchesCentralDifferences,
-                            SameBitsOnAnyThreadCount, RefusesMoreChoicesThanExperts);
+                            SameBitsOnAnyThreadCount, DrawsOnlyInTrainingAndByTheCounter, RefusesMoreChoicesThanExperts);
 
 }  // namespace moekit::laws

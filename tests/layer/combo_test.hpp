@@ -40,11 +40,13 @@ class LayerCombo : public ::testing::Test {
     if constexpr (K == 1)
       return {O{ScoreFn::softmax, false, 1.0}, O{ScoreFn::sigmoid, false, 1.0},
               O{ScoreFn::softmax, false, 2.5},
-              O{ScoreFn::softmax, false, 1.0, groups, 1, GroupScore::max}};  // DeepSeek-V2's groups
-    else
-      return {O{ScoreFn::softmax, true, 1.0}, O{ScoreFn::softmax, false, 1.0},
-              O{ScoreFn::sigmoid, true, 2.5}, O{ScoreFn::sigmoid, false, 1.0},
-              O{ScoreFn::sigmoid, true, 2.5, groups, K / 2, GroupScore::top2_sum}};  // DeepSeek-V3's
+              O{ScoreFn::softmax, false, 1.0, groups, 1, GroupScore::max},  // DeepSeek-V2's groups
+              O{.normalize = false, .jitter = 0.1, .seed = 5}};             // Switch's input jitter
+    std::vector<O> variants{O{ScoreFn::softmax, true, 1.0}, O{ScoreFn::softmax, false, 1.0},
+                            O{ScoreFn::sigmoid, true, 2.5}, O{ScoreFn::sigmoid, false, 1.0},
+                            O{ScoreFn::sigmoid, true, 2.5, groups, K / 2, GroupScore::top2_sum}};  // DeepSeek-V3's
+    if constexpr (K == 2) variants.push_back(O{.normalize = true, .random_second = 0.6, .seed = 3});  // GShard's
+    return variants;
   }
 
   /// A layer with a large balancer coefficient (so its gradient weighs in) and small GEMM tiles
@@ -62,6 +64,17 @@ class LayerCombo : public ::testing::Test {
   }
 
   static Matrix<T> random(Index rows, Index cols, unsigned seed) { return random_matrix<T>(rows, cols, seed); }
+
+  /// The x the router of `layer` reads: x, or in training x jittered by the draws its options name.
+  template <class L>
+  static Matrix<double> router_input(const Matrix<double>& x, const typename R::Options& options, const L& layer) {
+    Matrix<double> jittered = x;
+    const std::uint64_t step = layer.step();
+    if (options.jitter > 0 && layer.training())
+      for (Index t = 0; t < x.rows(); ++t)
+        for (Index h = 0; h < x.cols(); ++h) jittered(t, h) *= jitter_factor({options.seed, step, t, h}, options.jitter);
+    return jittered;
+  }
 
   /// Every loss term's coefficient 0.5 (so its gradient weighs in), each term of a Balanced too.
   template <class B>
@@ -127,22 +140,24 @@ class LayerCombo : public ::testing::Test {
       // routing (its rule is held to its own reference in tests/router/top_k_test.cpp) decide
       // elsewhere: the formulas then follow the layer's choices and hold it to the rest.
       const bool plain_selection = !std::same_as<typename Layer::balancer_type, Sinkhorn> &&
-                                   std::same_as<typename Layer::dispatcher_type, Dropless> && options.groups == 1;
+                                   std::same_as<typename Layer::dispatcher_type, Dropless> && options.groups == 1 &&
+                                   (options.random_second == 0 || !layer.training());
       ForcedChoices forced;
       for (Index t = 0; t < x.rows(); ++t) {
         forced.chosen.emplace_back();
         forced.kept.emplace_back();
         for (int k = 0; k < K; ++k) {
           const auto c = static_cast<std::size_t>(t * K + k);
-          forced.chosen.back().push_back(layer.routing().index[c]);
+          forced.chosen.back().push_back(Routing<T>::expert_of(layer.routing().index[c]));  // an empty choice's too
           forced.kept.back().push_back(layer.plan().slot[c] != Plan::no_slot);
         }
       }
+      const Matrix<double> routed_x = router_input(x.template cast<double>(), options, layer);
       const auto ref = reference_forward(
           x.template cast<double>(), as_double("router.weight"),
           A::gated ? as_double("experts.gate") : std::vector<double>{}, as_double("experts.up"),
           as_double("experts.down"), layer.shape().experts, layer.shape().ffn, K,
-          {options.score, options.normalize, options.scale}, u, plain_selection ? nullptr : &forced, [&] {
+          {options.score, options.normalize, options.scale, &routed_x}, u, plain_selection ? nullptr : &forced, [&] {
             Biases b;
             if constexpr (requires { X::bias; })
               if (X::bias == ExpertBias::projections)
@@ -159,7 +174,7 @@ class LayerCombo : public ::testing::Test {
       }
       // The balancer runs in float whatever the experts' precision.
       const double expected_loss = expected_balance_loss<typename Layer::balancer_type>(
-          ref.aux_loss, z_loss(x.template cast<double>(), as_double("router.weight")));
+          ref.aux_loss, z_loss(routed_x, as_double("router.weight")));
       EXPECT_NEAR(layer.balance_loss(), expected_loss, 10 * tolerance<T>);
     }
   }
@@ -195,6 +210,7 @@ class LayerCombo : public ::testing::Test {
       auto layer = make(options);
       auto twin = make<Twin>(options);
       copy_parameters(twin, layer);
+      if (!layer.training()) twin.eval();  // an int8 layer evaluates: its twin draws nothing either
       const auto x = random(13, 6, 12);
       const auto dy = random(13, 6, 13);
       const double forward_error = error(layer.forward(x), twin.forward(x));

@@ -45,15 +45,36 @@ using OneProcess = BasicMoELayer<typename Layer::scalar_type, typename Layer::ro
                                  typename Layer::balancer_type, typename Layer::dispatcher_type,
                                  typename Layer::expert_type, SingleProcess, typename Layer::shared_expert_type>;
 
+/// What set_sequences is told: nothing; or on each rank its tokens in runs of three (the last
+/// shorter), and in one process every rank's runs end to end; or nothing on the ranks, whose
+/// tokens are then one sequence each, and in one process each rank's tokens as one sequence.
+enum class Sequences { none, runs_of_three, one_per_rank };
+
+/// Each batch rank's tokens (ranks past the list get 3) and their sequences.
+struct Shards {
+  std::vector<Index> tokens;
+  Sequences sequences = Sequences::none;
+  Shards(std::initializer_list<Index> tokens) : tokens(tokens) {}
+  Shards(std::vector<Index> tokens, Sequences sequences = Sequences::none)
+      : tokens(std::move(tokens)), sequences(sequences) {}
+};
+
+std::vector<Index> runs_of_three(Index tokens) {
+  std::vector<Index> lengths;
+  for (; tokens > 0; tokens -= 3) lengths.push_back(std::min<Index>(3, tokens));
+  return lengths;
+}
+
 /// Builds the layer over `layout` and in one process from the same config and policies, runs
-/// two training steps on the same batch (split by batch rank into `tokens` rows each), and
-/// expects every result within 1e-12 (double) or 1e-5 (float) of the one-process layer's.
+/// two training steps on the same batch (split by batch rank as `batch` says), and expects every
+/// result within 1e-12 (double) or 1e-5 (float) of the one-process layer's.
 template <class Layer, class... Policies>
-void expect_same_as_one_process(const Layout& layout, const LayerConfig& config,
-                                std::vector<Index> tokens, const Policies&... policies) {
+void expect_same_as_one_process(const Layout& layout, const LayerConfig& config, Shards batch,
+                                const Policies&... policies) {
   using T = typename Layer::scalar_type;
   const double limit = std::is_same_v<T, double> ? 1e-12 : 1e-5;
   const int shards = layout.groups.batch.size(), shard = layout.groups.batch.rank();
+  std::vector<Index>& tokens = batch.tokens;
   tokens.resize(static_cast<std::size_t>(shards), 3);
   const Index total = std::accumulate(tokens.begin(), tokens.end(), Index{0});
   const Index first = std::accumulate(tokens.begin(), tokens.begin() + shard, Index{0});
@@ -63,6 +84,15 @@ void expect_same_as_one_process(const Layout& layout, const LayerConfig& config,
   Layer many(config, policies..., ExpertParallel(layout.groups, layout.options));
   Layer expected(config, policies..., ExpertParallel(layout.groups, layout.options));  // slices of one's
   SCOPED_TRACE(layout.name + " " + Layer::name());
+  if (batch.sequences != Sequences::none) {
+    const bool runs = batch.sequences == Sequences::runs_of_three;
+    std::vector<Index> every_rank;
+    const auto lengths = [&](Index n) { return runs ? runs_of_three(n) : n > 0 ? std::vector<Index>{n} : std::vector<Index>{}; };
+    for (const Index n : tokens)
+      for (const Index length : lengths(n)) every_rank.push_back(length);
+    one.set_sequences(every_rank);
+    if (runs) many.set_sequences(runs_of_three(mine));
+  }
 
   expected.assign_whole(one.parameters());
   double parameters = 0;
@@ -105,7 +135,7 @@ void expect_same_as_one_process(const Layout& layout, const LayerConfig& config,
 constexpr LayerConfig small{.hidden = 6, .ffn = 8, .experts = 8, .seed = 3};
 
 template <class R, class B, class D, class X>
-void for_both_scalars(std::vector<Index> tokens, const auto&... policies) {
+void for_both_scalars(const Shards& tokens, const auto&... policies) {
   for (const auto& layout : layouts()) {
     expect_same_as_one_process<MoELayer<R, B, D, X, ExpertParallel, double>>(layout, small, tokens, policies...);
     expect_same_as_one_process<MoELayer<R, B, D, X, ExpertParallel, float>>(layout, small, tokens, policies...);
@@ -129,6 +159,30 @@ TEST(ExpertParallel, AuxFreeCapacityByPositionRenormalizedReference) {
   for_both_scalars<TopK<2>, AuxFree, Capacity, PerExpertLoop>(
       {6, 8, 3, 5}, AuxFree{{.rate = 0.05}},
       Capacity{{.capacity_factor = 0.75, .drop = DropPolicy::position, .renormalize = true}});
+}
+
+// GShard's random second expert: each token draws by its number in the whole batch, so every
+// rank leaves empty the choices one process leaves empty, at both steps.
+TEST(ExpertParallel, RandomSecondExpertCapacity) {
+  for_both_scalars<TopK<2>, AuxLoss, Capacity, GroupedGemm>({5, 7, 4, 6}, TopK<2>{{.random_second = 0.5, .seed = 4}},
+                                                            Capacity{{.capacity_factor = 1.0}});
+}
+
+// Each rank's sequences are its own; the loss is the mean over every rank's, as one process
+// given all of them computes it. Beside AuxFree, as DeepSeek-V3 trains; and with a rank of none.
+TEST(ExpertParallel, SequenceWiseLossOverEveryRanksSequences) {
+  const SeqAuxLoss strong{{.coefficient = 0.1}};
+  for_both_scalars<TopK<2>, SeqAuxLoss, Dropless, GroupedGemm>(Shards({5, 7, 4, 6}, Sequences::runs_of_three), strong);
+  for_both_scalars<TopK<2>, Balanced<AuxFree, SeqAuxLoss>, Capacity, GroupedGemm>(
+      Shards({6, 0, 8, 4}, Sequences::runs_of_three), Capacity{{.capacity_factor = 1.0}});
+  for_both_scalars<TopK<2>, SeqAuxLoss, Dropless, GroupedGemm>(Shards({5, 7, 4, 6}, Sequences::one_per_rank), strong);
+}
+
+// Each token is jittered by its number in the whole batch, so every rank jitters its tokens as one
+// process does, at both steps.
+TEST(ExpertParallel, SwitchJitterAuxLossCapacity) {
+  for_both_scalars<Switch, AuxLoss, Capacity, GroupedGemm>({5, 7, 4, 6}, Switch{{.jitter = 0.1, .seed = 9}},
+                                                           Capacity{{.capacity_factor = 1.0}});
 }
 
 // Two terms at once, the z-loss's sums the whole batch's as the auxiliary loss's are.

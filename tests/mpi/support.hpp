@@ -9,6 +9,7 @@
 
 #include <moekit/distributed.hpp>
 
+#include "../support/errors.hpp"
 #include "../support/random.hpp"
 
 namespace moekit::test {
@@ -35,17 +36,6 @@ double relative_error(const A& a, const B& b) {
     scale = std::max(scale, std::abs(double(b.data()[i])));
   }
   return scale == 0 ? diff : diff / scale;
-}
-
-/// The error moekit raised here, or "" when none.
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const error& e) {
-    return e.what();
-  }
-  return "";
 }
 
 }  // namespace moekit::test

@@ -16,6 +16,7 @@ struct RouterSpec {
   ScoreFn score = ScoreFn::softmax;
   bool normalize = true;
   double scale = 1.0;
+  const Matrix<double>* router_input = nullptr;  // the x the router reads, if not x (jittered) [T,H]
 };
 
 enum class Unit { swiglu, gelu, relu, clamped_swiglu };
@@ -67,7 +68,8 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
     std::vector<double> s(static_cast<std::size_t>(experts));
     for (Index e = 0; e < experts; ++e) {
       double logit = 0;
-      for (Index h = 0; h < hidden; ++h) logit += router[static_cast<std::size_t>(e * hidden + h)] * x(t, h);
+      for (Index h = 0; h < hidden; ++h)
+        logit += router[static_cast<std::size_t>(e * hidden + h)] * (spec.router_input ? *spec.router_input : x)(t, h);
       s[static_cast<std::size_t>(e)] = logit;
     }
     if (spec.score == ScoreFn::softmax) {

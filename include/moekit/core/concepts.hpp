@@ -125,6 +125,24 @@ concept RouterHasLogitBias = Router<P> && requires(const P& p) {
   { p.logit_bias() } -> std::same_as<bool>;
 };
 
+/// A router that may draw random numbers as it selects (TopK's random_second): when draws() says
+/// so, the layer calls this select, telling it the mode, step and token numbering. Its plain
+/// select is what it does at evaluation.
+template <class P>
+concept RouterDraws = Router<P> && requires(const P& p, ConstMatrixRef<double> selection, ConstMatrixRef<double> scores,
+                                            const RouterContext& context, Routing<double>& out) {
+  { p.draws() } -> std::same_as<bool>;
+  p.select(selection, scores, context, out);
+};
+
+/// A router that may jitter its input in training (TopK's jitter option): the layer multiplies
+/// each element of the router's copy of x by a draw from [1 − ε, 1 + ε) (the experts see x
+/// itself) and gives x and router.weight the jittered product's gradient.
+template <class P>
+concept RouterJittersInput = Router<P> && requires(const P& p) {
+  { p.input_jitter() } -> std::same_as<InputJitter>;
+};
+
 /// Keeps expert load even: loss terms with their gradient, and/or a bias on selection.
 /// docs/policies/balance.md
 template <class P>

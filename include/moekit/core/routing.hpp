@@ -38,17 +38,40 @@ enum class ScoreFn { softmax, sigmoid };
 /// DeepSeek, Qwen), or its input, y = Σ_k expert_k(w_k · x) (Llama 4).
 enum class WeightAt { output, input };
 
+/// What a router that draws in training is told at select: the layer's mode, its step and this
+/// rank's first token in the numbering of the whole batch (core/random.hpp's counter).
+struct RouterContext {
+  bool training = true;
+  std::uint64_t step = 0;
+  Index first_token = 0;
+};
+
+/// Multiplicative jitter of the router's input in training (Switch Transformer): ε = 0 is none;
+/// the draws come from `seed` (core/random.hpp).
+struct InputJitter {
+  double epsilon = 0;
+  std::uint64_t seed = 0;
+};
+
 inline constexpr std::string_view to_string(ScoreFn f) {
   return f == ScoreFn::softmax ? "softmax" : "sigmoid";
 }
 
 /// The router's decision for T tokens: K experts each, best first, and their combine weights.
+/// A router may leave a choice empty (GShard's second expert, when not drawn): its index is then
+/// ~e < 0, e the expert it passed over (which its backward may need), and it gets no row.
 template <Scalar T>
 struct Routing {
   Index tokens = 0;
   int top_k = 0;
-  std::vector<Index> index;  // [T,K] expert of choice (t,k)
-  std::vector<T> weight;     // [T,K] its combine weight
+  std::vector<Index> index;  // [T,K] expert of choice (t,k), or ~expert for an empty choice
+  std::vector<T> weight;     // [T,K] its combine weight (0 for an empty choice)
+
+  /// The index of a choice left empty that passed over `expert`; whether an index is one; the
+  /// expert an index names either way.
+  static constexpr Index left_empty(Index expert) { return ~expert; }
+  static constexpr bool is_empty(Index index) { return index < 0; }
+  static constexpr Index expert_of(Index index) { return index < 0 ? ~index : index; }
 
   void resize(Index t, int k) {
     tokens = t;
@@ -93,10 +116,13 @@ struct Plan {
 
   /// The counting sort every plan starts from: each choice c with keep(c), of expert index[c],
   /// gets the next row of that expert's block, in choice order (experts, then tokens, then k);
-  /// the others are dropped. Sets counts, offsets, slot, source and dropped, after reset().
+  /// the others are dropped. A choice the router left empty gets no row and is not a drop. Sets
+  /// counts, offsets, slot, source and dropped, after reset().
   template <class Keep>
   void place(std::span<const Index> index, Keep keep) {
+    const auto placed = [&](std::size_t c) { return index[c] >= 0 && keep(c); };
     for (std::size_t c = 0; c < index.size(); ++c) {
+      if (index[c] < 0) continue;
       if (keep(c)) ++counts[static_cast<std::size_t>(index[c])];
       else ++dropped;
     }
@@ -104,7 +130,7 @@ struct Plan {
     source.resize(static_cast<std::size_t>(rows()));
     std::fill(counts.begin(), counts.end(), 0);  // each block's fill cursor, back to its count at the end
     for (std::size_t c = 0; c < index.size(); ++c) {
-      if (!keep(c)) continue;
+      if (!placed(c)) continue;
       const auto e = static_cast<std::size_t>(index[c]);
       const Index row = offsets[e] + counts[e]++;
       slot[c] = row;

@@ -99,7 +99,8 @@ struct Capacity {
   void plan(const Routing<T>& routing, Index experts, Plan& plan) const {
     plan.reset(routing.tokens, experts, routing.top_k);
     plan.place(routing.index, [](std::size_t) { return true; });
-    // plan.slot serves first as the dropless order: choices grouped by expert, in token order.
+    // plan.slot serves first as the dropless order: the placed choices grouped by expert, in token
+    // order (fewer than T·K when the router left choices empty).
     std::vector<Index>& order = plan.slot;
     order.assign(plan.source.begin(), plan.source.end());
     const Index largest = experts ? *std::max_element(plan.counts.begin(), plan.counts.end()) : 0;
@@ -141,7 +142,7 @@ struct Capacity {
       row += size;
     }
     plan.set_offsets();
-    std::fill(order.begin(), order.end(), Plan::no_slot);  // now the real slot table
+    plan.slot.assign(static_cast<std::size_t>(routing.choices()), Plan::no_slot);  // now the real slot table
     for (Index r = 0; r < rows; ++r)
       if (source[static_cast<std::size_t>(r)] != Plan::no_slot)
         plan.slot[static_cast<std::size_t>(source[static_cast<std::size_t>(r)])] = r;

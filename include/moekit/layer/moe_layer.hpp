@@ -14,6 +14,7 @@
 #include <moekit/core/gemm.hpp>
 #include <moekit/core/detail/tiles.hpp>
 #include <moekit/core/error.hpp>
+#include <moekit/core/random.hpp>
 #include <moekit/dispatch/batch_plan.hpp>
 #include <moekit/dispatch/permute.hpp>
 #include <moekit/expert/activation.hpp>
@@ -263,10 +264,17 @@ class BasicMoELayer {
     return s;
   }
   /// Marks a step boundary (after the optimizer step): balancers that adapt between steps, such
-  /// as AuxFree's bias, update here. Does nothing for the others.
+  /// as AuxFree's bias, update here, and the step that random draws are counted from advances.
   void end_step() {
     if constexpr (BalancerSteps<B, T>) balancer_.template step<T>(balance_context(), balance_state_);
+    ++step_;
   }
+
+  /// The step random draws come from (the router's jitter): 0 when the layer is built, one more
+  /// at each end_step(). Every forward of a step draws the same numbers; set_step replays a step
+  /// or resumes a run. docs/concepts.md#random
+  std::uint64_t step() const { return step_; }
+  void set_step(std::uint64_t step) { step_ = step; }
 
   /// The balancer's state (AuxFree: its bias and counts).
   const typename B::template State<T>& balance_state() const { return balance_state_; }
@@ -446,14 +454,67 @@ class BasicMoELayer {
   std::span<const T> output_weights() const { return weights_scale_input() ? std::span<const T>() : std::span<const T>(routing_.weight); }
   auto scores() { return scores_.matrix(tokens_, shape_.experts); }
 
-  /// Keeps x (which also lets y alias it), then logits = x·Wᵀ, turned into scores by the router.
+  /// Whether this forward jitters the router's input: in training, with a router's jitter ε > 0.
+  bool jitters_input() const {
+    if constexpr (RouterJittersInput<R>) return training_ && router_.input_jitter().epsilon > 0;
+    return false;
+  }
+  /// Whether this forward's router draws as it selects: in training, if it says it does.
+  bool router_draws() const {
+    if constexpr (RouterDraws<R>) return training_ && router_.draws();
+    return false;
+  }
+  /// The x the router reads: x itself, or x jittered.                                      [T,H]
+  auto router_input() { return jittered_ ? jittered_input_.matrix(tokens_, shape_.hidden) : input(); }
+  /// The factors x was jittered by, if it was.                                           [T,H]
+  MatrixMap<T> jitter_factors() {
+    return jittered_ ? jitter_factors_.matrix(tokens_, shape_.hidden) : MatrixMap<T>(nullptr, 0, 0);
+  }
+
+  /// Rows [first, first + n) of the router's x: x times a draw from [1 − ε, 1 + ε) per element,
+  /// counted by (seed, step, the token's number in the whole batch, column).
+  void jitter_rows(Index first, Index n, Index batch_first_token, ConstMatrixRef<T> input, MatrixRef<T> factors,
+                   MatrixRef<T> jittered) const {
+    if constexpr (RouterJittersInput<R>) {
+      const auto [epsilon, seed] = router_.input_jitter();
+      for (Index t = first; t < first + n; ++t) {
+        const std::uint64_t token = token_bits({seed, step_, batch_first_token + t, 0, RandomStream::jitter});
+        for (Index h = 0; h < shape_.hidden; ++h) {
+          factors(t, h) = T(jitter_of(uniform_of(lane_bits(token, h)), epsilon));
+          jittered(t, h) = input(t, h) * factors(t, h);
+        }
+      }
+    }
+  }
+
+  /// This rank's first token in the numbering of the whole batch: the tokens of the ranks before it.
+  Index batch_first_token() const {
+    const BatchGroup& batch = parallel_.batch();
+    if (batch.size() == 1) return 0;
+    const double mine = static_cast<double>(tokens_);
+    std::vector<double> all;
+    std::vector<Index> counts;
+    batch.gather(std::span<const double>(&mine, 1), all, counts);
+    Index first = 0;
+    for (int r = 0; r < batch.rank(); ++r) first += static_cast<Index>(all[static_cast<std::size_t>(r)]);
+    return first;
+  }
+
+  /// Keeps x (which also lets y alias it), then logits = x·Wᵀ (x jittered, if the router asks),
+  /// turned into scores by the router.
   void score(ConstMatrixRef<T> x) {
     auto input = this->input();
     auto scores = this->scores();
+    jittered_ = jitters_input();
+    first_token_ = jittered_ || router_draws() ? batch_first_token() : 0;
+    const Index first_token = first_token_;
+    auto router_input = this->router_input();
+    auto factors = jitter_factors();
     workspace_.ready();
     detail::for_each_block(tokens_, token_block, [&](Index first, Index n) {
       input.middleRows(first, n) = x.middleRows(first, n);
-      gemm(workspace_, scores.middleRows(first, n), input.middleRows(first, n),
+      if (jittered_) jitter_rows(first, n, first_token, input, factors, router_input);
+      gemm(workspace_, scores.middleRows(first, n), router_input.middleRows(first, n),
                    parameters_.router_weight().matrix().transpose());
       if (logit_bias_) scores.middleRows(first, n).rowwise() += parameters_.router_bias().matrix().row(0);
     });
@@ -464,15 +525,21 @@ class BasicMoELayer {
   }
 
   /// The router's K choices and their weights; a balancer that selects shapes what the router
-  /// picks on, never the weights.
+  /// picks on, never the weights. A router that draws is told the mode, step and token numbering.
   void select() {
     auto scores = this->scores();
+    auto choose = [&](ConstMatrixRef<T> selection) {
+      if constexpr (RouterDraws<R>)
+        if (router_draws())
+          return router_.template select<T>(selection, scores, RouterContext{training_, step_, first_token_}, routing_);
+      router_.template select<T>(selection, scores, routing_);
+    };
     if constexpr (BalancerSelects<B, T>) {
       auto selection = selection_.matrix(tokens_, shape_.experts);
       balancer_.template select<T>(scores, balance_context(), balance_state_, selection);
-      router_.template select<T>(selection, scores, routing_);
+      choose(selection);
     } else {
-      router_.template select<T>(scores, scores, routing_);
+      choose(scores);
     }
   }
 
@@ -534,19 +601,21 @@ class BasicMoELayer {
     }
   }
 
-  /// dx = d_logits·W + the scatter of d_rows to their tokens; the router's gradient
-  /// d_logitsᵀ·x, by blocks of H columns, each summed over all tokens. dy was read for the last
-  /// time before, so dx may alias it.
+  /// dx = d_logits·W (times the jitter factors, if x was jittered) + the scatter of d_rows to
+  /// their tokens; the router's gradient d_logitsᵀ·(the router's x), by blocks of H columns, each
+  /// summed over all tokens. dy was read for the last time before, so dx may alias it.
   void score_backward(ConstMatrixRef<T> d_logits, ConstMatrixRef<T> d_rows, MatrixRef<T> dx) {
+    const auto factors = jitter_factors();
     workspace_.ready();
     detail::for_each_block(tokens_, token_block, [&](Index first, Index n) {
       gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n),
                    parameters_.router_weight().matrix());
+      if (jittered_) dx.middleRows(first, n).array() *= factors.middleRows(first, n).array();
       scatter_add<T>(plan_, d_rows, first, n, dx);
     });
     auto d_router = parameters_.router_gradient().matrix();
     if (logit_bias_) parameters_.router_bias_gradient().matrix() += d_logits.colwise().sum();
-    const auto input = this->input();
+    const auto input = router_input();
     detail::for_each_block(shape_.hidden, hidden_block, [&](Index first, Index n) {
       gemm_add(workspace_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
     });
@@ -638,6 +707,9 @@ class BasicMoELayer {
   // Saved by forward for backward; buffers grow to the largest batch and are reused.
   bool have_forward_ = false;
   bool training_ = !quantises_weights;  // train() or eval()
+  bool jittered_ = false;                // the last forward's router read x jittered
+  std::uint64_t step_ = 0;               // what random draws count from; end_step() advances it
+  Index first_token_ = 0;                // this rank's first token in the whole batch, for random draws
   std::vector<Index> sequence_offsets_;   // [B+1] from set_sequences(); empty: one sequence
   Index tokens_ = 0;
   Routing<T> routing_;
@@ -648,6 +720,7 @@ class BasicMoELayer {
   std::vector<typename X::template Saved<T>> expert_saved_ = std::vector<typename X::template Saved<T>>(1);  // one per chunk
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H] (backward: d_rows, d_out)
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
+  detail::Buffer<T> jittered_input_, jitter_factors_;     // [T,H] [T,H] the router's jittered x, its factors
   detail::Buffer<T> d_logits_;                            // [T,E]
   std::vector<T> d_weight_;                               // [T,K]
   Workspace<T> workspace_;                                // packing buffers of all the layer's GEMMs

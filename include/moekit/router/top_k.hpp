@@ -7,6 +7,7 @@
 #include <moekit/core/token_loops.hpp>
 #include <moekit/core/detail/top_k.hpp>
 #include <moekit/core/error.hpp>
+#include <moekit/core/random.hpp>
 #include <moekit/core/routing.hpp>
 
 namespace moekit {
@@ -32,6 +33,13 @@ enum class GroupScore {
 ///
 /// weight_at = WeightAt::input applies each weight to the expert's input rather than its output:
 /// y = Σ_k expert_k(weight_k · x) (Llama 4), not Σ_k weight_k · expert_k(x).
+///
+/// jitter = ε > 0 multiplies, in training only, each element of the router's copy of x by a draw
+/// from [1 − ε, 1 + ε) (Switch Transformer); the layer draws them (RouterJittersInput).
+///
+/// random_second = θ > 0 (K = 2, GShard): in training, the second choice is kept with probability
+/// min(1, p₂ / θ), p₂ = s₂ / (s₁ + s₂), and otherwise left empty; the first choice's weight is
+/// what it would have been (not renormalised). The draw is the counter's (seed, step, token).
 template <int K>
 struct TopK {
   static_assert(K >= 1, "moekit::TopK<K>: K must be at least 1 (TopK<1> is Switch routing)");
@@ -49,6 +57,9 @@ struct TopK {
     GroupScore group_score = GroupScore::top2_sum;  // DeepSeek-V3's; max is DeepSeek-V2's
     WeightAt weight_at = WeightAt::output;  // Llama 4: input (the weight scales x into the expert)
     bool logit_bias = false;  // GPT-OSS: logits = x·Wᵀ + b, b the parameter router.logit_bias [E]
+    double jitter = 0;        // Switch: 1e-2, the router's x times U[1 − jitter, 1 + jitter) in training
+    double random_second = 0;  // GShard: 0.2 (θ); K = 2: the second expert kept with probability min(1, p₂/θ) in training
+    std::uint64_t seed = 0;   // of the jitter's and the second expert's draws
   };
   static constexpr int max_groups = 64;
   Options options{};
@@ -61,6 +72,12 @@ struct TopK {
             "router would get no gradient; set normalize = false (Switch routing)");
     require(std::isfinite(options.scale) && options.scale > 0,
             "moekit::TopK: scale = ", options.scale, "; expected a finite number > 0");
+    require(options.jitter >= 0 && options.jitter < 1,
+            "moekit::TopK: jitter = ", options.jitter, "; expected 0 <= jitter < 1 (Switch: 1e-2)");
+    require(options.random_second >= 0 && std::isfinite(options.random_second), "moekit::TopK: random_second = ",
+            options.random_second, "; expected a finite θ >= 0 (GShard: 0.2; 0: the second expert always kept)");
+    require(options.random_second == 0 || K == 2, "moekit::TopK: random_second = ", options.random_second,
+            " with K = ", K, "; expected K = 2 (GShard's random second expert is a top-2 rule)");
     if (options.groups == 1) return;
     const Index groups = options.groups, kept = options.groups_kept;
     require(groups >= 1 && groups <= max_groups && shape.experts % groups == 0, "moekit::TopK: groups = ", groups,
@@ -76,6 +93,8 @@ struct TopK {
   ScoreFn score_function() const { return options.score; }
   WeightAt weight_at() const { return options.weight_at; }
   bool logit_bias() const { return options.logit_bias; }
+  InputJitter input_jitter() const { return {options.jitter, options.seed}; }
+  bool draws() const { return options.random_second > 0; }
 
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>
@@ -112,6 +131,23 @@ struct TopK {
     });
   }
 
+  /// select, then in training GShard's draw of each token's second expert (random_second).
+  template <Scalar T>
+  void select(ConstMatrixRef<T> selection, ConstMatrixRef<T> scores, const RouterContext& context,
+              Routing<T>& out) const {
+    select<T>(selection, scores, out);
+    if (K != 2 || !context.training || options.random_second == 0) return;
+    for_each_token(scores.rows(), [&](Index t) {
+      Index* index = &out.index[static_cast<std::size_t>(t * K)];
+      const double first = scores(t, index[0]), second = scores(t, index[1]);
+      const double kept = second / (first + second + normalize_epsilon) / options.random_second;
+      const RandomCounter counter{options.seed, context.step, context.first_token + t, 0, RandomStream::second_expert};
+      if (random_uniform(counter) < kept) return;
+      index[1] = Routing<T>::left_empty(index[1]);
+      out.weight[static_cast<std::size_t>(t * K + 1)] = 0;
+    });
+  }
+
   /// The K experts of one token's selection row under group-limited routing (see above).
   template <Scalar T>
   void select_in_groups(const T* selection, Index experts, Index* index) const {
@@ -137,8 +173,15 @@ struct TopK {
   void backward(ConstMatrixRef<T> scores, const Routing<T>& routing,
                 std::span<const T> d_weight, MatrixRef<T> d_logits) const {
     for_each_token(scores.rows(), [&](Index t) {
-      const Index* index = &routing.index[static_cast<std::size_t>(t * K)];
-      const T* g = &d_weight[static_cast<std::size_t>(t * K)];
+      // An empty choice's weight is a constant 0, but its passed-over expert still counts in the
+      // normalisation of the others.
+      Index index[K];
+      T g[K];
+      for (int k = 0; k < K; ++k) {
+        const auto c = static_cast<std::size_t>(t * K + k);
+        index[k] = Routing<T>::expert_of(routing.index[c]);
+        g[k] = Routing<T>::is_empty(routing.index[c]) ? T(0) : d_weight[c];
+      }
       T d_score[K];  // d(loss)/d(s_k)
       if (options.normalize) {
         T sum = T(normalize_epsilon), dot = 0;

@@ -1,0 +1,90 @@
+// The counter-based draws (core/random.hpp): a pure function of the counter, uniform on [0, 1),
+// unrelated across neighbouring counters, and jitter inside its interval.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cmath>
+#include <set>
+
+#include <moekit/core/random.hpp>
+
+namespace moekit {
+namespace {
+
+TEST(Random, TheSameCounterGivesTheSameBitsAndEveryFieldMatters) {
+  const RandomCounter c{.seed = 7, .step = 3, .token = 1000, .lane = 5};
+  EXPECT_EQ(random_bits(c), random_bits(c));
+  std::set<std::uint64_t> words{random_bits(c)};
+  words.insert(random_bits({8, 3, 1000, 5}));
+  words.insert(random_bits({7, 4, 1000, 5}));
+  words.insert(random_bits({7, 3, 1001, 5}));
+  words.insert(random_bits({7, 3, 1000, 6}));
+  words.insert(random_bits({7, 3, 5, 1000}));  // token and lane are not interchangeable
+  words.insert(random_bits({7, 3, 1000, 5, RandomStream::second_expert}));
+  EXPECT_EQ(words.size(), 7u);
+  static_assert(random_bits({1, 2, 3, 4}) == random_bits({1, 2, 3, 4}), "a constant expression");
+  // A token's lanes from its shared bits, as the layer's loops draw them, are the same draws.
+  for (Index lane = 0; lane < 100; ++lane)
+    EXPECT_EQ(lane_bits(token_bits(c), lane), random_bits({c.seed, c.step, c.token, lane, c.stream}));
+}
+
+// 2^18 draws over tokens × lanes: the mean and variance of U[0, 1) within five standard errors,
+// and 64 equal bins within a chi-square bound that a uniform source exceeds with probability 2e-6.
+TEST(Random, UniformDrawsHaveUniformStatistics) {
+  constexpr int tokens = 4096, lanes = 64, bins = 64;
+  constexpr double n = double(tokens) * lanes;
+  double sum = 0, sum_squares = 0;
+  std::array<double, bins> count{};
+  for (Index t = 0; t < tokens; ++t)
+    for (Index h = 0; h < lanes; ++h) {
+      const double u = random_uniform({.seed = 1, .step = 0, .token = t, .lane = h});
+      ASSERT_GE(u, 0.0);
+      ASSERT_LT(u, 1.0);
+      sum += u;
+      sum_squares += u * u;
+      ++count[static_cast<std::size_t>(u * bins)];
+    }
+  const double mean = sum / n, variance = sum_squares / n - mean * mean;
+  EXPECT_NEAR(mean, 0.5, 5 * std::sqrt(1.0 / 12 / n));
+  EXPECT_NEAR(variance, 1.0 / 12, 5 * std::sqrt(1.0 / 180 / n));  // Var(s²) ≈ (μ₄ − σ⁴)/n = 1/(180n)
+  double chi_square = 0;
+  for (double c : count) chi_square += (c - n / bins) * (c - n / bins) / (n / bins);
+  EXPECT_LT(chi_square, 128.8) << "63 degrees of freedom; P(χ² > 128.8) = 2e-6";
+}
+
+// Neighbouring counters (the next lane, token, step, seed; the other stream) are uncorrelated: |r| below five standard
+// errors of a correlation over n pairs (1/√n).
+TEST(Random, NeighbouringCountersAreUncorrelated) {
+  constexpr int n = 1 << 16;
+  for (const RandomCounter step : {RandomCounter{0, 0, 0, 1}, RandomCounter{0, 0, 1, 0}, RandomCounter{0, 1, 0, 0},
+                                   RandomCounter{1, 0, 0, 0}, RandomCounter{0, 0, 0, 0, RandomStream::second_expert}}) {
+    double sxy = 0, sx = 0, sy = 0, sxx = 0, syy = 0;
+    for (Index i = 0; i < n; ++i) {
+      const RandomCounter a{.seed = 3, .step = 9, .token = i, .lane = 17};
+      const RandomCounter b{a.seed + step.seed, a.step + step.step, a.token + step.token, a.lane + step.lane, step.stream};
+      const double x = random_uniform(a), y = random_uniform(b);
+      sx += x, sy += y, sxy += x * y, sxx += x * x, syy += y * y;
+    }
+    const double r = (sxy / n - sx / n * sy / n) /
+                     std::sqrt((sxx / n - sx / n * sx / n) * (syy / n - sy / n * sy / n));
+    EXPECT_LT(std::abs(r), 5 / std::sqrt(double(n)))
+        << "counters one apart in seed, step, token, lane, stream: " << step.seed << step.step << step.token << step.lane
+        << static_cast<int>(step.stream);
+  }
+}
+
+TEST(Random, JitterStaysInItsIntervalAndCoversIt) {
+  double low = 2, high = 0;
+  for (Index t = 0; t < 20000; ++t) {
+    const double f = jitter_factor({.seed = 2, .token = t}, 0.01);
+    ASSERT_GE(f, 0.99);
+    ASSERT_LT(f, 1.01);
+    low = std::min(low, f), high = std::max(high, f);
+  }
+  EXPECT_LT(low, 0.9901);
+  EXPECT_GT(high, 1.0099);
+  EXPECT_EQ(jitter_factor({.token = 4}, 0.0), 1.0);
+}
+
+}  // namespace
+}  // namespace moekit
