@@ -74,7 +74,14 @@ struct GShardTopK2 : moekit::TopK<2> {
   static constexpr std::string_view name = "GShardTopK";
   GShardTopK2() { options.random_second = 0.2; }
 };
-using Routers = List<moekit::TopK<1>, JitteredTopK1, moekit::TopK<2>, GShardTopK2, moekit::TopK<4>>;
+/// Shazeer's noisy top-2 gating: the noise GEMM, the draws and the noise's gradient.
+struct NoisyTopK2 : moekit::TopK<2> {
+  static constexpr std::string_view name = "NoisyTopK";
+  NoisyTopK2() { options.noisy_gating = true; }
+};
+using Routers = List<moekit::TopK<1>, JitteredTopK1, moekit::TopK<2>, GShardTopK2, NoisyTopK2, moekit::TopK<4>>;
+/// Shazeer's two losses, which read noisy gating's logits, beside the other balancers.
+using ShazeerLosses = moekit::Balanced<moekit::ImportanceLoss, moekit::LoadLoss>;
 using Balancers = List<moekit::AuxLoss, moekit::NoBalance, moekit::Sinkhorn, moekit::AuxFree, moekit::ZLoss>;
 using Dispatchers = List<moekit::Dropless, moekit::Capacity>;
 using Experts = List<moekit::GroupedGemm, moekit::GroupedGemmType<moekit::GeLU>, moekit::GroupedGemmType<moekit::ReLU>>;
@@ -397,6 +404,7 @@ void register_all(const std::vector<int>& thread_counts, const std::vector<Shape
     auto policy_shape = [](int k) { return Shape{512, 1024, 2816, 8, k}; };
     for_each_policy(Routers{}, [&]<class R>() { register_layer<Layer<R>>(policy_shape(R::top_k), threads, seen); });
     for_each_policy(Balancers{}, [&]<class B>() { register_layer<Layer<moekit::TopK<2>, B>>(policy_shape(2), threads, seen); });
+    register_layer<Layer<NoisyTopK2, ShazeerLosses>>(policy_shape(2), threads, seen);
     for_each_policy(Dispatchers{}, [&]<class D>() {
       register_layer<Layer<moekit::TopK<2>, moekit::AuxLoss, D>>(policy_shape(2), threads, seen);
     });

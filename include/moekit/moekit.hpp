@@ -33,6 +33,7 @@
 #include <moekit/balance/aux_free.hpp>
 #include <moekit/balance/aux_loss.hpp>
 #include <moekit/balance/balanced.hpp>
+#include <moekit/balance/importance_and_load.hpp>
 #include <moekit/balance/no_balance.hpp>
 #include <moekit/balance/seq_aux_loss.hpp>
 #include <moekit/balance/sinkhorn.hpp>

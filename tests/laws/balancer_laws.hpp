@@ -5,7 +5,8 @@
 //   using MyBalancers = ::testing::Types<MyBalancer>;
 //   INSTANTIATE_TYPED_TEST_SUITE_P(Mine, BalancerLaws, MyBalancers, moekit::laws::CaseName);
 //
-// The balancer is run beside a TopK<2> router (softmax) over one process's batch.
+// The balancer is run beside a TopK<2> router (softmax) over one process's batch; one that reads
+// noisy gating's logits gets them as the layer makes them, from fixed noise logits and draws.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -47,21 +48,31 @@ class BalancerLaws : public ::testing::Test {
   };
 
   /// One forward and backward of the router and the balancer, as the layer runs them, from a
-  /// fresh state: score, select (the balancer's, if it has one, then the router's), the loss,
-  /// the kept counts if it counts them, and the loss's gradient in the logits.
+  /// fresh state: noisy gating's noise if the balancer reads it, score, select (the balancer's,
+  /// if it has one, then the router's), the loss, the kept counts if it counts them, and the
+  /// loss's gradient in the (clean) logits, through the weights if it reads them.
   Step run(const Matrix<double>& logits) const {
     typename B::template State<double> state{};
+    BalanceContext context = this->context;
+    context.experts = logits.cols();
     Step s;
-    Matrix<double> scores = logits;
-    if constexpr (BalancerReadsLogits<B, double>) balancer.logits(ConstMatrixRef<double>(logits), context, state);
+    Matrix<double> noisy = logits, noise;  // H = logits + n ⊙ softplus(noise), as the layer's noisy gating
+    if constexpr (BalancerReadsNoisyLogits<B, double>) {
+      noise = test::random_matrix(logits.rows(), logits.cols(), 14);
+      noisy += test::random_matrix(logits.rows(), logits.cols(), 15).cwiseProduct(noise.unaryExpr(&softplus<double>));
+      balancer.noisy_logits(NoisyLogits<double>{logits, noisy, noise}, context, state);
+    }
+    Matrix<double> scores = noisy;
+    if constexpr (BalancerReadsLogits<B, double>) balancer.logits(ConstMatrixRef<double>(noisy), context, state);
     router.score(MatrixRef<double>(scores));
     if constexpr (BalancerSelects<B, double>) {
-      s.selection = logits;
+      s.selection = noisy;
       balancer.select(ConstMatrixRef<double>(scores), context, state, MatrixRef<double>(s.selection));
       router.select(ConstMatrixRef<double>(s.selection), ConstMatrixRef<double>(scores), s.routing);
     } else {
       router.select(ConstMatrixRef<double>(scores), ConstMatrixRef<double>(scores), s.routing);
     }
+    if constexpr (BalancerReadsWeights<B, double>) balancer.weights(s.routing, context, state);
     s.loss = balancer.forward(ConstMatrixRef<double>(scores), context, state);
     if constexpr (BalancerCountsLoad<B, double>) {
       std::vector<Index> load(static_cast<std::size_t>(logits.cols()), 0);
@@ -69,7 +80,20 @@ class BalancerLaws : public ::testing::Test {
       balancer.routed(std::span<const Index>(load), state);
     }
     s.d_logits = Matrix<double>::Zero(logits.rows(), logits.cols());
+    if constexpr (BalancerReadsWeights<B, double>) {
+      std::vector<double> d_weight(s.routing.weight.size(), 0.0);
+      balancer.weights_backward(s.routing, context, state, std::span<double>(d_weight));
+      router.backward(ConstMatrixRef<double>(scores), s.routing, std::span<const double>(d_weight),
+                      MatrixRef<double>(s.d_logits));
+    }
     balancer.backward(ConstMatrixRef<double>(scores), context, state, MatrixRef<double>(s.d_logits));
+    if constexpr (BalancerReadsNoisyLogits<B, double>) {  // d(H) is d(logits), and the term's own share
+      Matrix<double> d_clean = Matrix<double>::Zero(logits.rows(), logits.cols()), d_noise = d_clean;
+      balancer.noisy_logits_backward(NoisyLogits<double>{logits, noisy, noise}, context, state,
+                                     MatrixRef<double>(s.d_logits), MatrixRef<double>(d_clean),
+                                     MatrixRef<double>(d_noise));
+      s.d_logits += d_clean;
+    }
     return s;
   }
 };

@@ -93,7 +93,8 @@ using Routers =
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
 using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, SinkhornAtEvaluation, ZLoss, NoBalance,
-                                   SeqAuxLoss, Balanced<AuxLoss, ZLoss>, Balanced<AuxFree, SeqAuxLoss>>;
+                                   SeqAuxLoss, Balanced<AuxLoss, ZLoss>, Balanced<AuxFree, SeqAuxLoss>,
+                                   ImportanceLoss, LoadLoss>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, BalancerLaws, Balancers, CaseName);
 
 using Dispatchers = ::testing::Types<Dropless, Capacity, DroppingCapacity, PaddedByPosition, LargestCount, Renormalized>;

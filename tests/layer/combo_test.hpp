@@ -6,8 +6,11 @@
 #include <gtest/gtest.h>
 #include <tbb/global_control.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <numeric>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -28,14 +31,19 @@ class LayerCombo : public ::testing::Test {
  protected:
   using T = typename Layer::scalar_type;
   using R = typename Layer::router_type;
+  using B = typename Layer::balancer_type;
   using X = typename Layer::expert_type;
   static constexpr int K = Layer::top_k;
 
   static LayerConfig config() { return {.hidden = 6, .ffn = 5, .experts = K > 2 ? 6 : 4, .seed = 11}; }
 
-  /// The router settings of the models moekit follows, all valid for this K.
+  /// The router settings of the models moekit follows, all valid for this K; only those with
+  /// noisy gating for a balancer that reads its logits.
   static std::vector<typename R::Options> router_variants() {
     using O = typename R::Options;
+    if constexpr (BalancerReadsNoisyLogits<B, T>)
+      return {O{.normalize = true, .noisy_gating = true, .seed = 7},  // Shazeer's
+              O{.score = ScoreFn::sigmoid, .normalize = true, .scale = 2.5, .noisy_gating = true, .seed = 8}};
     const int groups = static_cast<int>(config().experts / 2);  // of two experts each
     if constexpr (K == 1)
       return {O{ScoreFn::softmax, false, 1.0}, O{ScoreFn::sigmoid, false, 1.0},
@@ -45,7 +53,10 @@ class LayerCombo : public ::testing::Test {
     std::vector<O> variants{O{ScoreFn::softmax, true, 1.0}, O{ScoreFn::softmax, false, 1.0},
                             O{ScoreFn::sigmoid, true, 2.5}, O{ScoreFn::sigmoid, false, 1.0},
                             O{ScoreFn::sigmoid, true, 2.5, groups, K / 2, GroupScore::top2_sum}};  // DeepSeek-V3's
-    if constexpr (K == 2) variants.push_back(O{.normalize = true, .random_second = 0.6, .seed = 3});  // GShard's
+    if constexpr (K == 2) {
+      variants.push_back(O{.normalize = true, .random_second = 0.6, .seed = 3});  // GShard's
+      variants.push_back(O{.normalize = true, .noisy_gating = true, .seed = 7});  // Shazeer's
+    }
     return variants;
   }
 
@@ -60,10 +71,29 @@ class LayerCombo : public ::testing::Test {
       layer.expert().options.row_tile = 3;
       layer.expert().options.column_tile = 2;
     }
+    if constexpr (!L::quantises_weights)  // noise of a scale that differs by token and expert, not 0's
+      if (router_options.noisy_gating) {
+        auto w = layer.parameter("router.noise_weight").values();
+        const Matrix<T> drawn = random(1, Index(w.size()), 17);
+        std::copy(drawn.data(), drawn.data() + drawn.size(), w.begin());
+      }
     return layer;
   }
 
   static Matrix<T> random(Index rows, Index cols, unsigned seed) { return random_matrix<T>(rows, cols, seed); }
+
+  /// What noisy gating adds to the logits of `layer` in training: n ⊙ softplus(x·W_nᵀ), n the
+  /// draws its options name; none (an empty matrix) otherwise.
+  template <class L>
+  static Matrix<double> logit_noise(const Matrix<double>& routed_x, const typename R::Options& options, const L& layer) {
+    if (!options.noisy_gating || !layer.training()) return {};
+    const Matrix<double> noise = routed_x * layer.parameter("router.noise_weight").matrix().template cast<double>().transpose();
+    Matrix<double> added(noise.rows(), noise.cols());
+    for (Index t = 0; t < noise.rows(); ++t)
+      for (Index e = 0; e < noise.cols(); ++e)
+        added(t, e) = random_normal({options.seed, layer.step(), t, e, RandomStream::logit_noise}) * softplus(noise(t, e));
+    return added;
+  }
 
   /// The x the router of `layer` reads: x, or in training x jittered by the draws its options name.
   template <class L>
@@ -84,29 +114,23 @@ class LayerCombo : public ::testing::Test {
       std::apply([](auto&... term) { (set_coefficients(term), ...); }, balancer.terms);
   }
 
-  /// The loss the balancer B reports, its coefficients set as above: from the reference's
-  /// auxiliary loss and the z-loss of x and the router's weights.
-  template <class B>
-  static double expected_balance_loss(double aux_loss, double z_loss) {
-    if constexpr (std::same_as<B, AuxLoss> || std::same_as<B, SeqAuxLoss>) return 0.5 * aux_loss;  // one sequence
-    if constexpr (std::same_as<B, ZLoss>) return 0.5 * z_loss;
-    if constexpr (requires { B{}.terms; })
-      return std::apply([&](const auto&... term) {
-        return (expected_balance_loss<std::remove_cvref_t<decltype(term)>>(aux_loss, z_loss) + ...);
-      }, B{}.terms);
-    return 0.0;
-  }
+  /// Each balancing term's loss without its coefficient, from the reference.
+  struct ReferenceTerms {
+    double aux_loss = 0, z_loss = 0, importance = 0, load = 0;
+  };
 
-  /// ST-MoE's z-loss without its coefficient: the mean over tokens of log Σ_e exp(x · w_e)².
-  static double z_loss(const Matrix<double>& x, const std::vector<double>& router_weight) {
-    const Index experts = static_cast<Index>(router_weight.size()) / x.cols();
-    const Matrix<double> logits = x * ConstMatrixMap<double>(router_weight.data(), experts, x.cols()).transpose();
-    double sum = 0;
-    for (Index t = 0; t < x.rows(); ++t) {
-      const double lse = std::log(logits.row(t).array().exp().sum());
-      sum += lse * lse;
-    }
-    return sum / double(x.rows());
+  /// The loss the balancer Bal reports, its coefficients set as above.
+  template <class Bal>
+  static double expected_balance_loss(const ReferenceTerms& r) {
+    if constexpr (std::same_as<Bal, AuxLoss> || std::same_as<Bal, SeqAuxLoss>) return 0.5 * r.aux_loss;  // one sequence
+    if constexpr (std::same_as<Bal, ZLoss>) return 0.5 * r.z_loss;
+    if constexpr (std::same_as<Bal, ImportanceLoss>) return 0.5 * r.importance;
+    if constexpr (std::same_as<Bal, LoadLoss>) return 0.5 * r.load;
+    if constexpr (requires { Bal{}.terms; })
+      return std::apply([&](const auto&... term) {
+        return (expected_balance_loss<std::remove_cvref_t<decltype(term)>>(r) + ...);
+      }, Bal{}.terms);
+    return 0.0;
   }
 
   static double error(ConstMatrixRef<T> a, ConstMatrixRef<T> b) {
@@ -153,11 +177,12 @@ class LayerCombo : public ::testing::Test {
         }
       }
       const Matrix<double> routed_x = router_input(x.template cast<double>(), options, layer);
+      const Matrix<double> noise_added = logit_noise(routed_x, options, layer);
       const auto ref = reference_forward(
           x.template cast<double>(), as_double("router.weight"),
           A::gated ? as_double("experts.gate") : std::vector<double>{}, as_double("experts.up"),
           as_double("experts.down"), layer.shape().experts, layer.shape().ffn, K,
-          {options.score, options.normalize, options.scale, &routed_x}, u, plain_selection ? nullptr : &forced, [&] {
+          {options.score, options.normalize, options.scale, &routed_x, noise_added.size() ? &noise_added : nullptr}, u, plain_selection ? nullptr : &forced, [&] {
             Biases b;
             if constexpr (requires { X::bias; })
               if (X::bias == ExpertBias::projections)
@@ -173,8 +198,18 @@ class LayerCombo : public ::testing::Test {
                       ref.chosen[static_cast<std::size_t>(t)][static_cast<std::size_t>(k)]);
       }
       // The balancer runs in float whatever the experts' precision.
-      const double expected_loss = expected_balance_loss<typename Layer::balancer_type>(
-          ref.aux_loss, z_loss(routed_x, as_double("router.weight")));
+      ReferenceTerms terms{ref.aux_loss, reference_z_loss(ref.logits), reference_cv_squared(ref.importance)};
+      if (options.noisy_gating) {
+        const auto [clean, noise] = [&] {
+          const auto weight = [&](std::string_view name) {
+            return ConstMatrixMap<double>(as_double(name).data(), layer.shape().experts, x.cols()).eval();
+          };
+          return std::pair{Matrix<double>(routed_x * weight("router.weight").transpose()),
+                           Matrix<double>(routed_x * weight("router.noise_weight").transpose())};
+        }();
+        terms.load = reference_cv_squared(reference_load(clean, ref.logits, noise, K));
+      }
+      const double expected_loss = expected_balance_loss<B>(terms);
       EXPECT_NEAR(layer.balance_loss(), expected_loss, 10 * tolerance<T>);
     }
   }
@@ -220,10 +255,14 @@ class LayerCombo : public ::testing::Test {
       }
       if constexpr (trains) {
         EXPECT_LT(error(layer.backward(dy), twin.backward(dy)), layer_tolerance<Layer>);
-        for (std::size_t p = 0; p < layer.gradients().size(); ++p)
-          EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()),
-                    layer_tolerance<Layer>)
+        for (std::size_t p = 0; p < layer.gradients().size(); ++p) {
+          // router.noise_weight's gradient, Σ_t (d_H ⊙ n ⊙ σ)ᵀ x with draws n of either sign, cancels
+          // more than the others: in bf16 its relative error reaches past the layer's tolerance.
+          const double bound = layer.gradients()[p].name() == "router.noise_weight" ? 2 * layer_tolerance<Layer>
+                                                                                     : layer_tolerance<Layer>;
+          EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()), bound)
               << layer.gradients()[p].name();
+        }
       }
     }
   }

@@ -1,7 +1,11 @@
 #pragma once
 // The typed-test matrix of the layer tests, from one list per kind: for one router, every
-// balancer × expert × scalar, and the selection-shaping pairs, as ::testing::Types named by the
-// layer ("TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32").
+// balancer with the default expert and every expert with the default balancer, each in every
+// scalar and precision, and the selection-shaping pairs, as ::testing::Types named by the layer
+// ("TopK2_AuxLoss_Dropless_GroupedGemmSwiGLU_SingleProcess_f32"). The balancers and the experts
+// vary around the default rather than in product: a balancer meets only the router's scores and
+// choices, an expert only its rows, so each pairing beyond one would test nothing new and cost
+// minutes of compilation.
 #include <gtest/gtest.h>
 
 #include <string>
@@ -17,14 +21,15 @@ struct List {};
 
 // ---- the layer tests' matrix: a new policy is one line in one of these lists -------------------
 
-/// Balancers run with Dropless, with every expert and scalar.
-using Balancers = List<AuxLoss, ZLoss, Balanced<AuxLoss, ZLoss>, NoBalance>;
-/// Experts run with every balancer above and every scalar.
+/// Balancers run with Dropless and the default expert (the first of each expert list), in every
+/// scalar and precision; the first is the default balancer.
+using Balancers = List<AuxLoss, ZLoss, Balanced<AuxLoss, ZLoss>, ImportanceLoss, NoBalance>;
+/// Experts run with Dropless and the default balancer, in every scalar.
 using Experts = List<GroupedGemm, GroupedGemmType<GeLU>, GroupedGemmType<ReLU>,
                     GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>, PerExpertLoop>;
 using Scalars = List<float, double>;
-/// Experts run in reduced precision (bf16 products, int8 weights; a float layer) with every
-/// balancer above.
+/// Experts run in reduced precision (bf16 products, int8 weights; a float layer) with the
+/// default balancer.
 using ReducedPrecisionExperts = List<GroupedGemm, GroupedGemmType<ClampedSwiGLU, ExpertBias::projections>>;
 /// The balancers and dispatchers that shape selection or drop, as (balancer, dispatcher) pairs,
 /// run with SelectionExperts (Sinkhorn with Capacity does not compile).
@@ -33,6 +38,9 @@ using SelectionPairs = List<List<Sinkhorn, Dropless>, List<AuxFree, Dropless>, L
                             List<NoBalance, Capacity>, List<AuxFree, Capacity>>;
 /// The default expert and the reference one.
 using SelectionExperts = List<GroupedGemm, PerExpertLoop>;
+/// Balancers that read noisy gating's logits (Shazeer's losses), run with TopK<2>'s noisy router
+/// settings only, the default expert and every scalar.
+using NoisyGatingBalancers = List<Balanced<ImportanceLoss, LoadLoss>>;
 
 // ---- the products of the lists ----------------------------------------------------------------
 
@@ -71,19 +79,33 @@ struct every_expert_and_scalar;
 template <class R, class Ps, class... X, class Ss>
 struct every_expert_and_scalar<R, Ps, List<X...>, Ss> : concat<typename every_scalar<R, Ps, X, Ss>::type...> {};
 
-template <class R, class Bs>
-struct every_balancer;
-template <class R, class... B>
-struct every_balancer<R, List<B...>>
-    : concat<typename every_expert_and_scalar<R, List<B>>::type...,
-             typename every_expert_and_scalar<R, List<B, bf16>, ReducedPrecisionExperts, List<float>>::type...> {};
+/// The first of a list, and the rest.
+template <class L>
+struct first_and_rest;
+template <class First, class... Rest>
+struct first_and_rest<List<First, Rest...>> {
+  using first = First;
+  using rest = List<Rest...>;
+};
 
-/// The layers that run forward only: int8 experts with every balancer.
+/// With router R and precision policies Qs (none, bf16 or int8): every balancer with the default
+/// expert, and every other expert with the default balancer, in the scalars Ss.
+template <class R, class Bs, class Xs, class Ss, class... Qs>
+struct around_the_default;
+template <class R, class... B, class Xs, class Ss, class... Qs>
+struct around_the_default<R, List<B...>, Xs, Ss, Qs...>
+    : concat<typename every_expert_and_scalar<R, List<B, Qs...>, List<typename first_and_rest<Xs>::first>, Ss>::type...,
+             typename every_expert_and_scalar<R, List<typename first_and_rest<List<B...>>::first, Qs...>,
+                                              typename first_and_rest<Xs>::rest, Ss>::type> {};
+
 template <class R, class Bs>
-struct every_int8_balancer;
-template <class R, class... B>
-struct every_int8_balancer<R, List<B...>>
-    : concat<typename every_expert_and_scalar<R, List<B, int8>, ReducedPrecisionExperts, List<float>>::type...> {};
+struct every_balancer
+    : concat<typename around_the_default<R, Bs, Experts, Scalars>::type,
+             typename around_the_default<R, Bs, ReducedPrecisionExperts, List<float>, bf16>::type> {};
+
+/// The layers that run forward only: int8 experts.
+template <class R, class Bs>
+struct every_int8_balancer : around_the_default<R, Bs, ReducedPrecisionExperts, List<float>, int8> {};
 
 template <class R, class Pairs>
 struct every_pair;
@@ -109,6 +131,16 @@ using InferenceCombos = typename as_gtest_types<typename every_int8_balancer<R, 
 /// The selection-shaping and dropping pairs with router R.
 template <class R>
 using SelectionCombos = typename as_gtest_types<typename every_pair<R, SelectionPairs>::type>::type;
+
+template <class Bs>
+struct every_noisy_gating_balancer;
+template <class... B>
+struct every_noisy_gating_balancer<List<B...>>
+    : concat<typename every_expert_and_scalar<TopK<2>, List<B, Dropless>, List<GroupedGemm>>::type...> {};
+
+/// NoisyGatingBalancers with TopK<2>.
+using NoisyGatingCombos =
+    typename as_gtest_types<typename every_noisy_gating_balancer<NoisyGatingBalancers>::type>::type;
 
 struct ComboName {
   template <class Layer>

@@ -1,9 +1,11 @@
 #pragma once
 // The layer's forward pass written out from the formulas, token by token, sharing no code with
 // the library: softmax/sigmoid scores, top-k by a stable sort, weights, each expert's FFN, the
-// aux loss. Tests hold the layer to it.
+// aux loss; and the balancing terms' formulas (z-loss, CV², Shazeer's load). Tests hold the
+// layer to them.
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -17,6 +19,7 @@ struct RouterSpec {
   bool normalize = true;
   double scale = 1.0;
   const Matrix<double>* router_input = nullptr;  // the x the router reads, if not x (jittered) [T,H]
+  const Matrix<double>* logit_noise = nullptr;   // added to the logits (noisy gating's n ⊙ softplus(x·W_nᵀ)) [T,E]
 };
 
 enum class Unit { swiglu, gelu, relu, clamped_swiglu };
@@ -30,6 +33,8 @@ struct ReferenceResult {
   Matrix<double> y;
   std::vector<std::vector<Index>> chosen;  // [T][K]
   double aux_loss = 0;                     // with coefficient 1
+  std::vector<double> importance;          // [E] each expert's sum of the kept choices' weights
+  Matrix<double> logits;                   // [T,E] what the router scored (noise included)
 };
 
 inline double unit(Unit u, double g) {
@@ -64,13 +69,16 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
   ReferenceResult r;
   r.y = Matrix<double>::Zero(tokens, hidden);
   std::vector<double> counts(static_cast<std::size_t>(experts)), column(static_cast<std::size_t>(experts));
+  r.importance.assign(static_cast<std::size_t>(experts), 0.0);
+  r.logits.resize(tokens, experts);
   for (Index t = 0; t < tokens; ++t) {
     std::vector<double> s(static_cast<std::size_t>(experts));
     for (Index e = 0; e < experts; ++e) {
       double logit = 0;
       for (Index h = 0; h < hidden; ++h)
         logit += router[static_cast<std::size_t>(e * hidden + h)] * (spec.router_input ? *spec.router_input : x)(t, h);
-      s[static_cast<std::size_t>(e)] = logit;
+      if (spec.logit_noise) logit += (*spec.logit_noise)(t, e);
+      s[static_cast<std::size_t>(e)] = r.logits(t, e) = logit;
     }
     if (spec.score == ScoreFn::softmax) {
       const double m = *std::max_element(s.begin(), s.end());
@@ -101,6 +109,7 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
       if (forced && !forced->kept[static_cast<std::size_t>(t)][j]) continue;  // dropped: nothing
       double w = s[static_cast<std::size_t>(e)] * spec.scale;
       if (spec.normalize) w /= chosen_sum;
+      r.importance[static_cast<std::size_t>(e)] += w;
       std::vector<double> hid(static_cast<std::size_t>(ffn));
       for (Index f = 0; f < ffn; ++f) {
         const auto column_of_f = static_cast<std::size_t>(e * ffn + f);
@@ -125,6 +134,41 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
     r.aux_loss = double(experts) / (k * double(tokens) * double(tokens)) * sum;
   }
   return r;
+}
+
+/// ST-MoE's z-loss without its coefficient: the mean over tokens of (log Σ_e exp(l_te))².
+inline double reference_z_loss(const Matrix<double>& logits) {
+  double sum = 0;
+  for (Index t = 0; t < logits.rows(); ++t) {
+    const double lse = std::log(logits.row(t).array().exp().sum());
+    sum += lse * lse;
+  }
+  return sum / double(logits.rows());
+}
+
+/// Variance over mean² (+ 1e-10) of the values, the population variance (Shazeer et al.'s CV²).
+inline double reference_cv_squared(const std::vector<double>& v) {
+  const double mean = std::accumulate(v.begin(), v.end(), 0.0) / double(v.size());
+  double variance = 0;
+  for (double x : v) variance += (x - mean) * (x - mean) / double(v.size());
+  return variance / (mean * mean + 1e-10);
+}
+
+/// Shazeer et al.'s Load_i = Σ_t Φ((clean_ti − kth_excluding(noisy_t, K, i)) / softplus(noise_ti)),
+/// the K-th largest of noisy_t with entry i left out found by sorting the others.
+inline std::vector<double> reference_load(const Matrix<double>& clean, const Matrix<double>& noisy,
+                                          const Matrix<double>& noise, int k) {
+  std::vector<double> load(static_cast<std::size_t>(clean.cols()), 0.0);
+  for (Index t = 0; t < clean.rows(); ++t)
+    for (Index i = 0; i < clean.cols(); ++i) {
+      std::vector<double> others;
+      for (Index j = 0; j < clean.cols(); ++j)
+        if (j != i) others.push_back(noisy(t, j));
+      std::sort(others.begin(), others.end(), std::greater<>());
+      const double z = (clean(t, i) - others[static_cast<std::size_t>(k - 1)]) / std::log1p(std::exp(noise(t, i)));
+      load[static_cast<std::size_t>(i)] += 0.5 * std::erfc(-z / std::sqrt(2.0));
+    }
+  return load;
 }
 
 }  // namespace moekit::test

@@ -117,6 +117,44 @@ struct Balanced : detail::saved_name_of_terms<Terms...> {
   }
 
   template <Scalar T>
+    requires(BalancerReadsNoisyLogits<Terms, T> || ...)
+  void noisy_logits(const NoisyLogits<T>& logits, const BalanceContext& context, State<T>& state) const {
+    each(state, [&]<std::size_t>(const auto& term, auto& term_state) {
+      if constexpr (BalancerReadsNoisyLogits<std::remove_cvref_t<decltype(term)>, T>)
+        term.template noisy_logits<T>(logits, context, term_state);
+    });
+  }
+
+  template <Scalar T>
+    requires(BalancerReadsNoisyLogits<Terms, T> || ...)
+  void noisy_logits_backward(const NoisyLogits<T>& logits, const BalanceContext& context, State<T>& state,
+                             MatrixRef<T> d_noisy, MatrixRef<T> d_clean, MatrixRef<T> d_noise) const {
+    each(state, [&]<std::size_t>(const auto& term, auto& term_state) {
+      if constexpr (BalancerReadsNoisyLogits<std::remove_cvref_t<decltype(term)>, T>)
+        term.template noisy_logits_backward<T>(logits, context, term_state, d_noisy, d_clean, d_noise);
+    });
+  }
+
+  template <Scalar T>
+    requires(BalancerReadsWeights<Terms, T> || ...)
+  void weights(const Routing<T>& routing, const BalanceContext& context, State<T>& state) const {
+    each(state, [&]<std::size_t>(const auto& term, auto& term_state) {
+      if constexpr (BalancerReadsWeights<std::remove_cvref_t<decltype(term)>, T>)
+        term.template weights<T>(routing, context, term_state);
+    });
+  }
+
+  template <Scalar T>
+    requires(BalancerReadsWeights<Terms, T> || ...)
+  void weights_backward(const Routing<T>& routing, const BalanceContext& context, State<T>& state,
+                        std::span<T> d_weight) const {
+    each(state, [&]<std::size_t>(const auto& term, auto& term_state) {
+      if constexpr (BalancerReadsWeights<std::remove_cvref_t<decltype(term)>, T>)
+        term.template weights_backward<T>(routing, context, term_state, d_weight);
+    });
+  }
+
+  template <Scalar T>
     requires(BalancerSelects<Terms, T> || ...)
   void select(ConstMatrixRef<T> scores, const BalanceContext& context, State<T>& state,
               MatrixRef<T> selection) const {

@@ -143,6 +143,15 @@ concept RouterJittersInput = Router<P> && requires(const P& p) {
   { p.input_jitter() } -> std::same_as<InputJitter>;
 };
 
+/// A router that may add noise of a learned scale to its logits in training (TopK's noisy_gating,
+/// Shazeer's): when noisy_gating() says so, the layer holds router.noise_weight [E,H] (W_n, 0 at
+/// initialisation), computes x·W_nᵀ beside the logits, adds n ⊙ softplus(x·W_nᵀ) to them in
+/// training and gives W_n and x its gradient.
+template <class P>
+concept RouterHasNoisyGating = Router<P> && requires(const P& p) {
+  { p.noisy_gating() } -> std::same_as<NoisyGating>;
+};
+
 /// Keeps expert load even: loss terms with their gradient, and/or a bias on selection.
 /// docs/policies/balance.md
 template <class P>
@@ -174,6 +183,28 @@ concept BalancerReadsLogits =
     Balancer<P> && requires(const P& p, ConstMatrixRef<T> logits, const BalanceContext& context,
                             typename P::template State<T>& state) {
       p.template logits<T>(logits, context, state);  // [T,E]
+    };
+
+/// Reads noisy gating's logits (LoadLoss: each expert's probability of being chosen under fresh
+/// noise), before the router turns them into scores; gives its gradient back through them. The
+/// layer refuses it with a router without noisy gating.
+template <class P, class T>
+concept BalancerReadsNoisyLogits =
+    Balancer<P> && requires(const P& p, const NoisyLogits<T>& logits, const BalanceContext& context,
+                            typename P::template State<T>& state, MatrixRef<T> d_noisy, MatrixRef<T> d_clean,
+                            MatrixRef<T> d_noise) {
+      p.template noisy_logits<T>(logits, context, state);
+      p.template noisy_logits_backward<T>(logits, context, state, d_noisy, d_clean, d_noise);  // each adds [T,E]
+    };
+
+/// Reads the router's choices and weights, before the plan (ImportanceLoss: each expert's sum of
+/// gates), and adds its gradient with respect to the weights.
+template <class P, class T>
+concept BalancerReadsWeights =
+    Balancer<P> && requires(const P& p, const Routing<T>& routing, const BalanceContext& context,
+                            typename P::template State<T>& state, std::span<T> d_weight) {
+      p.template weights<T>(routing, context, state);
+      p.template weights_backward<T>(routing, context, state, d_weight);  // adds [T,K]
     };
 
 /// Is told, after the plan, how many choices each expert kept (AuxFree counts them).

@@ -1,17 +1,18 @@
 #pragma once
 // Random numbers for the policies that draw them in training (a router's input jitter, GShard's
-// random second expert). Each
-// number is a pure function of a counter, never the next value of a stream: a token draws the
+// random second expert, noisy gating's noise). Each number is a pure function of a counter, never the next value of a stream: a token draws the
 // same numbers on any thread count and at any expert-parallel degree, whichever thread or rank
 // computes it, and a step can be replayed. docs/concepts.md#random
+#include <cmath>
 #include <cstdint>
+#include <numbers>
 
 #include <moekit/core/tensor.hpp>
 
 namespace moekit {
 
 /// What a draw is for, so that two kinds of draw from one seed are unrelated.
-enum class RandomStream : std::uint64_t { jitter = 0, second_expert = 1 };
+enum class RandomStream : std::uint64_t { jitter = 0, second_expert = 1, logit_noise = 2 };
 
 /// Where a number is drawn: the policy's seed, the layer's step (advanced by end_step()), the
 /// token's number in the whole batch (its rank's first token plus its index), a lane within the
@@ -62,5 +63,15 @@ constexpr double random_uniform(const RandomCounter& c) { return uniform_of(rand
 /// Transformer's input jitter).
 constexpr double jitter_of(double u, double epsilon) { return 1.0 + epsilon * (2.0 * u - 1.0); }
 constexpr double jitter_factor(const RandomCounter& c, double epsilon) { return jitter_of(random_uniform(c), epsilon); }
+
+/// A standard normal draw from two uniform ones (Box–Muller): √(−2 ln(1 − u₁)) · cos(2π u₂).
+inline double normal_of(double u1, double u2) {
+  return std::sqrt(-2.0 * std::log1p(-u1)) * std::cos(2.0 * std::numbers::pi * u2);
+}
+/// Lane e of a token's normal draws, from its lanes 2e and 2e + 1 of uniform ones.
+inline double normal_of_lane(std::uint64_t token, Index lane) {
+  return normal_of(uniform_of(lane_bits(token, 2 * lane)), uniform_of(lane_bits(token, 2 * lane + 1)));
+}
+inline double random_normal(const RandomCounter& c) { return normal_of_lane(token_bits(c), c.lane); }
 
 }  // namespace moekit

@@ -3,6 +3,7 @@
 // dispatcher's row layout (Plan). Gathering rows by the plan's indices is the whole dispatch:
 // there are no one-hot [T,E,C] tensors anywhere.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -52,6 +53,29 @@ struct InputJitter {
   double epsilon = 0;
   std::uint64_t seed = 0;
 };
+
+/// Shazeer's noisy top-k gating (2017): in training the router's logits become
+/// H = x·W_gᵀ + n ⊙ softplus(x·W_nᵀ), n ~ N(0, 1) drawn from `seed`, W_n the layer's parameter
+/// router.noise_weight; at evaluation H is the clean x·W_gᵀ. Off (enabled = false): no W_n.
+struct NoisyGating {
+  bool enabled = false;
+  std::uint64_t seed = 0;
+};
+
+/// Noisy gating's logits as a forward computed them, for the balancing terms that read them
+/// (LoadLoss).                                                                      [T,E] each
+template <class T>
+struct NoisyLogits {
+  ConstMatrixRef<T> clean;  // x·W_gᵀ (+ the logit bias)
+  ConstMatrixRef<T> noisy;  // H: clean + n ⊙ softplus(noise) in training; clean at evaluation
+  ConstMatrixRef<T> noise;  // x·W_nᵀ: the noise's standard deviation is softplus of it
+};
+
+/// softplus(v) = log(1 + eᵛ), without overflow at any v.
+template <class T>
+T softplus(T v) {
+  return std::max(v, T(0)) + std::log1p(std::exp(-std::abs(v)));
+}
 
 inline constexpr std::string_view to_string(ScoreFn f) {
   return f == ScoreFn::softmax ? "softmax" : "sigmoid";
@@ -157,6 +181,8 @@ struct BalanceContext {
   /// Where the batch's sequences begin, and the token count last ([B+1]), as set_sequences() told
   /// the layer; empty: the batch is one sequence. Terms computed per sequence read it (SeqAuxLoss).
   std::span<const Index> sequence_offsets{};
+  /// E, for terms that read the routing rather than the [T,E] scores (ImportanceLoss).
+  Index experts = 0;
 };
 
 /// The experts a rank computes: [first, first + count).

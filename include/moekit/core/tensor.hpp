@@ -118,6 +118,7 @@ inline std::string shape_string(std::span<const Index> shape) {
 struct ParameterSpec {
   std::string name;
   std::vector<Index> shape;
+  bool starts_at_zero = false;  // initialised to 0, taking no random draws (noisy gating's W_n)
 };
 
 namespace detail {

@@ -56,6 +56,9 @@ class BasicMoELayer {
   using parallel_type = P;
   using shared_expert_type = S;
   static constexpr int top_k = R::top_k;
+  static_assert(!BalancerReadsNoisyLogits<B, T> || RouterHasNoisyGating<R>,
+                "moekit::MoELayer: the balancer reads noisy gating's logits (LoadLoss) but the router has no "
+                "noisy gating; use TopK with noisy_gating = true, or another balancer");
   /// Whether the experts, routed or shared, keep their weights quantised (int8): made from the
   /// parameters whenever those are set; such a layer runs forward only.
   static constexpr bool quantises_weights = precision_of<X> == Precision::int8 || [] {
@@ -72,6 +75,7 @@ class BasicMoELayer {
                   "types; pass policies of the types named in MoELayer<...>");
     (set_policy(policies), ...);
     if constexpr (RouterHasLogitBias<R>) logit_bias_ = router_.logit_bias();
+    if constexpr (RouterHasNoisyGating<R>) noisy_ = router_.noisy_gating().enabled;
     shape_ = {config.hidden, config.ffn, config.experts, top_k, config.shared_ffn};
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
     parallel_.all_or_none("construction", [&] {
@@ -113,6 +117,7 @@ class BasicMoELayer {
     tokens_ = x.rows();
     score(x);                  // router: logits = x·Wᵀ → scores                        [T,E]
     select();                  // balancer shapes the selection, router picks K       [T,K]
+    if constexpr (BalancerReadsWeights<B, T>) balancer_.template weights<T>(routing_, balance_context(), balance_state_);
     balance_loss_ = balancer_.template forward<T>(scores(), balance_context(), balance_state_);
     plan_rows();               // dispatcher: each kept choice's row                   [T·K] → [S]
     auto rows = rows_.matrix(plan_.rows(), shape_.hidden);
@@ -160,9 +165,12 @@ class BasicMoELayer {
       weighted_gather_backward<T>(plan_, routing_.weight, input(), d_rows, d_weight_);
     if constexpr (DispatcherAdjustsWeights<D, T>)
       dispatcher_.template adjust_weights_backward<T>(plan_, weight_before_adjust_, d_weight_);
+    if constexpr (BalancerReadsWeights<B, T>)
+      balancer_.template weights_backward<T>(routing_, balance_context(), balance_state_, std::span<T>(d_weight_));
     auto d_logits = d_logits_.matrix(tokens_, shape_.experts);
     router_.template backward<T>(scores(), routing_, d_weight_, d_logits);
     balancer_.template backward<T>(scores(), balance_context(), balance_state_, d_logits);
+    if (noisy_) noise_backward(d_logits);  // d_logits becomes d(clean logits); d(noise logits) beside it
     score_backward(d_logits, d_rows, dx);  // dx = d_logits·W + scatter(d_rows); the router's gradient
     if constexpr (S::present)
       detail::for_each_block(tokens_, token_block,
@@ -232,9 +240,10 @@ class BasicMoELayer {
     parallel_.template reduce_gradients<T>(parameters_.replicated_gradients(), parameters_.expert_gradients());
   }
 
-  /// Fresh parameters, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim. The
-  /// values are drawn for the whole layer and this rank keeps its slice, so a layer split over
-  /// ranks starts where one process would.
+  /// Fresh parameters, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim; but
+  /// router.noise_weight starts at 0, as Shazeer's, and takes no draws. The values are drawn for
+  /// the whole layer and this rank keeps its slice, so a layer split over ranks starts where one
+  /// process would.
   void initialize(std::uint64_t seed) {
     parameters_.initialize(seed);
     prepare_experts();
@@ -412,11 +421,12 @@ class BasicMoELayer {
     }
   }
 
-  /// router.weight (and router.logit_bias), the shared expert's (whole on every rank), then the
-  /// routed experts'.
+  /// router.weight (and router.logit_bias, router.noise_weight), the shared expert's (whole on
+  /// every rank), then the routed experts'.
   LayerParameters<T> make_parameters() const {
     std::vector<ParameterSpec> local{{"router.weight", {shape_.experts, shape_.hidden}}};
     if (logit_bias_) local.push_back({"router.logit_bias", {shape_.experts}});
+    if (noisy_) local.push_back({"router.noise_weight", {shape_.experts, shape_.hidden}, true});  // 0, as Shazeer's
     const std::size_t router_tensors = local.size();
     for (auto& spec : S::parameters(shape_)) local.push_back(std::move(spec));
     std::vector<std::vector<Index>> whole;
@@ -473,12 +483,11 @@ class BasicMoELayer {
 
   /// Rows [first, first + n) of the router's x: x times a draw from [1 − ε, 1 + ε) per element,
   /// counted by (seed, step, the token's number in the whole batch, column).
-  void jitter_rows(Index first, Index n, Index batch_first_token, ConstMatrixRef<T> input, MatrixRef<T> factors,
-                   MatrixRef<T> jittered) const {
+  void jitter_rows(Index first, Index n, ConstMatrixRef<T> input, MatrixRef<T> factors, MatrixRef<T> jittered) const {
     if constexpr (RouterJittersInput<R>) {
       const auto [epsilon, seed] = router_.input_jitter();
       for (Index t = first; t < first + n; ++t) {
-        const std::uint64_t token = token_bits({seed, step_, batch_first_token + t, 0, RandomStream::jitter});
+        const std::uint64_t token = token_bits({seed, step_, first_token_ + t, 0, RandomStream::jitter});
         for (Index h = 0; h < shape_.hidden; ++h) {
           factors(t, h) = T(jitter_of(uniform_of(lane_bits(token, h)), epsilon));
           jittered(t, h) = input(t, h) * factors(t, h);
@@ -500,28 +509,81 @@ class BasicMoELayer {
     return first;
   }
 
-  /// Keeps x (which also lets y alias it), then logits = x·Wᵀ (x jittered, if the router asks),
-  /// turned into scores by the router.
+  /// Keeps x (which also lets y alias it), then logits = x·Wᵀ (x jittered, if the router asks;
+  /// with noise, in training, if it has noisy gating), turned into scores by the router.
   void score(ConstMatrixRef<T> x) {
     auto input = this->input();
     auto scores = this->scores();
     jittered_ = jitters_input();
-    first_token_ = jittered_ || router_draws() ? batch_first_token() : 0;
-    const Index first_token = first_token_;
+    noised_ = noisy_ && training_;
+    first_token_ = jittered_ || noised_ || router_draws() ? batch_first_token() : 0;
     auto router_input = this->router_input();
     auto factors = jitter_factors();
+    auto clean = clean_logits_.matrix(noisy_ && BalancerReadsNoisyLogits<B, T> ? tokens_ : 0, shape_.experts);
+    auto noise = noise_logits_.matrix(noisy_ ? tokens_ : 0, shape_.experts);
+    auto normals = normals_.matrix(noised_ ? tokens_ : 0, shape_.experts);
     workspace_.ready();
     detail::for_each_block(tokens_, token_block, [&](Index first, Index n) {
       input.middleRows(first, n) = x.middleRows(first, n);
-      if (jittered_) jitter_rows(first, n, first_token, input, factors, router_input);
+      if (jittered_) jitter_rows(first, n, input, factors, router_input);
       gemm(workspace_, scores.middleRows(first, n), router_input.middleRows(first, n),
                    parameters_.router_weight().matrix().transpose());
       if (logit_bias_) scores.middleRows(first, n).rowwise() += parameters_.router_bias().matrix().row(0);
+      if (!noisy_) return;
+      if constexpr (BalancerReadsNoisyLogits<B, T>) clean.middleRows(first, n) = scores.middleRows(first, n);
+      else if (!noised_) return;  // at evaluation only a balancer that reads them needs the noise logits
+      gemm(workspace_, noise.middleRows(first, n), router_input.middleRows(first, n),
+           parameters_.router_noise_weight().matrix().transpose());
+      if (noised_) add_noise(first, n, noise, normals, scores);
     });
     workspace_.ready();
     if constexpr (BalancerSelects<B, T>) selection_.matrix(tokens_, shape_.experts) = scores;  // the logits
     if constexpr (BalancerReadsLogits<B, T>) balancer_.template logits<T>(scores, balance_context(), balance_state_);
+    if constexpr (BalancerReadsNoisyLogits<B, T>) {
+      if (noised_) noisy_logits_.matrix(tokens_, shape_.experts) = scores;  // H, which the router overwrites
+      balancer_.template noisy_logits<T>(noisy_logits(), balance_context(), balance_state_);
+    }
     router_.template score<T>(scores);
+  }
+
+  /// Rows [first, first + n) of the logits plus n ⊙ softplus(noise), n a standard normal draw
+  /// counted by (seed, step, the token's number in the whole batch, expert).
+  void add_noise(Index first, Index n, ConstMatrixRef<T> noise, MatrixRef<T> normals, MatrixRef<T> logits) const {
+    if constexpr (RouterHasNoisyGating<R>) {
+      const std::uint64_t seed = router_.noisy_gating().seed;
+      for (Index t = first; t < first + n; ++t) {
+        const std::uint64_t token = token_bits({seed, step_, first_token_ + t, 0, RandomStream::logit_noise});
+        for (Index e = 0; e < shape_.experts; ++e) {
+          normals(t, e) = T(normal_of_lane(token, e));
+          logits(t, e) += normals(t, e) * softplus(noise(t, e));
+        }
+      }
+    }
+  }
+
+  /// The last forward's clean, noisy (the logits before the router scored them) and noise logits.
+  NoisyLogits<T> noisy_logits() {
+    auto clean = clean_logits_.matrix(tokens_, shape_.experts);
+    return {clean, noised_ ? noisy_logits_.matrix(tokens_, shape_.experts) : clean,
+            noise_logits_.matrix(tokens_, shape_.experts)};
+  }
+
+  /// d(H) → d(clean logits), in place, and d(noise logits) = d(H) ⊙ n ⊙ σ(noise), where H = clean
+  /// + n ⊙ softplus(noise) (backward follows a training forward, which drew n); with the gradient
+  /// of a balancing term that reads the noisy logits.
+  void noise_backward(MatrixRef<T> d_logits) {
+    auto d_noise = d_noise_logits_.matrix(tokens_, shape_.experts);
+    auto d_clean = d_clean_logits_.matrix(BalancerReadsNoisyLogits<B, T> ? tokens_ : 0, shape_.experts);
+    d_noise.setZero();
+    if constexpr (BalancerReadsNoisyLogits<B, T>) {
+      d_clean.setZero();
+      balancer_.template noisy_logits_backward<T>(noisy_logits(), balance_context(), balance_state_, d_logits,
+                                                  d_clean, d_noise);
+    }
+    const auto noise = noise_logits_.matrix(tokens_, shape_.experts);
+    const auto normals = normals_.matrix(tokens_, shape_.experts);
+    d_noise.array() += d_logits.array() * normals.array() / (T(1) + (-noise.array()).exp());
+    if constexpr (BalancerReadsNoisyLogits<B, T>) d_logits += d_clean;
   }
 
   /// The router's K choices and their weights; a balancer that selects shapes what the router
@@ -601,15 +663,20 @@ class BasicMoELayer {
     }
   }
 
-  /// dx = d_logits·W (times the jitter factors, if x was jittered) + the scatter of d_rows to
-  /// their tokens; the router's gradient d_logitsᵀ·(the router's x), by blocks of H columns, each
-  /// summed over all tokens. dy was read for the last time before, so dx may alias it.
+  /// dx = d_logits·W (+ d_noise·W_n, with noisy gating; times the jitter factors, if x was
+  /// jittered) + the scatter of d_rows to their tokens; the router's gradient d_logitsᵀ·(the
+  /// router's x), by blocks of H columns, each summed over all tokens. dy was read for the last
+  /// time before, so dx may alias it.
   void score_backward(ConstMatrixRef<T> d_logits, ConstMatrixRef<T> d_rows, MatrixRef<T> dx) {
     const auto factors = jitter_factors();
+    const auto d_noise = d_noise_logits_.matrix(noisy_ ? tokens_ : 0, shape_.experts);
     workspace_.ready();
     detail::for_each_block(tokens_, token_block, [&](Index first, Index n) {
       gemm(workspace_, dx.middleRows(first, n), d_logits.middleRows(first, n),
                    parameters_.router_weight().matrix());
+      if (noisy_)
+        gemm_add(workspace_, dx.middleRows(first, n), d_noise.middleRows(first, n),
+                 parameters_.router_noise_weight().matrix());
       if (jittered_) dx.middleRows(first, n).array() *= factors.middleRows(first, n).array();
       scatter_add<T>(plan_, d_rows, first, n, dx);
     });
@@ -618,6 +685,9 @@ class BasicMoELayer {
     const auto input = router_input();
     detail::for_each_block(shape_.hidden, hidden_block, [&](Index first, Index n) {
       gemm_add(workspace_, d_router.middleCols(first, n), d_logits.transpose(), input.middleCols(first, n));
+      if (noisy_)
+        gemm_add(workspace_, parameters_.router_noise_gradient().matrix().middleCols(first, n), d_noise.transpose(),
+                 input.middleCols(first, n));
     });
     workspace_.ready();
   }
@@ -631,6 +701,13 @@ class BasicMoELayer {
       require(router_.logit_bias() == logit_bias_, "moekit::MoELayer: the router's logit_bias is now ",
               logit_bias_ ? "false" : "true", "; expected ", logit_bias_ ? "true" : "false",
               " as when the layer was built (router.logit_bias is a parameter only if it was)");
+    if constexpr (RouterHasNoisyGating<R>)
+      require(router_.noisy_gating().enabled == noisy_, "moekit::MoELayer: the router's noisy_gating is now ",
+              noisy_ ? "false" : "true", "; expected ", noisy_ ? "true" : "false",
+              " as when the layer was built (router.noise_weight is a parameter only if it was)");
+    if constexpr (BalancerReadsNoisyLogits<B, T>)
+      require(noisy_, "moekit::MoELayer: ", B::name, " reads noisy gating's logits but the router has no noisy "
+                      "gating; expected a router built with noisy_gating = true (TopK's option)");
     router_.validate(shape_);
     balancer_.validate(shape_);
     dispatcher_.validate(shape_);
@@ -664,7 +741,7 @@ class BasicMoELayer {
   }
 
   BalanceContext balance_context() const {
-    return {router_.score_function(), top_k, &parallel_.batch(), training_, sequence_offsets_};
+    return {router_.score_function(), top_k, &parallel_.batch(), training_, sequence_offsets_, shape_.experts};
   }
 
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
@@ -707,7 +784,9 @@ class BasicMoELayer {
   // Saved by forward for backward; buffers grow to the largest batch and are reused.
   bool have_forward_ = false;
   bool training_ = !quantises_weights;  // train() or eval()
+  bool noisy_ = false;  // the router's logits get learned noise in training (router.noise_weight), fixed at construction
   bool jittered_ = false;                // the last forward's router read x jittered
+  bool noised_ = false;                  // the last forward's logits had noise added
   std::uint64_t step_ = 0;               // what random draws count from; end_step() advances it
   Index first_token_ = 0;                // this rank's first token in the whole batch, for random draws
   std::vector<Index> sequence_offsets_;   // [B+1] from set_sequences(); empty: one sequence
@@ -721,7 +800,9 @@ class BasicMoELayer {
   detail::Buffer<T> input_, scores_, rows_, expert_out_;  // [T,H] [T,E] [S,H] [S,H] (backward: d_rows, d_out)
   detail::Buffer<T> selection_;                           // [T,E] what the balancer selects on
   detail::Buffer<T> jittered_input_, jitter_factors_;     // [T,H] [T,H] the router's jittered x, its factors
-  detail::Buffer<T> d_logits_;                            // [T,E]
+  detail::Buffer<T> noise_logits_, normals_;              // [T,E] each, with noisy gating: x·W_nᵀ, n
+  detail::Buffer<T> clean_logits_, noisy_logits_;         // [T,E] each, for a balancer that reads them: x·Wᵀ, H
+  detail::Buffer<T> d_logits_, d_clean_logits_, d_noise_logits_;  // [T,E] each
   std::vector<T> d_weight_;                               // [T,K]
   Workspace<T> workspace_;                                // packing buffers of all the layer's GEMMs
   std::vector<Index> load_;                               // [E] kept choices per expert

@@ -29,13 +29,14 @@ class LayerParameters {
   /// This rank's parameters and their shapes in the whole layer (one process), in the same
   /// order; an axis where they differ is this rank's experts (the first axis) or its slice of F
   /// (any other), starting at `experts.first` and `ffn.first`. The first `replicated` tensors
-  /// (the router's `router_tensors`: its weight and any logit bias; then the shared expert's) are
+  /// (the router's `router_tensors`: its weight, any logit bias and any noise weight; then the shared expert's) are
   /// held whole on every rank.
   LayerParameters(std::vector<ParameterSpec> local, std::vector<std::vector<Index>> whole_shapes,
                   ExpertRange experts, ExpertRange ffn, std::size_t replicated = 1, std::size_t router_tensors = 1)
       : whole_(std::move(whole_shapes)), experts_(experts), ffn_(ffn), replicated_(replicated),
         router_tensors_(router_tensors) {
     for (auto& spec : local) {
+      starts_at_zero_.push_back(spec.starts_at_zero);
       values_.emplace_back(spec.name, spec.shape);
       gradients_.emplace_back(std::move(spec.name), std::move(spec.shape));
     }
@@ -55,6 +56,10 @@ class LayerParameters {
   /// router.logit_bias [E], for a router that has one.
   const Tensor<T>& router_bias() const { return values_[1]; }
   Tensor<T>& router_bias_gradient() { return gradients_[1]; }
+  /// router.noise_weight [E,H], the last of the router's tensors, for a router with noisy gating.
+  Tensor<T>& router_noise_weight() { return values_[router_tensors_ - 1]; }
+  const Tensor<T>& router_noise_weight() const { return values_[router_tensors_ - 1]; }
+  Tensor<T>& router_noise_gradient() { return gradients_[router_tensors_ - 1]; }
   std::span<const Tensor<T>> shared_weights() const {
     return std::span<const Tensor<T>>(values_).subspan(router_tensors_, replicated_ - router_tensors_);
   }
@@ -85,11 +90,16 @@ class LayerParameters {
   }
 
   /// Fresh values, as torch's Linear draws them: U(±1/√fan_in), fan_in = the last dim, drawn for
-  /// the whole layer in order; this rank keeps its slice. Gradients are zeroed.
+  /// the whole layer in order; this rank keeps its slice. A tensor that starts at zero takes no
+  /// draws, so the others' values do not depend on whether it is there. Gradients are zeroed.
   void initialize(std::uint64_t seed) {
     std::mt19937_64 rng(seed);
     std::vector<T> values;
     for (std::size_t i = 0; i < values_.size(); ++i) {
+      if (starts_at_zero_[i]) {
+        values_[i].set_zero();
+        continue;
+      }
       const double bound = 1.0 / std::sqrt(static_cast<double>(whole_[i].back()));
       std::uniform_real_distribution<double> draw(-bound, bound);
       values.resize(static_cast<std::size_t>(element_count(whole_[i])));
@@ -211,6 +221,7 @@ class LayerParameters {
   }
 
   std::vector<Tensor<T>> values_;  // router.weight, the shared expert's, then the routed experts'
+  std::vector<bool> starts_at_zero_;  // [tensors]
   std::vector<Tensor<T>> gradients_;
   std::vector<std::vector<Index>> whole_;
   ExpertRange experts_, ffn_;  // this rank's slice: its experts, and its part of F

@@ -37,6 +37,12 @@ enum class GroupScore {
 /// jitter = ε > 0 multiplies, in training only, each element of the router's copy of x by a draw
 /// from [1 − ε, 1 + ε) (Switch Transformer); the layer draws them (RouterJittersInput).
 ///
+/// noisy_gating = true (Shazeer et al. 2017): in training the logits get noise of a learned scale,
+/// H = x·W_gᵀ + n ⊙ softplus(x·W_nᵀ), n ~ N(0, 1) per token and expert, before they are scored;
+/// the layer holds W_n (router.noise_weight, 0 at initialisation) and draws n
+/// (RouterHasNoisyGating). Shazeer's gating is this with softmax and normalize (the default for
+/// K > 1): a softmax over the K largest H.
+///
 /// random_second = θ > 0 (K = 2, GShard): in training, the second choice is kept with probability
 /// min(1, p₂ / θ), p₂ = s₂ / (s₁ + s₂), and otherwise left empty; the first choice's weight is
 /// what it would have been (not renormalised). The draw is the counter's (seed, step, token).
@@ -59,7 +65,8 @@ struct TopK {
     bool logit_bias = false;  // GPT-OSS: logits = x·Wᵀ + b, b the parameter router.logit_bias [E]
     double jitter = 0;        // Switch: 1e-2, the router's x times U[1 − jitter, 1 + jitter) in training
     double random_second = 0;  // GShard: 0.2 (θ); K = 2: the second expert kept with probability min(1, p₂/θ) in training
-    std::uint64_t seed = 0;   // of the jitter's and the second expert's draws
+    bool noisy_gating = false;  // Shazeer: true; logits + N(0,1) ⊙ softplus(x·W_nᵀ) in training, W_n learned
+    std::uint64_t seed = 0;   // of the jitter's, the second expert's and the logit noise's draws
   };
   static constexpr int max_groups = 64;
   Options options{};
@@ -95,6 +102,7 @@ struct TopK {
   bool logit_bias() const { return options.logit_bias; }
   InputJitter input_jitter() const { return {options.jitter, options.seed}; }
   bool draws() const { return options.random_second > 0; }
+  NoisyGating noisy_gating() const { return {options.noisy_gating, options.seed}; }
 
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>
