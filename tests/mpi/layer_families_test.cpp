@@ -1,6 +1,6 @@
 // The layer over ranks computes what one process computes for the whole batch: balancing terms
 // per sequence and several at once, noisy gating with Shazeer's losses, Sinkhorn, and the model families' blocks (shared experts,
-// weights on the input, expert biases). Part of mpi_layer_test, beside layer_test.cpp.
+// weights on the input, expert biases). Run under mpirun with 2 and 4 ranks.
 #include "one_process.hpp"
 
 namespace moekit::test {

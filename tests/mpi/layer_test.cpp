@@ -1,6 +1,6 @@
 // The layer over ranks computes what one process computes for the whole batch: the routers,
-// balancers and dispatchers. Run under mpirun with 2 and 4 ranks, together with
-// layer_families_test.cpp (one executable; two files so that a build compiles them side by side).
+// balancers and dispatchers. Run under mpirun with 2 and 4 ranks, also with the sanitizers;
+// layer_families_test.cpp checks the rest the same way.
 #include "one_process.hpp"
 
 namespace moekit::test {
