@@ -12,23 +12,12 @@
 #include <moekit/moekit.hpp>
 
 #include "../support/errors.hpp"
+#include "../support/grad_check.hpp"
 #include "../support/random.hpp"
 #include "../support/reference.hpp"
 
 namespace moekit::test {
 namespace {
-
-/// Central difference of f at v[i].
-template <class F>
-double central_difference(std::vector<double>& v, std::size_t i, F&& f, double h = 1e-6) {
-  const double kept = v[i];
-  v[i] = kept + h;
-  const double up = f();
-  v[i] = kept - h;
-  const double down = f();
-  v[i] = kept;
-  return (up - down) / (2 * h);
-}
 
 TEST(CvSquared, IsThePopulationVarianceOverTheSquaredMean) {
   const std::vector<double> v{1, 2, 3, 6};  // mean 3, variance (4 + 1 + 0 + 9) / 4
@@ -40,8 +29,8 @@ TEST(CvSquared, GradientMatchesCentralDifferences) {
   std::vector<double> v{0.5, 2.0, 1.25, 3.0, 0.75};
   std::vector<double> g(v.size());
   detail::CvSquared::gradient(v, g);
-  for (std::size_t i = 0; i < v.size(); ++i)
-    EXPECT_NEAR(g[i], central_difference(v, i, [&] { return detail::CvSquared::value(v); }), 1e-8) << i;
+  const auto numeric = numeric_gradient(v, [&] { return detail::CvSquared::value(v); });
+  for (std::size_t i = 0; i < v.size(); ++i) EXPECT_NEAR(g[i], numeric[i], 1e-8) << i;
 }
 
 // Three tokens, two choices each, three experts; the second token's second choice left empty.
@@ -76,8 +65,9 @@ TEST(ImportanceLoss, WeightGradientMatchesCentralDifferences) {
   value();
   std::vector<double> d_weight(routing.weight.size(), 0.0);
   loss.weights_backward(routing, context, state, std::span<double>(d_weight));
+  const auto numeric = numeric_gradient(routing.weight, value);
   for (std::size_t c = 0; c < d_weight.size(); ++c) {
-    const double expected = Routing<double>::is_empty(routing.index[c]) ? 0.0 : central_difference(routing.weight, c, value);
+    const double expected = Routing<double>::is_empty(routing.index[c]) ? 0.0 : numeric[c];
     EXPECT_NEAR(d_weight[c], expected, 1e-8) << "choice " << c;
   }
 }
@@ -120,15 +110,9 @@ TEST(LoadLoss, GradientsMatchCentralDifferences) {
   Matrix<double> d_noisy = Matrix<double>::Zero(7, 5), d_clean = d_noisy, d_noise = d_noisy;
   loss.noisy_logits_backward<double>(logits.view(), context, state, d_noisy, d_clean, d_noise);
   const auto check = [&](Matrix<double>& m, const Matrix<double>& d, const char* what) {
-    std::vector<double> flat(m.data(), m.data() + m.size());
-    for (std::size_t i = 0; i < flat.size(); ++i) {
-      const double fd = central_difference(flat, i, [&] {
-        std::copy(flat.begin(), flat.end(), m.data());
-        return value();
-      });
-      std::copy(flat.begin(), flat.end(), m.data());
-      EXPECT_NEAR(d.data()[i], fd, 1e-8) << what << " " << i;
-    }
+    std::span<double> entries(m.data(), static_cast<std::size_t>(m.size()));
+    const auto numeric = numeric_gradient(entries, value);
+    for (std::size_t i = 0; i < numeric.size(); ++i) EXPECT_NEAR(d.data()[i], numeric[i], 1e-8) << what << " " << i;
   };
   check(logits.clean, d_clean, "clean");
   check(logits.noise, d_noise, "noise");
