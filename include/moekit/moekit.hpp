@@ -8,6 +8,7 @@
 //
 // Policies, one header each:
 //   router/    TopK<K>, Switch (= TopK<1>)               router/top_k.hpp
+//              Hash (by token id)                       router/hash.hpp
 //   balance/   AuxLoss                                  balance/aux_loss.hpp
 //              AuxFree                                  balance/aux_free.hpp
 //              NoBalance                                balance/no_balance.hpp
@@ -58,4 +59,5 @@
 #include <moekit/layer/upcycle.hpp>
 #include <moekit/optim/adam.hpp>
 #include <moekit/parallel/single_process.hpp>
+#include <moekit/router/hash.hpp>
 #include <moekit/router/top_k.hpp>

@@ -87,9 +87,19 @@ struct Int8SmallTiles {  // every block cut into several tiles (columns rounded 
   }
 };
 
+struct BalancedHashTable {  // the hash layers paper's balanced assignment of 1000 ids of Zipf counts
+  static constexpr std::string_view label = "BalancedHashTable";
+  static Hash make() {
+    std::vector<double> counts(1000);
+    for (std::size_t id = 0; id < counts.size(); ++id) counts[id] = 1.0 / double(id + 1);
+    return {{.table = Hash::balanced_table(counts, 8)}};
+  }
+  static constexpr std::array<Index, 1> experts{8};
+};
+
 using Routers =
     ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups,
-                     GShardTopK>;
+                     GShardTopK, Hash, BalancedHashTable>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
 using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, SinkhornAtEvaluation, ZLoss, NoBalance,

@@ -6,7 +6,8 @@
 //
 // A case is the router type (default-constructed) or a struct whose static make() returns one;
 // a case whose router needs particular expert counts (groups that divide them) lists them in
-// `static constexpr std::array experts{…}`.
+// `static constexpr std::array experts{…}`. A router without scores (Hash) is given token ids
+// below 1000 instead of scores.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -48,13 +49,31 @@ class RouterLaws : public ::testing::Test {
   }
 
   /// score then select, picking on the scores themselves; a router that draws selects in
-  /// training at `context`. logits [T,E] → scores, in place.
-  Routing<double> route(Matrix<double>& logits_then_scores, const RouterContext& context = {.step = 1}) const {
-    router.score(MatrixRef<double>(logits_then_scores));
-    return choose(logits_then_scores, context);
+  /// training at `context`. logits [T,E] → scores, in place. A router without scores picks for
+  /// as many tokens by their ids (token_ids()).
+  Routing<double> route(Matrix<double>& logits_then_scores, RouterContext context = {.step = 1}) const {
+    if constexpr (!router_scores<R>) {
+      const std::vector<Index> ids = token_ids(logits_then_scores.rows());
+      context.token_ids = ids;
+      Routing<double> routing;
+      router.select(context, logits_then_scores.cols(), routing);
+      return routing;
+    } else {
+      router.score(MatrixRef<double>(logits_then_scores));
+      return choose(logits_then_scores, context);
+    }
   }
 
-  Routing<double> choose(const Matrix<double>& scores, const RouterContext& context) const {
+  /// Ids below 1000 that repeat every 1000 tokens.
+  static std::vector<Index> token_ids(Index tokens) {
+    std::vector<Index> ids(static_cast<std::size_t>(tokens));
+    for (Index t = 0; t < tokens; ++t) ids[static_cast<std::size_t>(t)] = (t * 37 + 11) % 1000;
+    return ids;
+  }
+
+  Routing<double> choose(const Matrix<double>& scores, const RouterContext& context) const
+    requires router_scores<R>
+  {
     Routing<double> routing;
     const ConstMatrixRef<double> s(scores);
     if constexpr (RouterDraws<R>)
@@ -106,27 +125,43 @@ TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
 }
 
 // d_logits from backward equals the central differences of L = Σ g ⊙ weight(logits), the choices
-// held (random logits leave no choice within the step of a tie).
+// held (random logits leave no choice within the step of a tie). A router without scores has no
+// backward: what it picks is a fixed function of the ids, the same at any step and mode, so
+// nothing the layer learns reaches it.
 TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
   constexpr int K = TestFixture::K;
-  const Index tokens = 6, experts = TestFixture::expert_counts()[1 % TestFixture::expert_counts().size()];
-  Matrix<double> logits = test::random_matrix(tokens, experts, 5, 2.0);
-  const Matrix<double> g = test::random_matrix(tokens, K, 6);
-  auto loss = [&] {
+  if constexpr (!router_scores<typename TestFixture::R>) {
+    Matrix<double> tokens(1500, TestFixture::expert_counts().back());
+    const Routing<double> first = this->route(tokens, {.step = 1});
+    const Routing<double> later = this->route(tokens, {.training = false, .step = 9, .first_token = 40});
+    EXPECT_EQ(first.index, later.index);
+    EXPECT_EQ(first.weight, later.weight);
+    for (Index t = 1000; t < 1500; ++t)  // the ids of tokens 0-499 again
+      for (int k = 0; k < K; ++k) {
+        const auto c = static_cast<std::size_t>(t * K + k), same = static_cast<std::size_t>((t - 1000) * K + k);
+        ASSERT_EQ(first.index[c], first.index[same]) << "token " << t;
+        ASSERT_EQ(first.weight[c], first.weight[same]) << "token " << t;
+      }
+  } else {
+    const Index tokens = 6, experts = TestFixture::expert_counts()[1 % TestFixture::expert_counts().size()];
+    Matrix<double> logits = test::random_matrix(tokens, experts, 5, 2.0);
+    const Matrix<double> g = test::random_matrix(tokens, K, 6);
+    auto loss = [&] {
+      Matrix<double> scores = logits;
+      const auto routing = this->route(scores);
+      double sum = 0;
+      for (std::size_t c = 0; c < routing.weight.size(); ++c) sum += g.data()[c] * routing.weight[c];
+      return sum;
+    };
     Matrix<double> scores = logits;
-    const auto routing = this->route(scores);
-    double sum = 0;
-    for (std::size_t c = 0; c < routing.weight.size(); ++c) sum += g.data()[c] * routing.weight[c];
-    return sum;
-  };
-  Matrix<double> scores = logits;
-  const Routing<double> routing = this->route(scores);
-  Matrix<double> d_logits = Matrix<double>::Constant(tokens, experts, 99.0);  // backward writes every entry
-  this->router.backward(ConstMatrixRef<double>(scores), routing, std::span<const double>(g.data(), g.size()),
-                        MatrixRef<double>(d_logits));
-  std::span<double> values(logits.data(), static_cast<std::size_t>(logits.size()));
-  const auto numeric = test::numeric_gradient(values, loss);
-  EXPECT_LT(test::compare(std::vector<double>(d_logits.data(), d_logits.data() + d_logits.size()), numeric), 1e-7);
+    const Routing<double> routing = this->route(scores);
+    Matrix<double> d_logits = Matrix<double>::Constant(tokens, experts, 99.0);  // backward writes every entry
+    this->router.backward(ConstMatrixRef<double>(scores), routing, std::span<const double>(g.data(), g.size()),
+                          MatrixRef<double>(d_logits));
+    std::span<double> values(logits.data(), static_cast<std::size_t>(logits.size()));
+    const auto numeric = test::numeric_gradient(values, loss);
+    EXPECT_LT(test::compare(std::vector<double>(d_logits.data(), d_logits.data() + d_logits.size()), numeric), 1e-7);
+  }
 }
 
 // The same choices, weights and gradient, bit for bit, on one thread and on four.
@@ -139,8 +174,11 @@ TYPED_TEST_P(RouterLaws, SameBitsOnAnyThreadCount) {
     Matrix<double> scores = logits;
     Routing<double> routing = this->route(scores);
     Matrix<double> d_logits(tokens, experts);
-    this->router.backward(ConstMatrixRef<double>(scores), routing, std::span<const double>(g.data(), g.size()),
-                          MatrixRef<double>(d_logits));
+    if constexpr (router_scores<typename TestFixture::R>)
+      this->router.backward(ConstMatrixRef<double>(scores), routing, std::span<const double>(g.data(), g.size()),
+                            MatrixRef<double>(d_logits));
+    else
+      d_logits.setZero();  // no backward
     return std::tuple(routing.index, routing.weight, d_logits);
   };
   const auto one = on_threads(1, run), four = on_threads(4, run);
@@ -154,25 +192,27 @@ TYPED_TEST_P(RouterLaws, SameBitsOnAnyThreadCount) {
 // the whole does (as over ranks). Skipped for a router that does not draw.
 TYPED_TEST_P(RouterLaws, DrawsOnlyInTrainingAndByTheCounter) {
   if (!this->draws()) GTEST_SKIP() << "the router draws nothing";
-  const Index experts = TestFixture::expert_counts().back();
-  Matrix<double> scores = test::random_matrix(300, experts, 9, 2.0);
-  this->router.score(MatrixRef<double>(scores));
-  Routing<double> plain;
-  this->router.select(ConstMatrixRef<double>(scores), ConstMatrixRef<double>(scores), plain);
-  const Routing<double> evaluation = this->choose(scores, {.training = false, .step = 1});
-  EXPECT_EQ(evaluation.index, plain.index);
-  EXPECT_EQ(evaluation.weight, plain.weight);
+  if constexpr (router_scores<typename TestFixture::R>) {
+    const Index experts = TestFixture::expert_counts().back();
+    Matrix<double> scores = test::random_matrix(300, experts, 9, 2.0);
+    this->router.score(MatrixRef<double>(scores));
+    Routing<double> plain;
+    this->router.select(ConstMatrixRef<double>(scores), ConstMatrixRef<double>(scores), plain);
+    const Routing<double> evaluation = this->choose(scores, {.training = false, .step = 1});
+    EXPECT_EQ(evaluation.index, plain.index);
+    EXPECT_EQ(evaluation.weight, plain.weight);
 
-  const Routing<double> whole = this->choose(scores, {.step = 4});
-  EXPECT_EQ(this->choose(scores, {.step = 4}).index, whole.index);
-  const Routing<double> head = this->choose(scores.topRows(100), {.step = 4});
-  const Routing<double> tail = this->choose(scores.bottomRows(200), {.step = 4, .first_token = 100});
-  std::vector<Index> parts = head.index;
-  parts.insert(parts.end(), tail.index.begin(), tail.index.end());
-  EXPECT_EQ(parts, whole.index);
-  std::vector<double> part_weights = head.weight;
-  part_weights.insert(part_weights.end(), tail.weight.begin(), tail.weight.end());
-  EXPECT_EQ(part_weights, whole.weight);
+    const Routing<double> whole = this->choose(scores, {.step = 4});
+    EXPECT_EQ(this->choose(scores, {.step = 4}).index, whole.index);
+    const Routing<double> head = this->choose(scores.topRows(100), {.step = 4});
+    const Routing<double> tail = this->choose(scores.bottomRows(200), {.step = 4, .first_token = 100});
+    std::vector<Index> parts = head.index;
+    parts.insert(parts.end(), tail.index.begin(), tail.index.end());
+    EXPECT_EQ(parts, whole.index);
+    std::vector<double> part_weights = head.weight;
+    part_weights.insert(part_weights.end(), tail.weight.begin(), tail.weight.end());
+    EXPECT_EQ(part_weights, whole.weight);
+  }
 }
 
 // More choices than experts is refused by name, before any token is routed.

@@ -1,5 +1,5 @@
 // The layer over ranks computes what one process computes for the whole batch: balancing terms
-// per sequence and several at once, noisy gating with Shazeer's losses, Sinkhorn, and the model families' blocks (shared experts,
+// per sequence and several at once, noisy gating with Shazeer's losses, hash routing, Sinkhorn, and the model families' blocks (shared experts,
 // weights on the input, expert biases). Run under mpirun with 2 and 4 ranks.
 #include "one_process.hpp"
 
@@ -29,6 +29,14 @@ TEST(ExpertParallel, NoisyGatingWithImportanceAndLoadLosses) {
   for_both_scalars<TopK<2>, Shazeer, Dropless, GroupedGemm>(
       {5, 7, 4, 6}, TopK<2>{{.normalize = true, .noisy_gating = true, .seed = 4}},
       Shazeer{ImportanceLoss{{.coefficient = 0.5}}, LoadLoss{{.coefficient = 0.5}}});
+}
+
+// Hash routing: each rank tells its layer its own tokens' ids; a layer with no router tensors
+// (nothing replicated to reduce), with Capacity planning the whole batch group's choices.
+TEST(ExpertParallel, HashRoutingByTokenIds) {
+  for_both_scalars<Hash, NoBalance, Dropless, GroupedGemm>({5, 0, 7, 4}, Hash{{.seed = 2}});
+  for_both_scalars<Hash, NoBalance, Capacity, GroupedGemm>({6, 3, 5, 4}, Hash{{.seed = 2}},
+                                                         Capacity{{.capacity_factor = 0.75}});
 }
 
 TEST(ExpertParallel, SinkhornDroplessReLU) {

@@ -94,6 +94,13 @@ void expect_same_as_one_process(const Layout& layout, const LayerConfig& config,
     if (runs) many.set_sequences(runs_of_three(mine));
   }
 
+  if constexpr (RouterReadsTokenIds<typename Layer::router_type>) {  // ids that repeat, each rank its tokens'
+    std::vector<Index> ids(static_cast<std::size_t>(total));
+    for (Index t = 0; t < total; ++t) ids[static_cast<std::size_t>(t)] = (t * 5 + 1) % 23;
+    one.set_token_ids(ids);
+    many.set_token_ids(std::span<const Index>(ids).subspan(static_cast<std::size_t>(first), static_cast<std::size_t>(mine)));
+  }
+
   expected.assign_whole(one.parameters());
   double parameters = 0;
   for (std::size_t i = 0; i < many.parameters().size(); ++i)

@@ -57,6 +57,32 @@ struct ForcedChoices {
   std::vector<std::vector<bool>> kept;
 };
 
+/// Expert e's FFN of token t's x: down · unit(gate · x, up · x) with the biases.        [1,H]
+/// gate, up [E,F,H] (gate empty for plain units); down [E,H,F].
+inline Matrix<double> reference_expert(const Matrix<double>& x, Index t, Index e, const std::vector<double>& gate,
+                                       const std::vector<double>& up, const std::vector<double>& down, Index ffn,
+                                       Unit u, const Biases& biases = {}) {
+  const Index hidden = x.cols();
+  std::vector<double> hid(static_cast<std::size_t>(ffn));
+  for (Index f = 0; f < ffn; ++f) {
+    const auto column_of_f = static_cast<std::size_t>(e * ffn + f);
+    double g = biases.gate.empty() ? 0 : biases.gate[column_of_f], v = biases.up.empty() ? 0 : biases.up[column_of_f];
+    for (Index h = 0; h < hidden; ++h) {
+      const auto at = static_cast<std::size_t>((e * ffn + f) * hidden + h);
+      v += up[at] * x(t, h);
+      if (!gate.empty()) g += gate[at] * x(t, h);
+    }
+    hid[static_cast<std::size_t>(f)] = gate.empty() ? unit(u, v) : unit(u, g) * gated_up(u, v);
+  }
+  Matrix<double> out(1, hidden);
+  for (Index h = 0; h < hidden; ++h) {
+    out(0, h) = biases.down.empty() ? 0 : biases.down[static_cast<std::size_t>(e * hidden + h)];
+    for (Index f = 0; f < ffn; ++f)
+      out(0, h) += down[static_cast<std::size_t>((e * hidden + h) * ffn + f)] * hid[static_cast<std::size_t>(f)];
+  }
+  return out;
+}
+
 /// params: router [E,H]; gate, up [E,F,H] (gate empty for plain units); down [E,H,F]; biases.
 /// Without `forced`, the top-k of the scores is chosen and every choice is kept.
 inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vector<double>& router,
@@ -110,22 +136,7 @@ inline ReferenceResult reference_forward(const Matrix<double>& x, const std::vec
       double w = s[static_cast<std::size_t>(e)] * spec.scale;
       if (spec.normalize) w /= chosen_sum;
       r.importance[static_cast<std::size_t>(e)] += w;
-      std::vector<double> hid(static_cast<std::size_t>(ffn));
-      for (Index f = 0; f < ffn; ++f) {
-        const auto column_of_f = static_cast<std::size_t>(e * ffn + f);
-        double g = biases.gate.empty() ? 0 : biases.gate[column_of_f], v = biases.up.empty() ? 0 : biases.up[column_of_f];
-        for (Index h = 0; h < hidden; ++h) {
-          const auto at = static_cast<std::size_t>((e * ffn + f) * hidden + h);
-          v += up[at] * x(t, h);
-          if (!gate.empty()) g += gate[at] * x(t, h);
-        }
-        hid[static_cast<std::size_t>(f)] = gate.empty() ? unit(u, v) : unit(u, g) * gated_up(u, v);
-      }
-      for (Index h = 0; h < hidden; ++h) {
-        double out = biases.down.empty() ? 0 : biases.down[static_cast<std::size_t>(e * hidden + h)];
-        for (Index f = 0; f < ffn; ++f) out += down[static_cast<std::size_t>((e * hidden + h) * ffn + f)] * hid[static_cast<std::size_t>(f)];
-        r.y(t, h) += w * out;
-      }
+      r.y.row(t) += w * reference_expert(x, t, e, gate, up, down, ffn, u, biases);
     }
   }
   if (tokens > 0) {

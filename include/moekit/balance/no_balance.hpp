@@ -9,6 +9,7 @@ namespace moekit {
 struct NoBalance {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "NoBalance";
+  static constexpr bool reads_scores = false;  // so it serves routers without scores (Hash)
 
   template <Scalar T>
   struct State {};

@@ -96,20 +96,42 @@ concept Named = requires {
   { P::name } -> std::convertible_to<std::string_view>;
 };
 
-/// Scores tokens against experts and picks K of them. docs/policies/router.md
+/// Whether a router scores tokens against experts (router.weight, logits, scores): every router
+/// but one that declares `scores = false` (Hash, which picks by token id).
+template <class P>
+inline constexpr bool router_scores = [] {
+  if constexpr (requires { P::scores; }) return bool(P::scores);
+  return true;
+}();
+
+/// Scores tokens against experts and picks K of them; or, with `scores = false`, picks them from
+/// what the layer tells it alone (the token ids), and has no parameters and no gradient.
+/// docs/policies/router.md
 template <class P>
 concept Router =
     DeclaresKind<P, router_kind> && Named<P> &&
-    requires(const P& p, const LayerShape& shape, MatrixRef<double> scores,
-             ConstMatrixRef<double> cscores, Routing<double>& routing,
-             const Routing<double>& crouting, std::span<const double> d_weight) {
+    requires(const P& p, const LayerShape& shape) {
       { P::top_k } -> std::convertible_to<int>;
       p.validate(shape);
-      { p.score_function() } -> std::same_as<ScoreFn>;
-      p.score(scores);                                // logits → scores, in place      [T,E]
-      p.select(cscores, cscores, routing);            // selection scores, scores → routing
-      p.backward(cscores, crouting, d_weight, scores);  // scores, routing, [T,K] → d_logits [T,E]
-    };
+    } &&
+    (!router_scores<P> ||
+     requires(const P& p, MatrixRef<double> scores, ConstMatrixRef<double> cscores, Routing<double>& routing,
+              const Routing<double>& crouting, std::span<const double> d_weight) {
+       { p.score_function() } -> std::same_as<ScoreFn>;
+       p.score(scores);                                  // logits → scores, in place      [T,E]
+       p.select(cscores, cscores, routing);              // selection scores, scores → routing
+       p.backward(cscores, crouting, d_weight, scores);  // scores, routing, [T,K] → d_logits [T,E]
+     }) &&
+    (router_scores<P> || requires(const P& p, const RouterContext& context, Index experts, Routing<double>& routing) {
+      p.select(context, experts, routing);  // the context's token ids → routing
+    });
+
+/// A router that reads each token's id (Hash): the layer then needs set_token_ids() before a
+/// forward, has the router check the ids, and passes them in RouterContext::token_ids.
+template <class P>
+concept RouterReadsTokenIds = Router<P> && requires(const P& p, std::span<const Index> ids) {
+  p.check_token_ids(ids);  // throws, naming the token, for an id the router cannot map
+};
 
 /// A router whose weights may scale the experts' input rather than their output (TopK's
 /// weight_at option); a router without this hook scales the output.
@@ -164,6 +186,15 @@ concept Balancer =
       { p.forward(scores, context, state) } -> std::convertible_to<double>;  // the loss
       p.backward(scores, context, state, d_logits);  // adds d(loss)/d(logits)
     };
+
+/// Whether a balancer reads what a router's scores give (scores, logits, weights): every one
+/// but one that declares `reads_scores = false` (NoBalance). A router without scores (Hash) takes
+/// only those.
+template <class P>
+inline constexpr bool balancer_reads_scores = [] {
+  if constexpr (requires { P::reads_scores; }) return bool(P::reads_scores);
+  return true;
+}();
 
 // A balancer's optional hooks: the layer calls each one the balancer has, at the stage named.
 

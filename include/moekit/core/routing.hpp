@@ -40,11 +40,13 @@ enum class ScoreFn { softmax, sigmoid };
 enum class WeightAt { output, input };
 
 /// What a router that draws in training is told at select: the layer's mode, its step and this
-/// rank's first token in the numbering of the whole batch (core/random.hpp's counter).
+/// rank's first token in the numbering of the whole batch (core/random.hpp's counter); a router
+/// that reads token ids, the ids of this rank's tokens (set_token_ids()).
 struct RouterContext {
   bool training = true;
   std::uint64_t step = 0;
   Index first_token = 0;
+  std::span<const Index> token_ids{};  // [T]
 };
 
 /// Multiplicative jitter of the router's input in training (Switch Transformer): ε = 0 is none;

@@ -31,7 +31,7 @@ namespace detail {
 template <class P>
 std::string policy_label() {
   std::string label(P::name);
-  if constexpr (requires { P::top_k; }) label += std::to_string(P::top_k);
+  if constexpr (requires { P::top_k; } && router_scores<P>) label += std::to_string(P::top_k);  // Hash: always 1
   if constexpr (requires { typename P::activation; }) label += P::activation::name;
   if constexpr (requires { P::bias; })
     if (P::bias == ExpertBias::projections) label += "Biased";
@@ -59,6 +59,9 @@ class BasicMoELayer {
   static_assert(!BalancerReadsNoisyLogits<B, T> || RouterHasNoisyGating<R>,
                 "moekit::MoELayer: the balancer reads noisy gating's logits (LoadLoss) but the router has no "
                 "noisy gating; use TopK with noisy_gating = true, or another balancer");
+  static_assert(router_scores<R> || !balancer_reads_scores<B>,
+                "moekit::MoELayer: the router has no scores (Hash picks by token id) but the balancer reads "
+                "them; use NoBalance (a hash is balanced by its construction)");
   /// Whether the experts, routed or shared, keep their weights quantised (int8): made from the
   /// parameters whenever those are set; such a layer runs forward only.
   static constexpr bool quantises_weights = precision_of<X> == Precision::int8 || [] {
@@ -167,11 +170,18 @@ class BasicMoELayer {
       dispatcher_.template adjust_weights_backward<T>(plan_, weight_before_adjust_, d_weight_);
     if constexpr (BalancerReadsWeights<B, T>)
       balancer_.template weights_backward<T>(routing_, balance_context(), balance_state_, std::span<T>(d_weight_));
-    auto d_logits = d_logits_.matrix(tokens_, shape_.experts);
-    router_.template backward<T>(scores(), routing_, d_weight_, d_logits);
-    balancer_.template backward<T>(scores(), balance_context(), balance_state_, d_logits);
-    if (noisy_) noise_backward(d_logits);  // d_logits becomes d(clean logits); d(noise logits) beside it
-    score_backward(d_logits, d_rows, dx);  // dx = d_logits·W + scatter(d_rows); the router's gradient
+    if constexpr (router_scores<R>) {
+      auto d_logits = d_logits_.matrix(tokens_, shape_.experts);
+      router_.template backward<T>(scores(), routing_, d_weight_, d_logits);
+      balancer_.template backward<T>(scores(), balance_context(), balance_state_, d_logits);
+      if (noisy_) noise_backward(d_logits);  // d_logits becomes d(clean logits); d(noise logits) beside it
+      score_backward(d_logits, d_rows, dx);  // dx = d_logits·W + scatter(d_rows); the router's gradient
+    } else {  // the weights are constants: x's gradient comes through the experts alone
+      detail::for_each_block(tokens_, token_block, [&](Index first, Index n) {
+        dx.middleRows(first, n).setZero();
+        scatter_add<T>(plan_, d_rows, first, n, dx);
+      });
+    }
     if constexpr (S::present)
       detail::for_each_block(tokens_, token_block,
                              [&](Index first, Index n) { dx.middleRows(first, n) += shared_dx.middleRows(first, n); });
@@ -231,6 +241,15 @@ class BasicMoELayer {
   }
   /// Where each sequence set_sequences() gave begins, and the token count last; empty if none.
   std::span<const Index> sequence_offsets() const { return sequence_offsets_; }
+
+  /// The batch's token ids (their indices in the vocabulary), in token order, for a router that
+  /// reads them (Hash): one per token of every forward that follows, until set again.
+  void set_token_ids(std::span<const Index> ids)
+    requires RouterReadsTokenIds<R>
+  {
+    token_ids_.assign(ids.begin(), ids.end());
+  }
+  std::span<const Index> token_ids() const { return token_ids_; }
 
   /// Over ranks, after the last backward of a step and before the optimizer: gradients become
   /// those of J = (1/D)·Σ_r J_r over the D token shards of the batch group (the router's and the
@@ -421,10 +440,11 @@ class BasicMoELayer {
     }
   }
 
-  /// router.weight (and router.logit_bias, router.noise_weight), the shared expert's (whole on
-  /// every rank), then the routed experts'.
+  /// router.weight (and router.logit_bias, router.noise_weight; none for a router without
+  /// scores), the shared expert's (whole on every rank), then the routed experts'.
   LayerParameters<T> make_parameters() const {
-    std::vector<ParameterSpec> local{{"router.weight", {shape_.experts, shape_.hidden}}};
+    std::vector<ParameterSpec> local;
+    if (router_scores<R>) local.push_back({"router.weight", {shape_.experts, shape_.hidden}});
     if (logit_bias_) local.push_back({"router.logit_bias", {shape_.experts}});
     if (noisy_) local.push_back({"router.noise_weight", {shape_.experts, shape_.hidden}, true});  // 0, as Shazeer's
     const std::size_t router_tensors = local.size();
@@ -510,8 +530,19 @@ class BasicMoELayer {
   }
 
   /// Keeps x (which also lets y alias it), then logits = x·Wᵀ (x jittered, if the router asks;
-  /// with noise, in training, if it has noisy gating), turned into scores by the router.
+  /// with noise, in training, if it has noisy gating), turned into scores by the router. A router
+  /// without scores has nothing to compute.
   void score(ConstMatrixRef<T> x) {
+    if constexpr (router_scores<R>) {
+      score_tokens(x);
+    } else {
+      auto input = this->input();
+      detail::for_each_block(tokens_, token_block,
+                             [&](Index first, Index n) { input.middleRows(first, n) = x.middleRows(first, n); });
+    }
+  }
+
+  void score_tokens(ConstMatrixRef<T> x) {
     auto input = this->input();
     auto scores = this->scores();
     jittered_ = jitters_input();
@@ -587,8 +618,16 @@ class BasicMoELayer {
   }
 
   /// The router's K choices and their weights; a balancer that selects shapes what the router
-  /// picks on, never the weights. A router that draws is told the mode, step and token numbering.
+  /// picks on, never the weights. A router that draws is told the mode, step and token numbering;
+  /// a router without scores picks from the token ids.
   void select() {
+    if constexpr (router_scores<R>)
+      select_on_scores();
+    else
+      router_.template select<T>(RouterContext{training_, step_, 0, token_ids_}, shape_.experts, routing_);
+  }
+
+  void select_on_scores() {
     auto scores = this->scores();
     auto choose = [&](ConstMatrixRef<T> selection) {
       if constexpr (RouterDraws<R>)
@@ -724,6 +763,12 @@ class BasicMoELayer {
       require(sequence_offsets_.empty() || sequence_offsets_.back() == x.rows(), "moekit::MoELayer::forward: ",
               x.rows(), " tokens but the sequences set_sequences() gave have ",
               sequence_offsets_.empty() ? 0 : sequence_offsets_.back(), "; expected them to add up to the tokens");
+      if constexpr (RouterReadsTokenIds<R>) {
+        require(static_cast<Index>(token_ids_.size()) == x.rows(), "moekit::MoELayer::forward: ", x.rows(),
+                " tokens but set_token_ids() gave ", token_ids_.size(), " ids; expected one id per token (", R::name,
+                " routes by token id)");
+        router_.check_token_ids(token_ids_);
+      }
     });
   }
 
@@ -741,7 +786,13 @@ class BasicMoELayer {
   }
 
   BalanceContext balance_context() const {
-    return {router_.score_function(), top_k, &parallel_.batch(), training_, sequence_offsets_, shape_.experts};
+    return {score_function(), top_k, &parallel_.batch(), training_, sequence_offsets_, shape_.experts};
+  }
+
+  /// The router's; for a router without scores, whose balancer reads none, softmax's.
+  ScoreFn score_function() const {
+    if constexpr (router_scores<R>) return router_.score_function();
+    return ScoreFn::softmax;
   }
 
   void check_matrix(ConstMatrixRef<T> m, std::string_view call, std::string_view what,
@@ -790,6 +841,7 @@ class BasicMoELayer {
   std::uint64_t step_ = 0;               // what random draws count from; end_step() advances it
   Index first_token_ = 0;                // this rank's first token in the whole batch, for random draws
   std::vector<Index> sequence_offsets_;   // [B+1] from set_sequences(); empty: one sequence
+  std::vector<Index> token_ids_;          // [T] from set_token_ids(), for a router that reads them
   Index tokens_ = 0;
   Routing<T> routing_;
   Plan plan_;
