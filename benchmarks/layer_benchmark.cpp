@@ -167,7 +167,13 @@ struct LayerStep {
         dy(Matrix::Random(s.tokens, s.hidden)),
         y(s.tokens, s.hidden),
         dx(s.tokens, s.hidden),
-        pass(pass) {}
+        pass(pass) {
+    if constexpr (moekit::RouterReadsTokenIds<typename L::router_type>) {  // ids uniform over a 32 000-word vocabulary
+      std::vector<Index> ids(static_cast<std::size_t>(s.tokens));
+      for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = static_cast<Index>((t * 7919 + 13) % 32000);
+      layer.set_token_ids(ids);
+    }
+  }
   LayerStep(const LayerStep&) = delete;  // a layer and its batch: run in place, never copied
   LayerStep& operator=(const LayerStep&) = delete;
   void operator()() {
@@ -405,6 +411,7 @@ void register_all(const std::vector<int>& thread_counts, const std::vector<Shape
     for_each_policy(Routers{}, [&]<class R>() { register_layer<Layer<R>>(policy_shape(R::top_k), threads, seen); });
     for_each_policy(Balancers{}, [&]<class B>() { register_layer<Layer<moekit::TopK<2>, B>>(policy_shape(2), threads, seen); });
     register_layer<Layer<NoisyTopK2, ShazeerLosses>>(policy_shape(2), threads, seen);
+    register_layer<Layer<moekit::Hash, moekit::NoBalance>>(policy_shape(1), threads, seen);  // no scores: NoBalance only
     for_each_policy(Dispatchers{}, [&]<class D>() {
       register_layer<Layer<moekit::TopK<2>, moekit::AuxLoss, D>>(policy_shape(2), threads, seen);
     });

@@ -8,12 +8,13 @@
 // own SwiGLU network) with the clusters skewed: cluster c comes ∝ 1/(c + 1), so routing each
 // cluster to its own experts, which fits the task best, loads the experts unevenly, and the
 // balancers must trade one for the other. Every run: TopK<2> (plain, GShard's or Shazeer's noisy
-// gating) or Switch over eight experts, Adam (lr 3e-3), 256 tokens a step, the same batches for
-// every combination of a seed. Measured on 4096 held-out tokens in evaluation mode:
+// gating), Switch, or Hash routing by token id (each cluster's tokens 32 words) over eight
+// experts, Adam (lr 3e-3), 256 tokens a step, the same batches for every combination of a seed.
+// Measured on 4096 held-out tokens in evaluation mode:
 //   loss     mean squared error
 //   MaxVio   max_i load_i / mean load − 1 (Wang et al., Loss-Free Balancing): 0 is even
 //   dropped  the share of choices a capacity dropped
-//   LSE²     the mean over tokens of logsumexp(router logits)², what the z-loss shrinks
+//   LSE²     the mean over tokens of logsumexp(router logits)², what the z-loss shrinks (— for Hash: no logits)
 // and over training: MaxVio_batch, the mean over the last quarter's steps of each batch's MaxVio,
 // and tokens per second (forward, backward and Adam, on every thread).
 // Exits non-zero if a loss is not finite or a balancer leaves the training batches' load
@@ -24,6 +25,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -37,6 +39,9 @@ using namespace mixture;
 using moekit::Index;
 
 constexpr Index held_out = 4096;
+/// Hash routing's token ids: each cluster's tokens are this many words, drawn uniformly; a word's
+/// id is cluster · words_per_cluster + word.
+constexpr Index words_per_cluster = 32;
 
 /// What one combination reached on one seed.
 struct Outcome {
@@ -80,11 +85,21 @@ Outcome train(const R& router, const B& balancer, const D& dispatcher, unsigned 
   moekit::Adam<float> adam({.learning_rate = 3e-3});
   Matrix x(batch, hidden), target(batch, hidden), y(batch, hidden), dy(batch, hidden), dx(batch, hidden);
   std::vector<int> cluster(batch);
+  std::mt19937 words(seed + 7777);  // a stream apart from the task's: every combination sees the same batches
+  auto tell_token_ids = [&](const std::vector<int>& clusters) {
+    if constexpr (moekit::RouterReadsTokenIds<R>) {
+      std::uniform_int_distribution<Index> word(0, words_per_cluster - 1);
+      std::vector<Index> ids(clusters.size());
+      for (std::size_t t = 0; t < ids.size(); ++t) ids[t] = clusters[t] * words_per_cluster + word(words);
+      layer.set_token_ids(ids);
+    }
+  };
   Outcome out;
   int measured = 0;
   double seconds = 0;
   for (int step = 0; step < steps; ++step) {
     task.sample(x, target, cluster);
+    tell_token_ids(cluster);
     const auto start = std::chrono::steady_clock::now();
     layer.forward(x, y);
     dy = (y - target) * (2.0f / float(y.size()));
@@ -101,12 +116,16 @@ Outcome train(const R& router, const B& balancer, const D& dispatcher, unsigned 
   Matrix x_test(held_out, hidden), target_test(held_out, hidden), y_test(held_out, hidden);
   std::vector<int> cluster_test(held_out);
   task.sample(x_test, target_test, cluster_test);
+  tell_token_ids(cluster_test);
   layer.eval();
   layer.forward(x_test, y_test);
   out.loss = (y_test - target_test).squaredNorm() / double(y_test.size());
   out.max_vio = max_vio(layer.tokens_per_expert());
   out.dropped = double(layer.stats().dropped) / double(layer.stats().choices);
-  out.lse2 = mean_lse_squared(layer, x_test);
+  if constexpr (moekit::router_scores<R>)
+    out.lse2 = mean_lse_squared(layer, x_test);
+  else
+    out.lse2 = std::nan("");  // no logits
   return out;
 }
 
@@ -139,7 +158,7 @@ std::string markdown(const std::vector<Row>& rows, int steps, int seeds) {
   for (const auto& row : rows) {
     auto cell = [&](auto field, double scale, const char* pattern) {
       const Summary m = summarise(row, field);
-      return format(pattern, m.mean * scale, m.spread * scale);
+      return std::isnan(m.mean) ? std::string("—") : format(pattern, m.mean * scale, m.spread * scale);
     };
     s += "| " + row.router + " | " + row.balancer + " | " + row.dispatcher + " | " +
          cell([](const Outcome& o) { return o.loss; }, 1e3, "%.2f ± %.2f") + " | " +
@@ -280,6 +299,18 @@ int main(int argc, char** argv) {
   const int switch_capacity = compare("Switch", "NoBalance", "Capacity 1.25", none, switch_router, NoBalance{}, capacity);
   compare("Switch", "AuxLoss 1e-2", "Capacity 1.25", switch_capacity, switch_router, AuxLoss{}, capacity);
   compare("Switch + jitter 1e-2", "AuxLoss 1e-2", "Capacity 1.25", switch_capacity, jittered_switch, AuxLoss{}, capacity);
+  // Hash routing by the words' ids: the random hash; the balanced assignment from the words'
+  // expected counts; and each word to its cluster's expert, the routing that fits this task best.
+  std::vector<double> word_counts;
+  std::vector<Index> by_cluster;
+  for (Index id = 0; id < clusters * words_per_cluster; ++id) {
+    word_counts.push_back(frequency[static_cast<std::size_t>(id / words_per_cluster)] / double(words_per_cluster));
+    by_cluster.push_back(id / words_per_cluster * experts / clusters);
+  }
+  compare("Hash: random", "NoBalance", "Dropless", none, Hash{{.seed = 1}}, NoBalance{}, Dropless{});
+  compare("Hash: balanced table", "NoBalance", "Dropless", none, Hash{{.table = Hash::balanced_table(word_counts, experts)}},
+          NoBalance{}, Dropless{});
+  compare("Hash: cluster's expert", "NoBalance", "Dropless", none, Hash{{.table = by_cluster}}, NoBalance{}, Dropless{});
 
   const std::string table = markdown(rows, steps, seeds);
   std::printf("\n%s", table.c_str());

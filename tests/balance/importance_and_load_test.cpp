@@ -47,9 +47,9 @@ TEST(ImportanceLoss, IsCvSquaredOfEachExpertsSummedWeights) {
   ImportanceLoss::State<double> state;
   const BalanceContext context{.top_k = 2, .experts = 3};
   loss.weights(hand_routing(), context, state);
-  EXPECT_EQ(state.importance, (std::vector<double>{0.6 + 0.3, 0.4, 0.9 + 0.7}));  // the empty choice adds nothing
+  EXPECT_EQ(state.importance.sum, (std::vector<double>{0.6 + 0.3, 0.4, 0.9 + 0.7}));  // the empty choice adds nothing
   const Matrix<double> unused(3, 3);
-  EXPECT_NEAR(loss.forward<double>(unused, context, state), 0.5 * detail::CvSquared::value(state.importance), 1e-15);
+  EXPECT_NEAR(loss.forward<double>(unused, context, state), 0.5 * detail::CvSquared::value(state.importance.sum), 1e-15);
 }
 
 TEST(ImportanceLoss, WeightGradientMatchesCentralDifferences) {
@@ -91,7 +91,7 @@ TEST(LoadLoss, IsCvSquaredOfTheLoadByKthExcluding) {
     const BalanceContext context{.top_k = k, .experts = 5};
     loss.noisy_logits(logits.view(), context, state);
     const auto expected = load_by_hand(logits, k);
-    for (std::size_t e = 0; e < expected.size(); ++e) EXPECT_NEAR(state.load[e], expected[e], 1e-13) << "K " << k;
+    for (std::size_t e = 0; e < expected.size(); ++e) EXPECT_NEAR(state.load.sum[e], expected[e], 1e-13) << "K " << k;
     EXPECT_NEAR(loss.forward<double>(unused, context, state), 0.5 * detail::CvSquared::value(expected), 1e-13);
   }
 }
@@ -141,7 +141,7 @@ TEST(LoadLoss, ProbabilityIsTheChanceOfBeingChosenUnderFreshNoise) {
       for (Index j = 0; j < 5; ++j) above += j != i && h(0, j) > h(0, i);
       chosen += above < k;
     }
-    const double p = state.load[static_cast<std::size_t>(i)];
+    const double p = state.load.sum[static_cast<std::size_t>(i)];
     const double sigma = std::sqrt(p * (1 - p) / double(draws));
     EXPECT_NEAR(double(chosen) / double(draws), p, 5 * sigma + 1e-9) << "expert " << i;
   }

@@ -48,6 +48,25 @@ struct CvSquared {
   }
 };
 
+/// What both losses are: L = c · CV(s)² of a per-expert sum s over the whole batch, whose
+/// gradient reaches what was summed into s through dL/ds.
+struct CvSquaredOfSum {
+  std::vector<double> sum;       // [E] s, the whole batch's
+  std::vector<double> gradient;  // [E] c · D · ∂CV²/∂s_e (D the batch's ranks, for their average), from backward()
+
+  /// After this rank's share of s is in `sum`: the whole batch's.
+  void add_over_ranks(const BalanceContext& context) {
+    if (context.batch->size() > 1) context.batch->sum(sum);
+  }
+  double loss(double coefficient) const { return coefficient * CvSquared::value(sum); }
+  void backward(double coefficient, const BalanceContext& context) {
+    gradient.resize(sum.size());
+    CvSquared::gradient(sum, gradient);
+    const double scale = coefficient * double(context.batch->size());
+    for (double& g : gradient) g *= scale;
+  }
+};
+
 /// Checks a loss coefficient: finite and >= 0.
 inline void require_coefficient(std::string_view policy, double coefficient) {
   require(std::isfinite(coefficient) && coefficient >= 0, "moekit::", policy, ": coefficient = ", coefficient,
@@ -74,8 +93,7 @@ struct ImportanceLoss {
 
   template <Scalar T>
   struct State {
-    std::vector<double> importance;  // [E] of the whole batch
-    std::vector<double> gradient;    // [E] dL/dImportance_e
+    detail::CvSquaredOfSum importance;  // Importance [E], and the loss's gradient in it
   };
 
   void validate(const LayerShape&) const { detail::require_coefficient(name, options.coefficient); }
@@ -85,16 +103,17 @@ struct ImportanceLoss {
   void weights(const Routing<T>& routing, const BalanceContext& context, State<T>& state) const {
     require(context.experts >= 1, "moekit::ImportanceLoss: BalanceContext::experts = ", context.experts,
             "; expected the layer's expert count");
-    state.importance.assign(static_cast<std::size_t>(context.experts), 0.0);
+    auto& importance = state.importance.sum;
+    importance.assign(static_cast<std::size_t>(context.experts), 0.0);
     for (std::size_t c = 0; c < routing.index.size(); ++c)
       if (!Routing<T>::is_empty(routing.index[c]))
-        state.importance[static_cast<std::size_t>(routing.index[c])] += double(routing.weight[c]);
-    if (context.batch->size() > 1) context.batch->sum(state.importance);
+        importance[static_cast<std::size_t>(routing.index[c])] += double(routing.weight[c]);
+    state.importance.add_over_ranks(context);
   }
 
   template <Scalar T>
   T forward(ConstMatrixRef<T>, const BalanceContext&, State<T>& state) const {
-    return T(options.coefficient * detail::CvSquared::value(state.importance));
+    return T(state.importance.loss(options.coefficient));
   }
 
   template <Scalar T>
@@ -104,12 +123,11 @@ struct ImportanceLoss {
   template <Scalar T>
   void weights_backward(const Routing<T>& routing, const BalanceContext& context, State<T>& state,
                         std::span<T> d_weight) const {
-    state.gradient.resize(state.importance.size());
-    detail::CvSquared::gradient(state.importance, state.gradient);
-    const double scale = options.coefficient * double(context.batch->size());
+    state.importance.backward(options.coefficient, context);
+    const auto& gradient = state.importance.gradient;
     for (std::size_t c = 0; c < routing.index.size(); ++c)
       if (!Routing<T>::is_empty(routing.index[c]))
-        d_weight[c] += T(scale * state.gradient[static_cast<std::size_t>(routing.index[c])]);
+        d_weight[c] += T(gradient[static_cast<std::size_t>(routing.index[c])]);
   }
 };
 
@@ -137,8 +155,7 @@ struct LoadLoss {
   struct State {
     std::vector<Index> order;       // [T,K+1] each token's K + 1 largest H, largest first
     std::vector<double> block_load;  // [blocks,E] each block of tokens' share of Load
-    std::vector<double> load;        // [E] of the whole batch
-    std::vector<double> gradient;    // [E] dL/dLoad_e
+    detail::CvSquaredOfSum load;     // Load [E], and the loss's gradient in it
   };
 
   void validate(const LayerShape& shape) const {
@@ -161,14 +178,14 @@ struct LoadLoss {
         for (Index e = 0; e < experts; ++e) load[e] += Chance(logits, t, e, order, context).probability;
       }
     });
-    state.load.resize(width);
-    sum_of_blocks(state.block_load, blocks, state.load);
-    if (context.batch->size() > 1) context.batch->sum(state.load);
+    state.load.sum.resize(width);
+    sum_of_blocks(state.block_load, blocks, state.load.sum);
+    state.load.add_over_ranks(context);
   }
 
   template <Scalar T>
   T forward(ConstMatrixRef<T>, const BalanceContext&, State<T>& state) const {
-    return T(options.coefficient * detail::CvSquared::value(state.load));
+    return T(state.load.loss(options.coefficient));
   }
 
   template <Scalar T>
@@ -179,15 +196,14 @@ struct LoadLoss {
   void noisy_logits_backward(const NoisyLogits<T>& logits, const BalanceContext& context, State<T>& state,
                              MatrixRef<T> d_noisy, MatrixRef<T> d_clean, MatrixRef<T> d_noise) const {
     const Index tokens = logits.clean.rows(), experts = logits.clean.cols();
-    state.gradient.resize(state.load.size());
-    detail::CvSquared::gradient(state.load, state.gradient);
-    const double scale = options.coefficient * double(context.batch->size());
+    state.load.backward(options.coefficient, context);
+    const auto& gradient = state.load.gradient;
     const auto k = static_cast<std::size_t>(context.top_k);
     for_each_token(tokens, [&](Index t) {
       const Index* order = &state.order[static_cast<std::size_t>(t) * (k + 1)];
       for (Index e = 0; e < experts; ++e) {
         const Chance chance(logits, t, e, order, context);
-        const double g = scale * state.gradient[static_cast<std::size_t>(e)] * chance.density / chance.deviation;
+        const double g = gradient[static_cast<std::size_t>(e)] * chance.density / chance.deviation;
         d_clean(t, e) += T(g);
         d_noise(t, e) += T(-g * chance.z * chance.deviation_slope);
         d_noisy(t, chance.threshold) += T(-g);

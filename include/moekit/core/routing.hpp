@@ -146,17 +146,17 @@ struct Plan {
   /// counts, offsets, slot, source and dropped, after reset().
   template <class Keep>
   void place(std::span<const Index> index, Keep keep) {
-    const auto placed = [&](std::size_t c) { return index[c] >= 0 && keep(c); };
+    constexpr Index kept = 0;  // a kept choice's slot until its row is known
     for (std::size_t c = 0; c < index.size(); ++c) {
       if (index[c] < 0) continue;
-      if (keep(c)) ++counts[static_cast<std::size_t>(index[c])];
+      if (keep(c)) slot[c] = kept, ++counts[static_cast<std::size_t>(index[c])];
       else ++dropped;
     }
     set_offsets();
     source.resize(static_cast<std::size_t>(rows()));
     std::fill(counts.begin(), counts.end(), 0);  // each block's fill cursor, back to its count at the end
     for (std::size_t c = 0; c < index.size(); ++c) {
-      if (!placed(c)) continue;
+      if (slot[c] == no_slot) continue;
       const auto e = static_cast<std::size_t>(index[c]);
       const Index row = offsets[e] + counts[e]++;
       slot[c] = row;
