@@ -15,6 +15,7 @@
 //              Sinkhorn                                 balance/sinkhorn.hpp
 //              ZLoss                                    balance/z_loss.hpp
 //              SeqAuxLoss                               balance/seq_aux_loss.hpp
+//              ImportanceLoss, LoadLoss                 balance/importance_and_load.hpp
 //              Balanced<Terms...> (several at once)     balance/balanced.hpp
 //   dispatch/  Dropless                                 dispatch/dropless.hpp
 //              Capacity, DropPolicy                     dispatch/capacity.hpp
