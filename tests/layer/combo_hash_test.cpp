@@ -1,7 +1,9 @@
 // The layer checks of the typed matrix (combo_test.hpp) for Hash routing, which has no scores and
-// so takes only NoBalance: every expert and scalar with Dropless, Capacity with the default
-// expert, and bf16 products. y is each token's expert's output (weight 1), held to the formulas;
-// the gradients of x and the experts by central differences.
+// so takes only NoBalance: the default expert and its twin, the per-expert loop, in every scalar
+// with Dropless, Capacity with the default expert, and bf16 products. (The other experts meet
+// only their rows, whatever routed them: the TopK files hold each of them.) y is each token's
+// expert's output (weight 1), held to the formulas; the gradients of x and the experts by
+// central differences.
 #include <gtest/gtest.h>
 #include <tbb/global_control.h>
 
@@ -20,7 +22,7 @@
 namespace moekit::test {
 
 using HashLayers = typename as_gtest_types<typename concat<
-    typename every_expert_and_scalar<Hash, List<NoBalance, Dropless>>::type,
+    typename every_expert_and_scalar<Hash, List<NoBalance, Dropless>, List<GroupedGemm, PerExpertLoop>>::type,
     typename every_scalar<Hash, List<NoBalance, Capacity>, GroupedGemm, Scalars>::type,
     List<MoELayer<Hash, NoBalance, Dropless, GroupedGemm, bf16>>>::type>::type;
 
