@@ -109,15 +109,7 @@ TYPED_TEST(HashCombo, GradientsAreRight) {
   } else {
     auto exact = TestFixture::template make<rebind<TypeParam, double>>(9);
     copy_parameters(exact, layer);
-    layer.forward(x);
-    const Matrix<T> dx = layer.backward(dy);
-    exact.forward(x.template cast<double>());
-    const Matrix<double> dx_exact = exact.backward(dy.template cast<double>());
-    EXPECT_LT(TestFixture::error(dx, dx_exact.cast<T>()), 5 * layer_tolerance<TypeParam>);
-    for (std::size_t p = 0; p < layer.gradients().size(); ++p)
-      EXPECT_LT(io::relative_error(layer.gradients()[p].values(), exact.gradients()[p].values()),
-                5 * layer_tolerance<TypeParam>)
-          << layer.gradients()[p].name();
+    expect_gradients_as_exact(layer, exact, x, dy, 5 * layer_tolerance<TypeParam>);
   }
 }
 

@@ -321,17 +321,8 @@ TYPED_TEST_P(LayerCombo, GradientsAreRight) {
       auto layer = TestFixture::make(options);
       auto exact = TestFixture::template make<rebind<TypeParam, double>>(options);
       copy_parameters(exact, layer);
-      const auto x = TestFixture::random(7, 6, 5);
-      const auto dy = TestFixture::random(7, 6, 6);
-      layer.forward(x);
-      const Matrix<T> dx = layer.backward(dy);
-      exact.forward(x.template cast<double>());
-      const Matrix<double> dx_exact = exact.backward(dy.template cast<double>());
-      EXPECT_LT(TestFixture::error(dx, dx_exact.cast<T>()), 5 * layer_tolerance<TypeParam>);
-      for (std::size_t p = 0; p < layer.gradients().size(); ++p)
-        EXPECT_LT(io::relative_error(layer.gradients()[p].values(), exact.gradients()[p].values()),
-                  5 * layer_tolerance<TypeParam>)
-            << layer.gradients()[p].name();
+      expect_gradients_as_exact(layer, exact, TestFixture::random(7, 6, 5), TestFixture::random(7, 6, 6),
+                                5 * layer_tolerance<TypeParam>);
     }
   }
 }

@@ -10,6 +10,7 @@
 
 #include <string>
 
+#include <moekit/io/hf_block.hpp>
 #include <moekit/moekit.hpp>
 
 #include "exact_twin.hpp"
@@ -179,6 +180,23 @@ void copy_parameters(To& to, const From& from) {
     auto dst = to.parameters()[p].values();
     for (std::size_t i = 0; i < src.size(); ++i) dst[i] = static_cast<typename To::scalar_type>(src[i]);
   }
+}
+
+/// One training step of a float layer and of `exact`, its double twin with the same parameters, on
+/// the same x and dy: dx and every parameter's gradient within `bound` of the exact ones.
+template <class Layer, class Exact>
+void expect_gradients_as_exact(Layer& layer, Exact& exact, const Matrix<typename Layer::scalar_type>& x,
+                               const Matrix<typename Layer::scalar_type>& dy, double bound) {
+  using T = typename Layer::scalar_type;
+  layer.forward(x);
+  const Matrix<T> dx = layer.backward(dy);
+  exact.forward(x.template cast<double>());
+  const Matrix<T> dx_exact = exact.backward(dy.template cast<double>()).template cast<T>();
+  EXPECT_LT(io::relative_error(std::span<const T>(dx.data(), dx.size()), std::span<const T>(dx_exact.data(), dx_exact.size())),
+            bound);
+  for (std::size_t p = 0; p < layer.gradients().size(); ++p)
+    EXPECT_LT(io::relative_error(layer.gradients()[p].values(), exact.gradients()[p].values()), bound)
+        << layer.gradients()[p].name();
 }
 
 }  // namespace moekit::test
