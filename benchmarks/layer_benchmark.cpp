@@ -412,6 +412,8 @@ void register_all(const std::vector<int>& thread_counts, const std::vector<Shape
     for_each_policy(Balancers{}, [&]<class B>() { register_layer<Layer<moekit::TopK<2>, B>>(policy_shape(2), threads, seen); });
     register_layer<Layer<NoisyTopK2, ShazeerLosses>>(policy_shape(2), threads, seen);
     register_layer<Layer<moekit::Hash, moekit::NoBalance>>(policy_shape(1), threads, seen);  // no scores: NoBalance only
+    // capacity_factor 2: each expert 2T/E rows, 2T in all, as top-2
+    register_layer<Layer<moekit::ExpertChoice, moekit::NoBalance>>(policy_shape(2), threads, seen);
     for_each_policy(Dispatchers{}, [&]<class D>() {
       register_layer<Layer<moekit::TopK<2>, moekit::AuxLoss, D>>(policy_shape(2), threads, seen);
     });

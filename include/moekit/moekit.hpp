@@ -9,6 +9,7 @@
 // Policies, one header each:
 //   router/    TopK<K>, Switch (= TopK<1>)               router/top_k.hpp
 //              Hash (by token id)                       router/hash.hpp
+//              ExpertChoice (each expert its C tokens)  router/expert_choice.hpp
 //   balance/   AuxLoss                                  balance/aux_loss.hpp
 //              AuxFree                                  balance/aux_free.hpp
 //              NoBalance                                balance/no_balance.hpp
@@ -60,5 +61,6 @@
 #include <moekit/layer/upcycle.hpp>
 #include <moekit/optim/adam.hpp>
 #include <moekit/parallel/single_process.hpp>
+#include <moekit/router/expert_choice.hpp>
 #include <moekit/router/hash.hpp>
 #include <moekit/router/top_k.hpp>

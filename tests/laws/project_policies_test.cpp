@@ -97,9 +97,20 @@ struct BalancedHashTable {  // the hash layers paper's balanced assignment of 10
   static constexpr std::array<Index, 1> experts{8};
 };
 
+struct ExpertChoiceCf2 {  // the paper's default: on average two experts per token
+  static constexpr std::string_view label = "ExpertChoiceCf2";
+  static constexpr std::array<Index, 3> experts{1, 3, 8};
+  static ExpertChoice make() { return {}; }
+};
+struct ExpertChoiceCf05 {  // fewer slots than tokens: most tokens get no expert
+  static constexpr std::string_view label = "ExpertChoiceCf05";
+  static constexpr std::array<Index, 2> experts{4, 16};
+  static ExpertChoice make() { return {{.capacity_factor = 0.5}}; }
+};
+
 using Routers =
     ::testing::Types<TopK<1>, TopK<2>, TopK<4>, QwenTopK, DeepSeekTopK, SigmoidSwitch, DeepSeekV3Groups, DeepSeekV2Groups,
-                     GShardTopK, Hash, BalancedHashTable>;
+                     GShardTopK, Hash, BalancedHashTable, ExpertChoiceCf2, ExpertChoiceCf05>;
 INSTANTIATE_TYPED_TEST_SUITE_P(Moekit, RouterLaws, Routers, CaseName);
 
 using Balancers = ::testing::Types<AuxLoss, AuxFree, Sinkhorn, SinkhornAtEvaluation, ZLoss, NoBalance,

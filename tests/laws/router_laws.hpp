@@ -7,7 +7,8 @@
 // A case is the router type (default-constructed) or a struct whose static make() returns one;
 // a case whose router needs particular expert counts (groups that divide them) lists them in
 // `static constexpr std::array experts{…}`. A router without scores (Hash) is given token ids
-// below 1000 instead of scores.
+// below 1000 instead of scores. A router whose choices vary (ExpertChoice, top_k 0) has one slot
+// per expert and must list its expert counts.
 #include <gtest/gtest.h>
 
 #include <array>
@@ -32,7 +33,15 @@ class RouterLaws : public ::testing::Test {
   static constexpr int K = R::top_k;
   const R router = make_policy<Case>();
 
-  LayerShape shape(Index experts) const { return {.hidden = 4, .ffn = 4, .experts = experts, .top_k = K}; }
+  LayerShape shape(Index experts) const {
+    return {.hidden = 4, .ffn = 4, .experts = experts, .top_k = slots(experts)};
+  }
+
+  /// Each token's slots in the routing: K, or E for a router whose choices vary.
+  static int slots(Index experts) { return router_choices_vary<R> ? static_cast<int>(experts) : K; }
+
+  /// Whether a slot may be left empty: by a router that draws, or one whose choices vary.
+  bool may_leave_empty() const { return draws() || router_choices_vary<R>; }
 
   /// The expert counts the laws run at: the case's own, or K, K + 3 and 2K + 5.
   static std::vector<Index> expert_counts() {
@@ -89,10 +98,11 @@ class RouterLaws : public ::testing::Test {
 TYPED_TEST_SUITE_P(RouterLaws);
 
 // K distinct experts of [0, E) per token, finite weights, on random logits, ties and huge logits.
-// A router that draws may leave a choice empty: it still names a distinct expert, with weight 0.
+// A router that draws or whose choices vary may leave a choice empty: it still names a distinct
+// expert, with weight 0.
 TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
-  constexpr int K = TestFixture::K;
   for (const Index experts : TestFixture::expert_counts()) {
+    const int K = TestFixture::slots(experts);
     this->router.validate(this->shape(experts));
     for (const Index tokens : {0, 1, 37, 300}) {
       Matrix<double> scores = test::random_matrix(tokens, experts, static_cast<unsigned>(tokens + experts), 2.0);
@@ -111,7 +121,7 @@ TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
         for (int k = 0; k < K; ++k) {
           const auto c = static_cast<std::size_t>(t * K + k);
           const Index expert = Routing<double>::expert_of(routing.index[c]);
-          EXPECT_TRUE(!Routing<double>::is_empty(routing.index[c]) || (this->draws() && routing.weight[c] == 0))
+          EXPECT_TRUE(!Routing<double>::is_empty(routing.index[c]) || (this->may_leave_empty() && routing.weight[c] == 0))
               << "token " << t << ", choice " << k << " left empty";
           EXPECT_GE(expert, 0) << "token " << t;
           EXPECT_LT(expert, experts) << "token " << t;
@@ -129,8 +139,8 @@ TYPED_TEST_P(RouterLaws, ChoosesKDistinctExpertsWithFiniteWeights) {
 // backward: what it picks is a fixed function of the ids, the same at any step and mode, so
 // nothing the layer learns reaches it.
 TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
-  constexpr int K = TestFixture::K;
   if constexpr (!router_scores<typename TestFixture::R>) {
+    constexpr int K = TestFixture::K;
     Matrix<double> tokens(1500, TestFixture::expert_counts().back());
     const Routing<double> first = this->route(tokens, {.step = 1});
     const Routing<double> later = this->route(tokens, {.training = false, .step = 9, .first_token = 40});
@@ -145,7 +155,7 @@ TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
   } else {
     const Index tokens = 6, experts = TestFixture::expert_counts()[1 % TestFixture::expert_counts().size()];
     Matrix<double> logits = test::random_matrix(tokens, experts, 5, 2.0);
-    const Matrix<double> g = test::random_matrix(tokens, K, 6);
+    const Matrix<double> g = test::random_matrix(tokens, TestFixture::slots(experts), 6);
     auto loss = [&] {
       Matrix<double> scores = logits;
       const auto routing = this->route(scores);
@@ -166,10 +176,9 @@ TYPED_TEST_P(RouterLaws, BackwardMatchesCentralDifferences) {
 
 // The same choices, weights and gradient, bit for bit, on one thread and on four.
 TYPED_TEST_P(RouterLaws, SameBitsOnAnyThreadCount) {
-  constexpr int K = TestFixture::K;
   const Index tokens = 1000, experts = TestFixture::expert_counts().back();
   const Matrix<double> logits = test::random_matrix(tokens, experts, 7, 2.0);
-  const Matrix<double> g = test::random_matrix(tokens, K, 8);
+  const Matrix<double> g = test::random_matrix(tokens, TestFixture::slots(experts), 8);
   auto run = [&] {
     Matrix<double> scores = logits;
     Routing<double> routing = this->route(scores);

@@ -1,5 +1,6 @@
 // The layer over ranks computes what one process computes for the whole batch: balancing terms
-// per sequence and several at once, noisy gating with Shazeer's losses, hash routing, Sinkhorn, and the model families' blocks (shared experts,
+// per sequence and several at once, noisy gating with Shazeer's losses, hash routing, Expert Choice,
+// Sinkhorn, and the model families' blocks (shared experts,
 // weights on the input, expert biases). Run under mpirun with 2 and 4 ranks.
 #include "one_process.hpp"
 
@@ -37,6 +38,13 @@ TEST(ExpertParallel, HashRoutingByTokenIds) {
   for_both_scalars<Hash, NoBalance, Dropless, GroupedGemm>({5, 0, 7, 4}, Hash{{.seed = 2}});
   for_both_scalars<Hash, NoBalance, Capacity, GroupedGemm>({6, 3, 5, 4}, Hash{{.seed = 2}},
                                                          Capacity{{.capacity_factor = 0.75}});
+}
+
+// Expert Choice: each expert takes its C tokens of the whole batch group, from whichever ranks
+// hold them (here also with a rank of no tokens); and with the z-loss beside it.
+TEST(ExpertParallel, ExpertChoiceOverTheWholeBatch) {
+  for_both_scalars<ExpertChoice, NoBalance, Dropless, GroupedGemm>({5, 0, 7, 4});
+  for_both_scalars<ExpertChoice, ZLoss, Dropless, GroupedGemm>({6, 3, 5, 4}, ExpertChoice{{.capacity_factor = 1.5}});
 }
 
 TEST(ExpertParallel, SinkhornDroplessReLU) {

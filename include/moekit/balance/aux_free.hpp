@@ -24,6 +24,7 @@ namespace moekit {
 struct AuxFree {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "AuxFree";
+  static constexpr bool assumes_top_k = true;  // its bias shifts each expert's selection score, which an expert's own pick of tokens ignores
 
   struct Options {
     double rate = 1e-3;  // u; DeepSeek-V3: 1e-3

@@ -21,6 +21,7 @@ namespace moekit {
 struct AuxLoss {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "AuxLoss";
+  static constexpr bool assumes_top_k = true;  // f_i counts each token's top K
 
   struct Options {
     double coefficient = 1e-2;  // c

@@ -61,6 +61,7 @@ struct Balanced : detail::saved_name_of_terms<Terms...> {
 
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = detail::joined_names<Terms...>::value;
+  static constexpr bool assumes_top_k = (balancer_assumes_top_k<Terms> || ...);
 
   std::tuple<Terms...> terms{};
 

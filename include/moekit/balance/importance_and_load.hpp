@@ -145,6 +145,7 @@ struct ImportanceLoss {
 struct LoadLoss {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "LoadLoss";
+  static constexpr bool assumes_top_k = true;  // P_ti is the chance of being in a token's top K
 
   struct Options {
     double coefficient = 0.1;  // c; Shazeer et al.: w_load = 0.1

@@ -24,6 +24,7 @@ namespace moekit {
 struct SeqAuxLoss {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "SeqAuxLoss";
+  static constexpr bool assumes_top_k = true;  // f_i counts each token's top K
 
   struct Options {
     double coefficient = 1e-4;  // c; DeepSeek-V3: α = 1e-4

@@ -22,6 +22,7 @@ namespace moekit {
 struct Sinkhorn {
   using policy_kind = balancer_kind;
   static constexpr std::string_view name = "Sinkhorn";
+  static constexpr bool assumes_top_k = true;  // its plan is selected on for each token's top K
 
   struct Options {
     double tolerance = 1e-4;   // Megatron-Core's

@@ -104,9 +104,19 @@ inline constexpr bool router_scores = [] {
   return true;
 }();
 
-/// Scores tokens against experts and picks K of them; or, with `scores = false`, picks them from
-/// what the layer tells it alone (the token ids), and has no parameters and no gradient.
-/// docs/policies/router.md
+/// Whether a router's choices per token vary (ExpertChoice, `choices_vary = true`: each expert
+/// picks its tokens, so a token gets none, one or several). Its Routing has one slot per expert,
+/// [T,E], slot e expert e or left empty, and its top_k is 0; the layer calls its select with the
+/// context, whose batch group it picks over.
+template <class P>
+inline constexpr bool router_choices_vary = [] {
+  if constexpr (requires { P::choices_vary; }) return bool(P::choices_vary);
+  return false;
+}();
+
+/// Scores tokens against experts and picks K of them (or, with `choices_vary`, lets each expert
+/// pick its tokens); or, with `scores = false`, picks them from what the layer tells it alone (the
+/// token ids), and has no parameters and no gradient. docs/policies/router.md
 template <class P>
 concept Router =
     DeclaresKind<P, router_kind> && Named<P> &&
@@ -124,7 +134,11 @@ concept Router =
      }) &&
     (router_scores<P> || requires(const P& p, const RouterContext& context, Index experts, Routing<double>& routing) {
       p.select(context, experts, routing);  // the context's token ids → routing
-    });
+    }) &&
+    (!router_choices_vary<P> ||
+     requires(const P& p, ConstMatrixRef<double> cscores, const RouterContext& context, Routing<double>& routing) {
+       p.select(cscores, cscores, context, routing);  // over the context's batch group
+     });
 
 /// A router that reads each token's id (Hash): the layer then needs set_token_ids() before a
 /// forward, has the router check the ids, and passes them in RouterContext::token_ids.
@@ -194,6 +208,15 @@ template <class P>
 inline constexpr bool balancer_reads_scores = [] {
   if constexpr (requires { P::reads_scores; }) return bool(P::reads_scores);
   return true;
+}();
+
+/// Whether a balancer assumes each token makes K choices (`assumes_top_k = true`: AuxLoss's and
+/// SeqAuxLoss's f from each token's top K, Sinkhorn's and AuxFree's selection for a top K,
+/// LoadLoss's K-th largest logit). A router whose choices vary (ExpertChoice) refuses it.
+template <class P>
+inline constexpr bool balancer_assumes_top_k = [] {
+  if constexpr (requires { P::assumes_top_k; }) return bool(P::assumes_top_k);
+  return false;
 }();
 
 // A balancer's optional hooks: the layer calls each one the balancer has, at the stage named.

@@ -10,6 +10,7 @@
 
 #include <moekit/core/group.hpp>
 #include <moekit/core/tensor.hpp>
+#include <moekit/core/token_loops.hpp>
 
 namespace moekit {
 
@@ -41,12 +42,14 @@ enum class WeightAt { output, input };
 
 /// What a router that draws in training is told at select: the layer's mode, its step and this
 /// rank's first token in the numbering of the whole batch (core/random.hpp's counter); a router
-/// that reads token ids, the ids of this rank's tokens (set_token_ids()).
+/// that reads token ids, the ids of this rank's tokens (set_token_ids()); a router whose choices
+/// depend on the whole batch (ExpertChoice), the ranks whose tokens form it.
 struct RouterContext {
   bool training = true;
   std::uint64_t step = 0;
   Index first_token = 0;
   std::span<const Index> token_ids{};  // [T]
+  const BatchGroup* batch = &single_process_batch();
 };
 
 /// Multiplicative jitter of the router's input in training (Switch Transformer): ε = 0 is none;
@@ -77,6 +80,21 @@ struct NoisyLogits {
 template <class T>
 T softplus(T v) {
   return std::max(v, T(0)) + std::log1p(std::exp(-std::abs(v)));
+}
+
+/// Logits → scores, row by row, in place: a softmax over each token's experts, or a sigmoid of
+/// each logit.                                                                           [T,E]
+template <Scalar T>
+void score_logits(ScoreFn fn, MatrixRef<T> scores) {
+  for_each_token(scores.rows(), [&](Index t) {
+    auto row = scores.row(t);
+    if (fn == ScoreFn::softmax) {
+      row.array() = (row.array() - row.maxCoeff()).exp();  // max first: no overflow at any logit
+      row /= row.sum();
+    } else {
+      row.array() = (T(1) + (-row.array()).exp()).inverse();
+    }
+  });
 }
 
 inline constexpr std::string_view to_string(ScoreFn f) {

@@ -152,7 +152,7 @@ struct compose {
                 "weights); the layer's scalar is double: leave out double or the precision");
 
   static constexpr bool compatible =
-      require_compatible<typename balancer::type, typename dispatcher::type>::value;
+      require_compatible<typename router::type, typename balancer::type, typename dispatcher::type>::value;
 
   static constexpr bool valid = all_known && compatible && router::count <= 1 && balancer::count <= 1 &&
                                 dispatcher::count <= 1 && expert::count <= 1 &&

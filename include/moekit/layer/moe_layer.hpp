@@ -31,7 +31,8 @@ namespace detail {
 template <class P>
 std::string policy_label() {
   std::string label(P::name);
-  if constexpr (requires { P::top_k; } && router_scores<P>) label += std::to_string(P::top_k);  // Hash: always 1
+  if constexpr (requires { P::top_k; } && router_scores<P> && !router_choices_vary<P>)
+    label += std::to_string(P::top_k);  // not Hash's (always 1) nor ExpertChoice's (none)
   if constexpr (requires { typename P::activation; }) label += P::activation::name;
   if constexpr (requires { P::bias; })
     if (P::bias == ExpertBias::projections) label += "Biased";
@@ -55,7 +56,7 @@ class BasicMoELayer {
   using expert_type = X;
   using parallel_type = P;
   using shared_expert_type = S;
-  static constexpr int top_k = R::top_k;
+  static constexpr int top_k = R::top_k;  // 0 for a router whose choices vary
   static_assert(!BalancerReadsNoisyLogits<B, T> || RouterHasNoisyGating<R>,
                 "moekit::MoELayer: the balancer reads noisy gating's logits (LoadLoss) but the router has no "
                 "noisy gating; use TopK with noisy_gating = true, or another balancer");
@@ -79,7 +80,7 @@ class BasicMoELayer {
     (set_policy(policies), ...);
     if constexpr (RouterHasLogitBias<R>) logit_bias_ = router_.logit_bias();
     if constexpr (RouterHasNoisyGating<R>) noisy_ = router_.noisy_gating().enabled;
-    shape_ = {config.hidden, config.ffn, config.experts, top_k, config.shared_ffn};
+    shape_ = {config.hidden, config.ffn, config.experts, routing_slots(config.experts), config.shared_ffn};
     parallel_.validate(shape_);  // first: over ranks, it agrees the shape before anything can throw
     parallel_.all_or_none("construction", [&] {
       require(config.experts >= 1, "moekit::MoELayer: experts = ", config.experts,
@@ -354,8 +355,8 @@ class BasicMoELayer {
                        {"layer", name()},
                        {"hidden", std::to_string(shape_.hidden)},
                        {"ffn", std::to_string(shape_.ffn)},
-                       {"experts", std::to_string(shape_.experts)},
-                       {"topk", std::to_string(top_k)}};
+                       {"experts", std::to_string(shape_.experts)}};
+    if constexpr (!router_choices_vary<R>) file.metadata()["topk"] = std::to_string(top_k);
     if constexpr (S::present) file.metadata()["shared_ffn"] = std::to_string(shape_.shared_ffn);
     parameters_.write_to(file);
     if constexpr (SavesState<B, T>) {
@@ -630,6 +631,8 @@ class BasicMoELayer {
   void select_on_scores() {
     auto scores = this->scores();
     auto choose = [&](ConstMatrixRef<T> selection) {
+      if constexpr (router_choices_vary<R>)
+        return router_.template select<T>(selection, scores, RouterContext{.batch = &parallel_.batch()}, routing_);
       if constexpr (RouterDraws<R>)
         if (router_draws())
           return router_.template select<T>(selection, scores, RouterContext{training_, step_, first_token_}, routing_);
@@ -786,7 +789,13 @@ class BasicMoELayer {
   }
 
   BalanceContext balance_context() const {
-    return {score_function(), top_k, &parallel_.batch(), training_, sequence_offsets_, shape_.experts};
+    return {score_function(), shape_.top_k, &parallel_.batch(), training_, sequence_offsets_, shape_.experts};
+  }
+
+  /// Each token's slots in the routing: K, or one per expert for a router whose choices vary.
+  static int routing_slots(Index experts) {
+    if constexpr (router_choices_vary<R>) return static_cast<int>(experts);
+    return top_k;
   }
 
   /// The router's; for a router without scores, whose balancer reads none, softmax's.

@@ -16,7 +16,7 @@ namespace moekit {
 /// Load statistics of one forward pass. docs/getting_started.md#routing-statistics
 struct RoutingStats {
   Index tokens = 0;
-  Index choices = 0;                     // tokens · K
+  Index choices = 0;                     // choices the router made: tokens · K, less those it left empty
   Index dropped = 0;                     // choices that got no row (capacity)
   std::vector<Index> tokens_per_expert;  // [E] kept choices per expert; padding rows not counted
   double max_over_mean = 0;              // largest load over the mean load; 1 is perfectly even
@@ -26,11 +26,11 @@ struct RoutingStats {
   static RoutingStats from(const Plan& plan, std::span<const Index> load) {
     RoutingStats s;
     s.tokens = plan.tokens;
-    s.choices = plan.tokens * plan.top_k;
     s.dropped = plan.dropped;
     s.tokens_per_expert.assign(load.begin(), load.end());
     Index total = 0, largest = 0;
     for (Index n : load) total += n, largest = std::max(largest, n);
+    s.choices = total + plan.dropped;
     if (total > 0) s.max_over_mean = double(largest) * double(load.size()) / double(total);
     return s;
   }

@@ -107,15 +107,7 @@ struct TopK {
   /// Logits → scores, row by row, in place.                                              [T,E]
   template <Scalar T>
   void score(MatrixRef<T> scores) const {
-    for_each_token(scores.rows(), [&](Index t) {
-      auto row = scores.row(t);
-      if (options.score == ScoreFn::softmax) {
-        row.array() = (row.array() - row.maxCoeff()).exp();  // max first: no overflow at any logit
-        row /= row.sum();
-      } else {
-        row.array() = (T(1) + (-row.array()).exp()).inverse();
-      }
-    });
+    score_logits<T>(options.score, scores);
   }
 
   /// Top-K of `selection` (the scores, or the balancer's biased or balanced version of them);
