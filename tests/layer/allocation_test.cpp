@@ -58,6 +58,11 @@ TEST(SteadyState, EveryShippedBalancerAndDispatcher) {
   EXPECT_EQ(steady_state_allocations(reference, 100, 3), 0) << "PerExpertLoop";
 }
 
+TEST(SteadyState, ExpertChoiceAllocatesNothingEither) {  // its choice's buffers are the router's own
+  MoELayer<ExpertChoice, ZLoss, float> layer({.hidden = 16, .ffn = 24, .experts = 4, .seed = 1});
+  EXPECT_EQ(steady_state_allocations(layer, 100, 3), 0);
+}
+
 /// Peak memory of the layer's first forward + backward over the activations backward needs
 /// saved — x [T,H], scores [T,E], the dispatched rows and the experts' outputs [S,H], and
 /// SwiGLU's gate, up and hidden [S,F] (S = T·K rows). Backward's gradients overwrite them.

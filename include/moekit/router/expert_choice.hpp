@@ -66,9 +66,8 @@ struct ExpertChoice {
   /// Each expert's C tokens, the batch being these tokens alone.                      [T,E] → [T,E]
   template <Scalar T>
   void select(ConstMatrixRef<T> selection, ConstMatrixRef<T> scores, Routing<T>& out) const {
-    std::vector<unsigned char> taken;
-    take(selection, 0, selection.rows(), taken);
-    write(taken, scores, out);
+    take(selection, 0, selection.rows());
+    write(scores, out);
   }
 
   /// Each expert's C tokens of the whole batch group (context.batch): every rank's selection
@@ -79,17 +78,16 @@ struct ExpertChoice {
     const BatchGroup& batch = *context.batch;
     if (batch.size() == 1) return select<T>(selection, scores, out);
     const Index experts = selection.cols();
-    std::vector<double> mine(static_cast<std::size_t>(selection.size())), all;
-    std::vector<Index> counts;
+    auto& [mine, all, counts] = scratch.gathered;
+    mine.resize(static_cast<std::size_t>(selection.size()));
     for (Index t = 0; t < selection.rows(); ++t)
       for (Index e = 0; e < experts; ++e) mine[static_cast<std::size_t>(t * experts + e)] = double(selection(t, e));
     batch.gather(mine, all, counts);
     Index before = 0;  // tokens of the ranks before this one
     for (int r = 0; r < batch.rank(); ++r) before += counts[static_cast<std::size_t>(r)] / experts;
     const Eigen::Map<const Matrix<double>> whole(all.data(), static_cast<Index>(all.size()) / experts, experts);
-    std::vector<unsigned char> taken;
-    take(ConstMatrixRef<double>(whole), before, selection.rows(), taken);
-    write(taken, scores, out);
+    take(ConstMatrixRef<double>(whole), before, selection.rows());
+    write(scores, out);
   }
 
   /// d(loss)/d(weight) → d(loss)/d(logits), overwriting d_logits: the softmax's Jacobian,
@@ -110,23 +108,39 @@ struct ExpertChoice {
     });
   }
 
+  /// Buffers of select, grown to the largest batch and reused, so that a forward allocates
+  /// nothing once they have grown: the gathered scores over ranks, each expert's order of the
+  /// batch's tokens, what each expert took. Public only so that the router stays an aggregate
+  /// (ExpertChoice{{.capacity_factor = 2}}); not an option.
+  struct Scratch {
+    struct {
+      std::vector<double> mine, all;
+      std::vector<Index> counts;
+    } gathered;
+    std::vector<Index> order;          // [E, T_all]
+    std::vector<unsigned char> taken;  // [T, E]
+  };
+  mutable Scratch scratch{};
+
  private:
   /// taken[t·E + e] for the tokens [first, first + count) of the batch `selection`: whether
   /// expert e takes token first + t, i.e. whether it is among e's C best (by score, then by the
   /// lower token). Experts in parallel.
   template <Scalar U>
-  void take(ConstMatrixRef<U> selection, Index first, Index count, std::vector<unsigned char>& taken) const {
+  void take(ConstMatrixRef<U> selection, Index first, Index count) const {
     const Index tokens = selection.rows(), experts = selection.cols(), c = capacity(tokens, experts);
+    auto& taken = scratch.taken;
     taken.assign(static_cast<std::size_t>(count * experts), 0);
+    scratch.order.resize(static_cast<std::size_t>(experts * tokens));
     detail::for_each_index(experts, 1, [&](Index e) {
-      std::vector<Index> order(static_cast<std::size_t>(tokens));
-      for (Index t = 0; t < tokens; ++t) order[static_cast<std::size_t>(t)] = t;
+      const auto order = scratch.order.begin() + e * tokens;
+      for (Index t = 0; t < tokens; ++t) order[t] = t;
       const auto before = [&](Index a, Index b) {
         return selection(a, e) > selection(b, e) || (selection(a, e) == selection(b, e) && a < b);
       };
-      std::nth_element(order.begin(), order.begin() + c, order.end(), before);
+      std::nth_element(order, order + c, order + tokens, before);
       for (Index i = 0; i < c; ++i) {
-        const Index t = order[static_cast<std::size_t>(i)] - first;
+        const Index t = order[i] - first;
         if (t >= 0 && t < count) taken[static_cast<std::size_t>(t * experts + e)] = 1;
       }
     });
@@ -134,7 +148,8 @@ struct ExpertChoice {
 
   /// The routing from what each expert took: slot e is expert e with weight S_te, or left empty.
   template <Scalar T>
-  static void write(const std::vector<unsigned char>& taken, ConstMatrixRef<T> scores, Routing<T>& out) {
+  void write(ConstMatrixRef<T> scores, Routing<T>& out) const {
+    const auto& taken = scratch.taken;
     const Index tokens = scores.rows(), experts = scores.cols();
     out.resize(tokens, static_cast<int>(experts));
     for_each_token(tokens, [&](Index t) {
