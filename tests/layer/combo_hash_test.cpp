@@ -5,9 +5,7 @@
 // expert's output (weight 1), held to the formulas; the gradients of x and the experts by
 // central differences.
 #include <gtest/gtest.h>
-#include <tbb/global_control.h>
 
-#include <cstring>
 #include <vector>
 
 #include <moekit/io/hf_block.hpp>
@@ -114,22 +112,9 @@ TYPED_TEST(HashCombo, GradientsAreRight) {
 }
 
 TYPED_TEST(HashCombo, OneThreadAndManyGiveTheSameBits) {
-  using T = typename TestFixture::T;
   const auto x = TestFixture::random(40, 8);
   const auto dy = TestFixture::random(40, 9);
-  auto run = [&](std::size_t threads) {
-    tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
-    auto layer = TestFixture::make(40);
-    Matrix<T> y = layer.forward(x);
-    Matrix<T> dx = layer.backward(dy);
-    std::vector<T> all(y.data(), y.data() + y.size());
-    all.insert(all.end(), dx.data(), dx.data() + dx.size());
-    for (const auto& g : layer.gradients()) all.insert(all.end(), g.values().begin(), g.values().end());
-    return all;
-  };
-  const auto one = run(1), many = run(8);
-  ASSERT_EQ(one.size(), many.size());
-  EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(T)));
+  expect_same_bits_on_one_and_eight_threads([] { return TestFixture::make(40); }, x, dy);
 }
 
 // The grouped GEMM against the per-expert loop with the same parameters.
@@ -140,12 +125,7 @@ TYPED_TEST(HashCombo, GroupedGemmAndPerExpertLoopAgree) {
   copy_parameters(twin, layer);
   const auto x = TestFixture::random(13, 12);
   const auto dy = TestFixture::random(13, 13);
-  EXPECT_LT(TestFixture::error(layer.forward(x), twin.forward(x)), layer_tolerance<TypeParam>);
-  EXPECT_LT(TestFixture::error(layer.backward(dy), twin.backward(dy)), layer_tolerance<TypeParam>);
-  for (std::size_t p = 0; p < layer.gradients().size(); ++p)
-    EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()),
-              layer_tolerance<TypeParam>)
-        << layer.gradients()[p].name();
+  expect_twins_agree(layer, twin, x, dy, layer_tolerance<TypeParam>);
 }
 
 // No tokens: no output, no gradient. Buffers reused across batch sizes leak nothing.

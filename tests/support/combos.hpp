@@ -7,8 +7,11 @@
 // choices, an expert only its rows, so each pairing beyond one would test nothing new and cost
 // minutes of compilation.
 #include <gtest/gtest.h>
+#include <tbb/global_control.h>
 
+#include <cstring>
 #include <string>
+#include <vector>
 
 #include <moekit/io/hf_block.hpp>
 #include <moekit/moekit.hpp>
@@ -196,6 +199,49 @@ void expect_gradients_as_exact(Layer& layer, Exact& exact, const Matrix<typename
             bound);
   for (std::size_t p = 0; p < layer.gradients().size(); ++p)
     EXPECT_LT(io::relative_error(layer.gradients()[p].values(), exact.gradients()[p].values()), bound)
+        << layer.gradients()[p].name();
+}
+
+/// y, dx and every parameter's gradient of one training step, end to end: what "the same bits"
+/// compares.
+template <class Layer>
+std::vector<typename Layer::scalar_type> step_results(Layer& layer, const Matrix<typename Layer::scalar_type>& x,
+                                                      const Matrix<typename Layer::scalar_type>& dy) {
+  using T = typename Layer::scalar_type;
+  const Matrix<T> y = layer.forward(x);
+  const Matrix<T> dx = layer.backward(dy);
+  std::vector<T> all(y.data(), y.data() + y.size());
+  all.insert(all.end(), dx.data(), dx.data() + dx.size());
+  for (const auto& g : layer.gradients()) all.insert(all.end(), g.values().begin(), g.values().end());
+  return all;
+}
+
+/// A layer from make() gives the same bits of y, dx and every gradient on 1 thread and on 8.
+template <class Make, class T>
+void expect_same_bits_on_one_and_eight_threads(Make make, const Matrix<T>& x, const Matrix<T>& dy) {
+  auto run = [&](std::size_t threads) {
+    tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
+    auto layer = make();
+    return step_results(layer, x, dy);
+  };
+  const auto one = run(1), many = run(8);
+  ASSERT_EQ(one.size(), many.size());
+  EXPECT_EQ(0, std::memcmp(one.data(), many.data(), one.size() * sizeof(T)));
+}
+
+/// A layer and its twin with the same parameters (the grouped GEMM and the per-expert loop): y, dx
+/// and every gradient of one training step within `bound` of each other.
+template <class Layer, class Twin>
+void expect_twins_agree(Layer& layer, Twin& twin, const Matrix<typename Layer::scalar_type>& x,
+                        const Matrix<typename Layer::scalar_type>& dy, double bound) {
+  using T = typename Layer::scalar_type;
+  auto error = [](const Matrix<T>& a, const Matrix<T>& b) {
+    return io::relative_error(std::span<const T>(a.data(), a.size()), std::span<const T>(b.data(), b.size()));
+  };
+  EXPECT_LT(error(layer.forward(x), twin.forward(x)), bound);
+  EXPECT_LT(error(layer.backward(dy), twin.backward(dy)), bound);
+  for (std::size_t p = 0; p < layer.gradients().size(); ++p)
+    EXPECT_LT(io::relative_error(layer.gradients()[p].values(), twin.gradients()[p].values()), bound)
         << layer.gradients()[p].name();
 }
 
